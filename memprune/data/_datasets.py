@@ -1,0 +1,230 @@
+"""Data sets whose items are ``(image, label, index)``.
+
+``image`` is a float tensor ``[3, H, W]`` in ``[0, 1]`` (never normalized: normalization with the
+encoder's mean/std happens inside scoring, after augmentation), ``label`` an int and ``index``
+the item's position in the data set, so every score can be tied back to a data point.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from memprune.errors import ConfigError, DataError, DatasetNotFoundError
+
+SPLITS = ("train", "test")
+
+#: Seed and test fraction of the built-in digits split (fixed: results must be comparable).
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SIZE = 32
+
+
+class ImageDataset(Dataset):
+    """Images held in memory as a float tensor ``[N, C, H, W]`` in ``[0, 1]`` with int labels.
+
+    ``C`` may be 1 (gray images are expanded to 3 channels on access, without a copy).
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, name: str, classes: list[str]
+    ) -> None:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise DataError(f"images must be [N, 1|3, H, W], got {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.name = name
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.images[index].expand(3, -1, -1), int(self.labels[index]), int(index)
+
+
+class _TorchvisionDataset(Dataset):
+    """Wraps a torchvision data set of PIL images into ``(image, label, index)`` items."""
+
+    def __init__(self, base: Dataset, labels: torch.Tensor, name: str, img_size: int | None):
+        from torchvision.transforms import v2
+
+        self.base = base
+        self.labels = labels.long()
+        self.name = name
+        self.classes = [str(c) for c in getattr(base, "classes", sorted(set(labels.tolist())))]
+        steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        if img_size is not None:
+            steps += [v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)]
+        self.to_tensor = v2.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image, label = self.base[index]
+        image = self.to_tensor(image)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return image, int(label), int(index)
+
+
+def _load_digits(split: str, img_size: int | None) -> ImageDataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8]
+    size = img_size or DIGITS_SIZE
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    images = images.clamp_(0.0, 1.0)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)),
+        test_size=DIGITS_TEST_FRACTION,
+        random_state=DIGITS_SPLIT_SEED,
+        stratify=bunch.target,
+    )
+    idx = torch.from_numpy(np.sort(train_idx if split == "train" else test_idx))
+    return ImageDataset(images[idx].contiguous(), labels[idx], "digits", [str(i) for i in range(10)])
+
+
+# Where torchvision expects each data set's files under ``root``, for the "not found" error.
+_TV_FILES = {
+    "cifar10": "cifar-10-batches-py/ (unpacked from cifar-10-python.tar.gz)",
+    "cifar100": "cifar-100-python/ (unpacked from cifar-100-python.tar.gz)",
+    "stl10": "stl10_binary/ (unpacked from stl10_binary.tar.gz)",
+    "svhn": "train_32x32.mat and test_32x32.mat",
+}
+
+
+def _load_torchvision(
+    name: str, split: str, root: str | None, download: bool, img_size: int | None
+) -> Dataset:
+    import torchvision.datasets as tvd
+
+    if root is None:
+        raise ConfigError(
+            f"data set {name!r} needs root=DIR, the folder holding {_TV_FILES[name]}"
+            " (or pass download=True with internet access)"
+        )
+    train = split == "train"
+    makers: dict[str, Callable[[], Dataset]] = {
+        "cifar10": lambda: tvd.CIFAR10(root, train=train, download=download),
+        "cifar100": lambda: tvd.CIFAR100(root, train=train, download=download),
+        "stl10": lambda: tvd.STL10(root, split=split, download=download),
+        "svhn": lambda: tvd.SVHN(root, split=split, download=download),
+    }
+    try:
+        base = makers[name]()
+    except RuntimeError as err:
+        if "not found" in str(err).lower() or "download" in str(err).lower():
+            raise DatasetNotFoundError(
+                f"{name} files not found under {os.path.abspath(root)}: put {_TV_FILES[name]}"
+                f" there, or pass download=True (needs internet)"
+            ) from err
+        raise
+    targets = getattr(base, "targets", None)
+    if targets is None:
+        targets = base.labels
+    return _TorchvisionDataset(base, torch.as_tensor(np.asarray(targets)), name, img_size)
+
+
+def _read_image(path: str):
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh:
+            img = Image.open(fh)
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises many types for a bad file
+        raise DataError(f"cannot read image {path}: {err}") from err
+
+
+def _load_folder(path: Path, split: str, img_size: int | None) -> Dataset:
+    import torchvision.datasets as tvd
+
+    folder = path / split if (path / split).is_dir() else None
+    if folder is None:
+        if split == "test":
+            raise DatasetNotFoundError(
+                f"image folder {path} has no test/ subfolder: lay it out as {path}/train/CLASS/*"
+                f" and {path}/test/CLASS/*, or use split='train' for the whole folder"
+            )
+        folder = path
+    try:
+        base = tvd.ImageFolder(str(folder), loader=_read_image)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DatasetNotFoundError(
+            f"no images in ImageFolder layout under {folder} (expected {folder}/CLASS/IMAGE): {err}"
+        ) from err
+    return _TorchvisionDataset(base, torch.as_tensor(base.targets), str(path), img_size)
+
+
+BUILTIN = ("digits",)
+TORCHVISION = tuple(_TV_FILES)
+
+
+def available_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset` (besides an image-folder path)."""
+    return [*BUILTIN, *TORCHVISION]
+
+
+def load_dataset(
+    name: str = "digits",
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    img_size: int | None = None,
+) -> Dataset:
+    """Load a data set whose items are ``(image [3, H, W] in [0, 1], label, index)``.
+
+    Args:
+        name: ``digits`` (built-in, offline: scikit-learn's 8x8 digits upsampled bilinearly to
+            32x32 RGB, a fixed stratified 80/20 train/test split with seed 0: 1437/360 images),
+            ``cifar10``, ``cifar100``, ``stl10``, ``svhn`` (torchvision, read from ``root``), or
+            the path of an image folder in ImageFolder layout (``PATH/CLASS/IMG`` or
+            ``PATH/{train,test}/CLASS/IMG``).
+        split: ``train`` or ``test``.
+        root: folder holding a torchvision data set's files.
+        download: let torchvision download missing files (needs internet).
+        img_size: resize (shorter side) and centre-crop every image to this size; for digits,
+            the size it is upsampled to (default 32).
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+    if img_size is not None and img_size < 1:
+        raise ConfigError(f"img_size must be a positive int, got {img_size}")
+    key = str(name).lower()
+    if key == "digits":
+        return _load_digits(split, img_size)
+    if key in _TV_FILES:
+        return _load_torchvision(key, split, None if root is None else str(root), download, img_size)
+    path = Path(os.fspath(name)).expanduser()
+    if path.is_dir():
+        return _load_folder(path, split, img_size)
+    close = difflib.get_close_matches(key, available_datasets(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise DatasetNotFoundError(
+        f"unknown data set {name!r}: use one of {', '.join(available_datasets())} or the path of"
+        f" an existing image folder.{hint}"
+    )
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Labels of every item of ``dataset`` in order (fast path for memprune's own data sets)."""
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor) and len(labels) == len(dataset):
+        return labels
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices)]
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])

@@ -1,0 +1,99 @@
+"""Disjoint, seeded index sets for the encoder pair f and g (METHOD.md §4).
+
+f is trained on ``shared ∪ candidate``, g on ``shared ∪ extra``; ``test`` is held out from both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from memprune._io import read_json, write_json
+from memprune.errors import ConfigError
+
+PARTS = ("shared", "candidate", "extra", "test")
+
+
+def _count(value: int | float, n: int, name: str) -> int:
+    """An int is a count, a float a fraction of ``n``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a count (int) or a fraction (float), got {value!r}")
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name}={value} is a fraction outside [0, 1]; give counts as ints")
+        return round(value * n)
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint sorted index lists into a data set of ``n`` points."""
+
+    n: int
+    shared: list[int] = field(default_factory=list)
+    candidate: list[int] = field(default_factory=list)
+    extra: list[int] = field(default_factory=list)
+    test: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        seen: dict[int, str] = {}
+        for part in PARTS:
+            for i in getattr(self, part):
+                if not 0 <= i < self.n:
+                    raise ConfigError(f"split {part!r} holds index {i}, outside [0, {self.n})")
+                if i in seen:
+                    raise ConfigError(
+                        f"splits overlap: index {i} is in both {seen[i]!r} and {part!r};"
+                        " shared, candidate, extra and test must be disjoint"
+                    )
+                seen[i] = part
+
+    @property
+    def f_indices(self) -> list[int]:
+        """Training set of f: shared ∪ candidate."""
+        return sorted(self.shared + self.candidate)
+
+    @property
+    def g_indices(self) -> list[int]:
+        """Training set of g: shared ∪ extra."""
+        return sorted(self.shared + self.extra)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Splits:
+        data = read_json(path)
+        unknown = set(data) - {"n", "seed", *PARTS}
+        if unknown or "n" not in data:
+            raise ConfigError(f"{path} is not a memprune splits file (keys {sorted(data)})")
+        return cls(**{k: v if k in ("n", "seed") else [int(i) for i in v] for k, v in data.items()})
+
+
+def make_splits(
+    n: int,
+    shared: int | float,
+    candidate: int | float,
+    extra: int | float,
+    test: int | float = 0,
+    seed: int = 0,
+) -> Splits:
+    """Draw disjoint seeded index sets from ``range(n)``; sizes are counts or fractions of ``n``."""
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be a positive int, got {n!r}")
+    sizes = {p: _count(v, n, p) for p, v in zip(PARTS, (shared, candidate, extra, test))}
+    total = sum(sizes.values())
+    if total > n:
+        parts = " + ".join(f"{p}={s}" for p, s in sizes.items())
+        raise ConfigError(f"splits ask for {parts} = {total} points but the data set has {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    out, start = {}, 0
+    for part in PARTS:
+        out[part] = sorted(int(i) for i in perm[start : start + sizes[part]])
+        start += sizes[part]
+    return Splits(n=n, seed=seed, **out)

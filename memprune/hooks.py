@@ -1,0 +1,148 @@
+"""Capture reduced activations of many sites in one forward pass of the real model.
+
+Hooks sit on the model's own modules, so residual additions and everything else in the
+model's ``forward`` are respected (reading layers with a sequential layer getter would drop
+them, METHOD.md §12). Each hook reduces its tensor at once, before any in-place activation
+downstream can change it, keeps no reference to the raw output, and every hook is removed when
+the ``with`` block ends, also on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memprune.errors import ConfigError, SiteError
+from memprune.sites import Site
+
+SIGNED = ("abs", "relu", "raw")
+REPRESENTATIONS = ("flatten", "pool", "cls")
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _other_dims(x: torch.Tensor, axis: int) -> tuple[int, ...]:
+    axis = axis % x.ndim
+    return tuple(d for d in range(1, x.ndim) if d != axis)
+
+
+def unit_reducer(site: Site, signed: str = "abs") -> Reducer:
+    """``[B, ...] -> [B, units]``: per-unit mean over space / tokens of the signed-rule output.
+
+    The signed rule (``abs`` | ``relu`` | ``raw``) is applied element-wise before the mean, so
+    a unit that fires strongly with either sign on a few tokens is not cancelled out.
+    """
+    if signed not in SIGNED:
+        raise ConfigError(f"signed must be one of {SIGNED}, got {signed!r}")
+    rule = None if site.nonneg or signed == "raw" else (torch.abs if signed == "abs" else F.relu)
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        x = x.float() if x.dtype != torch.float64 else x
+        if rule is not None:
+            x = rule(x)
+        dims = _other_dims(x, site.channel_axis)
+        return x.mean(dim=dims) if dims else x.clone()  # [B, units]
+
+    return reduce
+
+
+def layer_reducer(site: Site, representation: str = "flatten") -> Reducer:
+    """``[B, ...] -> [B, D]``: the whole output flattened (``flatten``), the spatial / token mean
+    (``pool``) or the class token (``cls``). Not normalized here; scores normalize."""
+    if representation not in REPRESENTATIONS:
+        raise ConfigError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        if representation == "flatten":
+            return x.flatten(1).float().clone()
+        if representation == "pool":
+            dims = _other_dims(x, site.channel_axis)
+            return x.float().mean(dim=dims) if dims else x.float().clone()
+        if x.ndim != 3:
+            raise SiteError(
+                f"representation='cls' needs token outputs [B, T, D]; site {site.name!r} gives"
+                f" {tuple(x.shape)}: use 'flatten' or 'pool'"
+            )
+        return x[:, 0].float().clone()
+
+    return reduce
+
+
+class Captured(dict):
+    """Site name -> reduced activations of the last forward pass; ``shapes`` holds the raw
+    output shape (without batch) of every site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    sites: Sequence[Site],
+    signed: str = "abs",
+    representation: str = "flatten",
+    reduce: Reducer | dict[str, Reducer] | None = None,
+) -> Iterator[Captured]:
+    """Hook ``sites`` of ``model``; after each ``model(x)`` the yielded dict maps site names to
+    reduced activations ``[B, D]``.
+
+    Unit sites are reduced with :func:`unit_reducer` (``signed``), layer sites with
+    :func:`layer_reducer` (``representation``); ``reduce`` (one callable, or one per site name)
+    overrides both. The dict is cleared when ``model`` is called again; a site module that runs
+    twice in one forward pass is an error.
+
+    Example::
+
+        with capture(model, find_sites(model, "units")) as acts:
+            model(x)
+        acts["layer1.0.act1"]  # [B, 64]
+    """
+    modules = dict(model.named_modules())
+    missing = [s.module for s in sites if s.module not in modules]
+    if missing:
+        raise SiteError(f"sites not in {type(model).__name__}: {', '.join(missing)}")
+    store = Captured()
+    handles = []
+
+    def record(site: Site, fn: Reducer, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise SiteError(f"site {site.name!r} did not produce a tensor")
+        if site.name in store:
+            raise SiteError(
+                f"site {site.name!r} (module {site.module!r}) ran twice in one forward pass;"
+                " a site must run once (name a module that is not reused)"
+            )
+        store.shapes[site.name] = tuple(x.shape[1:])
+        store[site.name] = fn(x.detach())
+
+    def make_hook(site: Site, fn: Reducer):
+        if site.point == "input":
+            return lambda _m, args: record(site, fn, args[0])
+        return lambda _m, _args, out: record(site, fn, out)
+
+    try:
+        handles.append(model.register_forward_pre_hook(lambda _m, _a: store.clear()))
+        for site in sites:
+            if isinstance(reduce, dict):
+                fn = reduce[site.name]
+            elif reduce is not None:
+                fn = reduce
+            elif site.kind == "units":
+                fn = unit_reducer(site, signed)
+            else:
+                fn = layer_reducer(site, representation)
+            module = modules[site.module]
+            if site.point == "input":
+                handles.append(module.register_forward_pre_hook(make_hook(site, fn)))
+            else:
+                handles.append(module.register_forward_hook(make_hook(site, fn)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

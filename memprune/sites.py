@@ -1,0 +1,363 @@
+"""Unit and layer sites of an encoder (METHOD.md §1).
+
+A *unit site* is a module whose output is read per unit (channel or hidden neuron); a *layer
+site* is a point in the forward pass whose whole output is one representation. Sites are found
+by running one dry forward pass with hooks on the real model and reading the order in which
+modules run, so they work for any timm CNN or ViT:
+
+* CNN units: every activation that follows a conv + norm (timm ResNets: ``act1``,
+  ``layerS.B.act1``, ``layerS.B.act2``; EfficientNet/MobileNet/RegNet: ``*.bn1.act``, ...).
+  Activations after a conv without a norm (squeeze-excite gates, heads) are not units.
+* MLP units: the activation inside an MLP (``fc1 -> act -> fc2``): ViT ``blocks.i.mlp.act``,
+  ConvNeXt ``stages.S.blocks.B.mlp.act``.
+* ViT attention units: the attention output projection ``blocks.i.attn.proj``.
+* CNN layers: the stem output and every block of every stage (a stage is a container whose
+  children all hold convolutions); for a plain sequential CNN, every conv block.
+* ViT layers: two per transformer block, ``blocks.i:after_attn`` (block input + attention
+  branch, read as the input of ``norm2``) and ``blocks.i:after_mlp`` (the block output).
+
+Any ``nn.Module`` works when sites are named by module-name patterns (``include=``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from memprune.encoders import evaluating, input_size
+from memprune.errors import ConfigError, SiteError
+
+KINDS = ("units", "layers")
+
+_CONV = (nn.modules.conv._ConvNd,)
+_LINEAR = (nn.Linear,)
+_NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+#: Activations whose output is >= 0 (the signed-activation rule is a no-op there).
+_NONNEG_ACTS = (nn.ReLU, nn.ReLU6)
+
+
+def _activation_types() -> tuple[type, ...]:
+    acts = [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.CELU]
+    acts += [nn.SELU, nn.Mish, nn.PReLU, nn.Softplus, nn.Tanh]
+    try:
+        from timm.layers import activations, activations_me
+
+        for mod in (activations, activations_me):
+            for obj in vars(mod).values():
+                if isinstance(obj, type) and issubclass(obj, nn.Module):
+                    if "sigmoid" not in obj.__name__.lower():  # gates, not units
+                        acts.append(obj)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return tuple(acts)
+
+
+_ACTS = _activation_types()
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the forward pass that memprune reads.
+
+    Attributes:
+        name: unique name (the module path, or ``blocks.i:after_attn`` / ``:after_mlp``).
+        module: path of the hooked module.
+        kind: ``units`` or ``layers``.
+        role: ``conv``, ``mlp``, ``attn``, ``stem``, ``block``, ``after_attn``, ``after_mlp``
+            or ``custom``.
+        n_units: number of units (channels / hidden neurons) along ``channel_axis``.
+        channel_axis: ``1`` (NCHW, [B, C]) or ``-1`` (tokens [B, T, D], NHWC).
+        point: ``output`` (the module's output) or ``input`` (its first input).
+        shape: output shape without the batch dimension, at the discovery input size.
+        nonneg: the output is known to be >= 0 (ReLU), so the signed rule can be skipped.
+    """
+
+    name: str
+    module: str
+    kind: str
+    role: str
+    n_units: int
+    channel_axis: int = 1
+    point: str = "output"
+    shape: tuple[int, ...] = ()
+    nonneg: bool = False
+
+
+@dataclass
+class _Trace:
+    events: list[tuple[str, str]]  # ("enter" | "exit", module name) in execution order
+    calls: dict[str, int]
+    shapes: dict[str, tuple[int, ...]]  # output shape without batch
+    in_shapes: dict[str, tuple[int, ...]]
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> _Trace:
+    """Run ``model(example)`` once in eval mode, recording the order modules run in."""
+    events, calls, shapes, in_shapes = [], {}, {}, {}
+    handles = []
+
+    def pre(name):
+        def hook(_mod, args):
+            events.append(("enter", name))
+            calls[name] = calls.get(name, 0) + 1
+            if args and isinstance(args[0], torch.Tensor):
+                in_shapes[name] = tuple(args[0].shape[1:])
+
+        return hook
+
+    def post(name):
+        def hook(_mod, _args, out):
+            events.append(("exit", name))
+            if isinstance(out, torch.Tensor):
+                shapes[name] = tuple(out.shape[1:])
+
+        return hook
+
+    try:
+        for name, mod in model.named_modules():
+            if name:
+                handles.append(mod.register_forward_pre_hook(pre(name)))
+                handles.append(mod.register_forward_hook(post(name)))
+        with evaluating(model), torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return _Trace(events, calls, shapes, in_shapes)
+
+
+def _example(model: nn.Module, size: tuple[int, int, int] | None) -> torch.Tensor:
+    size = size or input_size(model)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    return torch.zeros(1, *size, device=device)
+
+
+def _last_weight_module(modules, tr: _Trace, stop: int, with_norm: bool = True):
+    """Modules among conv/linear(/norm) entered before event ``stop``, most recent first."""
+    kinds = _CONV + _LINEAR + (_NORM if with_norm else ())
+    for kind, name in reversed(tr.events[:stop]):
+        if kind == "enter" and isinstance(modules[name], kinds):
+            yield name, modules[name]
+
+
+def _unit_site(name: str, modules, tr: _Trace) -> Site | None:
+    """The unit site of activation ``name``, or None when it is not a unit (METHOD.md §1)."""
+    start = tr.events.index(("enter", name))
+    preceding = list(_last_weight_module(modules, tr, start))[:2]
+    if not preceding:
+        return None
+    first_name, first = preceding[0]
+    shape = tr.shapes.get(name, ())
+    nonneg = isinstance(modules[name], _NONNEG_ACTS)
+    if isinstance(first, _NORM) and len(preceding) > 1 and isinstance(preceding[1][1], _CONV):
+        if len(shape) < 1:
+            return None
+        return Site(name, name, "units", "conv", shape[0], 1, shape=shape, nonneg=nonneg)
+    parent = modules.get(name.rpartition(".")[0])
+    if (
+        isinstance(first, _CONV + _LINEAR)
+        and first_name.rpartition(".")[2] == "fc1"
+        and parent is not None
+        and hasattr(parent, "fc2")
+    ):
+        axis = 1 if isinstance(first, _CONV) else -1
+        return Site(name, name, "units", "mlp", _units(shape, axis), axis, shape=shape, nonneg=nonneg)
+    return None
+
+
+def _auto_unit_sites(model: nn.Module, tr: _Trace) -> list[Site]:
+    modules = dict(model.named_modules())
+    sites = []
+    for kind, name in tr.events:
+        if kind != "enter" or tr.calls.get(name) != 1:
+            continue
+        mod = modules[name]
+        if isinstance(mod, _ACTS):
+            site = _unit_site(name, modules, tr)
+        elif isinstance(mod, _LINEAR) and name.endswith("attn.proj"):
+            shape = tr.shapes[name]
+            site = Site(name, name, "units", "attn", shape[-1], -1, shape=shape)
+        else:
+            site = None
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def _contains_conv(model: nn.Module) -> set[str]:
+    names = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, _CONV):
+            parts = name.split(".")
+            names.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    return names
+
+
+def _units(shape: tuple[int, ...], axis: int) -> int:
+    """Size of tensor axis ``axis`` (batch included) given the shape without batch."""
+    return shape[axis - 1] if axis > 0 else shape[axis]
+
+
+def _layer_axis(shape: tuple[int, ...]) -> int:
+    return -1 if len(shape) == 2 else 1  # [T, D] tokens; [C, H, W] maps; [C] vectors
+
+
+def _child(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
+
+
+def _below(name: str, ancestor: str) -> bool:
+    """``name`` is a proper descendant of ``ancestor`` ("" is the root)."""
+    return name != ancestor and (ancestor == "" or name.startswith(ancestor + "."))
+
+
+def _auto_layer_sites(model: nn.Module, tr: _Trace) -> list[Site]:
+    modules = dict(model.named_modules())
+    order: dict[str, int] = {}  # when each module starts
+    done: dict[str, int] = {}  # when each module's output is ready
+    for i, (kind, name) in enumerate(tr.events):
+        (order if kind == "enter" else done).setdefault(name, i)
+    ran_once = {n for n, c in tr.calls.items() if c == 1}
+    sites: list[tuple[int, Site]] = []
+
+    # Transformer blocks: after the attention residual (input of norm2) and after the MLP.
+    blocks = [
+        n
+        for n, m in modules.items()
+        if n in ran_once and f"{n}.norm2" in ran_once and hasattr(m, "attn") and hasattr(m, "mlp")
+    ]
+    for n in blocks:
+        shape = tr.shapes[n]
+        attn = Site(f"{n}:after_attn", f"{n}.norm2", "layers", "after_attn", shape[-1], -1,
+                    "input", tr.in_shapes[f"{n}.norm2"])
+        mlp = Site(f"{n}:after_mlp", n, "layers", "after_mlp", shape[-1], -1, "output", shape)
+        sites += [(order[f"{n}.norm2"], attn), (done[n], mlp)]
+
+    # CNN stages: the deepest containers whose children all hold convolutions.
+    with_conv = _contains_conv(model)
+    stages = [
+        n
+        for n, m in modules.items()
+        if m._modules
+        and all(_child(n, c) in with_conv for c in m._modules)
+        and not any(n == b or _below(n, b) for b in blocks)
+    ]
+    stages = [s for s in stages if not any(_below(o, s) for o in stages)]
+    cnn_blocks = sorted(
+        (_child(s, c) for s in stages for c in modules[s]._modules),
+        key=lambda n: order.get(n, len(order)),
+    )
+    cnn_blocks = [n for n in cnn_blocks if n in ran_once and n in tr.shapes]
+    for n in cnn_blocks:
+        shape = tr.shapes[n]
+        axis = _layer_axis(shape)
+        site = Site(n, n, "layers", "block", _units(shape, axis), axis, shape=shape)
+        sites.append((done[n], site))
+
+    # Stem: the last top-level module run before the stage holding the first block.
+    if cnn_blocks and "." in cnn_blocks[0]:
+        top = cnn_blocks[0].split(".")[0]
+        before = sorted(
+            (c for c in model._modules if c in ran_once and c in tr.shapes and order[c] < order[top]),
+            key=order.__getitem__,
+        )
+        if before:
+            stem, shape = before[-1], tr.shapes[before[-1]]
+            axis = _layer_axis(shape)
+            site = Site(stem, stem, "layers", "stem", _units(shape, axis), axis, shape=shape)
+            sites.append((done[stem], site))
+    return [s for _, s in sorted(sites, key=lambda p: p[0])]
+
+
+def _custom_site(name: str, kind: str, modules, tr: _Trace) -> Site:
+    if tr.calls.get(name, 0) != 1:
+        raise SiteError(
+            f"module {name!r} ran {tr.calls.get(name, 0)} times in one forward pass; a site must"
+            " run exactly once (name a module that is not reused)"
+        )
+    shape = tr.shapes.get(name)
+    if shape is None:
+        raise SiteError(f"module {name!r} does not return a tensor; it cannot be a site")
+    if kind == "layers" or len(shape) < 2:
+        axis = _layer_axis(shape)
+    else:  # channels follow the last conv (axis 1) or linear (axis -1) run up to this output
+        stop = tr.events.index(("exit", name))
+        last = next(_last_weight_module(modules, tr, stop, with_norm=False), (None, None))[1]
+        axis = -1 if isinstance(last, _LINEAR) else 1
+    nonneg = isinstance(modules[name], _NONNEG_ACTS)
+    return Site(name, name, kind, "custom", _units(shape, axis), axis, shape=shape, nonneg=nonneg)
+
+
+def find_sites(
+    model: nn.Module,
+    kind: str = "units",
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+) -> list[Site]:
+    """Unit or layer sites of ``model`` in forward order (see the module docstring).
+
+    Args:
+        model: a timm model or any ``nn.Module``.
+        kind: ``units`` or ``layers``.
+        include: glob patterns (``fnmatch``) over site names. A pattern that matches
+            auto-discovered sites selects those; a pattern that matches none of them selects
+            modules by name (any ``nn.Module``). A pattern matching nothing is an error.
+        exclude: glob patterns removing sites.
+        input_size: ``(C, H, W)`` of the dry forward pass (default: the model's input size).
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+    include = [include] if isinstance(include, str) else list(include or [])
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    tr = trace(model, _example(model, input_size))
+    auto = _auto_unit_sites(model, tr) if kind == "units" else _auto_layer_sites(model, tr)
+    if include:
+        modules = dict(model.named_modules())
+        chosen: dict[str, Site] = {}
+        for pattern in include:
+            hits = [s for s in auto if fnmatch.fnmatchcase(s.name, pattern)]
+            if not hits:
+                names = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+                hits = [_custom_site(n, kind, modules, tr) for n in names]
+            if not hits:
+                known = ", ".join(s.name for s in auto[:6]) or ", ".join(list(modules)[1:7])
+                raise SiteError(
+                    f"site pattern {pattern!r} matches no {kind} site and no module of"
+                    f" {type(model).__name__} (e.g. {known}, ...); see memprune.find_sites()"
+                )
+            chosen.update((s.name, s) for s in hits)
+        sites = list(chosen.values())
+    else:
+        sites = auto
+        if not sites:
+            raise SiteError(
+                f"found no {kind} sites in {type(model).__name__}: name them with include="
+                " module-name patterns (e.g. include=['features.*.relu'])"
+            )
+    sites = [s for s in sites if not any(fnmatch.fnmatchcase(s.name, p) for p in exclude)]
+    if not sites:
+        raise SiteError(f"exclude={exclude} removed every {kind} site")
+    return sites
+
+
+def resolve_sites(
+    model: nn.Module, sites: list[Site] | list[str] | str | None, kind: str
+) -> list[Site]:
+    """Sites given as Site objects, patterns, or None (auto-discovery)."""
+    if sites is None or isinstance(sites, str):
+        return find_sites(model, kind, include=sites)
+    sites = list(sites)
+    if all(isinstance(s, Site) for s in sites):
+        modules = dict(model.named_modules())
+        missing = [s.module for s in sites if s.module not in modules]
+        if missing:
+            raise SiteError(f"sites not in {type(model).__name__}: {', '.join(missing)}")
+        return [s if s.kind == kind else replace(s, kind=kind) for s in sites]
+    if all(isinstance(s, str) for s in sites):
+        return find_sites(model, kind, include=sites)
+    raise ConfigError("sites must be None, a list of patterns, or a list of Site objects")
