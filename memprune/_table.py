@@ -13,7 +13,9 @@ def _cell(value) -> str:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     if markdown:
         lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"]
         lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")

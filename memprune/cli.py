@@ -18,21 +18,30 @@ DEFAULT_DATA = "digits"
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
     p.add_argument("--checkpoint", default=None, help="weights: .safetensors or torch state dict")
-    p.add_argument("--img-size", type=int, default=32, help="input resolution (default: %(default)s)")
+    p.add_argument(
+        "--img-size", type=int, default=32, help="input resolution (default: %(default)s)"
+    )
     p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (unsafe)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=DEFAULT_DATA, help="data set name or image folder (default: %(default)s)")
+    p.add_argument(
+        "--data", default=DEFAULT_DATA, help="data set name or image folder (default: %(default)s)"
+    )
     p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
-    p.add_argument("--split", default="train", choices=("train", "test"), help="(default: %(default)s)")
+    p.add_argument(
+        "--split", default="train", choices=("train", "test"), help="(default: %(default)s)"
+    )
 
 
 def _encoder(args):
     from memprune.encoders import load_encoder
 
     return load_encoder(
-        args.model, checkpoint=args.checkpoint, img_size=args.img_size, trust_pickle=args.trust_pickle
+        args.model,
+        checkpoint=args.checkpoint,
+        img_size=args.img_size,
+        trust_pickle=args.trust_pickle,
     )
 
 
@@ -64,16 +73,28 @@ def cmd_sites(args: argparse.Namespace) -> int:
     with torch.inference_mode(), capture(model, sites) as acts:
         out = model(x)
     rows = [
-        (s.name, s.kind, s.role, s.n_units, "x".join(map(str, acts.shapes[s.name])), tuple(acts[s.name].shape))
+        (
+            s.name,
+            s.kind,
+            s.role,
+            s.n_units,
+            "x".join(map(str, acts.shapes[s.name])),
+            tuple(acts[s.name].shape),
+        )
         for s in sites
     ]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {n_params / 1e6:.2f}M parameters, input {tuple(x.shape[1:])}, output dim {out.shape[1]}")
+    shape = tuple(x.shape[1:])
+    print(
+        f"{args.model}: {n_params / 1e6:.2f}M parameters, input {shape}, output dim {out.shape[1]}"
+    )
     print(f"{data.name} ({args.split}): {len(data)} images; one batch of {b} points x {k} views\n")
     print(format_table(["site", "kind", "role", "units", "output shape", "captured"], rows))
     n_units = sum(s.n_units for s in sites if s.kind == "units")
-    print(f"\n{sum(s.kind == 'units' for s in sites)} unit sites ({n_units} units),"
-          f" {sum(s.kind == 'layers' for s in sites)} layer sites")
+    print(
+        f"\n{sum(s.kind == 'units' for s in sites)} unit sites ({n_units} units),"
+        f" {sum(s.kind == 'layers' for s in sites)} layer sites"
+    )
     return 0
 
 
@@ -89,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--views", type=int, default=4, help="views per point (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="points in the batch (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="points in the batch (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="view seed (default: %(default)s)")
     p.set_defaults(func=cmd_sites)
     return parser

@@ -64,7 +64,10 @@ def load_encoder(
     try:
         try:
             model = timm.create_model(
-                name, pretrained=pretrained, **kwargs, **({"img_size": img_size} if img_size else {})
+                name,
+                pretrained=pretrained,
+                **kwargs,
+                **({"img_size": img_size} if img_size else {}),
             )
         except TypeError as err:
             if img_size is None or "img_size" not in str(err):
@@ -80,7 +83,10 @@ def load_encoder(
             " pretrained=True needs internet access; offline, pass checkpoint=PATH instead"
         ) from err
     if img_size is not None:
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": (3, img_size, img_size)}
+        model.pretrained_cfg = {
+            **getattr(model, "pretrained_cfg", {}),
+            "input_size": (3, img_size, img_size),
+        }
     if checkpoint is not None:
         state = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
         load_state(model, state, source=str(checkpoint))
@@ -167,7 +173,8 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
         if shapes:
             parts.append(f"shape mismatches: {_listing(shapes)}")
         raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: " + "; ".join(parts)
+            f"{source} does not fit {type(model).__name__}: "
+            + "; ".join(parts)
             + ". Check the model name and its arguments (e.g. img_size)."
         )
     model.load_state_dict(state, strict=True)
@@ -187,7 +194,9 @@ def normalization(
     mean = tuple(mean if mean is not None else cfg.get("mean", (0.0, 0.0, 0.0)))
     std = tuple(std if std is not None else cfg.get("std", (1.0, 1.0, 1.0)))
     if len(mean) != len(std) or any(s <= 0 for s in std):
-        raise ConfigError(f"normalization needs equal-length mean/std with std > 0, got {mean}, {std}")
+        raise ConfigError(
+            f"normalization needs equal-length mean/std with std > 0, got {mean}, {std}"
+        )
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 

@@ -54,7 +54,9 @@ def layer_reducer(site: Site, representation: str = "flatten") -> Reducer:
     """``[B, ...] -> [B, D]``: the whole output flattened (``flatten``), the spatial / token mean
     (``pool``) or the class token (``cls``). Not normalized here; scores normalize."""
     if representation not in REPRESENTATIONS:
-        raise ConfigError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+        raise ConfigError(
+            f"representation must be one of {REPRESENTATIONS}, got {representation!r}"
+        )
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
         if representation == "flatten":

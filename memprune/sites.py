@@ -47,9 +47,9 @@ def _activation_types() -> tuple[type, ...]:
 
         for mod in (activations, activations_me):
             for obj in vars(mod).values():
-                if isinstance(obj, type) and issubclass(obj, nn.Module):
-                    if "sigmoid" not in obj.__name__.lower():  # gates, not units
-                        acts.append(obj)
+                is_module = isinstance(obj, type) and issubclass(obj, nn.Module)
+                if is_module and "sigmoid" not in obj.__name__.lower():  # gates, not units
+                    acts.append(obj)
     except ImportError:  # pragma: no cover - timm is a dependency
         pass
     return tuple(acts)
@@ -165,7 +165,9 @@ def _unit_site(name: str, modules, tr: _Trace) -> Site | None:
         and hasattr(parent, "fc2")
     ):
         axis = 1 if isinstance(first, _CONV) else -1
-        return Site(name, name, "units", "mlp", _units(shape, axis), axis, shape=shape, nonneg=nonneg)
+        return Site(
+            name, name, "units", "mlp", _units(shape, axis), axis, shape=shape, nonneg=nonneg
+        )
     return None
 
 
@@ -232,8 +234,16 @@ def _auto_layer_sites(model: nn.Module, tr: _Trace) -> list[Site]:
     ]
     for n in blocks:
         shape = tr.shapes[n]
-        attn = Site(f"{n}:after_attn", f"{n}.norm2", "layers", "after_attn", shape[-1], -1,
-                    "input", tr.in_shapes[f"{n}.norm2"])
+        attn = Site(
+            f"{n}:after_attn",
+            f"{n}.norm2",
+            "layers",
+            "after_attn",
+            shape[-1],
+            -1,
+            "input",
+            tr.in_shapes[f"{n}.norm2"],
+        )
         mlp = Site(f"{n}:after_mlp", n, "layers", "after_mlp", shape[-1], -1, "output", shape)
         sites += [(order[f"{n}.norm2"], attn), (done[n], mlp)]
 
@@ -262,7 +272,11 @@ def _auto_layer_sites(model: nn.Module, tr: _Trace) -> list[Site]:
     if cnn_blocks and "." in cnn_blocks[0]:
         top = cnn_blocks[0].split(".")[0]
         before = sorted(
-            (c for c in model._modules if c in ran_once and c in tr.shapes and order[c] < order[top]),
+            (
+                c
+                for c in model._modules
+                if c in ran_once and c in tr.shapes and order[c] < order[top]
+            ),
             key=order.__getitem__,
         )
         if before:

@@ -95,7 +95,9 @@ def _load_digits(split: str, img_size: int | None) -> ImageDataset:
         stratify=bunch.target,
     )
     idx = torch.from_numpy(np.sort(train_idx if split == "train" else test_idx))
-    return ImageDataset(images[idx].contiguous(), labels[idx], "digits", [str(i) for i in range(10)])
+    return ImageDataset(
+        images[idx].contiguous(), labels[idx], "digits", [str(i) for i in range(10)]
+    )
 
 
 # Where torchvision expects each data set's files under ``root``, for the "not found" error.
@@ -208,7 +210,9 @@ def load_dataset(
     if key == "digits":
         return _load_digits(split, img_size)
     if key in _TV_FILES:
-        return _load_torchvision(key, split, None if root is None else str(root), download, img_size)
+        return _load_torchvision(
+            key, split, None if root is None else str(root), download, img_size
+        )
     path = Path(os.fspath(name)).expanduser()
     if path.is_dir():
         return _load_folder(path, split, img_size)

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+
+from memprune import MultiView, Splits, load_dataset, make_splits
+from memprune.data import SimCLRAugment, view_generator
+from memprune.errors import ConfigError, DataError, DatasetNotFoundError
+
+
+def test_digits_items_and_split(digits):
+    test = load_dataset("digits", "test")
+    assert len(digits) == 1437 and len(test) == 360
+    image, label, index = digits[5]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert image.min() >= 0.0 and image.max() <= 1.0 and image.max() > 0.5
+    assert index == 5 and 0 <= label < 10
+    assert torch.equal(load_dataset("digits", "train")[5][0], image)  # fixed split
+    assert sorted(set(digits.labels.tolist())) == list(range(10))
+
+
+def _all_views(ds, batch_size, workers):
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
+    views, idx = zip(*[(v, i) for v, _, i in loader])
+    return torch.cat(views), torch.cat(idx)
+
+
+def test_views_identical_across_batch_sizes_workers_and_subsets(digits):
+    sub = Subset(digits, list(range(12)))
+    mv = MultiView(sub, n_views=3, seed=7)
+    a, ia = _all_views(mv, 5, 0)
+    b, ib = _all_views(mv, 12, 2)
+    assert a.shape == (12, 3, 3, 32, 32)
+    assert torch.equal(ia, ib) and torch.equal(a, b)
+    # the same point through another subset (other position) gets the same views
+    other = MultiView(Subset(digits, [11, 3]), n_views=3, seed=7)
+    assert torch.equal(other[0][0], a[11]) and other[0][2] == 11
+    # views of one point differ from each other, and another seed gives other views
+    assert not torch.equal(a[0, 0], a[0, 1])
+    assert not torch.equal(MultiView(sub, 3, seed=8)[0][0], a[0])
+
+
+def test_augment_works_on_unit_range_images(digits):
+    """Augmentation runs before normalization: views stay in [0, 1] and keep their content."""
+    image = digits[0][0]
+    aug = SimCLRAugment(jitter_p=1.0, gray_p=0.0)
+    views = torch.stack([aug(image, view_generator(0, 0, k)) for k in range(20)])
+    assert views.min() >= 0 and views.max() <= 1
+    # jitter on [0, 1] keeps bright strokes bright; on a normalized tensor they would be clamped
+    assert (views.amax(dim=(1, 2, 3)) > 0.3).all()
+    assert views.std() > 0.05
+
+
+def test_multiview_none_and_callable(digits):
+    mv = MultiView(digits, 2, augment="none")
+    views, label, index = mv[3]
+    assert torch.equal(views[0], digits[3][0]) and torch.equal(views[1], digits[3][0])
+    flip = MultiView(digits, 2, augment=lambda img, g: img.flip(-1))
+    assert torch.equal(flip[3][0][0], digits[3][0].flip(-1))
+    with pytest.raises(ConfigError, match="n_views"):
+        MultiView(digits, 0)
+    with pytest.raises(ConfigError, match="unknown augment 'simclar'"):
+        MultiView(digits, 2, augment="simclar")
+    with pytest.raises(ConfigError, match="scale"):
+        MultiView(digits, 2, scale=(0.5, 2.0))
+
+
+def test_unknown_and_missing_datasets(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="Did you mean digits"):
+        load_dataset("digit")
+    with pytest.raises(ConfigError, match="root=DIR"):
+        load_dataset("cifar10")
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py"):
+        load_dataset("cifar10", root=tmp_path)
+    with pytest.raises(ConfigError, match="split"):
+        load_dataset("digits", split="val")
+
+
+def _write_folder(root, n_per_class=3, size=10):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+
+
+def test_image_folder(tmp_path):
+    _write_folder(tmp_path)
+    ds = load_dataset(str(tmp_path), img_size=8)
+    assert len(ds) == 6 and ds.classes == ["cat", "dog"]
+    image, label, index = ds[4]
+    assert image.shape == (3, 8, 8) and label == 1 and index == 4
+    assert image.min() >= 0 and image.max() <= 1
+    with pytest.raises(DatasetNotFoundError, match="no test/ subfolder"):
+        load_dataset(str(tmp_path), split="test")
+    bad = tmp_path / "dog" / "broken.png"
+    bad.write_bytes(b"not an image")
+    ds = load_dataset(str(tmp_path))
+    position = [p for p, _ in ds.base.samples].index(str(bad))
+    with pytest.raises(DataError, match="broken.png"):
+        ds[position]
+
+
+def test_make_splits_disjoint_seeded_and_saved(tmp_path):
+    s = make_splits(100, shared=0.5, candidate=10, extra=10, test=0.2, seed=3)
+    assert (len(s.shared), len(s.candidate), len(s.extra), len(s.test)) == (50, 10, 10, 20)
+    sets = [set(s.shared), set(s.candidate), set(s.extra), set(s.test)]
+    assert sum(map(len, sets)) == len(set().union(*sets))
+    assert make_splits(100, 0.5, 10, 10, 0.2, seed=3) == s
+    assert make_splits(100, 0.5, 10, 10, 0.2, seed=4) != s
+    assert s.f_indices == sorted(s.shared + s.candidate)
+    s.save(tmp_path / "splits.json")
+    assert Splits.load(tmp_path / "splits.json") == s
+
+
+def test_bad_splits():
+    with pytest.raises(ConfigError, match="= 110 points but the data set has 100"):
+        make_splits(100, 50, 30, 30)
+    with pytest.raises(ConfigError, match="outside"):
+        make_splits(100, 1.5, 0, 0)
+    with pytest.raises(ConfigError, match="index 3 is in both 'shared' and 'candidate'"):
+        Splits(n=10, shared=[1, 3], candidate=[3])
+    with pytest.raises(ConfigError, match="outside"):
+        Splits(n=10, extra=[10])

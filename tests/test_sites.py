@@ -1,0 +1,87 @@
+import pytest
+from torch import nn
+
+from memprune import find_sites, load_encoder
+from memprune.errors import SiteError
+
+
+def names(sites):
+    return [s.name for s in sites]
+
+
+def test_resnet_sites(resnet):
+    units = find_sites(resnet, "units")
+    assert names(units)[:3] == ["act1", "layer1.0.act1", "layer1.0.act2"]
+    assert len(units) == 17 and units[-1].name == "layer4.1.act2" and units[-1].n_units == 64
+    layers = find_sites(resnet, "layers")
+    assert names(layers) == ["maxpool"] + [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    assert [s.role for s in layers[:2]] == ["stem", "block"]
+
+
+@pytest.mark.parametrize(
+    "model_name, first_units, first_layers",
+    [
+        ("mobilenetv3_small_050", ["bn1.act", "blocks.0.0.bn1.act"], ["bn1", "blocks.0.0"]),
+        ("convnext_atto", ["stages.0.blocks.0.mlp.act"], ["stem", "stages.0.blocks.0"]),
+    ],
+)
+def test_other_cnn_families(model_name, first_units, first_layers):
+    model = load_encoder(model_name)
+    units = find_sites(model, "units", input_size=(3, 32, 32))
+    layers = find_sites(model, "layers", input_size=(3, 32, 32))
+    assert names(units)[: len(first_units)] == first_units
+    assert names(layers)[: len(first_layers)] == first_layers
+    # squeeze-excite gates and activations after a conv without norm are not units
+    assert not any(".se." in n for n in names(units))
+
+
+def test_vit_sites(vit):
+    units = find_sites(vit, "units")
+    assert names(units) == [
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.act",
+        "blocks.1.attn.proj",
+        "blocks.1.mlp.act",
+    ]
+    assert [s.n_units for s in units] == [32, 128, 32, 128]
+    layers = find_sites(vit, "layers")
+    assert names(layers) == [
+        "blocks.0:after_attn",
+        "blocks.0:after_mlp",
+        "blocks.1:after_attn",
+        "blocks.1:after_mlp",
+    ]
+    assert layers[0].module == "blocks.0.norm2" and layers[0].point == "input"
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU())
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.features(x).mean((2, 3))
+        return self.relu(self.relu(self.head(x)))  # self.relu runs twice
+
+
+def test_plain_module_with_patterns():
+    model = Plain()
+    sites = find_sites(model, "units", include=["features.1", "features.3", "head"])
+    assert [(s.name, s.n_units, s.channel_axis) for s in sites] == [
+        ("features.1", 4, 1),
+        ("features.3", 6, 1),
+        ("head", 5, 1),
+    ]
+    with pytest.raises(SiteError, match="'layer9.*' matches no units site"):
+        find_sites(model, "units", include=["layer9.*"])
+    with pytest.raises(SiteError, match="ran 2 times"):
+        find_sites(model, "units", include=["relu"])
+    with pytest.raises(SiteError, match="include="):
+        find_sites(model, "units")
+
+
+def test_patterns_filter_auto_sites(resnet):
+    sites = find_sites(resnet, "units", include="layer4.*", exclude="*.act1")
+    assert names(sites) == ["layer4.0.act2", "layer4.1.act2"]
