@@ -25,3 +25,14 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: boo
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def format_csv(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(headers)
+    writer.writerows(rows)
+    return buf.getvalue()

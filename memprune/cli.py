@@ -98,6 +98,61 @@ def cmd_sites(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(data, max_points: int | None, seed: int):
+    """A seeded subset of ``max_points`` points (all when None)."""
+    if max_points is None or max_points >= len(data):
+        return data
+    import torch
+    from torch.utils.data import Subset
+
+    positions = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[
+        :max_points
+    ]
+    return Subset(data, sorted(positions.tolist()))
+
+
+def cmd_score_units(args: argparse.Namespace) -> int:
+    """UnitMem (``score units``) or ClassMem (``score classes``) into ``--out``."""
+    from memprune._dist import rank_world
+    from memprune._io import write_text
+    from memprune._table import format_csv, format_table
+    from memprune.report import plot_unit_scores, prepare_out_dir
+    from memprune.scores import class_mem, unit_mem
+
+    rank, _ = rank_world()
+    out = prepare_out_dir(args.out, args.force) if rank == 0 else None
+    model = _encoder(args)
+    data = _limit(_dataset(args), args.max_points, args.seed)
+    fn, kind = (unit_mem, "unitmem") if args.what == "units" else (class_mem, "classmem")
+    result = fn(
+        model,
+        data,
+        n_views=args.views,
+        sites=args.sites,
+        rest=args.rest,
+        signed=args.signed,
+        augment=args.augment,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        num_workers=args.workers,
+    )
+    if rank != 0:
+        return 0
+    result.meta.update(model=args.model, checkpoint=args.checkpoint, data=args.data)
+    result.save(out / kind)
+    rows = result.summary()
+    headers = list(rows[0])
+    table = [[r[h] for h in headers] for r in rows]
+    write_text(out / "summary.md", format_table(headers, table, markdown=True) + "\n")
+    write_text(out / "summary.csv", format_csv(headers, table))
+    plot_unit_scores(result, out / f"{kind}_per_site.png")
+    print(format_table(headers, table))
+    files = f"{kind}.safetensors, {kind}.json, summary.md, summary.csv, {kind}_per_site.png"
+    print(f"\nwrote {files} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memprune",
@@ -115,6 +170,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="view seed (default: %(default)s)")
     p.set_defaults(func=cmd_sites)
+
+    score = sub.add_parser("score", help="compute memorization scores").add_subparsers(
+        dest="what", required=True, metavar="SCORE"
+    )
+    for what, views, augment, helptext in (
+        ("units", 10, "simclr", "UnitMem of every unit (per-point selectivity)"),
+        ("classes", 1, "none", "ClassMem of every unit (class selectivity)"),
+    ):
+        p = score.add_parser(
+            what, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        _add_model_args(p)
+        _add_data_args(p)
+        p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+        p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+        p.add_argument("--views", type=int, default=views, help="views per point")
+        p.add_argument(
+            "--augment", default=augment, choices=("simclr", "none"), help="view augmentation"
+        )
+        p.add_argument("--sites", nargs="+", default=None, help="site name patterns (default: all)")
+        p.add_argument(
+            "--rest", default="mean", choices=("mean", "median"), help="mu_rest statistic"
+        )
+        p.add_argument(
+            "--signed", default="abs", choices=("abs", "relu", "raw"), help="signed-activation rule"
+        )
+        p.add_argument("--batch-size", type=int, default=32, help="points per forward pass")
+        p.add_argument(
+            "--max-points", type=int, default=None, help="score a seeded subset of this many points"
+        )
+        p.add_argument("--seed", type=int, default=0, help="view and subset seed")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+        p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+        p.set_defaults(func=cmd_score_units)
     return parser
 
 

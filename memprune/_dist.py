@@ -1,0 +1,83 @@
+"""Multi-process helpers: sharding by data index and merging states with accelerate.
+
+Under ``torchrun`` or ``accelerate launch`` every process scores the points at positions
+``rank, rank + world, ...`` (no padding, so no duplicates), and the per-process states are
+gathered with accelerate and merged in rank order. One process is the same code path with a
+world of 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+
+def process_state():
+    """accelerate's ``PartialState`` (initializes the process group under torchrun).
+
+    Without CUDA, accelerate only takes the multi-process CPU (gloo) path when asked with
+    ``cpu=True``; otherwise every process would silently see a world of one.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def rank_world() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.distributed.is_initialized():
+        state = process_state()
+        return state.process_index, state.num_processes
+    return 0, 1
+
+
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """Positions of this process's points: ``rank, rank + world, ...``."""
+    return list(range(rank, n, world))
+
+
+def _gather_rows(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every process's ``t [n_p, ...]`` (lengths may differ), in rank order."""
+    from accelerate.utils import gather, pad_across_processes
+
+    lengths = gather(torch.tensor([len(t)], device=t.device)).tolist()
+    padded = gather(pad_across_processes(t, dim=0))
+    size = len(padded) // world
+    return [padded[p * size : p * size + lengths[p]] for p in range(world)]
+
+
+def gather_states(state, world: int) -> list:
+    """Every process's copy of a dataclass state whose fields are tensors, ints or lists of
+    row tensors, in rank order."""
+    if world == 1:
+        return [state]
+    device = process_state().device
+    per_rank: list[dict] = [{} for _ in range(world)]
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        if isinstance(value, torch.Tensor):
+            parts = _gather_rows(value.to(device)[None], world)
+            for p in range(world):
+                per_rank[p][f.name] = parts[p][0]
+        elif isinstance(value, int):
+            parts = _gather_rows(torch.tensor([value], device=device), world)
+            for p in range(world):
+                per_rank[p][f.name] = int(parts[p][0])
+        elif isinstance(value, list):
+            rows = torch.cat(value).to(device) if value else torch.empty(0, device=device)
+            parts = _gather_rows(rows, world)
+            for p in range(world):
+                per_rank[p][f.name] = [parts[p].cpu()]
+        else:  # pragma: no cover - states hold only these types
+            raise TypeError(f"cannot gather field {f.name} of type {type(value).__name__}")
+    return [type(state)(**fields) for fields in per_rank]
+
+
+def merged(state, world: int):
+    """The state of all processes merged in rank order (the state itself for one process)."""
+    states = gather_states(state, world)
+    out = states[0]
+    for other in states[1:]:
+        out.merge(other)
+    return out

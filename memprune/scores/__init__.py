@@ -1,0 +1,5 @@
+"""Memorization scores."""
+
+from memprune.scores.unitmem import UnitMemResult, class_mem, unit_mem
+
+__all__ = ["UnitMemResult", "class_mem", "unit_mem"]

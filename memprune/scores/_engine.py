@@ -1,0 +1,120 @@
+"""The scoring loop shared by every score: views -> normalize -> one forward -> hooks.
+
+Batches are laid out ``[points, views]``: a batch of B points with K views each is one forward
+pass of ``B*K`` images, and every site's reduced activations come back as ``[B, K, D]`` so a
+score can average the views of a point before anything else (METHOD.md §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from memprune._dist import rank_world, shard
+from memprune.data import MultiView
+from memprune.encoders import evaluating, normalization, resolve_device
+from memprune.errors import ConfigError
+from memprune.hooks import capture
+from memprune.sites import Site
+
+
+def resolve_normalize(
+    encoder: nn.Module, normalize: str | tuple | None
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``"auto"``: the encoder's mean/std; ``None`` / ``"none"``: no normalization;
+    ``(mean, std)``: those."""
+    if normalize is None or normalize == "none":
+        return None
+    if normalize == "auto":
+        return normalization(encoder)
+    if isinstance(normalize, (tuple, list)) and len(normalize) == 2:
+        return normalization(encoder, mean=tuple(normalize[0]), std=tuple(normalize[1]))
+    raise ConfigError(f"normalize must be 'auto', 'none' or (mean, std), got {normalize!r}")
+
+
+class Normalizer:
+    """``(x - mean) / std`` on the encoder's device, applied after augmentation."""
+
+    def __init__(self, stats, device: torch.device) -> None:
+        self.stats = None
+        if stats is not None:
+            mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in stats)
+            self.stats = (mean, std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.stats is None else (x - self.stats[0]) / self.stats[1]
+
+
+def encoder_device(encoder: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` if given; else this process's accelerate device under a launcher; else the
+    encoder's current device when it is on an accelerator; else CUDA if available."""
+    if device is not None:
+        return torch.device(device)
+    _, world = rank_world()
+    if world > 1:
+        from memprune._dist import process_state
+
+        return process_state().device
+    param = next(encoder.parameters(), None)
+    if param is not None and param.device.type != "cpu":
+        return param.device
+    return resolve_device(None)
+
+
+def image_size(dataset: Dataset) -> tuple[int, int, int]:
+    if len(dataset) == 0:
+        raise ConfigError("the data set is empty")
+    return tuple(dataset[0][0].shape)
+
+
+def site_batches(
+    encoder: nn.Module,
+    dataset: Dataset,
+    sites: Sequence[Site],
+    *,
+    n_views: int,
+    augment,
+    seed: int,
+    batch_size: int,
+    normalize,
+    signed: str = "abs",
+    representation: str = "flatten",
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    desc: str = "scoring",
+    augment_params: dict | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Yield ``(indices [B], labels [B], {site: activations [B, K, D]})`` for this process's
+    shard of ``dataset``, with the encoder in eval mode under ``inference_mode``.
+
+    The encoder is moved to ``device``; its train/eval modes are restored afterwards.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    views = MultiView(dataset, n_views, augment, seed, **(augment_params or {}))
+    rank, world = rank_world()
+    loader = DataLoader(
+        Subset(views, shard(len(views), rank, world)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=False,
+    )
+    device = encoder_device(encoder, device)
+    encoder.to(device)
+    norm = Normalizer(resolve_normalize(encoder, normalize), device)
+    disable = True if rank != 0 else (None if progress is None else not progress)  # None: TTY only
+    bar = tqdm(loader, desc=desc, unit="batch", disable=disable, leave=False)
+    with (
+        evaluating(encoder),
+        torch.inference_mode(),
+        capture(encoder, sites, signed=signed, representation=representation) as acts,
+    ):
+        for batch, labels, indices in bar:
+            b, k = batch.shape[:2]  # [B, K, 3, H, W]
+            encoder(norm(batch.to(device, non_blocking=True).flatten(0, 1)))
+            yield indices, labels, {name: a.view(b, k, -1) for name, a in acts.items()}

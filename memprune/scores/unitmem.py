@@ -1,0 +1,301 @@
+"""UnitMem and ClassMem for every unit of an encoder in one batched pass (METHOD.md §2-§3).
+
+UnitMem (Wang et al., "Localizing Memorization in SSL Vision Encoders", NeurIPS 2024, eq. 1):
+for unit u and point i with ``mu_u(i)`` the mean activation over K augmented views,
+
+    UnitMem(u) = (mu_max - mu_rest) / (mu_max + mu_rest),
+    mu_max = max_i mu_u(i),  mu_rest = mean (or median) of mu_u(i) over i != argmax.
+
+1 means the unit fires for one data point only. ClassMem is the class selectivity index of
+Morcos et al. (ICLR 2018): the same index over per-class mean activations.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from memprune._dist import merged, rank_world
+from memprune._io import package_versions, read_json, write_json, write_safetensors
+from memprune.data import dataset_labels
+from memprune.errors import ConfigError
+from memprune.scores._engine import image_size, site_batches
+from memprune.sites import Site, find_sites, resolve_sites
+from memprune.stats import ClassMeanState, MatrixState, MeanRestState
+
+RESTS = ("mean", "median")
+FIELDS = ("score", "argmax", "mu_max", "mu_rest", "dead")
+THRESHOLDS = (0.5, 0.8)
+
+
+@dataclass
+class UnitMemResult:
+    """Per-site unit scores.
+
+    ``sites[name]`` maps ``score`` (UnitMem or ClassMem per unit, float32), ``argmax`` (the
+    data index i*(u) a unit memorizes; the class for ClassMem), ``mu_max``, ``mu_rest`` and
+    ``dead`` (bool) to tensors ``[units]``. ``meta`` records how the scores were made.
+    """
+
+    sites: dict[str, dict[str, torch.Tensor]]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "unitmem")
+
+    def __getitem__(self, site: str) -> dict[str, torch.Tensor]:
+        return self.sites[site]
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Site name -> score per unit."""
+        return {name: s["score"] for name, s in self.sites.items()}
+
+    def summary(self) -> list[dict]:
+        """One row per site: units, mean score, fractions above 0.5 and 0.8, dead units."""
+        rows = []
+        for name, s in self.sites.items():
+            score = s["score"]
+            row = {"site": name, "units": len(score), "mean": float(score.mean())}
+            for t in THRESHOLDS:
+                row[f"frac>{t}"] = float((score > t).float().mean())
+            row["dead"] = int(s["dead"].sum())
+            rows.append(row)
+        return rows
+
+    def histogram(self, bins: int = 20) -> dict[str, torch.Tensor]:
+        """Counts of scores in ``bins`` equal bins over [0, 1], per site."""
+        return {
+            n: torch.histc(s["score"], bins=bins, min=0.0, max=1.0) for n, s in self.sites.items()
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``PATH.safetensors`` (tensors) and ``PATH.json`` (metadata), atomically."""
+        path = Path(path)
+        stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+        tensors = {f"{site}/{k}": v for site, s in self.sites.items() for k, v in s.items()}
+        write_safetensors(stem.with_suffix(".safetensors"), tensors, {"kind": self.kind})
+        write_json(stem.with_suffix(".json"), {**self.meta, "site_order": list(self.sites)})
+        return stem
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> UnitMemResult:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+        if not stem.with_suffix(".safetensors").is_file():
+            raise ConfigError(
+                f"no scores at {stem}.safetensors (save writes PATH.safetensors and PATH.json)"
+            )
+        meta = read_json(stem.with_suffix(".json"))
+        tensors = load_file(str(stem.with_suffix(".safetensors")))
+        order = meta.pop("site_order")
+        sites = {name: {k: tensors[f"{name}/{k}"] for k in FIELDS} for name in order}
+        return cls(sites, meta)
+
+
+def _check(dataset: Dataset, n_views: int, rest: str, signed: str, minimum: int = 2) -> None:
+    if rest not in RESTS:
+        raise ConfigError(f"rest must be one of {RESTS}, got {rest!r}")
+    if not isinstance(n_views, int) or n_views < 1:
+        raise ConfigError(f"n_views must be an int >= 1 (K views per point), got {n_views!r}")
+    if len(dataset) < minimum:
+        raise ConfigError(
+            f"UnitMem compares each unit's top point with the rest: it needs N >= {minimum}"
+            f" data points, got N = {len(dataset)}"
+        )
+    if signed == "raw":
+        warnings.warn(
+            "signed='raw' keeps negative activations: UnitMem then leaves [0, 1] and units whose"
+            " mu_max + mu_rest <= eps are reported dead. Use 'abs' or 'relu' for a bounded index.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _sites_for(encoder: nn.Module, dataset: Dataset, sites) -> list[Site]:
+    if sites is None:
+        return find_sites(encoder, "units", input_size=image_size(dataset))
+    if isinstance(sites, str) or all(isinstance(s, str) for s in sites):
+        return find_sites(encoder, "units", include=sites, input_size=image_size(dataset))
+    return resolve_sites(encoder, sites, "units")
+
+
+def _meta(kind, encoder, dataset, sites, **options) -> dict:
+    cfg = getattr(encoder, "pretrained_cfg", None) or {}
+    return {
+        "kind": kind,
+        "model": cfg.get("architecture", type(encoder).__name__),
+        "data": getattr(dataset, "name", type(dataset).__name__),
+        "n_points": len(dataset),
+        **options,
+        "sites": {s.name: {"module": s.module, "role": s.role, "units": s.n_units} for s in sites},
+        "versions": package_versions(),
+    }
+
+
+def unit_mem(
+    encoder: nn.Module,
+    dataset: Dataset,
+    n_views: int = 10,
+    sites: list[Site] | list[str] | str | None = None,
+    rest: str = "mean",
+    signed: str = "abs",
+    augment="simclr",
+    normalize="auto",
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    eps: float = 1e-8,
+    **augment_params,
+) -> UnitMemResult:
+    """UnitMem of every unit at ``sites`` of ``encoder`` over the points of ``dataset``.
+
+    Args:
+        encoder: a timm model (sites found automatically) or any ``nn.Module`` with ``sites``
+            given. Scored in eval mode under ``inference_mode``; moved to ``device``.
+        dataset: items ``(image [3, H, W] in [0, 1], label, index)``; ``index`` identifies the
+            point (``argmax`` holds these indices).
+        n_views: K augmented views per point, averaged before the max over points.
+        sites: None (all unit sites), module-name patterns, or :class:`Site` objects.
+        rest: ``mean`` (the paper; streaming, O(units) memory independent of N) or ``median``
+            (the authors' code; keeps the N x units matrix of per-point means in float32 on
+            the CPU, e.g. 780 MB for 50,000 points and ResNet-18's 3,904 units).
+        signed: rule making signed activations (GELU, attention projections) non-negative,
+            applied element-wise before the spatial/token mean: ``abs`` (default), ``relu``,
+            or ``raw`` (warns: the index then leaves [0, 1]).
+        augment: ``simclr``, ``none`` or a callable ``fn(image, generator)`` (see MultiView).
+        normalize: ``auto`` (the encoder's mean/std, applied after augmentation), ``none`` or
+            ``(mean, std)``.
+        batch_size: points per forward pass (the pass holds ``batch_size * n_views`` images).
+        seed: view seed: view k of point i comes from (seed, i, k).
+        device: default: the launcher's device, else CUDA if available, else CPU.
+        num_workers: DataLoader workers for augmentation (views do not depend on it).
+        progress: progress bar; None shows it on a TTY only.
+        eps: units with ``mu_max + mu_rest <= eps`` are dead and score 0.
+        **augment_params: parameters of the augmentation preset.
+
+    Under ``torchrun`` / ``accelerate launch`` each process scores a shard of the points and
+    the states are merged: every process returns the single-process result.
+    """
+    _check(dataset, n_views, rest, signed)
+    sites = _sites_for(encoder, dataset, sites)
+    state_cls = MeanRestState if rest == "mean" else MatrixState
+    states = {s.name: state_cls.empty(s.n_units) for s in sites}
+    for indices, _, acts in site_batches(
+        encoder,
+        dataset,
+        sites,
+        n_views=n_views,
+        augment=augment,
+        seed=seed,
+        batch_size=batch_size,
+        normalize=normalize,
+        signed=signed,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        desc="UnitMem",
+        augment_params=augment_params,
+    ):
+        for name, a in acts.items():
+            states[name].update(a.mean(dim=1).cpu(), indices)  # [B, U]: views averaged first
+    _, world = rank_world()
+    result = {name: merged(state, world).compute(eps) for name, state in states.items()}
+    meta = _meta(
+        "unitmem",
+        encoder,
+        dataset,
+        sites,
+        n_views=n_views,
+        rest=rest,
+        signed=signed,
+        augment=augment if isinstance(augment, str) else getattr(augment, "__name__", "callable"),
+        augment_params={
+            k: list(v) if isinstance(v, tuple) else v for k, v in augment_params.items()
+        },
+        normalize=normalize if isinstance(normalize, str) or normalize is None else list(normalize),
+        seed=seed,
+        eps=eps,
+    )
+    return UnitMemResult(result, meta)
+
+
+def class_mem(
+    encoder: nn.Module,
+    dataset: Dataset,
+    n_views: int = 1,
+    sites: list[Site] | list[str] | str | None = None,
+    rest: str = "mean",
+    signed: str = "abs",
+    augment="none",
+    normalize="auto",
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    eps: float = 1e-8,
+    **augment_params,
+) -> UnitMemResult:
+    """ClassMem (class selectivity, Morcos et al. 2018) of every unit at ``sites``.
+
+    ``mu_u(c)`` is the mean activation of unit u over all points of class c (and their
+    ``n_views`` views; default one un-augmented view), and ``ClassMem(u) = (mu_max,c -
+    mu_rest,c) / (mu_max,c + mu_rest,c)``, the rest being the mean (or median) over the other
+    classes. ``argmax`` holds the class each unit prefers. Streaming: O(classes x units)
+    memory. Arguments as in :func:`unit_mem`.
+    """
+    _check(dataset, n_views, rest, signed)
+    labels = dataset_labels(dataset)
+    n_classes = int(labels.max()) + 1
+    if len(labels.unique()) < 2:
+        raise ConfigError(
+            f"ClassMem needs at least 2 classes in the data, got {labels.unique().tolist()}"
+        )
+    sites = _sites_for(encoder, dataset, sites)
+    states = {s.name: ClassMeanState.empty(s.n_units, n_classes) for s in sites}
+    for _, batch_labels, acts in site_batches(
+        encoder,
+        dataset,
+        sites,
+        n_views=n_views,
+        augment=augment,
+        seed=seed,
+        batch_size=batch_size,
+        normalize=normalize,
+        signed=signed,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        desc="ClassMem",
+        augment_params=augment_params,
+    ):
+        for name, a in acts.items():
+            states[name].update(a.mean(dim=1).cpu(), batch_labels)
+    _, world = rank_world()
+    result = {name: merged(state, world).compute(rest, eps) for name, state in states.items()}
+    meta = _meta(
+        "classmem",
+        encoder,
+        dataset,
+        sites,
+        n_views=n_views,
+        rest=rest,
+        signed=signed,
+        augment=augment if isinstance(augment, str) else getattr(augment, "__name__", "callable"),
+        normalize=normalize if isinstance(normalize, str) or normalize is None else list(normalize),
+        seed=seed,
+        eps=eps,
+        n_classes=n_classes,
+    )
+    return UnitMemResult(result, meta)

@@ -1,0 +1,22 @@
+"""Run by tests under torchrun: score a tiny model and save the result (rank 0)."""
+
+import sys
+
+import torch
+from torch.utils.data import Subset
+
+import memprune
+from memprune._dist import rank_world, shard
+from tests.conftest import tiny_resnet
+
+out, rest = sys.argv[1], sys.argv[2]
+rank, world = rank_world()
+assert world == 2 and len(shard(45, rank, world)) == (23 if rank == 0 else 22)
+torch.set_num_threads(1)
+data = Subset(memprune.load_dataset("digits"), list(range(0, 45)))
+result = memprune.unit_mem(tiny_resnet(), data, n_views=3, batch_size=4, rest=rest, device="cpu")
+classes = memprune.class_mem(tiny_resnet(), data, batch_size=4, device="cpu")
+if torch.distributed.get_rank() == 0:
+    result.save(f"{out}/unitmem")
+    classes.save(f"{out}/classmem")
+torch.distributed.destroy_process_group()
