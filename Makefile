@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The most complete job so far: the encoder's sites, then UnitMem of every unit on digits.
 demo: $(STAMP)
 	$(VENV)/bin/memprune sites --model resnet18 --data digits --views 4
+	$(VENV)/bin/memprune score units --model resnet18 --data digits --views 10 --out runs/demo-unitmem --force
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -214,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemPruneError as err:
         print(f"memprune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # under torchrun: exit cleanly
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

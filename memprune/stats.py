@@ -32,15 +32,14 @@ def selectivity(
 def median_rest(values: torch.Tensor) -> torch.Tensor:
     """Median over all rows but one maximal row, per column of ``values [N, U]``.
 
-    Removing any one of several tied maxima leaves the same multiset, so the sorted column
-    without its last element is what remains. Even counts take the mean of the two middle
-    values (the usual median).
+    Removing one maximum leaves the N-1 smallest values, so the k-th smallest of the rest is
+    the k-th smallest of all for k <= N-1: ``kthvalue`` gives it without sorting (and without
+    an N x U index tensor). Even counts take the mean of the two middle values.
     """
-    rest = values.sort(dim=0).values[:-1]  # [N-1, U]
-    m = rest.shape[0]
+    m = values.shape[0] - 1
     if m % 2:
-        return rest[m // 2]
-    return (rest[m // 2 - 1] + rest[m // 2]) / 2
+        return values.kthvalue(m // 2 + 1, dim=0).values
+    return (values.kthvalue(m // 2, dim=0).values + values.kthvalue(m // 2 + 1, dim=0).values) / 2
 
 
 def _max_lowest_index(
@@ -120,20 +119,21 @@ class MatrixState:
         self.values += other.values
         self.indices += other.indices
 
-    def matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All rows ``[N, U]`` and their indices ``[N]``, sorted by index."""
-        values, indices = torch.cat(self.values), torch.cat(self.indices)
-        order = indices.argsort()
-        return values[order], indices[order]
-
-    def compute(self, eps: float = 1e-8) -> dict[str, torch.Tensor]:
-        values, indices = self.matrix()
-        if len(values) < 2:
-            raise ValueError(f"selectivity needs at least 2 points, got {len(values)}")
-        top, argmax = _max_lowest_index(values, indices)
-        mu_rest = median_rest(values)
+    def compute(self, eps: float = 1e-8, block: int = 1024) -> dict[str, torch.Tensor]:
+        """Scores, ``block`` units at a time so the transient copy stays ``N x block``."""
+        indices = torch.cat(self.indices)
+        if len(indices) < 2:
+            raise ValueError(f"selectivity needs at least 2 points, got {len(indices)}")
+        tops, args, rests = [], [], []
+        for start in range(0, self.values[0].shape[1], block):
+            cols = torch.cat([v[:, start : start + block] for v in self.values])  # [N, block]
+            top, arg = _max_lowest_index(cols, indices)
+            tops.append(top)
+            args.append(arg)
+            rests.append(median_rest(cols))
+        top, mu_rest = torch.cat(tops), torch.cat(rests)
         score, dead = selectivity(top, mu_rest, eps)
-        return _result(score, argmax, top, mu_rest, dead)
+        return _result(score, torch.cat(args), top, mu_rest, dead)
 
 
 @dataclass

@@ -116,6 +116,8 @@ def test_median_even_count_is_mean_of_middle_values():
     acts = torch.tensor([[1.0], [2.0], [4.0], [8.0], [100.0]])[:, None, :]  # [N=5, K=1, U=1]
     ref = unitmem_reference(acts, torch.arange(5), rest="median")
     assert ref["mu_rest"].item() == 3.0  # median of 1, 2, 4, 8
+    acts = torch.tensor([[4.0], [100.0], [1.0], [2.0]])[:, None, :]
+    assert unitmem_reference(acts, torch.arange(4), rest="median")["mu_rest"].item() == 2.0
 
 
 def test_batch_size_and_order_do_not_matter(digits):

@@ -182,6 +182,8 @@ class MultiView(Dataset):
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int]:
         image, label, index = self.dataset[position]
+        if self.augment is no_augment:  # nothing random to draw
+            return image.unsqueeze(0).expand(self.n_views, -1, -1, -1).clone(), label, index
         views = [
             self.augment(image, view_generator(self.seed, int(index), k))
             for k in range(self.n_views)

@@ -128,6 +128,23 @@ def _sites_for(encoder: nn.Module, dataset: Dataset, sites) -> list[Site]:
     return resolve_sites(encoder, sites, "units")
 
 
+def _per_point(acts: dict[str, torch.Tensor], sites: list[Site]) -> torch.Tensor:
+    """``[B, units of all sites]``: every site's ``[B, K, U]`` averaged over the K views.
+
+    One state over all units side by side costs one update per batch instead of one per site.
+    """
+    return torch.cat([acts[s.name] for s in sites], dim=2).mean(dim=1).cpu()
+
+
+def _split(scores: dict[str, torch.Tensor], sites: list[Site]) -> dict[str, dict]:
+    """Per-site views of scores computed over all units side by side."""
+    out, start = {}, 0
+    for s in sites:
+        out[s.name] = {k: v[start : start + s.n_units].clone() for k, v in scores.items()}
+        start += s.n_units
+    return out
+
+
 def _meta(kind, encoder, dataset, sites, **options) -> dict:
     cfg = getattr(encoder, "pretrained_cfg", None) or {}
     return {
@@ -190,7 +207,7 @@ def unit_mem(
     _check(dataset, n_views, rest, signed)
     sites = _sites_for(encoder, dataset, sites)
     state_cls = MeanRestState if rest == "mean" else MatrixState
-    states = {s.name: state_cls.empty(s.n_units) for s in sites}
+    state = state_cls.empty(sum(s.n_units for s in sites))  # all units side by side
     for indices, _, acts in site_batches(
         encoder,
         dataset,
@@ -207,10 +224,9 @@ def unit_mem(
         desc="UnitMem",
         augment_params=augment_params,
     ):
-        for name, a in acts.items():
-            states[name].update(a.mean(dim=1).cpu(), indices)  # [B, U]: views averaged first
+        state.update(_per_point(acts, sites), indices)
     _, world = rank_world()
-    result = {name: merged(state, world).compute(eps) for name, state in states.items()}
+    result = _split(merged(state, world).compute(eps), sites)
     meta = _meta(
         "unitmem",
         encoder,
@@ -263,7 +279,7 @@ def class_mem(
             f"ClassMem needs at least 2 classes in the data, got {labels.unique().tolist()}"
         )
     sites = _sites_for(encoder, dataset, sites)
-    states = {s.name: ClassMeanState.empty(s.n_units, n_classes) for s in sites}
+    state = ClassMeanState.empty(sum(s.n_units for s in sites), n_classes)
     for _, batch_labels, acts in site_batches(
         encoder,
         dataset,
@@ -280,10 +296,9 @@ def class_mem(
         desc="ClassMem",
         augment_params=augment_params,
     ):
-        for name, a in acts.items():
-            states[name].update(a.mean(dim=1).cpu(), batch_labels)
+        state.update(_per_point(acts, sites), batch_labels)
     _, world = rank_world()
-    result = {name: merged(state, world).compute(rest, eps) for name, state in states.items()}
+    result = _split(merged(state, world).compute(rest, eps), sites)
     meta = _meta(
         "classmem",
         encoder,
