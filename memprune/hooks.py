@@ -34,26 +34,21 @@ def unit_reducer(site: Site, signed: str = "abs") -> Reducer:
     """``[B, ...] -> [B, units]``: per-unit mean over space / tokens of the signed-rule output.
 
     The signed rule (``abs`` | ``relu`` | ``raw``) is applied element-wise before the mean, so
-    a unit that fires strongly with either sign on a few tokens is not cancelled out. The
-    rules are computed as reductions (mean |x| is an L1 norm, mean relu(x) is
-    ``(sum x + sum |x|) / 2n``) so no rectified copy of the activation is ever made.
+    a unit that fires strongly with either sign on a few tokens is not cancelled out. (Measured
+    on CPU: ``x.abs().mean(dims)`` is ~10x faster than the copy-free
+    ``linalg.vector_norm(x, 1, dims)``, so the rectified copy is made.) Sites known to be
+    non-negative (ReLU outputs) skip the rule.
     """
     if signed not in SIGNED:
         raise ConfigError(f"signed must be one of {SIGNED}, got {signed!r}")
-    rule = "raw" if site.nonneg else signed
+    rule = None if site.nonneg or signed == "raw" else (torch.abs if signed == "abs" else F.relu)
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
         x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        if rule is not None:
+            x = rule(x)
         dims = _other_dims(x, site.channel_axis)
-        if not dims:  # [B, units]: nothing to average
-            return x.abs() if rule == "abs" else F.relu(x) if rule == "relu" else x.clone()
-        count = x[0].numel() // x.shape[site.channel_axis]
-        if rule == "raw":
-            return x.mean(dim=dims)
-        l1 = torch.linalg.vector_norm(x, ord=1, dim=dims)
-        if rule == "abs":
-            return l1 / count
-        return (x.sum(dim=dims) + l1) / (2 * count)
+        return x.mean(dim=dims) if dims else x.clone()  # [B, units]
 
     return reduce
 
