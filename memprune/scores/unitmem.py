@@ -145,14 +145,38 @@ def _split(scores: dict[str, torch.Tensor], sites: list[Site]) -> dict[str, dict
     return out
 
 
-def _meta(kind, encoder, dataset, sites, **options) -> dict:
+def _scan(encoder, dataset, sites, state, by: str, desc: str, **opts):
+    """Fold every batch's per-point means into ``state``, keyed by data ``index`` (UnitMem) or
+    ``label`` (ClassMem), and merge the states of all processes."""
+    for indices, labels, acts in site_batches(encoder, dataset, sites, desc=desc, **opts):
+        state.update(_per_point(acts, sites), indices if by == "index" else labels)
+    _, world = rank_world()
+    return merged(state, world)
+
+
+#: Options that change how a result is computed but not what it is.
+_RUNTIME = ("device", "num_workers", "progress")
+
+
+def _meta(kind: str, encoder: nn.Module, dataset: Dataset, sites: list[Site], **options) -> dict:
+    """JSON-able record of how scores were made (model, data, views, seed, options, versions)."""
     cfg = getattr(encoder, "pretrained_cfg", None) or {}
+    augment = options.get("augment")
+    normalize = options.get("normalize")
+    options.update(
+        augment=augment if isinstance(augment, str) else getattr(augment, "__name__", "callable"),
+        augment_params={
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in (options.get("augment_params") or {}).items()
+        },
+        normalize=normalize if isinstance(normalize, str) or normalize is None else list(normalize),
+    )
     return {
         "kind": kind,
         "model": cfg.get("architecture", type(encoder).__name__),
         "data": getattr(dataset, "name", type(dataset).__name__),
         "n_points": len(dataset),
-        **options,
+        **{k: v for k, v in options.items() if k not in _RUNTIME},
         "sites": {s.name: {"module": s.module, "role": s.role, "units": s.n_units} for s in sites},
         "versions": package_versions(),
     }
@@ -206,44 +230,14 @@ def unit_mem(
     """
     _check(dataset, n_views, rest, signed)
     sites = _sites_for(encoder, dataset, sites)
+    opts = dict(n_views=n_views, augment=augment, seed=seed, batch_size=batch_size,
+                normalize=normalize, signed=signed, device=device, num_workers=num_workers,
+                progress=progress, augment_params=augment_params)  # fmt: skip
     state_cls = MeanRestState if rest == "mean" else MatrixState
     state = state_cls.empty(sum(s.n_units for s in sites))  # all units side by side
-    for indices, _, acts in site_batches(
-        encoder,
-        dataset,
-        sites,
-        n_views=n_views,
-        augment=augment,
-        seed=seed,
-        batch_size=batch_size,
-        normalize=normalize,
-        signed=signed,
-        device=device,
-        num_workers=num_workers,
-        progress=progress,
-        desc="UnitMem",
-        augment_params=augment_params,
-    ):
-        state.update(_per_point(acts, sites), indices)
-    _, world = rank_world()
-    result = _split(merged(state, world).compute(eps), sites)
-    meta = _meta(
-        "unitmem",
-        encoder,
-        dataset,
-        sites,
-        n_views=n_views,
-        rest=rest,
-        signed=signed,
-        augment=augment if isinstance(augment, str) else getattr(augment, "__name__", "callable"),
-        augment_params={
-            k: list(v) if isinstance(v, tuple) else v for k, v in augment_params.items()
-        },
-        normalize=normalize if isinstance(normalize, str) or normalize is None else list(normalize),
-        seed=seed,
-        eps=eps,
-    )
-    return UnitMemResult(result, meta)
+    scores = _scan(encoder, dataset, sites, state, by="index", desc="UnitMem", **opts).compute(eps)
+    meta = _meta("unitmem", encoder, dataset, sites, rest=rest, eps=eps, **opts)
+    return UnitMemResult(_split(scores, sites), meta)
 
 
 def class_mem(
@@ -279,38 +273,12 @@ def class_mem(
             f"ClassMem needs at least 2 classes in the data, got {labels.unique().tolist()}"
         )
     sites = _sites_for(encoder, dataset, sites)
+    opts = dict(n_views=n_views, augment=augment, seed=seed, batch_size=batch_size,
+                normalize=normalize, signed=signed, device=device, num_workers=num_workers,
+                progress=progress, augment_params=augment_params)  # fmt: skip
     state = ClassMeanState.empty(sum(s.n_units for s in sites), n_classes)
-    for _, batch_labels, acts in site_batches(
-        encoder,
-        dataset,
-        sites,
-        n_views=n_views,
-        augment=augment,
-        seed=seed,
-        batch_size=batch_size,
-        normalize=normalize,
-        signed=signed,
-        device=device,
-        num_workers=num_workers,
-        progress=progress,
-        desc="ClassMem",
-        augment_params=augment_params,
-    ):
-        state.update(_per_point(acts, sites), batch_labels)
-    _, world = rank_world()
-    result = _split(merged(state, world).compute(rest, eps), sites)
+    scores = _scan(encoder, dataset, sites, state, by="label", desc="ClassMem", **opts)
     meta = _meta(
-        "classmem",
-        encoder,
-        dataset,
-        sites,
-        n_views=n_views,
-        rest=rest,
-        signed=signed,
-        augment=augment if isinstance(augment, str) else getattr(augment, "__name__", "callable"),
-        normalize=normalize if isinstance(normalize, str) or normalize is None else list(normalize),
-        seed=seed,
-        eps=eps,
-        n_classes=n_classes,
+        "classmem", encoder, dataset, sites, rest=rest, eps=eps, n_classes=n_classes, **opts
     )
-    return UnitMemResult(result, meta)
+    return UnitMemResult(_split(scores.compute(rest, eps), sites), meta)
