@@ -5,30 +5,43 @@ Public API (everything else is private):
 * data: :func:`load_dataset`, :class:`MultiView`, :func:`make_splits`, :class:`Splits`
 * encoders: :func:`load_encoder`, :func:`normalization`, :func:`find_sites`, :class:`Site`,
   :func:`capture`
-* scores: :func:`unit_mem`, :func:`class_mem`, :class:`UnitMemResult`
+* scores: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`
+* training: :mod:`memprune.train` (SimCLR pretraining, the pair f / g, supervised)
 """
 
 from memprune.data import MultiView, Splits, load_dataset, make_splits
 from memprune.encoders import load_encoder, normalization
 from memprune.errors import MemPruneError
 from memprune.hooks import capture
-from memprune.scores import UnitMemResult, class_mem, unit_mem
+from memprune.scores import (
+    LayerMemResult,
+    SSLMemResult,
+    UnitMemResult,
+    class_mem,
+    layer_mem,
+    ssl_mem,
+    unit_mem,
+)
 from memprune.sites import Site, find_sites
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerMemResult",
     "MemPruneError",
     "MultiView",
+    "SSLMemResult",
     "Site",
     "Splits",
     "UnitMemResult",
     "capture",
     "class_mem",
     "find_sites",
+    "layer_mem",
     "load_dataset",
     "load_encoder",
     "make_splits",
     "normalization",
+    "ssl_mem",
     "unit_mem",
 ]

@@ -28,7 +28,7 @@ DEFAULT_INPUT_SIZE = (3, 32, 32)
 
 
 def load_encoder(
-    name: str,
+    name: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     pretrained: bool = False,
     img_size: int | None = None,
@@ -39,8 +39,10 @@ def load_encoder(
 
     Args:
         name: a timm model name (``timm.list_models()``), e.g. ``resnet18``,
-            ``vit_tiny_patch16_224``.
-        checkpoint: a ``.safetensors`` file, or a torch file read with ``weights_only=True``.
+            ``vit_tiny_patch16_224``; may be omitted when ``checkpoint`` is a memprune run.
+        checkpoint: a memprune training run (its directory or ``card.json``: the model name,
+            image size and timm arguments come from the card), a ``.safetensors`` file, or a
+            torch file read with ``weights_only=True``.
             Nested state dicts (``state_dict``, ``model``, ...) are unwrapped, the prefixes
             ``module.``, ``encoder.``, ``backbone.`` stripped and the classifier's keys dropped
             (the encoder has none). Any other missing, unexpected or mis-shaped key is an error
@@ -54,6 +56,19 @@ def load_encoder(
     """
     import timm
 
+    if checkpoint is not None and (Path(checkpoint).is_dir() or str(checkpoint).endswith(".json")):
+        from memprune.train._common import read_card
+
+        card, weights = read_card(checkpoint)
+        if name is not None and name != card["model"]:
+            raise EncoderError(f"{checkpoint} holds a {card['model']!r} encoder, not {name!r}")
+        name, checkpoint = card["model"], weights
+        img_size = img_size if img_size is not None else card.get("img_size")
+        timm_kwargs = {**card.get("timm_kwargs", {}), **timm_kwargs}
+    if name is None:
+        raise EncoderError(
+            "load_encoder needs a timm model name, or checkpoint=RUN_DIR of a memprune run"
+        )
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         hint = f"; closest timm names: {', '.join(close)}" if close else ""

@@ -53,26 +53,30 @@ def unit_reducer(site: Site, signed: str = "abs") -> Reducer:
     return reduce
 
 
-def layer_reducer(site: Site, representation: str = "flatten") -> Reducer:
+def layer_reducer(site: Site, representation: str = "flatten", copy: bool = True) -> Reducer:
     """``[B, ...] -> [B, D]``: the whole output flattened (``flatten``), the spatial / token mean
-    (``pool``) or the class token (``cls``). Not normalized here; scores normalize."""
+    (``pool``) or the class token (``cls``). Not normalized here; scores normalize.
+
+    ``copy=False`` may return a view of the output: only for reducers that use it at once.
+    """
+    keep = (lambda t: t.clone()) if copy else (lambda t: t)
     if representation not in REPRESENTATIONS:
         raise ConfigError(
             f"representation must be one of {REPRESENTATIONS}, got {representation!r}"
         )
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
-        if representation == "flatten":
-            return x.flatten(1).float().clone()
+        if representation == "flatten" or x.ndim == 2:  # a vector per image is its own summary
+            return keep(x.flatten(1).float())
         if representation == "pool":
             dims = _other_dims(x, site.channel_axis)
-            return x.float().mean(dim=dims) if dims else x.float().clone()
+            return x.float().mean(dim=dims) if dims else keep(x.float())
         if x.ndim != 3:
             raise SiteError(
                 f"representation='cls' needs token outputs [B, T, D]; site {site.name!r} gives"
                 f" {tuple(x.shape)}: use 'flatten' or 'pool'"
             )
-        return x[:, 0].float().clone()
+        return keep(x[:, 0].float())
 
     return reduce
 

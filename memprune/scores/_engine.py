@@ -8,6 +8,7 @@ score can average the views of a point before anything else (METHOD.md §2).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 
 import torch
 from torch import nn
@@ -15,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from memprune._dist import rank_world, shard
-from memprune.data import MultiView
 from memprune.encoders import evaluating, normalization, resolve_device
 from memprune.errors import ConfigError
 from memprune.hooks import capture
@@ -71,50 +71,54 @@ def image_size(dataset: Dataset) -> tuple[int, int, int]:
     return tuple(dataset[0][0].shape)
 
 
-def site_batches(
-    encoder: nn.Module,
-    dataset: Dataset,
-    sites: Sequence[Site],
+def view_batches(
+    encoders: Sequence[nn.Module],
+    views: Dataset,
+    sites: Sequence[Sequence[Site]],
     *,
-    n_views: int,
-    augment,
-    seed: int,
     batch_size: int,
     normalize,
     signed: str = "abs",
     representation: str = "flatten",
+    reduce: Sequence | None = None,
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool | None = None,
     desc: str = "scoring",
-    augment_params: dict | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
-    """Yield ``(indices [B], labels [B], {site: activations [B, K, D]})`` for this process's
-    shard of ``dataset``, with the encoder in eval mode under ``inference_mode``.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]]:
+    """Push this process's shard of ``views`` (items ``(views [K, 3, H, W], label, index)``)
+    through every encoder, one forward pass per batch per encoder, and yield
+    ``(indices [B], labels [B], [captured of encoder 0, captured of encoder 1, ...])``.
 
-    The encoder is moved to ``device``; its train/eval modes are restored afterwards.
+    Captured values are what the reducers return for the ``B*K`` images (``reduce[e]``: one
+    callable or a dict per site, None for the default unit/layer reducers). Encoders run in
+    eval mode under ``inference_mode``, are moved to ``device`` and get their modes back.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    views = MultiView(dataset, n_views, augment, seed, **(augment_params or {}))
     rank, world = rank_world()
     loader = DataLoader(
         Subset(views, shard(len(views), rank, world)),
         batch_size=batch_size,
         num_workers=num_workers,
-        pin_memory=False,
     )
-    device = encoder_device(encoder, device)
-    encoder.to(device)
-    norm = Normalizer(resolve_normalize(encoder, normalize), device)
+    device = encoder_device(encoders[0], device)
+    norms = []
+    for encoder in encoders:
+        encoder.to(device)
+        norms.append(Normalizer(resolve_normalize(encoder, normalize), device))
+    reduce = list(reduce) if reduce is not None else [None] * len(encoders)
     disable = True if rank != 0 else (None if progress is None else not progress)  # None: TTY only
     bar = tqdm(loader, desc=desc, unit="batch", disable=disable, leave=False)
-    with (
-        evaluating(encoder),
-        torch.inference_mode(),
-        capture(encoder, sites, signed=signed, representation=representation) as acts,
-    ):
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        acts = []
+        for encoder, encoder_sites, fn in zip(encoders, sites, reduce, strict=True):
+            stack.enter_context(evaluating(encoder))
+            hooks = capture(encoder, encoder_sites, signed, representation, reduce=fn)
+            acts.append(stack.enter_context(hooks))
         for batch, labels, indices in bar:
-            b, k = batch.shape[:2]  # [B, K, 3, H, W]
-            encoder(norm(batch.to(device, non_blocking=True).flatten(0, 1)))
-            yield indices, labels, {name: a.view(b, k, -1) for name, a in acts.items()}
+            x = batch.to(device, non_blocking=True).flatten(0, 1)  # [B*K, 3, H, W]
+            for encoder, norm in zip(encoders, norms):
+                encoder(norm(x))
+            yield indices, labels, [dict(a) for a in acts]

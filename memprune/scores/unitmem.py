@@ -23,9 +23,9 @@ from torch.utils.data import Dataset
 
 from memprune._dist import merged, rank_world
 from memprune._io import package_versions, read_json, write_json, write_safetensors
-from memprune.data import dataset_labels
+from memprune.data import MultiView, dataset_labels
 from memprune.errors import ConfigError
-from memprune.scores._engine import image_size, site_batches
+from memprune.scores._engine import image_size, view_batches
 from memprune.sites import Site, find_sites, resolve_sites
 from memprune.stats import ClassMeanState, MatrixState, MeanRestState
 
@@ -128,12 +128,14 @@ def _sites_for(encoder: nn.Module, dataset: Dataset, sites) -> list[Site]:
     return resolve_sites(encoder, sites, "units")
 
 
-def _per_point(acts: dict[str, torch.Tensor], sites: list[Site]) -> torch.Tensor:
-    """``[B, units of all sites]``: every site's ``[B, K, U]`` averaged over the K views.
+def _per_point(acts: dict[str, torch.Tensor], sites: list[Site], n_views: int) -> torch.Tensor:
+    """``[B, units of all sites]``: every site's ``[B*K, U]`` averaged over the K views of
+    each point (views of one point are adjacent: batches are laid out [points, views]).
 
     One state over all units side by side costs one update per batch instead of one per site.
     """
-    return torch.cat([acts[s.name] for s in sites], dim=2).mean(dim=1).cpu()
+    units = torch.cat([acts[s.name] for s in sites], dim=1)  # [B*K, U]
+    return units.view(-1, n_views, units.shape[1]).mean(dim=1).cpu()
 
 
 def _split(scores: dict[str, torch.Tensor], sites: list[Site]) -> dict[str, dict]:
@@ -148,8 +150,14 @@ def _split(scores: dict[str, torch.Tensor], sites: list[Site]) -> dict[str, dict
 def _scan(encoder, dataset, sites, state, by: str, desc: str, **opts):
     """Fold every batch's per-point means into ``state``, keyed by data ``index`` (UnitMem) or
     ``label`` (ClassMem), and merge the states of all processes."""
-    for indices, labels, acts in site_batches(encoder, dataset, sites, desc=desc, **opts):
-        state.update(_per_point(acts, sites), indices if by == "index" else labels)
+    n_views = opts["n_views"]
+    views = MultiView(dataset, n_views, opts["augment"], opts["seed"], **opts["augment_params"])
+    run = {
+        k: opts[k]
+        for k in ("batch_size", "normalize", "signed", "device", "num_workers", "progress")
+    }
+    for indices, labels, (acts,) in view_batches([encoder], views, [sites], desc=desc, **run):
+        state.update(_per_point(acts, sites, n_views), indices if by == "index" else labels)
     _, world = rank_world()
     return merged(state, world)
 

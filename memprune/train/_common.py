@@ -1,0 +1,228 @@
+"""What SimCLR and supervised training share: seeds, loaders, checkpoints, the encoder card.
+
+A training run writes into ``out_dir``:
+
+* ``encoder.safetensors``: the backbone's weights (no projection or classification head);
+* ``card.json``: model name, image size, timm arguments, data set, training indices,
+  hyperparameters, seed, loss history and package versions; :func:`memprune.load_encoder`
+  rebuilds the encoder from it (``load_encoder(checkpoint=out_dir)``);
+* ``checkpoints/last.pt``: everything needed to resume (weights, heads, optimizer,
+  scheduler, epoch), saved at the end of every epoch and read back with
+  ``weights_only=True``; with ``keep_checkpoints``, ``checkpoints/epoch_NNN.safetensors``
+  keeps every epoch's encoder too.
+
+Every random choice of an epoch (data order and views) comes from ``(seed, epoch)``, so a run
+resumed after an interruption gives the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+
+from memprune._io import atomic_write, package_versions, read_json, write_json, write_safetensors
+from memprune.errors import ConfigError
+
+CARD = "card.json"
+WEIGHTS = "encoder.safetensors"
+LAST = "checkpoints/last.pt"
+FORMAT = "memprune-encoder/1"
+
+
+def derived_seed(seed: int, *keys: int) -> int:
+    """A seed mixed from ``seed`` and ``keys`` (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch's views and order."""
+    return derived_seed(seed, epoch, 0x5EED)
+
+
+def epoch_loader(data: Dataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0):
+    """A shuffled loader whose order depends only on (seed, epoch); last partial batch dropped."""
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    return DataLoader(
+        data, batch_size=batch_size, sampler=RandomSampler(data, generator=g),
+        num_workers=num_workers, drop_last=True,
+    )  # fmt: skip
+
+
+def check_indices(dataset: Dataset, indices: Sequence[int] | None, batch_size: int) -> list[int]:
+    indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    if not indices:
+        raise ConfigError("no training points: indices is empty")
+    bad = [i for i in indices if not 0 <= i < len(dataset)]
+    if bad:
+        raise ConfigError(f"indices {bad[:5]} are outside the data set of {len(dataset)} points")
+    if len(set(indices)) != len(indices):
+        raise ConfigError("indices hold duplicates; each training point must appear once")
+    if batch_size > len(indices):
+        raise ConfigError(f"batch_size={batch_size} exceeds the {len(indices)} training points")
+    return indices
+
+
+@dataclass
+class TrainResult:
+    """A trained encoder (eval mode), where it was saved, and the per-epoch mean loss."""
+
+    encoder: nn.Module
+    path: Path
+    history: list[float] = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_outputs(out_dir: Path, encoder: nn.Module, card: dict) -> None:
+    """The encoder's weights, then its card (the card marks the run finished)."""
+    write_safetensors(out_dir / WEIGHTS, encoder.state_dict())
+    write_json(out_dir / CARD, {"format": FORMAT, **card, "versions": package_versions()})
+
+
+def read_card(path: str | os.PathLike) -> tuple[dict, Path]:
+    """The card of a training run (a run directory or its ``card.json``) and the weights path."""
+    path = Path(path)
+    card_path = path / CARD if path.is_dir() else path
+    if not card_path.is_file():
+        raise ConfigError(
+            f"no encoder card at {card_path}: pass a run directory written by memprune"
+            " pretraining (holding card.json and encoder.safetensors)"
+        )
+    card = read_json(card_path)
+    if card.get("format") != FORMAT:
+        raise ConfigError(
+            f"{card_path} is not a memprune encoder card (format {card.get('format')!r})"
+        )
+    return card, card_path.parent / WEIGHTS
+
+
+def data_name(dataset: Dataset) -> str:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "name", type(dataset).__name__)
+
+
+Callback = Callable[[int, list[float]], None]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int):
+    """This process's batches (position lists) of one epoch: a permutation seeded by
+    (seed, epoch), cut into full batches, dealt round-robin; every process gets as many."""
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    perm = torch.randperm(n, generator=g).tolist()
+    batches = [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    batches = batches[: len(batches) - len(batches) % world] if world > 1 else batches
+    return batches[rank::world]
+
+
+def run_training(
+    *,
+    net: nn.Module,
+    encoder: nn.Module,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    epoch_data: Callable[[int], Dataset],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    out_dir: Path,
+    config: dict,
+    mixed_precision: str = "no",
+    keep_checkpoints: bool = False,
+    resume: bool = True,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    callback: Callback | None = None,
+    desc: str = "train",
+) -> list[float]:
+    """Train ``net`` (encoder + head) with AdamW and a per-epoch cosine schedule.
+
+    ``epoch_data(epoch)`` gives the epoch's data set of ``(views, label, index)`` items;
+    ``loss_fn(net, x, labels)`` the loss of a normalized batch. accelerate places the model,
+    wraps it for many processes and runs mixed precision. Checkpoints every epoch; with
+    ``resume`` a run continues from ``checkpoints/last.pt`` when its config matches.
+    Returns the per-epoch mean loss.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from memprune.scores._engine import Normalizer, resolve_normalize
+
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ConfigError(
+            f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
+        )
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    start, history = 0, []
+    last = out_dir / LAST
+    if resume and last.is_file():
+        ckpt = load_checkpoint(last)
+        if ckpt["config"] != config:
+            changed = sorted(
+                k for k in {*config, *ckpt["config"]} if config.get(k) != ckpt["config"].get(k)
+            )
+            raise ConfigError(
+                f"{last} was written with other settings ({', '.join(changed)}): use a new out_dir,"
+                " or resume=False to start over"
+            )
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start, history = ckpt["epoch"] + 1, list(ckpt["history"])
+    model, opt = accelerator.prepare(net, opt)
+    norm = Normalizer(resolve_normalize(encoder, "auto"), accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for epoch in range(start, epochs):
+        data = epoch_data(epoch)
+        batches = epoch_batches(len(data), batch_size, seed, epoch, rank, world)
+        loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers)
+        model.train()
+        losses = []
+        disable = True if rank else (None if progress is None else not progress)
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=disable, leave=False)
+        for views, labels, _ in bar:
+            x = norm(views.to(accelerator.device).flatten(0, 1))  # [B*K, 3, H, W]
+            with accelerator.autocast():
+                loss = loss_fn(model, x, labels.to(accelerator.device))
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            losses.append(loss.detach())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        sched.step()
+        history.append(float(accelerator.reduce(torch.stack(losses).mean(), "mean")))
+        if accelerator.is_main_process:
+            state = {
+                "model": accelerator.unwrap_model(model).state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "config": config,
+            }
+            save_checkpoint(last, state)
+            if keep_checkpoints:
+                write_safetensors(
+                    out_dir / f"checkpoints/epoch_{epoch:03d}.safetensors", encoder.state_dict()
+                )
+        accelerator.wait_for_everyone()
+        if callback is not None:
+            callback(epoch, history)
+    encoder.eval()
+    return history

@@ -1,0 +1,178 @@
+"""SimCLR pretraining of any timm backbone (Chen et al., "A Simple Framework for Contrastive
+Learning of Visual Representations", ICML 2020), and the encoder pair f / g of METHOD.md §4."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from memprune.data import MultiView, Splits, make_splits
+from memprune.encoders import load_encoder
+from memprune.errors import ConfigError
+from memprune.train._common import (
+    CARD,
+    Callback,
+    TrainResult,
+    check_indices,
+    data_name,
+    epoch_seed,
+    read_card,
+    run_training,
+    write_outputs,
+)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent loss of two batches of projections ``[B, D]``: view ``i`` of ``z1`` must pick its
+    positive ``i`` of ``z2`` (and back) among the other ``2B - 1`` views, by cosine similarity
+    over ``temperature``; the mean over the ``2B`` views."""
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ConfigError(
+            f"nt_xent needs two [B, D] batches, got {tuple(z1.shape)}, {tuple(z2.shape)}"
+        )
+    b = len(z1)
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # [2B, D]
+    sim = (z @ z.T) / temperature  # [2B, 2B]
+    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    return F.cross_entropy(sim, targets)
+
+
+class SimCLRNet(nn.Module):
+    """Backbone + projection head (Linear-BN-ReLU-Linear); ``forward`` gives projections."""
+
+    def __init__(self, encoder: nn.Module, proj_dim: int, hidden_dim: int | None = None):
+        super().__init__()
+        width = encoder.num_features
+        hidden = hidden_dim or width
+        self.encoder = encoder
+        self.head = nn.Sequential(
+            nn.Linear(width, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, proj_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def finished(out_dir: Path) -> TrainResult | None:
+    """The finished run in ``out_dir``, if there is one."""
+    if not (out_dir / CARD).is_file():
+        return None
+    card, _ = read_card(out_dir)
+    return TrainResult(load_encoder(checkpoint=out_dir), out_dir, card.get("history", []))
+
+
+def pretrain_simclr(
+    model_name: str,
+    dataset: Dataset,
+    indices: list[int] | None = None,
+    epochs: int = 20,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    temperature: float = 0.5,
+    proj_dim: int = 128,
+    seed: int = 0,
+    out_dir: str | os.PathLike = "runs/simclr",
+    img_size: int | None = None,
+    *,
+    hidden_dim: int | None = None,
+    weight_decay: float = 1e-6,
+    augment: str = "simclr",
+    augment_params: dict | None = None,
+    mixed_precision: str = "no",
+    keep_checkpoints: bool = False,
+    resume: bool = True,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    callback: Callback | None = None,
+    **timm_kwargs,
+) -> TrainResult:
+    """Train ``model_name`` with SimCLR on ``dataset[indices]`` and save it to ``out_dir``.
+
+    Two views per point from :class:`MultiView` (the epoch's views seeded by (seed, epoch)),
+    NT-Xent with ``temperature`` on a ``proj_dim`` projection head, AdamW with a cosine
+    schedule over epochs. ``batch_size`` is per process. Uses accelerate: the device, many
+    GPUs under ``accelerate launch``/``torchrun``, ``mixed_precision`` ("no", "fp16", "bf16").
+
+    Writes ``encoder.safetensors`` (no projection head) and ``card.json``, which
+    :func:`memprune.load_encoder` reads (``load_encoder(checkpoint=out_dir)``); checkpoints
+    every epoch. With ``resume`` (default) an interrupted run continues where it stopped and
+    ends with the same weights as an uninterrupted one; a finished run is loaded, not redone.
+    ``callback(epoch, history)`` runs after each epoch's checkpoint.
+    """
+    out_dir = Path(out_dir)
+    if resume and (done := finished(out_dir)) is not None:
+        return done
+    if (out_dir / CARD).is_file():
+        raise ConfigError(f"{out_dir} already holds a trained encoder: choose another out_dir")
+    indices = check_indices(dataset, indices, batch_size)
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    config = {
+        "method": "simclr", "model": model_name, "img_size": img_size, "timm_kwargs": timm_kwargs,
+        "data": data_name(dataset), "n_train": len(indices), "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "temperature": temperature, "proj_dim": proj_dim,
+        "hidden_dim": hidden_dim, "weight_decay": weight_decay, "augment": augment,
+        "augment_params": augment_params or {}, "seed": seed, "mixed_precision": mixed_precision,
+    }  # fmt: skip
+    torch.manual_seed(seed)
+    encoder = load_encoder(model_name, img_size=img_size, **timm_kwargs)
+    net = SimCLRNet(encoder, proj_dim, hidden_dim)
+    train = Subset(dataset, indices)
+
+    def epoch_data(epoch: int) -> Dataset:
+        return MultiView(train, 2, augment, seed=epoch_seed(seed, epoch), **(augment_params or {}))
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, _labels) -> torch.Tensor:
+        z = model(x).view(len(x) // 2, 2, -1)  # [B, 2, proj_dim]: the two views of each point
+        return nt_xent(z[:, 0], z[:, 1], temperature)
+
+    history = run_training(
+        net=net, encoder=encoder, loss_fn=loss_fn, epoch_data=epoch_data, epochs=epochs,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, out_dir=out_dir,
+        config=config, mixed_precision=mixed_precision, keep_checkpoints=keep_checkpoints,
+        resume=resume, num_workers=num_workers, progress=progress, callback=callback,
+        desc="SimCLR",
+    )  # fmt: skip
+    write_outputs(out_dir, encoder, {**config, "indices": indices, "history": history})
+    return TrainResult(encoder, out_dir, history)
+
+
+def pretrain_pair(
+    model_name: str,
+    dataset: Dataset,
+    out_dir: str | os.PathLike,
+    splits: Splits | None = None,
+    shared: int | float = 0.5,
+    candidate: int | float = 0.1,
+    extra: int | float = 0.1,
+    test: int | float = 0,
+    split_seed: int = 0,
+    **recipe,
+) -> tuple[TrainResult, TrainResult, Splits]:
+    """Train f on shared ∪ candidate and g on shared ∪ extra with the same recipe and seed.
+
+    ``splits`` (or ``make_splits(len(dataset), shared, candidate, extra, test, split_seed)``)
+    is saved as ``out_dir/splits.json``; f goes to ``out_dir/f``, g to ``out_dir/g``.
+    ``recipe``: arguments of :func:`pretrain_simclr`.
+    """
+    out_dir = Path(out_dir)
+    if splits is None:
+        splits = make_splits(len(dataset), shared, candidate, extra, test, seed=split_seed)
+    elif splits.n != len(dataset):
+        raise ConfigError(f"splits are for {splits.n} points but the data set has {len(dataset)}")
+    if not splits.candidate or not splits.extra:
+        raise ConfigError("the pair needs non-empty candidate and extra sets")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits.save(out_dir / "splits.json")
+    f = pretrain_simclr(model_name, dataset, splits.f_indices, out_dir=out_dir / "f", **recipe)
+    g = pretrain_simclr(model_name, dataset, splits.g_indices, out_dir=out_dir / "g", **recipe)
+    return f, g, splits

@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+
+from memprune import load_encoder
+from memprune.errors import ConfigError, EncoderError
+from memprune.train import nt_xent, pretrain_pair, pretrain_simclr, train_supervised
+
+from .conftest import TINY_RESNET
+
+RECIPE = dict(epochs=2, batch_size=16, lr=1e-3, proj_dim=16, seed=0, progress=False, **TINY_RESNET)
+
+
+def test_nt_xent_equals_the_formula():
+    torch.manual_seed(0)
+    z1, z2, t = torch.randn(4, 8), torch.randn(4, 8), 0.3
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = len(z)
+    losses = []
+    for i in range(n):
+        pos = (i + n // 2) % n
+        sims = torch.stack([z[i] @ z[k] / t for k in range(n) if k != i])
+        losses.append(-(z[i] @ z[pos] / t) + torch.logsumexp(sims, 0))
+    torch.testing.assert_close(nt_xent(z1, z2, t), torch.stack(losses).mean())
+    # identical views with far-apart points: the loss is near its floor
+    far = torch.eye(4) * 10
+    assert nt_xent(far, far, 0.1) < 1e-3
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_equals_uninterrupted(tmp_path, digits):
+    data = Subset(digits, range(64))
+    whole = pretrain_simclr("resnet18", data, out_dir=tmp_path / "whole", **RECIPE)
+
+    def interrupt(epoch, history):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_simclr("resnet18", data, out_dir=tmp_path / "cut", callback=interrupt, **RECIPE)
+    assert not (tmp_path / "cut" / "card.json").exists()
+    resumed = pretrain_simclr("resnet18", data, out_dir=tmp_path / "cut", **RECIPE)
+    assert resumed.history == whole.history
+    a, b = _weights(whole.encoder), _weights(resumed.encoder)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the card rebuilds the same encoder; a finished run is loaded, not retrained
+    loaded = load_encoder(checkpoint=tmp_path / "cut")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), resumed.encoder(x))
+    again = pretrain_simclr("resnet18", data, out_dir=tmp_path / "cut", **RECIPE)
+    assert again.history == resumed.history
+
+
+def test_changed_settings_do_not_resume(tmp_path, digits):
+    data = Subset(digits, range(32))
+
+    def stop(epoch, history):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_simclr("resnet18", data, out_dir=tmp_path, callback=stop, **RECIPE)
+    with pytest.raises(ConfigError, match="other settings \\(lr\\)"):
+        pretrain_simclr("resnet18", data, out_dir=tmp_path, **{**RECIPE, "lr": 0.1})
+
+
+def test_pair_and_card_errors(tmp_path, digits):
+    data = Subset(digits, range(80))
+    recipe = {**RECIPE, "epochs": 1}
+    f, g, splits = pretrain_pair(
+        "resnet18", data, tmp_path, shared=32, candidate=16, extra=16, **recipe
+    )
+    assert (tmp_path / "splits.json").is_file()
+    assert set(splits.candidate).isdisjoint(splits.extra)
+    assert load_encoder(checkpoint=tmp_path / "f").num_features == 64
+    with pytest.raises(EncoderError, match="holds a 'resnet18' encoder, not 'vit_tiny"):
+        load_encoder("vit_tiny_patch16_224", checkpoint=tmp_path / "g")
+    with pytest.raises(ConfigError, match="no encoder card"):
+        load_encoder(checkpoint=tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="splits overlap"):
+        from memprune import Splits
+
+        pretrain_pair(
+            "resnet18", data, tmp_path / "bad", splits=Splits(80, [1, 2], [2], [3]), **recipe
+        )
+
+
+def test_supervised_learns_and_random_labels(tmp_path, digits):
+    data = Subset(digits, range(256))
+    recipe = {k: v for k, v in RECIPE.items() if k != "proj_dim"}
+    recipe |= {"epochs": 4, "batch_size": 32, "lr": 1e-2}
+    true = train_supervised("resnet18", data, out_dir=tmp_path / "true", **recipe)
+    rand = train_supervised(
+        "resnet18", data, out_dir=tmp_path / "rand", random_labels=True, **recipe
+    )
+    assert true.history[-1] < true.history[0]
+    assert true.history[-1] < rand.history[-1]
+    assert load_encoder(checkpoint=tmp_path / "rand").num_features == 64
