@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from memprune.errors import MemPruneError
 
@@ -153,6 +154,127 @@ def cmd_score_units(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timm_kwargs(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` strings (values parsed as YAML) into timm keyword arguments."""
+    import yaml
+
+    from memprune.errors import ConfigError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--timm takes KEY=VALUE (e.g. channels=[8,16,32,64]), got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """SimCLR (or supervised) training of one encoder, or of the pair f / g."""
+    from memprune._dist import rank_world
+    from memprune.report import prepare_out_dir
+    from memprune.train import pretrain_pair, pretrain_simclr, train_supervised
+
+    rank, _ = rank_world()
+    out = Path(args.out)
+    if rank == 0 and not args.resume:
+        prepare_out_dir(out, force=False)
+    data = _dataset(args)
+    common = dict(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        img_size=args.img_size, mixed_precision=args.mixed_precision,
+        keep_checkpoints=args.keep_checkpoints, resume=True, num_workers=args.workers,
+        **_timm_kwargs(args.timm),
+    )  # fmt: skip
+    if args.supervised:
+        result = train_supervised(
+            args.model, data, out_dir=out, random_labels=args.random_labels, **common
+        )
+        runs = {"encoder": result}
+    else:
+        simclr = dict(common, temperature=args.temperature, proj_dim=args.proj_dim)
+        if args.pair:
+            sizes = {
+                k: _fraction(getattr(args, k)) for k in ("shared", "candidate", "extra", "test")
+            }
+            f, g, splits = pretrain_pair(
+                args.model, data, out, **sizes, split_seed=args.seed, **simclr
+            )
+            runs = {"f": f, "g": g}
+            if rank == 0:
+                print(
+                    f"splits: shared {len(splits.shared)}, candidate {len(splits.candidate)},"
+                    f" extra {len(splits.extra)}, test {len(splits.test)} -> {out / 'splits.json'}"
+                )
+        else:
+            runs = {"encoder": pretrain_simclr(args.model, data, out_dir=out, **simclr)}
+    if rank == 0:
+        for name, run in runs.items():
+            losses = ", ".join(f"{h:.3f}" for h in run.history)
+            print(f"{name}: {run.path} (loss per epoch: {losses})")
+    return 0
+
+
+def _fraction(text: str) -> int | float:
+    """``"0.5"`` is a fraction, ``"100"`` a count."""
+    return float(text) if "." in text else int(text)
+
+
+def _encoder_arg(path: str, args: argparse.Namespace):
+    from memprune.encoders import load_encoder
+
+    if Path(path).is_dir() or path.endswith(".json"):
+        return load_encoder(checkpoint=path)
+    return load_encoder(
+        args.model, checkpoint=path, img_size=args.img_size, **_timm_kwargs(args.timm)
+    )
+
+
+def cmd_score_layers(args: argparse.Namespace) -> int:
+    """LayerMem / ΔLayerMem of the pair f, g on the candidates."""
+    from memprune._dist import rank_world
+    from memprune._io import write_text
+    from memprune._table import format_csv, format_table
+    from memprune.data import Splits
+    from memprune.report import plot_consistency, plot_layer_mem, prepare_out_dir
+    from memprune.scores import layer_mem
+
+    rank, _ = rank_world()
+    out = prepare_out_dir(args.out, args.force) if rank == 0 else None
+    f, g = _encoder_arg(args.f, args), _encoder_arg(args.g, args)
+    data = _dataset(args)
+    splits_path = args.splits or (Path(args.f).parent / "splits.json")
+    indices = None
+    if Path(splits_path).is_file():
+        indices = getattr(Splits.load(splits_path), args.part)
+    elif args.splits:
+        from memprune.errors import ConfigError
+
+        raise ConfigError(f"--splits {args.splits} does not exist")
+    result = layer_mem(
+        f, g, data, indices, n_views=args.views, layers=args.layers,
+        representation=args.representation, pair=args.pair, n_points=args.n_points,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, num_workers=args.workers,
+        top_k=args.top_k,
+    )  # fmt: skip
+    if rank != 0:
+        return 0
+    scored = f"{args.part} of {splits_path}" if indices is not None else "all"
+    result.meta.update(f=str(args.f), g=str(args.g), data=args.data, scored=scored)
+    result.save(out / "layermem")
+    rows = result.table()
+    headers = list(rows[0])
+    table = [[r[h] for h in headers] for r in rows]
+    write_text(out / "layermem.md", format_table(headers, table, markdown=True) + "\n")
+    write_text(out / "layermem.csv", format_csv(headers, table))
+    plot_layer_mem(result, out / "layermem.png")
+    plot_consistency(result, out / "consistency.png")
+    print(format_table(headers, table))
+    print(f"\nwrote layermem.safetensors, layermem.json, layermem.md, layermem.csv, layermem.png,"
+          f" consistency.png to {out}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memprune",
@@ -204,6 +326,63 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
         p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
         p.set_defaults(func=cmd_score_units)
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = score.add_parser(
+        "layers", help="LayerMem / ΔLayerMem of an encoder pair", formatter_class=fmt
+    )
+    p.add_argument(
+        "--f", required=True, help="encoder trained WITH the candidates: run dir or weights"
+    )
+    p.add_argument("--g", required=True, help="encoder trained WITHOUT them: run dir or weights")
+    p.add_argument("--model", default=None, help="timm name, when --f/--g are plain weight files")
+    p.add_argument("--img-size", type=int, default=None, help="input size for plain weight files")
+    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    _add_data_args(p)
+    p.add_argument("--splits", default=None, help="splits.json (default: beside --f, if present)")
+    p.add_argument("--part", default="candidate", choices=("shared", "candidate", "extra", "test"))
+    p.add_argument("--n-points", type=int, default=None, help="score a seeded subset of this many")
+    p.add_argument("--views", type=int, default=10, help="view pairs per point")
+    p.add_argument("--layers", nargs="+", default=None, help="layer-site patterns (default: all)")
+    p.add_argument("--representation", default="flatten", choices=("flatten", "pool", "cls"))
+    p.add_argument("--pair", default="views", choices=("views", "clean"))
+    p.add_argument("--top-k", type=int, default=50, help="size of the top / least sets")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--batch-size", type=int, default=32, help="points per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="view seed")
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=0)
+    p.set_defaults(func=cmd_score_layers)
+
+    p = sub.add_parser(
+        "pretrain", help="SimCLR-train an encoder or the pair f / g", formatter_class=fmt
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name")
+    p.add_argument("--img-size", type=int, default=None, help="input size (ViTs)")
+    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="run directory (f/, g/, splits.json for --pair)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument(
+        "--pair", action="store_true", help="train f (shared+candidate) and g (shared+extra)"
+    )
+    p.add_argument("--shared", default="0.5", help="count (100) or fraction (0.5)")
+    p.add_argument("--candidate", default="0.1", help="count or fraction")
+    p.add_argument("--extra", default="0.1", help="count or fraction")
+    p.add_argument("--test", default="0", help="count or fraction held out from both")
+    p.add_argument("--supervised", action="store_true", help="cross-entropy training instead")
+    p.add_argument("--random-labels", action="store_true", help="supervised with random labels")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--proj-dim", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep every epoch's encoder")
+    p.add_argument("--workers", type=int, default=0)
+    p.set_defaults(func=cmd_pretrain)
     return parser
 
 

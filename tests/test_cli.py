@@ -43,3 +43,34 @@ def test_score_units_and_classes_write_results(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["score", "classes", "--max-points", "60", "--out", str(tmp_path / "c")]) == 0
     assert UnitMemResult.load(tmp_path / "c" / "classmem").kind == "classmem"
+
+
+def test_pretrain_pair_then_score_layers(tmp_path, capsys):
+    from memprune import LayerMemResult, Splits
+
+    run = tmp_path / "pair"
+    tiny = ["--timm", "channels=[8,16,32,64]"]
+    args = ["pretrain", "--pair", "--shared", "32", "--candidate", "16", "--extra", "16",
+            "--epochs", "1", "--batch-size", "16", "--out", str(run), *tiny]  # fmt: skip
+    assert main(args) == 0
+    assert "f: " in capsys.readouterr().out
+    for part in ("f/card.json", "f/encoder.safetensors", "g/card.json", "splits.json"):
+        assert (run / part).is_file(), part
+    assert main(args) == 2  # an existing run is not overwritten
+    assert "--force" in capsys.readouterr().err
+    out = tmp_path / "layers"
+    cmd = ["score", "layers", "--f", str(run / "f"), "--g", str(run / "g"), "--views", "2",
+           "--top-k", "5", "--out", str(out)]  # fmt: skip
+    assert main(cmd) == 0
+    for name in (
+        "layermem.safetensors",
+        "layermem.md",
+        "layermem.csv",
+        "layermem.png",
+        "consistency.png",
+    ):
+        assert (out / name).is_file(), name
+    result = LayerMemResult.load(out / "layermem")
+    assert result.indices.tolist() == Splits.load(run / "splits.json").candidate
+    assert result.layers[0] == "maxpool" and result.layers[-1] == "output"
+    assert "LayerMem_top5" in capsys.readouterr().out

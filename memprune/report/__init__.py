@@ -1,6 +1,6 @@
 """Run directories, tables and plots."""
 
 from memprune.report._rundir import prepare_out_dir
-from memprune.report.plots import plot_unit_scores
+from memprune.report.plots import plot_consistency, plot_layer_mem, plot_unit_scores
 
-__all__ = ["plot_unit_scores", "prepare_out_dir"]
+__all__ = ["plot_consistency", "plot_layer_mem", "plot_unit_scores", "prepare_out_dir"]

@@ -50,3 +50,47 @@ def plot_unit_scores(result, path: str | os.PathLike, title: str | None = None) 
         fontsize=9,
     )
     return save_figure(fig, path)
+
+
+def plot_layer_mem(result, path: str | os.PathLike) -> Path:
+    """LayerMem and ΔLayerMem per layer, over all scored points and the top / least sets."""
+    rows = result.table()
+    names = [r["layer"] for r in rows]
+    cols = [k for k in rows[0] if k.startswith("LayerMem")]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(names) + 2), 6.5), sharex=True)
+    x = range(len(names))
+    for col in cols:
+        label = col.replace("LayerMem", "").lstrip("_") or "all"
+        axes[0].plot(x, [r[col] for r in rows], "o-", ms=3, label=label)
+        axes[1].bar([i + 0.27 * cols.index(col) - 0.27 for i in x], [r["d" + col] for r in rows],
+                    width=0.27, label=label)  # fmt: skip
+    axes[0].set_ylabel("LayerMem")
+    axes[1].set_ylabel("ΔLayerMem")
+    for ax in axes:
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=8)
+    axes[1].set_xticks(list(x), names, rotation=70, ha="right", fontsize=7)
+    meta = result.meta
+    axes[0].set_title(f"LayerMem per layer ({meta.get('n_points')} points, {meta.get('n_views')}"
+                      f" view pairs, {meta.get('representation')})", fontsize=9)  # fmt: skip
+    return save_figure(fig, path)
+
+
+def plot_consistency(result, path: str | os.PathLike, k: int | None = None) -> Path:
+    """Heat maps of Kendall tau and top-k overlap of per-point SSLMem between layers."""
+    cons = result.consistency(k)
+    names = result.layers
+    fig, axes = plt.subplots(
+        1, 2, figsize=(2 * max(4, 0.35 * len(names) + 2), max(4, 0.35 * len(names) + 1.5))
+    )
+    for ax, (key, title) in zip(
+        axes, (("kendall_tau", "Kendall tau"), ("topk_overlap", "top-k overlap"))
+    ):
+        im = ax.imshow(
+            cons[key].numpy(), vmin=-1 if key == "kendall_tau" else 0, vmax=1, cmap="viridis"
+        )
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return save_figure(fig, path)
