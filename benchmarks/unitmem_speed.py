@@ -23,34 +23,13 @@ import sys
 import time
 
 import torch
+from _common import Stop, make_model, random_data, sync
 from torch.utils.data import DataLoader
 
 import memprune
-from memprune.data import ImageDataset, MultiView
+from memprune.data import MultiView
 from memprune.hooks import capture
 from memprune.scores._engine import Normalizer, resolve_normalize
-
-MODELS = {
-    "resnet18@32": ("resnet18", 32, {}),
-    "vit_tiny@32": ("vit_tiny_patch16_224", 32, {"patch_size": 4}),  # 8x8 patches + cls = 65 tokens
-    "resnet50@224": ("resnet50", 224, {}),
-    "vit_small@224": ("vit_small_patch16_224", 224, {}),
-}
-
-
-def make_model(key: str):
-    name, size, kw = MODELS[key]
-    return memprune.load_encoder(name, img_size=size, **kw), size
-
-
-def random_data(n: int, size: int, seed: int = 0) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    return ImageDataset(torch.rand(n, 3, size, size, generator=g), torch.zeros(n), "random", ["0"])
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bare_forward(model, data, n_views, batch_size, device) -> float:
@@ -83,10 +62,6 @@ def scored(model, data, n_views, batch_size, device, **kw) -> float:
     return time.perf_counter() - start
 
 
-class _Stop(Exception):
-    pass
-
-
 def reference_way(model, data, n_views, device) -> float:
     """One image per pass, one site per pass, stopped after the site (a truncated model)."""
     sites = memprune.find_sites(model, "units", input_size=tuple(data[0][0].shape))
@@ -100,7 +75,7 @@ def reference_way(model, data, n_views, device) -> float:
             module = dict(model.named_modules())[site.module]
 
             def stop(*_):
-                raise _Stop
+                raise Stop
 
             with capture(model, [site]) as acts:
                 handle = module.register_forward_hook(stop)
@@ -108,7 +83,7 @@ def reference_way(model, data, n_views, device) -> float:
                     for p in range(len(views)):
                         v, _, _ = views[p]
                         for k in range(n_views):
-                            with contextlib.suppress(_Stop):
+                            with contextlib.suppress(Stop):
                                 model(norm(v[k : k + 1].to(device)))
                             acts[site.name].cpu()
                 finally:
@@ -158,8 +133,9 @@ def peak_memory_child(key: str, n: int, n_views: int, rest: str, device: str) ->
 
 
 def peak_memory(key, n, n_views, rest, device) -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
     code = (
-        f"import json, benchmarks.unitmem_speed as b; "
+        f"import json, sys; sys.path.insert(0, {here!r}); import unitmem_speed as b; "
         f"print(json.dumps(b.peak_memory_child({key!r}, {n}, {n_views}, {rest!r}, {device!r})))"
     )
     # A fixed mmap threshold keeps glibc from parking freed activations on the heap, so the

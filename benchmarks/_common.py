@@ -1,0 +1,34 @@
+"""Helpers shared by the benchmark scripts (run them as ``python benchmarks/NAME.py``)."""
+
+from __future__ import annotations
+
+import torch
+
+import memprune
+from memprune.data import ImageDataset
+
+MODELS = {
+    "resnet18@32": ("resnet18", 32, {}),
+    "vit_tiny@32": ("vit_tiny_patch16_224", 32, {"patch_size": 4}),  # 8x8 patches + cls = 65 tokens
+    "resnet50@224": ("resnet50", 224, {}),
+    "vit_small@224": ("vit_small_patch16_224", 224, {}),
+}
+
+
+def make_model(key: str):
+    name, size, kw = MODELS[key]
+    return memprune.load_encoder(name, img_size=size, **kw), size
+
+
+def random_data(n: int, size: int, seed: int = 0) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    return ImageDataset(torch.rand(n, 3, size, size, generator=g), torch.zeros(n), "random", ["0"])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Stop(Exception):
+    """Raised by a hook to end a forward pass early, as a truncated model would."""
