@@ -154,8 +154,8 @@ def cmd_score_units(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timm_kwargs(pairs: list[str] | None) -> dict:
-    """``KEY=VALUE`` strings (values parsed as YAML) into timm keyword arguments."""
+def _key_values(pairs: list[str] | None, flag: str = "--timm") -> dict:
+    """``KEY=VALUE`` strings (values parsed as YAML) into keyword arguments."""
     import yaml
 
     from memprune.errors import ConfigError
@@ -164,8 +164,9 @@ def _timm_kwargs(pairs: list[str] | None) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--timm takes KEY=VALUE (e.g. channels=[8,16,32,64]), got {pair!r}")
-        out[key] = yaml.safe_load(value)
+            raise ConfigError(f"{flag} takes KEY=VALUE (e.g. scale=[0.3,1.0]), got {pair!r}")
+        value = yaml.safe_load(value)
+        out[key] = tuple(value) if isinstance(value, list) else value
     return out
 
 
@@ -184,7 +185,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         img_size=args.img_size, mixed_precision=args.mixed_precision,
         keep_checkpoints=args.keep_checkpoints, resume=True, num_workers=args.workers,
-        **_timm_kwargs(args.timm),
+        augment_params=_key_values(args.aug, "--aug"),
+        **_key_values(args.timm),
     )  # fmt: skip
     if args.supervised:
         result = train_supervised(
@@ -226,7 +228,7 @@ def _encoder_arg(path: str, args: argparse.Namespace):
     if Path(path).is_dir() or path.endswith(".json"):
         return load_encoder(checkpoint=path)
     return load_encoder(
-        args.model, checkpoint=path, img_size=args.img_size, **_timm_kwargs(args.timm)
+        args.model, checkpoint=path, img_size=args.img_size, **_key_values(args.timm)
     )
 
 
@@ -255,7 +257,7 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
         f, g, data, indices, n_views=args.views, layers=args.layers,
         representation=args.representation, pair=args.pair, n_points=args.n_points,
         batch_size=args.batch_size, seed=args.seed, device=args.device, num_workers=args.workers,
-        top_k=args.top_k,
+        top_k=args.top_k, **_key_values(args.aug, "--aug"),
     )  # fmt: skip
     if rank != 0:
         return 0
@@ -347,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--representation", default="flatten", choices=("flatten", "pool", "cls"))
     p.add_argument("--pair", default="views", choices=("views", "clean"))
     p.add_argument("--top-k", type=int, default=50, help="size of the top / least sets")
+    p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="SimCLR augmentation parameters, e.g. scale=[0.3,1.0]")  # fmt: skip
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument("--batch-size", type=int, default=32, help="points per forward pass")
@@ -381,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every epoch's encoder")
+    p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="SimCLR augmentation parameters, e.g. scale=[0.3,1.0]")  # fmt: skip
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(func=cmd_pretrain)
     return parser
