@@ -15,10 +15,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The most complete job so far: the encoder's sites, then UnitMem of every unit on digits.
+# The most complete job so far, on digits: SimCLR-train the pair f (shared+candidates) and g
+# (shared+extras), LayerMem/ΔLayerMem of the candidates, then UnitMem of every unit of f.
+# A finished pair is reused (--resume); the score directories are rewritten (--force).
+DEMO := runs/demo
+TINY := --timm "channels=[8,16,32,64]"
+AUG  := --aug "scale=[0.3,1.0]"
 demo: $(STAMP)
-	$(VENV)/bin/memprune sites --model resnet18 --data digits --views 4
-	$(VENV)/bin/memprune score units --model resnet18 --data digits --views 10 --out runs/demo-unitmem --force
+	$(VENV)/bin/memprune pretrain --pair --data digits --epochs 30 --lr 3e-3 --proj-dim 64 $(AUG) $(TINY) --out $(DEMO)/pair --resume
+	$(VENV)/bin/memprune score layers --f $(DEMO)/pair/f --g $(DEMO)/pair/g --data digits $(AUG) --out $(DEMO)/layers --force
+	$(VENV)/bin/memprune score units --checkpoint $(DEMO)/pair/f --data digits --views 10 --out $(DEMO)/units --force
+	@echo "demo results: $(DEMO)/pair (encoders), $(DEMO)/layers (LayerMem), $(DEMO)/units (UnitMem)"
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
