@@ -67,3 +67,34 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def _stem(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def save_result(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: dict, kind: str
+) -> Path:
+    """A result as ``PATH.safetensors`` (tensors) and ``PATH.json`` (metadata), atomically.
+    ``path`` may name either file or their common stem."""
+    stem = _stem(path)
+    write_safetensors(stem.with_suffix(".safetensors"), tensors, {"kind": kind})
+    write_json(stem.with_suffix(".json"), meta)
+    return stem
+
+
+def load_result(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata written by :func:`save_result` (tensors read with
+    safetensors: nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    from memprune.errors import ConfigError
+
+    stem = _stem(path)
+    if not stem.with_suffix(".safetensors").is_file():
+        raise ConfigError(
+            f"no {kind} result at {stem}.safetensors (save writes PATH.safetensors and PATH.json)"
+        )
+    return load_file(str(stem.with_suffix(".safetensors"))), read_json(stem.with_suffix(".json"))

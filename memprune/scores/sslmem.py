@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from memprune._dist import _gather_rows, rank_world
-from memprune._io import package_versions, read_json, write_json, write_safetensors
+from memprune._io import load_result, package_versions, save_result
 from memprune.data import MultiView
 from memprune.errors import ConfigError
 from memprune.hooks import layer_reducer
@@ -314,25 +314,13 @@ class LayerMemResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``PATH.safetensors`` and ``PATH.json`` atomically."""
-        stem = Path(path)
-        stem = stem.with_suffix("") if stem.suffix in (".safetensors", ".json") else stem
         tensors = {"indices": self.indices, "loss_f": self.loss_f, "loss_g": self.loss_g}
-        write_safetensors(stem.with_suffix(".safetensors"), tensors, {"kind": "layermem"})
-        write_json(
-            stem.with_suffix(".json"), {**self.meta, "layers": self.layers, "top_k": self.top_k}
-        )
-        return stem
+        meta = {**self.meta, "layers": self.layers, "top_k": self.top_k}
+        return save_result(path, tensors, meta, "layermem")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LayerMemResult:
-        from safetensors.torch import load_file
-
-        stem = Path(path)
-        stem = stem.with_suffix("") if stem.suffix in (".safetensors", ".json") else stem
-        if not stem.with_suffix(".safetensors").is_file():
-            raise ConfigError(f"no LayerMem result at {stem}.safetensors")
-        meta = read_json(stem.with_suffix(".json"))
-        t = load_file(str(stem.with_suffix(".safetensors")))
+        t, meta = load_result(path, "LayerMem")
         layers, top_k = meta.pop("layers"), meta.pop("top_k")
         return cls(layers, t["indices"], t["loss_f"], t["loss_g"], meta, top_k)
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from memprune._dist import merged, rank_world
-from memprune._io import package_versions, read_json, write_json, write_safetensors
+from memprune._io import load_result, package_versions, save_result
 from memprune.data import MultiView, dataset_labels
 from memprune.errors import ConfigError
 from memprune.scores._engine import image_size, view_batches
@@ -77,25 +77,13 @@ class UnitMemResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``PATH.safetensors`` (tensors) and ``PATH.json`` (metadata), atomically."""
-        path = Path(path)
-        stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
         tensors = {f"{site}/{k}": v for site, s in self.sites.items() for k, v in s.items()}
-        write_safetensors(stem.with_suffix(".safetensors"), tensors, {"kind": self.kind})
-        write_json(stem.with_suffix(".json"), {**self.meta, "site_order": list(self.sites)})
-        return stem
+        meta = {**self.meta, "site_order": list(self.sites)}
+        return save_result(path, tensors, meta, self.kind)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> UnitMemResult:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-        if not stem.with_suffix(".safetensors").is_file():
-            raise ConfigError(
-                f"no scores at {stem}.safetensors (save writes PATH.safetensors and PATH.json)"
-            )
-        meta = read_json(stem.with_suffix(".json"))
-        tensors = load_file(str(stem.with_suffix(".safetensors")))
+        tensors, meta = load_result(path, "UnitMem/ClassMem")
         order = meta.pop("site_order")
         sites = {name: {k: tensors[f"{name}/{k}"] for k in FIELDS} for name in order}
         return cls(sites, meta)

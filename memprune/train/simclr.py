@@ -62,10 +62,12 @@ class SimCLRNet(nn.Module):
         return self.head(self.encoder(x))
 
 
-def finished(out_dir: Path) -> TrainResult | None:
-    """The finished run in ``out_dir``, if there is one."""
+def finished(out_dir: Path, resume: bool) -> TrainResult | None:
+    """The finished run in ``out_dir`` (loaded when ``resume``, an error otherwise), or None."""
     if not (out_dir / CARD).is_file():
         return None
+    if not resume:
+        raise ConfigError(f"{out_dir} already holds a trained encoder: choose another out_dir")
     card, _ = read_card(out_dir)
     return TrainResult(load_encoder(checkpoint=out_dir), out_dir, card.get("history", []))
 
@@ -109,10 +111,8 @@ def pretrain_simclr(
     ``callback(epoch, history)`` runs after each epoch's checkpoint.
     """
     out_dir = Path(out_dir)
-    if resume and (done := finished(out_dir)) is not None:
+    if (done := finished(out_dir, resume)) is not None:
         return done
-    if (out_dir / CARD).is_file():
-        raise ConfigError(f"{out_dir} already holds a trained encoder: choose another out_dir")
     indices = check_indices(dataset, indices, batch_size)
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")

@@ -17,9 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from memprune.data import MultiView, dataset_labels
 from memprune.encoders import load_encoder
-from memprune.errors import ConfigError
 from memprune.train._common import (
-    CARD,
     Callback,
     TrainResult,
     check_indices,
@@ -87,10 +85,8 @@ def train_supervised(
     card, per-epoch checkpoints, exact resume). One crop+flip view per point per epoch.
     """
     out_dir = Path(out_dir)
-    if resume and (done := finished(out_dir)) is not None:
+    if (done := finished(out_dir, resume)) is not None:
         return done
-    if (out_dir / CARD).is_file():
-        raise ConfigError(f"{out_dir} already holds a trained encoder: choose another out_dir")
     indices = check_indices(dataset, indices, batch_size)
     labels = dataset_labels(dataset)
     n_classes = int(labels.max()) + 1
