@@ -6,6 +6,7 @@ Public API (everything else is private):
 * encoders: :func:`load_encoder`, :func:`normalization`, :func:`find_sites`, :class:`Site`,
   :func:`capture`
 * scores: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`
+* probes: :func:`linear_probe`, :func:`knn_probe` (and :mod:`memprune.probe`)
 * training: :mod:`memprune.train` (SimCLR pretraining, the pair f / g, supervised)
 """
 
@@ -13,6 +14,7 @@ from memprune.data import MultiView, Splits, load_dataset, make_splits
 from memprune.encoders import load_encoder, normalization
 from memprune.errors import MemPruneError
 from memprune.hooks import capture
+from memprune.probe import knn_probe, linear_probe
 from memprune.scores import (
     LayerMemResult,
     SSLMemResult,
@@ -37,7 +39,9 @@ __all__ = [
     "capture",
     "class_mem",
     "find_sites",
+    "knn_probe",
     "layer_mem",
+    "linear_probe",
     "load_dataset",
     "load_encoder",
     "make_splits",

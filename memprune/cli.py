@@ -23,6 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--img-size", type=int, default=32, help="input resolution (default: %(default)s)"
     )
     p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (unsafe)")
+    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,7 @@ def _encoder(args):
         checkpoint=args.checkpoint,
         img_size=args.img_size,
         trust_pickle=args.trust_pickle,
+        **_key_values(args.timm),
     )
 
 
@@ -277,6 +279,43 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Linear-probe (and kNN) accuracy of a frozen encoder on train -> test."""
+    from memprune._dist import rank_world
+    from memprune._io import write_json
+    from memprune.data import load_dataset
+    from memprune.probe import knn_probe, linear_probe
+    from memprune.report import plot_confusion, prepare_out_dir
+
+    rank, _ = rank_world()
+    out = prepare_out_dir(args.out, args.force) if rank == 0 else None
+    model = _encoder(args)
+    img_size = None if args.data == "digits" else args.img_size
+    train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
+    test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
+    common = dict(
+        seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device
+    )
+    linear = linear_probe(model, train, test, backend=args.backend, **common)
+    knn = knn_probe(model, train, test, **common) if args.knn else None
+    if rank != 0:
+        return 0
+    result = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data}
+    for name, r in (("linear", linear), ("knn", knn)):
+        if r is not None:
+            result[name] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+            title = f"{name} probe: {args.model} on {args.data}, accuracy {r['accuracy']:.4f}"
+            plot_confusion(r["confusion"], out / f"confusion_{name}.png", title)
+    write_json(out / "probe.json", result)
+    sizes = f"train {linear['n_train']}, test {linear['n_test']}"
+    print(f"linear probe ({args.backend}): test accuracy {linear['accuracy']:.4f},"
+          f" C = {linear['C']:g} ({sizes})")  # fmt: skip
+    if knn is not None:
+        print(f"kNN: test accuracy {knn['accuracy']:.4f}, k = {knn['k']}")
+    print(f"wrote probe.json and confusion plots to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memprune",
@@ -389,6 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SimCLR augmentation parameters, e.g. scale=[0.3,1.0]")  # fmt: skip
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "probe", help="linear-probe and kNN accuracy of a frozen encoder", formatter_class=fmt
+    )
+    _add_model_args(p)
+    p.add_argument("--data", default=DEFAULT_DATA, help="data set with train and test splits")
+    p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
+    p.add_argument("--backend", default="torch", choices=("torch", "sklearn"))
+    p.add_argument("--knn", action="store_true", help="also the weighted kNN probe")
+    p.add_argument("--cache-dir", default=None, help="cache extracted features here")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="validation-split seed")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_probe)
     return parser
 
 

@@ -74,3 +74,16 @@ def test_pretrain_pair_then_score_layers(tmp_path, capsys):
     assert result.indices.tolist() == Splits.load(run / "splits.json").candidate
     assert result.layers[0] == "maxpool" and result.layers[-1] == "output"
     assert "LayerMem_top5" in capsys.readouterr().out
+
+
+def test_probe_command(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "probe"
+    args = ["probe", "--timm", "channels=[8,16,32,64]", "--knn", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "probe.json").read_text())
+    assert 0 <= result["linear"]["accuracy"] <= 1 and result["knn"]["k"] in (10, 20, 100, 200)
+    assert len(result["linear"]["confusion"]) == 10
+    assert (out / "confusion_linear.png").is_file() and (out / "confusion_knn.png").is_file()
+    assert "linear probe (torch): test accuracy" in capsys.readouterr().out

@@ -1,6 +1,17 @@
 """Run directories, tables and plots."""
 
 from memprune.report._rundir import prepare_out_dir
-from memprune.report.plots import plot_consistency, plot_layer_mem, plot_unit_scores
+from memprune.report.plots import (
+    plot_confusion,
+    plot_consistency,
+    plot_layer_mem,
+    plot_unit_scores,
+)
 
-__all__ = ["plot_consistency", "plot_layer_mem", "plot_unit_scores", "prepare_out_dir"]
+__all__ = [
+    "plot_confusion",
+    "plot_consistency",
+    "plot_layer_mem",
+    "plot_unit_scores",
+    "prepare_out_dir",
+]

@@ -94,3 +94,23 @@ def plot_consistency(result, path: str | os.PathLike, k: int | None = None) -> P
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     return save_figure(fig, path)
+
+
+def plot_confusion(confusion, path: str | os.PathLike, title: str = "") -> Path:
+    """A confusion matrix (rows: true class, columns: predicted), counts in the cells."""
+    cm = confusion.numpy()
+    n = len(cm)
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * n + 1.5), max(3.5, 0.45 * n + 1)))
+    im = ax.imshow(cm, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")  # fmt: skip
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return save_figure(fig, path)

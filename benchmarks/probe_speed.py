@@ -1,0 +1,94 @@
+"""Probe speed, measured side by side in one run (issue 5).
+
+Prints:
+1. feature extraction throughput (``extract_features``) vs the bare forward pass over the
+   same images and batch size, per model;
+2. the torch linear probe vs scikit-learn's LogisticRegression on the same features (the
+   same C grid, validation split and refit): time and test accuracy.
+
+Usage: python benchmarks/probe_speed.py [--device cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _common import make_model, random_data, sync
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader
+
+from memprune.probe import LinearProbe, extract_features
+from memprune.scores._engine import Normalizer, resolve_normalize
+
+
+def bare(model, data, batch_size, device) -> float:
+    norm = Normalizer(resolve_normalize(model, "auto"), device)
+    model.to(device).eval()
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for image, _, _ in DataLoader(data, batch_size=batch_size):
+            model(norm(image.to(device)))
+    sync(device)
+    return time.perf_counter() - start
+
+
+def extracted(model, data, batch_size, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    extract_features(model, data, batch_size=batch_size, device=device, progress=False)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads"
+    )
+    print(f"torch {torch.__version__}, device {device} ({where})")
+    for key in ("resnet18@32", "vit_tiny@32"):
+        model, size = make_model(key)
+        n = 256 if args.quick else (4096 if key.startswith("resnet") else 1024)
+        data = random_data(n, size)
+        bare(model, data, 256, device)  # warm-up
+        b, e = [], []
+        for _ in range(args.repeats):
+            b.append(bare(model, data, 256, device))
+            e.append(extracted(model, data, 256, device))
+        paired = sorted(x / y for x, y in zip(b, e))[len(b) // 2]
+        print(f"\n[{key}] N={n}, batch 256")
+        print(f"  bare forward      {n / min(b):9.1f} img/s")
+        print(f"  extract_features  {n / min(e):9.1f} img/s   ratio {min(b) / min(e):.3f} best-of,"
+              f" {paired:.3f} median of pairs")  # fmt: skip
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y)
+    tr, te = slice(0, 1437), slice(1437, None)
+    print("\nlinear probe on the same features (sklearn digits 8x8 pixels, 1437 train / 360 test,"
+          " C grid of 6, 20% validation, refit):")  # fmt: skip
+    for backend in ("torch", "sklearn"):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            probe = LinearProbe(backend).fit(x[tr].to(device), y[tr].to(device))
+            times.append(time.perf_counter() - start)
+        acc = probe.score(x[te].to(device), y[te].to(device))
+        print(
+            f"  {backend:8s} fit {min(times):6.2f} s   test accuracy {acc:.4f}   C = {probe.C_:g}"
+        )
+
+
+if __name__ == "__main__":
+    main()

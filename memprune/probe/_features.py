@@ -1,0 +1,126 @@
+"""Frozen feature extraction with an on-disk cache (METHOD.md §11).
+
+Features are the encoder's pre-logits outputs on un-augmented images, extracted in eval mode
+under ``inference_mode`` (parameters and norm statistics cannot change). Under
+``torchrun`` / ``accelerate launch`` each process extracts a shard and the rows are gathered
+and ordered by data index, so padded duplicates never count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from memprune._dist import _gather_rows, rank_world
+from memprune._io import write_safetensors
+from memprune.data import MultiView
+from memprune.errors import ConfigError
+from memprune.scores._engine import image_size, resolve_normalize, view_batches
+from memprune.scores.sslmem import output_dim, output_site
+
+
+@dataclass
+class Features:
+    """Features ``[N, D]`` (float32), labels ``[N]`` and data indices ``[N]``, sorted by index."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_fingerprint(dataset: Dataset) -> dict:
+    """What identifies a data set for the cache: its name, size, data indices and a hash of
+    its first and last 8 images (reading every image would cost a full pass)."""
+    n = len(dataset)
+    picks = sorted({*range(min(8, n)), *range(max(0, n - 8), n)})
+    h = hashlib.sha256()
+    indices = []
+    for p in picks:
+        image, label, index = dataset[p]
+        h.update(image.contiguous().numpy().tobytes())
+        h.update(f"{label}:{index}".encode())
+    for p in range(n):  # indices are cheap for memprune's data sets and Subsets
+        indices.append(int(dataset.indices[p]) if hasattr(dataset, "indices") else p)
+    h.update(json.dumps(indices).encode())
+    return {"name": getattr(dataset, "name", type(dataset).__name__), "n": n, "hash": h.hexdigest()}
+
+
+def cache_key(encoder: nn.Module, dataset: Dataset, normalize) -> str:
+    spec = {
+        "weights": weights_hash(encoder),
+        "data": data_fingerprint(dataset),
+        "transform": {
+            "normalize": resolve_normalize(encoder, normalize),
+            "size": image_size(dataset),
+        },
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def extract_features(
+    encoder: nn.Module,
+    dataset: Dataset,
+    normalize="auto",
+    batch_size: int = 256,
+    cache_dir: str | os.PathLike | None = None,
+    device=None,
+    num_workers: int = 0,
+    progress: bool | None = None,
+) -> Features:
+    """Pre-logits features of every image of ``dataset`` (see the module docstring).
+
+    With ``cache_dir``, features are stored under a key made of the weights' hash, the data
+    set's fingerprint and the transform (normalization, image size); a later call with the
+    same key reads them back instead of running the encoder.
+    """
+    if len(dataset) == 0:
+        raise ConfigError("cannot extract features of an empty data set")
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"features-{cache_key(encoder, dataset, normalize)}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            t = load_file(str(path))
+            return Features(t["features"], t["labels"], t["indices"])
+    site = output_site(encoder, output_dim(encoder, image_size(dataset)))
+    views = MultiView(dataset, 1, "none")
+    rows_x, rows_y, rows_i = [], [], []
+    for indices, labels, (acts,) in view_batches(
+        [encoder], views, [[site]], reduce=[lambda x: x.float()], batch_size=batch_size,
+        normalize=normalize, device=device, num_workers=num_workers, progress=progress,
+        desc="features",
+    ):  # fmt: skip
+        rows_x.append(acts[site.name].cpu())
+        rows_y.append(torch.as_tensor(labels))
+        rows_i.append(torch.as_tensor(indices))
+    x, y, i = torch.cat(rows_x), torch.cat(rows_y).long(), torch.cat(rows_i).long()
+    rank, world = rank_world()
+    if world > 1:
+        from memprune._dist import process_state
+
+        dev = process_state().device
+        x, y, i = (torch.cat(_gather_rows(t.to(dev), world)).cpu() for t in (x, y, i))
+    order = i.argsort()
+    out = Features(x[order], y[order], i[order])
+    if path is not None and rank == 0:
+        tensors = {"features": out.features, "labels": out.labels, "indices": out.indices}
+        write_safetensors(path, tensors)
+    return out

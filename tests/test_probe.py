@@ -1,0 +1,126 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import Dataset, Subset
+
+from memprune import knn_probe, linear_probe
+from memprune.errors import ConfigError
+from memprune.probe import LinearProbe, extract_features, knn_accuracy
+
+from .conftest import tiny_resnet
+from .test_unitmem import ROOT
+
+
+class Relabeled(Dataset):
+    """The same images with labels permuted (a test set no selection may look at)."""
+
+    def __init__(self, dataset, seed=0):
+        self.dataset = dataset
+        g = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(len(dataset), generator=g)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, _, index = self.dataset[i]
+        return image, self.dataset[int(self.perm[i])][1], index
+
+
+def test_probing_leaves_the_encoder_untouched(digits):
+    model = tiny_resnet()
+    model.train()  # a probe must not run it in train mode (BN statistics would move)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, test = Subset(digits, range(100)), Subset(digits, range(100, 150))
+    linear_probe(model, train, test, Cs=(1.0,))
+    knn_probe(model, train, test)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training  # its mode is given back
+
+
+def test_backends_agree_on_the_same_features():
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y)
+    tr, te = slice(0, 1200), slice(1200, None)
+    a = LinearProbe("torch").fit(x[tr], y[tr])
+    b = LinearProbe("sklearn").fit(x[tr], y[tr])
+    acc_a, acc_b = a.score(x[te], y[te]), b.score(x[te], y[te])
+    assert acc_a > 0.85 and abs(acc_a - acc_b) <= 0.01, (acc_a, acc_b)
+
+
+def test_test_labels_never_choose_hyperparameters(digits):
+    model = tiny_resnet()
+    train, test = Subset(digits, range(300)), Subset(digits, range(300, 400))
+    true = linear_probe(model, train, test)
+    noise = linear_probe(model, train, Relabeled(test))
+    assert true["C"] == noise["C"] and true["val_scores"] == noise["val_scores"]
+    assert true["accuracy"] != noise["accuracy"]
+    k_true, k_noise = knn_probe(model, train, test), knn_probe(model, train, Relabeled(test))
+    assert k_true["k"] == k_noise["k"] and k_true["val_scores"] == k_noise["val_scores"]
+
+
+def test_cache_hits_and_invalidation(tmp_path, digits):
+    model = tiny_resnet()
+    data = Subset(digits, range(40))
+    first = extract_features(model, data, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 1
+
+    def refuse(*_):
+        raise AssertionError("the encoder ran although the features were cached")
+
+    handle = model.register_forward_pre_hook(refuse)
+    hit = extract_features(model, data, cache_dir=tmp_path)
+    handle.remove()
+    assert torch.equal(hit.features, first.features) and torch.equal(hit.indices, first.indices)
+    with torch.no_grad():
+        model.conv1.weight.mul_(1.5)
+    changed = extract_features(model, data, cache_dir=tmp_path)
+    assert not torch.equal(changed.features, first.features)
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 2
+
+
+def test_separable_planted_features_give_100_percent():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.eye(5, 16) * 10
+    y = torch.arange(200) % 5
+    x = centers[y] + 0.5 * torch.randn(200, 16, generator=g)
+    for backend in ("torch", "sklearn"):
+        assert LinearProbe(backend).fit(x[:150], y[:150]).score(x[150:], y[150:]) == 1.0
+    assert knn_accuracy(x[:150], y[:150], x[150:], y[150:])["accuracy"] == 1.0
+
+
+def test_bad_input(digits):
+    model = tiny_resnet()
+    with pytest.raises(ConfigError, match="empty"):
+        linear_probe(model, Subset(digits, []), Subset(digits, range(5)))
+    only_some = Subset(digits, [i for i in range(200) if digits.labels[i] < 5])
+    with pytest.raises(ConfigError, match=r"test classes \[5, 6, 7, 8, 9\] never occur in train"):
+        linear_probe(model, only_some, Subset(digits, range(200, 260)))
+    probe = LinearProbe().fit(torch.randn(40, 8), torch.arange(40) % 2)
+    with pytest.raises(
+        ConfigError, match="features have 6 dimensions but the probe was fitted on 8"
+    ):
+        probe.predict(torch.randn(3, 6))
+    with pytest.raises(ConfigError, match="backend"):
+        LinearProbe("keras").fit(torch.randn(10, 2), torch.arange(10) % 2)
+
+
+@pytest.mark.slow
+def test_extraction_two_processes_equal_one(tmp_path, digits):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(28500 + (os.getpid() % 400)),
+           str(ROOT / "tests" / "_mp_features.py"), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    two = load_file(str(tmp_path / "features.safetensors"))
+    one = extract_features(tiny_resnet(), Subset(digits, range(37)), batch_size=5, device="cpu")
+    assert torch.equal(two["indices"], one.indices) and torch.equal(two["labels"], one.labels)
+    torch.testing.assert_close(two["features"], one.features)
