@@ -47,7 +47,9 @@ def weights_hash(model: nn.Module) -> str:
 
 def data_fingerprint(dataset: Dataset) -> dict:
     """What identifies a data set for the cache: its name, size, data indices and a hash of
-    its first and last 8 images (reading every image would cost a full pass)."""
+    its first and last 8 images. Reading every image would cost a full pass, so a data set
+    whose other images change under the same name, size and indices would hit a stale cache:
+    use a fresh ``cache_dir`` after editing data in place."""
     n = len(dataset)
     picks = sorted({*range(min(8, n)), *range(max(0, n - 8), n)})
     h = hashlib.sha256()
