@@ -32,3 +32,17 @@ def sync(device: torch.device) -> None:
 
 class Stop(Exception):
     """Raised by a hook to end a forward pass early, as a truncated model would."""
+
+
+def side_by_side(baseline, ours, repeats: int) -> tuple[float, float, float, float]:
+    """Time ``baseline()`` and ``ours()`` alternately after one warm-up of each.
+
+    Returns (best baseline s, best ours s, best-of ratio, median of the per-pair ratios);
+    a ratio is baseline time / our time, so 1.0 means no overhead.
+    """
+    baseline(), ours()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(baseline())
+        b.append(ours())
+    return min(a), min(b), min(a) / min(b), sorted(x / y for x, y in zip(a, b))[len(a) // 2]

@@ -15,10 +15,11 @@ import argparse
 import contextlib
 import copy
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from _common import Stop, make_model, random_data, sync
+from _common import Stop, make_model, random_data, side_by_side, sync
 from torch.utils.data import DataLoader
 
 import memprune
@@ -128,19 +129,17 @@ def main() -> None:
         n = 64 if args.quick else (512 if device.type == "cuda" or not big else 32)
         n_views, batch = 2, 32  # 2 pairs = 4 views per point: 128 images per pass per encoder
         data = random_data(n, size)
-        bare(f, g, data, n_views, batch, device)  # warm-up
-        b, s = [], []
-        for _ in range(args.repeats):
-            b.append(bare(f, g, data, n_views, batch, device))
-            s.append(scored(f, g, data, n_views, batch, device))
-        ratio = min(b) / min(s)
-        paired = sorted(x / y for x, y in zip(b, s))[len(b) // 2]
+        t_bare, t_ours, ratio, paired = side_by_side(
+            partial(bare, f, g, data, n_views, batch, device),
+            partial(scored, f, g, data, n_views, batch, device),
+            args.repeats,
+        )
         images = n * 2 * n_views * 2  # views x encoders
         n_layers = len(memprune.find_sites(f, "layers", input_size=(3, size, size))) + 1
         print(f"\n[{key}] {n_layers} layers (incl. output), N={n}, K={n_views} pairs,"
               f" batch {batch} points")  # fmt: skip
-        print(f"  bare forward f+g {images / min(b):9.1f} img/s")
-        print(f"  layer_mem        {images / min(s):9.1f} img/s   ratio {ratio:.3f} best-of,"
+        print(f"  bare forward f+g {images / t_bare:9.1f} img/s")
+        print(f"  layer_mem        {images / t_ours:9.1f} img/s   ratio {ratio:.3f} best-of,"
               f" {paired:.3f} median of pairs (target >= 0.85)")  # fmt: skip
         small = 8
         sdata = random_data(small, size)

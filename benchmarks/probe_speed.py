@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
-from _common import make_model, random_data, sync
+from _common import make_model, random_data, side_by_side, sync
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
@@ -62,15 +63,14 @@ def main() -> None:
         model, size = make_model(key)
         n = 256 if args.quick else (4096 if key.startswith("resnet") else 1024)
         data = random_data(n, size)
-        bare(model, data, 256, device)  # warm-up
-        b, e = [], []
-        for _ in range(args.repeats):
-            b.append(bare(model, data, 256, device))
-            e.append(extracted(model, data, 256, device))
-        paired = sorted(x / y for x, y in zip(b, e))[len(b) // 2]
+        t_bare, t_ours, ratio, paired = side_by_side(
+            partial(bare, model, data, 256, device),
+            partial(extracted, model, data, 256, device),
+            args.repeats,
+        )
         print(f"\n[{key}] N={n}, batch 256")
-        print(f"  bare forward      {n / min(b):9.1f} img/s")
-        print(f"  extract_features  {n / min(e):9.1f} img/s   ratio {min(b) / min(e):.3f} best-of,"
+        print(f"  bare forward      {n / t_bare:9.1f} img/s")
+        print(f"  extract_features  {n / t_ours:9.1f} img/s   ratio {ratio:.3f} best-of,"
               f" {paired:.3f} median of pairs")  # fmt: skip
 
     x, y = load_digits(return_X_y=True)

@@ -21,9 +21,10 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
-from _common import Stop, make_model, random_data, sync
+from _common import Stop, make_model, random_data, side_by_side, sync
 from torch.utils.data import DataLoader
 
 import memprune
@@ -173,22 +174,20 @@ def main() -> None:
         n = 64 if args.quick else (2048 if device.type == "cuda" or not big else 32)
         n_views, batch = 4, (16 if big and device.type == "cpu" else 32)
         data = random_data(n, size)
-        bare_forward(model, data, n_views, batch, device)  # warm-up
-        bare, ours = [], []
-        for _ in range(args.repeats):  # alternate, keep the best of each
-            bare.append(bare_forward(model, data, n_views, batch, device))
-            ours.append(scored(model, data, n_views, batch, device))
+        t_bare, t_ours, ratio, paired = side_by_side(
+            partial(bare_forward, model, data, n_views, batch, device),
+            partial(scored, model, data, n_views, batch, device),
+            args.repeats,
+        )
         images = n * n_views
-        ratio = min(bare) / min(ours)
-        paired = sorted(b / o for b, o in zip(bare, ours))[len(bare) // 2]  # median of pairs
         n_sites = len(memprune.find_sites(model, "units", input_size=(3, size, size)))
         print(
             f"\n[{key}] {n_sites} unit sites, N={n}, K={n_views},"
             f" batch {batch} points ({batch * n_views} images)"
         )
-        print(f"  bare forward   {images / min(bare):9.1f} img/s")
+        print(f"  bare forward   {images / t_bare:9.1f} img/s")
         print(
-            f"  unit_mem       {images / min(ours):9.1f} img/s"
+            f"  unit_mem       {images / t_ours:9.1f} img/s"
             f"   throughput ratio {ratio:.3f} best-of, {paired:.3f} median of pairs (target >= 0.9)"
         )
 
