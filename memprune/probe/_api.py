@@ -54,7 +54,8 @@ def linear_probe(
     device=None,
     progress: bool | None = None,
 ) -> dict:
-    """Linear-probe test accuracy of a frozen encoder (METHOD.md §11).
+    """Linear-probe test accuracy of a frozen encoder (METHOD.md §11); the torch backend fits
+    on the encoder's device.
 
     Returns ``accuracy``, ``C`` (chosen on validation), ``val_scores``, ``confusion`` (a
     ``[classes, classes]`` tensor of counts), ``n_train``, ``n_test`` and ``timings`` (s).
@@ -62,10 +63,12 @@ def linear_probe(
     tr, te, t_extract = _features(
         encoder, train, test, normalize, batch_size, cache_dir, device, progress
     )
+    param = next(encoder.parameters(), None)
+    on = param.device if param is not None and backend == "torch" else torch.device("cpu")
     start = time.perf_counter()
-    probe = LinearProbe(backend, Cs, val_fraction, seed).fit(tr.features, tr.labels)
+    probe = LinearProbe(backend, Cs, val_fraction, seed).fit(tr.features.to(on), tr.labels.to(on))
     t_fit = time.perf_counter() - start
-    pred = probe.predict(te.features).cpu()
+    pred = probe.predict(te.features.to(on)).cpu()
     n_classes = int(max(tr.labels.max(), te.labels.max())) + 1
     return {
         "accuracy": float((pred == te.labels).double().mean()),
