@@ -81,3 +81,18 @@ def merged(state, world: int):
     for other in states[1:]:
         out.merge(other)
     return out
+
+
+def gather_by_index(indices: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every process's per-point rows, gathered and ordered by data index.
+
+    ``indices [n_p]`` and each ``rows [n_p, ...]`` hold this process's points; returns
+    ``(indices [N], *rows [N, ...])`` on the CPU, sorted by index (one process: just sorted).
+    """
+    _, world = rank_world()
+    tensors = (indices, *rows)
+    if world > 1:
+        device = process_state().device
+        tensors = tuple(torch.cat(_gather_rows(t.to(device), world)).cpu() for t in tensors)
+    order = tensors[0].argsort()
+    return tuple(t[order] for t in tensors)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from memprune._dist import _gather_rows, rank_world
+from memprune._dist import gather_by_index, rank_world
 from memprune._io import write_safetensors
 from memprune.data import MultiView
 from memprune.errors import ConfigError
@@ -113,16 +113,9 @@ def extract_features(
         rows_x.append(acts[site.name].cpu())
         rows_y.append(torch.as_tensor(labels))
         rows_i.append(torch.as_tensor(indices))
-    x, y, i = torch.cat(rows_x), torch.cat(rows_y).long(), torch.cat(rows_i).long()
-    rank, world = rank_world()
-    if world > 1:
-        from memprune._dist import process_state
-
-        dev = process_state().device
-        x, y, i = (torch.cat(_gather_rows(t.to(dev), world)).cpu() for t in (x, y, i))
-    order = i.argsort()
-    out = Features(x[order], y[order], i[order])
-    if path is not None and rank == 0:
+    i, x, y = gather_by_index(torch.cat(rows_i).long(), torch.cat(rows_x), torch.cat(rows_y).long())
+    out = Features(x, y, i)
+    if path is not None and rank_world()[0] == 0:
         tensors = {"features": out.features, "labels": out.labels, "indices": out.indices}
         write_safetensors(path, tensors)
     return out

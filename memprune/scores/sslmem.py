@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from memprune._dist import _gather_rows, rank_world
+from memprune._dist import gather_by_index
 from memprune._io import load_result, package_versions, save_result
 from memprune.data import MultiView
 from memprune.errors import ConfigError
@@ -153,15 +153,9 @@ def alignment_losses(
         rows_i.append(indices)
         rows_f.append(torch.stack([af[s.name].view(-1, n_views).mean(1) for s in sites], 1).cpu())
         rows_g.append(torch.stack([ag[s.name].view(-1, n_views).mean(1) for s in sites], 1).cpu())
-    idx, lf, lg = torch.cat(rows_i), torch.cat(rows_f).double(), torch.cat(rows_g).double()
-    _, world = rank_world()
-    if world > 1:
-        from memprune._dist import process_state
-
-        dev = process_state().device
-        idx, lf, lg = (torch.cat(_gather_rows(t.to(dev), world)).cpu() for t in (idx, lf, lg))
-    order = idx.argsort()
-    return idx[order], lf[order], lg[order]
+    return gather_by_index(
+        torch.cat(rows_i), torch.cat(rows_f).double(), torch.cat(rows_g).double()
+    )
 
 
 def normalized_gap(lf: torch.Tensor, lg: torch.Tensor) -> torch.Tensor:
