@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 import memprune
@@ -28,6 +30,25 @@ def random_data(n: int, size: int, seed: int = 0) -> ImageDataset:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds ``fn()`` takes, with the device synchronized before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def describe(device: torch.device) -> str:
+    """One line naming torch, the device and (on CPU) the thread count."""
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads"
+    )
+    return f"torch {torch.__version__}, device {device} ({where})"
 
 
 class Stop(Exception):

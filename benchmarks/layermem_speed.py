@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from _common import Stop, make_model, random_data, side_by_side, sync
+from _common import Stop, describe, make_model, random_data, side_by_side, timed
 from torch.utils.data import DataLoader
 
 import memprune
@@ -42,24 +41,20 @@ def bare(f, g, data, n_views, batch_size, device) -> float:
     views = PairedViews(data, n_views, "views", "none", 0)
     norm = Normalizer(resolve_normalize(f, "auto"), device)
     f.to(device).eval(), g.to(device).eval()
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for batch, _, _ in DataLoader(views, batch_size=batch_size):
-            x = norm(batch.to(device).flatten(0, 1))
-            f(x)
-            g(x)
-    sync(device)
-    return time.perf_counter() - start
+
+    def run():
+        with torch.inference_mode():
+            for batch, _, _ in DataLoader(views, batch_size=batch_size):
+                x = norm(batch.to(device).flatten(0, 1))
+                f(x)
+                g(x)
+
+    return timed(run, device)
 
 
 def scored(f, g, data, n_views, batch_size, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    memprune.layer_mem(f, g, data, n_views=n_views, batch_size=batch_size, augment="none",
-                       device=device, progress=False)  # fmt: skip
-    sync(device)
-    return time.perf_counter() - start
+    kw = dict(n_views=n_views, batch_size=batch_size, augment="none", device=device, progress=False)
+    return timed(lambda: memprune.layer_mem(f, g, data, **kw), device)
 
 
 def _stop(*_):
@@ -73,34 +68,34 @@ def reference_way(f, g, data, n_views, device) -> float:
     sites = [*memprune.find_sites(f, "layers", input_size=size), output_site(f, f.num_features)]
     views = PairedViews(data, n_views, "views", "none", 0)
     norm = Normalizer(resolve_normalize(f, "auto"), device)
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for site in sites:
-            rep = layer_reducer(site, "flatten")
-            for model in (f, g):
-                module = dict(model.named_modules())[site.module]
-                with capture(model, [site], reduce=rep) as acts:
-                    handle = module.register_forward_hook(_stop)
-                    if site.module == "":  # the output: nothing to stop
-                        handle.remove()
-                    try:
-                        for p in range(len(views)):
-                            v, _, _ = views[p]
-                            h = []
-                            for k in range(2 * n_views):
-                                with contextlib.suppress(Stop):
-                                    model(norm(v[k : k + 1].to(device)))
-                                h.append(F.normalize(acts[site.name], dim=1))
-                            float(
-                                torch.stack(
-                                    [(h[2 * i] - h[2 * i + 1]).norm() for i in range(n_views)]
-                                ).mean()
-                            )
-                    finally:
-                        handle.remove()
-    sync(device)
-    return time.perf_counter() - start
+
+    def run():
+        with torch.inference_mode():
+            for site in sites:
+                rep = layer_reducer(site, "flatten")
+                for model in (f, g):
+                    module = dict(model.named_modules())[site.module]
+                    with capture(model, [site], reduce=rep) as acts:
+                        handle = module.register_forward_hook(_stop)
+                        if site.module == "":  # the output: nothing to stop
+                            handle.remove()
+                        try:
+                            for p in range(len(views)):
+                                v, _, _ = views[p]
+                                h = []
+                                for k in range(2 * n_views):
+                                    with contextlib.suppress(Stop):
+                                        model(norm(v[k : k + 1].to(device)))
+                                    h.append(F.normalize(acts[site.name], dim=1))
+                                float(
+                                    torch.stack(
+                                        [(h[2 * i] - h[2 * i + 1]).norm() for i in range(n_views)]
+                                    ).mean()
+                                )
+                        finally:
+                            handle.remove()
+
+    return timed(run, device)
 
 
 def main() -> None:
@@ -116,12 +111,7 @@ def main() -> None:
     keys = ["resnet18@32", "vit_tiny@32"] + (
         ["resnet50@224", "vit_small@224"] if args.large else []
     )
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{torch.get_num_threads()} threads"
-    )
-    print(f"torch {torch.__version__}, device {device} ({where})")
+    print(describe(device))
     rows = []
     for key in keys:
         f, g, size = pair(key)

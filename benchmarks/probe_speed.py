@@ -16,7 +16,7 @@ import time
 from functools import partial
 
 import torch
-from _common import make_model, random_data, side_by_side, sync
+from _common import describe, make_model, random_data, side_by_side, timed
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
@@ -27,21 +27,18 @@ from memprune.scores._engine import Normalizer, resolve_normalize
 def bare(model, data, batch_size, device) -> float:
     norm = Normalizer(resolve_normalize(model, "auto"), device)
     model.to(device).eval()
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for image, _, _ in DataLoader(data, batch_size=batch_size):
-            model(norm(image.to(device)))
-    sync(device)
-    return time.perf_counter() - start
+
+    def run():
+        with torch.inference_mode():
+            for image, _, _ in DataLoader(data, batch_size=batch_size):
+                model(norm(image.to(device)))
+
+    return timed(run, device)
 
 
 def extracted(model, data, batch_size, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    extract_features(model, data, batch_size=batch_size, device=device, progress=False)
-    sync(device)
-    return time.perf_counter() - start
+    kw = dict(batch_size=batch_size, device=device, progress=False)
+    return timed(lambda: extract_features(model, data, **kw), device)
 
 
 def main() -> None:
@@ -53,12 +50,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     device = torch.device(args.device)
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{torch.get_num_threads()} threads"
-    )
-    print(f"torch {torch.__version__}, device {device} ({where})")
+    print(describe(device))
     for key in ("resnet18@32", "vit_tiny@32"):
         model, size = make_model(key)
         n = 256 if args.quick else (4096 if key.startswith("resnet") else 1024)

@@ -20,11 +20,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from functools import partial
 
 import torch
-from _common import Stop, make_model, random_data, side_by_side, sync
+from _common import Stop, describe, make_model, random_data, side_by_side, timed
 from torch.utils.data import DataLoader
 
 import memprune
@@ -37,30 +36,29 @@ def bare_forward(model, data, n_views, batch_size, device) -> float:
     views = MultiView(data, n_views, augment="none")
     norm = Normalizer(resolve_normalize(model, "auto"), device)
     model.to(device).eval()
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for batch, _, _ in DataLoader(views, batch_size=batch_size):
-            model(norm(batch.to(device).flatten(0, 1)))
-    sync(device)
-    return time.perf_counter() - start
+
+    def run():
+        with torch.inference_mode():
+            for batch, _, _ in DataLoader(views, batch_size=batch_size):
+                model(norm(batch.to(device).flatten(0, 1)))
+
+    return timed(run, device)
 
 
 def scored(model, data, n_views, batch_size, device, **kw) -> float:
-    sync(device)
-    start = time.perf_counter()
-    memprune.unit_mem(
-        model,
-        data,
-        n_views=n_views,
-        batch_size=batch_size,
-        augment="none",
-        device=device,
-        progress=False,
-        **kw,
+    return timed(
+        lambda: memprune.unit_mem(
+            model,
+            data,
+            n_views=n_views,
+            batch_size=batch_size,
+            augment="none",
+            device=device,
+            progress=False,
+            **kw,
+        ),
+        device,
     )
-    sync(device)
-    return time.perf_counter() - start
 
 
 def reference_way(model, data, n_views, device) -> float:
@@ -69,28 +67,28 @@ def reference_way(model, data, n_views, device) -> float:
     views = MultiView(data, n_views, augment="none")
     norm = Normalizer(resolve_normalize(model, "auto"), device)
     model.to(device).eval()
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for site in sites:
-            module = dict(model.named_modules())[site.module]
 
-            def stop(*_):
-                raise Stop
+    def run():
+        with torch.inference_mode():
+            for site in sites:
+                module = dict(model.named_modules())[site.module]
 
-            with capture(model, [site]) as acts:
-                handle = module.register_forward_hook(stop)
-                try:
-                    for p in range(len(views)):
-                        v, _, _ = views[p]
-                        for k in range(n_views):
-                            with contextlib.suppress(Stop):
-                                model(norm(v[k : k + 1].to(device)))
-                            acts[site.name].cpu()
-                finally:
-                    handle.remove()
-    sync(device)
-    return time.perf_counter() - start
+                def stop(*_):
+                    raise Stop
+
+                with capture(model, [site]) as acts:
+                    handle = module.register_forward_hook(stop)
+                    try:
+                        for p in range(len(views)):
+                            v, _, _ = views[p]
+                            for k in range(n_views):
+                                with contextlib.suppress(Stop):
+                                    model(norm(v[k : k + 1].to(device)))
+                                acts[site.name].cpu()
+                    finally:
+                        handle.remove()
+
+    return timed(run, device)
 
 
 def _status_mb(field: str) -> float:
@@ -161,12 +159,7 @@ def main() -> None:
     keys = ["resnet18@32", "vit_tiny@32"] + (
         ["resnet50@224", "vit_small@224"] if args.large else []
     )
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{torch.get_num_threads()} threads"
-    )
-    print(f"torch {torch.__version__}, device {device} ({where})")
+    print(describe(device))
     rows = []
     for key in keys:
         model, size = make_model(key)
