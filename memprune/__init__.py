@@ -8,6 +8,8 @@ Public API (everything else is private):
 * scores: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`
 * probes: :func:`linear_probe`, :func:`knn_probe` (and :mod:`memprune.probe`)
 * training: :mod:`memprune.train` (SimCLR pretraining, the pair f / g, supervised)
+* pruning: :func:`prune`, :class:`PruneReport`, :class:`UnitMemImportance`,
+  :func:`save_pruned`, :func:`load_pruned` (and :mod:`memprune.pruning`)
 """
 
 from memprune.data import MultiView, Splits, load_dataset, make_splits
@@ -15,6 +17,7 @@ from memprune.encoders import load_encoder, normalization
 from memprune.errors import MemPruneError
 from memprune.hooks import capture
 from memprune.probe import knn_probe, linear_probe
+from memprune.pruning import PruneReport, UnitMemImportance, load_pruned, prune, save_pruned
 from memprune.scores import (
     LayerMemResult,
     SSLMemResult,
@@ -32,9 +35,11 @@ __all__ = [
     "LayerMemResult",
     "MemPruneError",
     "MultiView",
+    "PruneReport",
     "SSLMemResult",
     "Site",
     "Splits",
+    "UnitMemImportance",
     "UnitMemResult",
     "capture",
     "class_mem",
@@ -44,8 +49,11 @@ __all__ = [
     "linear_probe",
     "load_dataset",
     "load_encoder",
+    "load_pruned",
     "make_splits",
     "normalization",
+    "prune",
+    "save_pruned",
     "ssl_mem",
     "unit_mem",
 ]

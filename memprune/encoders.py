@@ -41,7 +41,8 @@ def load_encoder(
         name: a timm model name (``timm.list_models()``), e.g. ``resnet18``,
             ``vit_tiny_patch16_224``; may be omitted when ``checkpoint`` is a memprune run.
         checkpoint: a memprune training run (its directory or ``card.json``: the model name,
-            image size and timm arguments come from the card), a ``.safetensors`` file, or a
+            image size and timm arguments come from the card), a pruned encoder's directory
+            (:func:`memprune.save_pruned`), a ``.safetensors`` file, or a
             torch file read with ``weights_only=True``.
             Nested state dicts (``state_dict``, ``model``, ...) are unwrapped, the prefixes
             ``module.``, ``encoder.``, ``backbone.`` stripped and the classifier's keys dropped
@@ -56,6 +57,15 @@ def load_encoder(
     """
     import timm
 
+    if checkpoint is not None and (Path(checkpoint) / "pruned.json").is_file():
+        from memprune.pruning import load_pruned
+
+        if name is not None or img_size is not None or timm_kwargs:
+            raise EncoderError(
+                f"{checkpoint} is a pruned encoder: its structure is fixed, pass no model name,"
+                " img_size or timm arguments with it"
+            )
+        return load_pruned(checkpoint)
     if checkpoint is not None and (Path(checkpoint).is_dir() or str(checkpoint).endswith(".json")):
         from memprune.train._common import read_card
 
@@ -97,11 +107,12 @@ def load_encoder(
             f"could not fetch pretrained weights of {name!r} ({type(err).__name__}: {err});"
             " pretrained=True needs internet access; offline, pass checkpoint=PATH instead"
         ) from err
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if img_size is not None:
-        model.pretrained_cfg = {
-            **getattr(model, "pretrained_cfg", {}),
-            "input_size": (3, img_size, img_size),
-        }
+        cfg["input_size"] = (3, img_size, img_size)
+    # how to rebuild the architecture (memprune.save_pruned)
+    cfg["memprune_build"] = {"model": name, "img_size": img_size, "timm_kwargs": timm_kwargs}
+    model.pretrained_cfg = cfg
     if checkpoint is not None:
         state = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
         load_state(model, state, source=str(checkpoint))

@@ -10,7 +10,10 @@ modules run, so they work for any timm CNN or ViT:
   Activations after a conv without a norm (squeeze-excite gates, heads) are not units.
 * MLP units: the activation inside an MLP (``fc1 -> act -> fc2``): ViT ``blocks.i.mlp.act``,
   ConvNeXt ``stages.S.blocks.B.mlp.act``.
-* ViT attention units: the attention output projection ``blocks.i.attn.proj``.
+* ViT attention units: the attention output projection ``blocks.i.attn.proj``, and the heads'
+  outputs entering it, ``blocks.i.attn:heads`` (``num_heads x head_dim`` units, read as the
+  input of ``attn.proj``), so that a head can be scored by the mean of its own units
+  (METHOD.md §9; an addition to §1, which lists only the projection's outputs).
 * CNN layers: the stem output and every block of every stage (a stage is a container whose
   children all hold convolutions); for a plain sequential CNN, every conv block.
 * ViT layers: two per transformer block, ``blocks.i:after_attn`` (block input + attention
@@ -73,6 +76,9 @@ class Site:
         point: ``output`` (the module's output) or ``input`` (its first input).
         shape: output shape without the batch dimension, at the discovery input size.
         nonneg: the output is known to be >= 0 (ReLU), so the signed rule can be skipped.
+        source: the module whose output channels are these units (the conv or norm before a
+            CNN activation, ``fc1`` of an MLP, ``attn.proj`` itself); for ``heads`` sites the
+            module whose *input* channels they are. Pruning maps unit scores through it.
     """
 
     name: str
@@ -84,6 +90,7 @@ class Site:
     point: str = "output"
     shape: tuple[int, ...] = ()
     nonneg: bool = False
+    source: str = ""
 
 
 @dataclass
@@ -156,7 +163,9 @@ def _unit_site(name: str, modules, tr: _Trace) -> Site | None:
     if isinstance(first, _NORM) and len(preceding) > 1 and isinstance(preceding[1][1], _CONV):
         if len(shape) < 1:
             return None
-        return Site(name, name, "units", "conv", shape[0], 1, shape=shape, nonneg=nonneg)
+        return Site(
+            name, name, "units", "conv", shape[0], 1, shape=shape, nonneg=nonneg, source=first_name
+        )
     parent = modules.get(name.rpartition(".")[0])
     if (
         isinstance(first, _CONV + _LINEAR)
@@ -165,8 +174,9 @@ def _unit_site(name: str, modules, tr: _Trace) -> Site | None:
         and hasattr(parent, "fc2")
     ):
         axis = 1 if isinstance(first, _CONV) else -1
+        units = _units(shape, axis)
         return Site(
-            name, name, "units", "mlp", _units(shape, axis), axis, shape=shape, nonneg=nonneg
+            name, name, "units", "mlp", units, axis, shape=shape, nonneg=nonneg, source=first_name
         )
     return None
 
@@ -181,8 +191,15 @@ def _auto_unit_sites(model: nn.Module, tr: _Trace) -> list[Site]:
         if isinstance(mod, _ACTS):
             site = _unit_site(name, modules, tr)
         elif isinstance(mod, _LINEAR) and name.endswith("attn.proj"):
+            attn = name.rpartition(".")[0]
+            if hasattr(modules[attn], "num_heads") and name in tr.in_shapes:
+                shape = tr.in_shapes[name]  # the heads' outputs, concatenated
+                sites.append(
+                    Site(f"{attn}:heads", name, "units", "heads", shape[-1], -1, "input",
+                         shape=shape, source=name)  # fmt: skip
+                )
             shape = tr.shapes[name]
-            site = Site(name, name, "units", "attn", shape[-1], -1, shape=shape)
+            site = Site(name, name, "units", "attn", shape[-1], -1, shape=shape, source=name)
         else:
             site = None
         if site is not None:
@@ -303,7 +320,10 @@ def _custom_site(name: str, kind: str, modules, tr: _Trace) -> Site:
         last = next(_last_weight_module(modules, tr, stop, with_norm=False), (None, None))[1]
         axis = -1 if isinstance(last, _LINEAR) else 1
     nonneg = isinstance(modules[name], _NONNEG_ACTS)
-    return Site(name, name, kind, "custom", _units(shape, axis), axis, shape=shape, nonneg=nonneg)
+    stop = tr.events.index(("exit", name))
+    source = next(_last_weight_module(modules, tr, stop), ("", None))[0]
+    units = _units(shape, axis)
+    return Site(name, name, kind, "custom", units, axis, shape=shape, nonneg=nonneg, source=source)
 
 
 def find_sites(

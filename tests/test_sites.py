@@ -38,12 +38,17 @@ def test_other_cnn_families(model_name, first_units, first_layers):
 def test_vit_sites(vit):
     units = find_sites(vit, "units")
     assert names(units) == [
+        "blocks.0.attn:heads",
         "blocks.0.attn.proj",
         "blocks.0.mlp.act",
+        "blocks.1.attn:heads",
         "blocks.1.attn.proj",
         "blocks.1.mlp.act",
     ]
-    assert [s.n_units for s in units] == [32, 128, 32, 128]
+    assert [s.n_units for s in units] == [32, 32, 128, 32, 32, 128]
+    assert [s.source for s in units[:3]] == ["blocks.0.attn.proj"] * 2 + ["blocks.0.mlp.fc1"]
+    heads = units[0]
+    assert (heads.module, heads.point, heads.role) == ("blocks.0.attn.proj", "input", "heads")
     layers = find_sites(vit, "layers")
     assert names(layers) == [
         "blocks.0:after_attn",

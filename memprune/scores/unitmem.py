@@ -173,7 +173,10 @@ def _meta(kind: str, encoder: nn.Module, dataset: Dataset, sites: list[Site], **
         "data": getattr(dataset, "name", type(dataset).__name__),
         "n_points": len(dataset),
         **{k: v for k, v in options.items() if k not in _RUNTIME},
-        "sites": {s.name: {"module": s.module, "role": s.role, "units": s.n_units} for s in sites},
+        "sites": {
+            s.name: {"module": s.module, "role": s.role, "units": s.n_units, "source": s.source}
+            for s in sites
+        },
         "versions": package_versions(),
     }
 

@@ -1,0 +1,22 @@
+"""Structured pruning of units ranked by UnitMem (METHOD.md §9).
+
+* :func:`prune`: remove units for real (torch-pruning's dependency graph), by ``lowest`` /
+  ``highest`` UnitMem, ``random`` or ``magnitude``, per layer or globally, with a report of
+  parameters, MACs and latency before and after.
+* :class:`UnitMemImportance`: UnitMem as a torch-pruning ``Importance`` for your own loop.
+* :func:`save_pruned` / :func:`load_pruned`: safetensors weights + a structure spec.
+"""
+
+from memprune.pruning._importance import UnitMemImportance
+from memprune.pruning._prune import STRATEGIES, PruneReport, measure_latency, prune
+from memprune.pruning._save import load_pruned, save_pruned
+
+__all__ = [
+    "STRATEGIES",
+    "PruneReport",
+    "UnitMemImportance",
+    "load_pruned",
+    "measure_latency",
+    "prune",
+    "save_pruned",
+]

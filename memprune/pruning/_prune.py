@@ -1,0 +1,354 @@
+"""Structured pruning of units ranked by UnitMem, random or magnitude (METHOD.md §9)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from memprune.encoders import evaluating, input_size
+from memprune.errors import ConfigError, SiteError
+from memprune.pruning._groups import HEADS, UNITS, Group, build_groups, out_fn, prune_group
+from memprune.pruning._importance import SCORE_STRATEGIES
+from memprune.sites import Site, find_sites
+
+STRATEGIES = (*SCORE_STRATEGIES, "random", "magnitude")
+SCOPES = ("layer", "global")
+
+
+@dataclass
+class PruneReport:
+    """What one pruning run removed and what it bought.
+
+    ``params`` / ``macs`` / ``latency_s`` are ``(before, after)``: parameters and MACs counted by
+    torch-pruning (modules only: a ViT's attention matrix products are not counted), latency
+    the median seconds of one forward pass of ``batch_size`` images on ``device``
+    (``torch.utils.benchmark``; None when not measured). ``groups`` has one entry per group of
+    coupled units: ``name``, ``kind`` (units / heads), ``sites``, ``before``, ``after``,
+    ``removed`` (original unit indices), ``output`` (reaches the output width), ``pruned`` and
+    ``blocked`` (why it was left alone: grouped convolutions are not supported).
+    """
+
+    strategy: str
+    ratio: float
+    scope: str
+    iterative_steps: int
+    params: tuple[int, int]
+    macs: tuple[float, float]
+    latency_s: tuple[float, float] | None
+    batch_size: int | None
+    device: str
+    groups: list[dict] = field(default_factory=list)
+
+    def widths(self) -> dict[str, tuple[int, int]]:
+        """Site name -> (units before, units after); heads sites count heads."""
+        return {s: (g["before"], g["after"]) for g in self.groups for s in g["sites"]}
+
+    def row(self) -> dict:
+        """One table row: the strategy, ratio, and the after / before ratios."""
+        row = {
+            "strategy": self.strategy,
+            "ratio": self.ratio,
+            "params": self.params[1],
+            "params_ratio": self.params[1] / self.params[0],
+            "macs": self.macs[1],
+            "macs_ratio": self.macs[1] / self.macs[0],
+        }
+        if self.latency_s is not None:
+            row["latency_ms"] = 1e3 * self.latency_s[1]
+            row["latency_ratio"] = self.latency_s[1] / self.latency_s[0]
+        return row
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_latency(model: nn.Module, batch: torch.Tensor, min_run_time: float = 0.5) -> float:
+    """Median seconds of ``model(batch)`` in eval mode (``torch.utils.benchmark``, which warms
+    up, synchronizes CUDA and uses all of torch's threads here)."""
+    from torch.utils import benchmark  # imported late: it loads torch's C++ extension tools
+
+    with evaluating(model), torch.inference_mode():
+        model(batch)
+        timer = benchmark.Timer(
+            "model(x)", globals={"model": model, "x": batch}, num_threads=torch.get_num_threads()
+        )
+        return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def _measure(model: nn.Module, example: torch.Tensor, batch_size: int | None, min_run_time: float):
+    with evaluating(model):
+        macs, params = tp.utils.count_ops_and_params(model, example)
+    latency = None
+    if batch_size:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, *example.shape[1:], generator=g).to(example.device)
+        latency = measure_latency(model, x, min_run_time)
+    return int(params), float(macs), latency
+
+
+def _check(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ConfigError(
+            f"ratio must be a fraction in [0, 1) of the units to remove, got {ratio!r}"
+        )
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if scope not in SCOPES:
+        raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if max_layer_ratio is not None and not 0 < max_layer_ratio <= 1:
+        raise ConfigError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
+    if not isinstance(iterative_steps, int) or iterative_steps < 1:
+        raise ConfigError(f"iterative_steps must be an int >= 1, got {iterative_steps!r}")
+    if strategy in SCORE_STRATEGIES and scores is None:
+        raise ConfigError(
+            f"strategy {strategy!r} ranks units by their scores: pass scores=memprune.unit_mem("
+            "encoder, data) (or a saved UnitMemResult)"
+        )
+    if rescore is not None and not callable(rescore):
+        raise ConfigError("rescore must be a callable model -> UnitMemResult")
+
+
+def _architecture(model: nn.Module) -> str:
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+
+
+def prune_sites(model: nn.Module, scores, size: tuple[int, ...]) -> list[Site]:
+    """The unit sites to prune: those of ``scores`` (checked against ``model``), or all."""
+    auto = {s.name: s for s in find_sites(model, "units", input_size=size)}
+    if scores is None:
+        return list(auto.values())
+    made_on = scores.meta.get("model")
+    if made_on and made_on != _architecture(model):
+        raise SiteError(
+            f"the scores were computed on a {made_on!r} encoder, this one is"
+            f" {_architecture(model)!r}: compute scores on the encoder you prune"
+        )
+    modules = dict(model.named_modules())
+    missing = [n for n in scores.sites if n not in auto and n not in modules]
+    if missing:
+        raise SiteError(
+            f"the scores name sites missing from this {_architecture(model)} encoder:"
+            f" {', '.join(missing[:8])}; compute scores on the encoder you prune"
+        )
+    sites = []
+    for name, fields in scores.sites.items():
+        site = auto.get(name) or find_sites(model, "units", include=name, input_size=size)[0]
+        if len(fields["score"]) != site.n_units:
+            raise SiteError(
+                f"site {name!r} has {site.n_units} units in this encoder but"
+                f" {len(fields['score'])} scores: the scores come from a different (or already"
+                " pruned) model; compute them on the encoder you prune"
+            )
+        sites.append(site)
+    return sites
+
+
+def _seed(seed: int, step: int, name: str) -> int:
+    return (seed * 1_000_003 + step * 10_007 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _magnitude(graph, model: nn.Module, group: Group) -> torch.Tensor:
+    """L2 weight norm of each unit over its whole dependency group (torch-pruning's
+    ``GroupMagnitudeImportance``), averaged over a head's channels."""
+    root = dict(model.named_modules())[group.root]
+    fn = tp.prune_linear_in_channels if group.kind == HEADS else out_fn(graph, root)
+    n = group.width * group.head_dim
+    imp = tp.importance.GroupMagnitudeImportance(p=2)(graph.get_pruning_group(root, fn, list(range(n))))
+    return imp.float().cpu().view(group.width, group.head_dim).mean(dim=1)
+
+
+def _plan(groups, imps, fraction, scope, max_layer_ratio, initial) -> dict[str, torch.Tensor]:
+    """Current unit indices to remove from each group so that ``fraction`` of the initial
+    units are gone (per group, or over all groups of a kind for ``global``); a group always
+    keeps one unit."""
+    plan = {g.name: torch.zeros(0, dtype=torch.long) for g in groups}
+    gone = {g.name: initial[g.name] - g.width for g in groups}
+    if scope == "layer":
+        for g in groups:
+            n = min(math.floor(fraction * initial[g.name] + 1e-9) - gone[g.name], g.width - 1)
+            plan[g.name] = torch.sort(imps[g.name], stable=True).indices[: max(n, 0)]
+        return plan
+    for kind in (UNITS, HEADS):
+        pool = [g for g in groups if g.kind == kind]
+        if not pool:
+            continue
+        total = sum(initial[g.name] for g in pool)
+        want = math.floor(fraction * total + 1e-9) - sum(gone[g.name] for g in pool)
+        cap = {
+            g.name: min(
+                math.floor((max_layer_ratio or 1.0) * initial[g.name] + 1e-9) - gone[g.name],
+                g.width - 1,
+            )
+            for g in pool
+        }
+        imp = torch.cat([imps[g.name] for g in pool])
+        owner = torch.cat([torch.full((g.width,), i) for i, g in enumerate(pool)])
+        unit = torch.cat([torch.arange(g.width) for g in pool])
+        chosen = {g.name: [] for g in pool}
+        picked = 0
+        for j in torch.sort(imp, stable=True).indices.tolist():
+            if picked >= want:
+                break
+            g = pool[int(owner[j])]
+            if len(chosen[g.name]) < cap[g.name]:
+                chosen[g.name].append(int(unit[j]))
+                picked += 1
+        if picked < want:
+            warnings.warn(
+                f"global pruning removed {picked} of the {want} {kind} asked for: the per-layer"
+                f" cap (max_layer_ratio={max_layer_ratio}, one unit kept) binds; raise it",
+                UserWarning,
+                stacklevel=3,
+            )
+        plan.update({name: torch.tensor(idx, dtype=torch.long) for name, idx in chosen.items()})
+    return plan
+
+
+def prune(
+    encoder: nn.Module,
+    scores=None,
+    ratio: float = 0.2,
+    strategy: str = "lowest",
+    scope: str = "layer",
+    max_layer_ratio: float | None = None,
+    keep_output_width: bool = True,
+    heads: bool = False,
+    iterative_steps: int = 1,
+    rescore: Callable[[nn.Module], object] | None = None,
+    example_input: torch.Tensor | None = None,
+    seed: int = 0,
+    latency_batch: int | None = 64,
+    latency_time: float = 0.5,
+    inplace: bool = False,
+) -> tuple[nn.Module, PruneReport]:
+    """Remove ``ratio`` of the units of ``encoder`` for real (METHOD.md §9).
+
+    Units are the output channels producing each unit site (conv + norm + the next layer's
+    input; a ViT MLP's hidden neurons), removed through torch-pruning's dependency graph so
+    shapes, parameters and MACs shrink. Sites whose channels are coupled (a residual stage)
+    are one group, scored by the mean of their units' scores.
+
+    Args:
+        encoder: a timm CNN or ViT (not modified unless ``inplace``).
+        scores: a :class:`~memprune.UnitMemResult` of this encoder; its sites are the ones
+            pruned (all unit sites when None: only for ``random`` / ``magnitude``).
+        ratio: fraction in [0, 1) of each group's units to remove (of all units for
+            ``scope="global"``); counts are floored and every group keeps at least one unit.
+        strategy: ``lowest`` (least memorizing first), ``highest`` (most memorizing first),
+            ``random`` (seeded per group) or ``magnitude`` (L2 weight norm of the unit's whole
+            group, torch-pruning's ``GroupMagnitudeImportance``).
+        scope: ``layer`` (the ratio in every group) or ``global`` (one ranking over all groups,
+            at most ``max_layer_ratio`` of any group; magnitudes are normalized per group by
+            torch-pruning, UnitMem is comparable across layers as it is).
+        keep_output_width: leave the channels that reach the output (the pooled feature width a
+            head expects) alone; False prunes them too.
+        heads: also remove whole ViT attention heads (``ratio`` of each attention's heads),
+            scored by the mean of their units at the ``blocks.i.attn:heads`` sites; timm's
+            ``num_heads`` and ``attn_dim`` are updated, fused attention keeps working.
+        iterative_steps: remove the units in this many equal steps. Between steps the scores
+            are recomputed by ``rescore(model) -> UnitMemResult`` when given (unit indices
+            shift after each step, so old scores cannot be reused by position); without it the
+            initial scores follow each surviving unit. Magnitudes are always recomputed.
+        example_input: a batch for tracing (default: zeros at the encoder's input size).
+        seed: seed of ``random``.
+        latency_batch: batch size for the latency measurement (None: not measured).
+        latency_time: seconds of timing per measurement.
+        inplace: prune ``encoder`` itself instead of a copy.
+
+    Returns:
+        The pruned encoder (eval mode) and a :class:`PruneReport`.
+    """
+    _check(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore)
+    model = (encoder if inplace else copy.deepcopy(encoder)).eval()
+    if example_input is None:
+        param = next(model.parameters())
+        example_input = torch.zeros(1, *input_size(model), device=param.device)
+    size = tuple(example_input.shape[1:])
+    sites = prune_sites(model, scores, size)
+    if heads and not any(s.role == HEADS for s in sites):
+        raise ConfigError(
+            "heads=True needs attention head sites (blocks.i.attn:heads) in the scores or the"
+            " encoder; this encoder has none, or the scores leave them out"
+        )
+    params0, macs0, lat0 = _measure(model, example_input, latency_batch, latency_time)
+    initial: dict[str, int] = {}
+    origin: dict[str, torch.Tensor] = {}  # group -> original index of each remaining unit
+    base: dict[str, torch.Tensor] = {}  # group -> score of each original unit
+    info: dict[str, Group] = {}
+    removed: dict[str, list[int]] = {}
+    current = scores
+    for step in range(1, iterative_steps + 1):
+        if step > 1 and rescore is not None and strategy in SCORE_STRATEGIES:
+            current = rescore(model)
+            sites = prune_sites(model, current, size)
+        elif step > 1:  # the same sites, with their new widths
+            sites = find_sites(model, "units", include=[s.name for s in sites], input_size=size)
+        graph, groups = build_groups(model, sites, example_input, heads)
+        for g in groups:
+            if step == 1:
+                initial[g.name], info[g.name], removed[g.name] = g.width, g, []
+                origin[g.name] = torch.arange(g.width)
+                if strategy in SCORE_STRATEGIES:
+                    base[g.name] = g.unit_scores(current.scores())
+        todo = [g for g in groups if not (keep_output_width and g.output) and not g.blocked]
+        if step == 1 and (blocked := [f"{g.name}: {g.blocked}" for g in groups if g.blocked]):
+            more = f"; and {len(blocked) - 3} more" if len(blocked) > 3 else ""
+            warnings.warn(
+                f"{len(blocked)} groups left unpruned: " + "; ".join(blocked[:3]) + more,
+                UserWarning,
+                stacklevel=2,
+            )
+        imps = {}
+        for g in todo:
+            if strategy in SCORE_STRATEGIES:
+                fresh = step > 1 and rescore is not None
+                s = g.unit_scores(current.scores()) if fresh else base[g.name][origin[g.name]]
+                imps[g.name] = s if strategy == "lowest" else -s
+            elif strategy == "random":
+                gen = torch.Generator().manual_seed(_seed(seed, step, g.name))
+                imps[g.name] = torch.rand(g.width, generator=gen)
+            else:
+                imps[g.name] = _magnitude(graph, model, g)
+        plan = _plan(todo, imps, ratio * step / iterative_steps, scope, max_layer_ratio, initial)
+        for g in todo:
+            units = plan[g.name]
+            prune_group(graph, model, g, units)
+            removed[g.name] += origin[g.name][units].tolist()
+            keep = torch.ones(g.width, dtype=torch.bool)
+            keep[units] = False
+            origin[g.name] = origin[g.name][keep]
+    params1, macs1, lat1 = _measure(model, example_input, latency_batch, latency_time)
+    report = PruneReport(
+        strategy=strategy,
+        ratio=float(ratio),
+        scope=scope,
+        iterative_steps=iterative_steps,
+        params=(params0, params1),
+        macs=(macs0, macs1),
+        latency_s=None if lat0 is None else (lat0, lat1),
+        batch_size=latency_batch,
+        device=str(example_input.device),
+        groups=[
+            {
+                "name": name,
+                "kind": g.kind,
+                "sites": list(g.sites),
+                "before": initial[name],
+                "after": len(origin[name]),
+                "removed": sorted(removed[name]),
+                "output": g.output,
+                "pruned": not (keep_output_width and g.output) and not g.blocked,
+                "blocked": g.blocked,
+            }
+            for name, g in info.items()
+        ],
+    )
+    return model, report

@@ -1,0 +1,121 @@
+"""Save and rebuild pruned encoders without pickling: weights + a structure spec."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from memprune._io import package_versions, read_json, write_json, write_safetensors
+from memprune.errors import CheckpointError, ConfigError
+
+FORMAT = "memprune-pruned/1"
+WEIGHTS, SPEC = "encoder.safetensors", "pruned.json"
+
+#: Structural attributes that pruning changes (torch layers and timm attention).
+_ATTRS = (
+    "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+    "normalized_shape", "num_groups", "num_channels", "num_heads", "head_dim", "attn_dim",
+)  # fmt: skip
+
+
+def _structure(model: nn.Module) -> dict[str, dict]:
+    out = {}
+    for name, mod in model.named_modules():
+        own = vars(mod)  # plain attributes only (not properties computed from them)
+        attrs = {a: own[a] for a in _ATTRS if isinstance(own.get(a), (int, tuple))}
+        if attrs:
+            out[name] = {a: list(v) if isinstance(v, tuple) else v for a, v in attrs.items()}
+    return out
+
+
+def build_info(model: nn.Module) -> dict:
+    """How ``model`` was built: the timm name, image size and timm arguments recorded by
+    :func:`memprune.load_encoder`."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    build = cfg.get("memprune_build")
+    if not build:
+        raise ConfigError(
+            "this encoder does not record the timm name it was built from: create it with"
+            " memprune.load_encoder(...) so that save_pruned can rebuild it"
+        )
+    return build
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``PATH/encoder.safetensors`` and ``PATH/pruned.json`` (the timm name and arguments
+    it was built from, every module's structural sizes, and its normalization) atomically.
+
+    ``PATH`` may not exist yet or must be empty of a previous encoder.
+    """
+    path = Path(path)
+    if (path / SPEC).exists() or (path / WEIGHTS).exists():
+        raise ConfigError(f"{path} already holds an encoder; choose a new directory")
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    spec = {
+        "format": FORMAT,
+        **build_info(model),
+        "mean": list(cfg.get("mean", ())),
+        "std": list(cfg.get("std", ())),
+        "input_size": list(cfg.get("input_size", ())),
+        "structure": _structure(model),
+        "versions": package_versions(),
+    }
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_safetensors(path / WEIGHTS, state)
+    write_json(path / SPEC, spec)  # written last: its presence marks a complete save
+    return path
+
+
+def is_pruned(path: str | os.PathLike) -> bool:
+    return (Path(path) / SPEC).is_file()
+
+
+def _resize(module: nn.Module, name: str, shape: torch.Size) -> None:
+    old = getattr(module, name)
+    new = torch.empty(shape, dtype=old.dtype, device=old.device)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        module._buffers[name] = new
+
+
+def load_pruned(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a pruned encoder saved by :func:`save_pruned`: the base timm model is created
+    from its name, its modules are resized to the saved structure and the weights loaded
+    (safetensors, no unpickling). Outputs equal the saved model's exactly."""
+    from memprune.encoders import load_encoder
+
+    path = Path(path)
+    if not is_pruned(path):
+        raise CheckpointError(f"{path} holds no pruned encoder ({SPEC} missing)")
+    spec = read_json(path / SPEC)
+    if spec.get("format") != FORMAT:
+        raise CheckpointError(f"{path / SPEC} is not a memprune pruned-encoder spec")
+    model = load_encoder(spec["model"], img_size=spec.get("img_size"), **spec["timm_kwargs"])
+    modules = dict(model.named_modules())
+    unknown = [n for n in spec["structure"] if n not in modules]
+    if unknown:
+        raise CheckpointError(f"{path}: modules {unknown[:5]} are not in {spec['model']}")
+    for name, attrs in spec["structure"].items():
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, tuple(value) if isinstance(value, list) else value)
+    state = load_file(str(path / WEIGHTS))
+    current = model.state_dict()
+    for key, tensor in state.items():
+        if key in current and current[key].shape != tensor.shape:
+            owner, _, leaf = key.rpartition(".")
+            _resize(modules[owner], leaf, tensor.shape)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+    if spec.get("mean"):
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(spec["mean"]),
+                                "std": tuple(spec["std"])}  # fmt: skip
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,231 @@
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch_pruning as tp
+
+import memprune
+from memprune import UnitMemImportance, UnitMemResult, find_sites, load_pruned, prune, save_pruned
+from memprune.errors import ConfigError, SiteError
+
+from .conftest import tiny_resnet, tiny_vit
+
+FAST = dict(latency_batch=None)  # latency is measured by benchmarks/prune_speed.py
+
+
+def planted(model, seed=0, size=None):
+    """A UnitMemResult of ``model`` whose scores are a seeded permutation per site."""
+    g = torch.Generator().manual_seed(seed)
+    sites = find_sites(model, "units", input_size=size)
+    fields = {}
+    for s in sites:
+        score = torch.randperm(s.n_units, generator=g).float() / s.n_units
+        zero = torch.zeros(s.n_units)
+        fields[s.name] = dict(score=score, argmax=zero.long(), mu_max=zero, mu_rest=zero,
+                              dead=zero.bool())  # fmt: skip
+    meta = {
+        "kind": "unitmem",
+        "model": model.pretrained_cfg["architecture"],
+        "sites": {s.name: {"module": s.module, "role": s.role, "units": s.n_units,
+                           "source": s.source} for s in sites},  # fmt: skip
+    }
+    return UnitMemResult(fields, meta)
+
+
+def randomize_norms(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+def group(report, name):
+    return next(g for g in report.groups if g["name"] == name)
+
+
+def kept(report, name):
+    g = group(report, name)
+    removed = set(g["removed"])
+    return [i for i in range(g["before"]) if i not in removed]
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_shapes_params_and_macs_shrink_by_the_ratio(ratio):
+    model = tiny_resnet()
+    pruned, report = prune(model, ratio=ratio, strategy="random", **FAST)
+    for g in report.groups:
+        expect = g["before"] - math.floor(ratio * g["before"]) if g["pruned"] else g["before"]
+        assert g["after"] == expect, g
+    assert pruned.layer1[0].conv1.out_channels == group(report, "layer1.0.bn1")["after"]
+    assert pruned.layer1[0].bn1.num_features == pruned.layer1[0].conv2.in_channels
+    assert pruned.layer3[1].conv1.out_channels == 32 - math.floor(ratio * 32)
+    assert report.params[1] < report.params[0] and report.macs[1] < report.macs[0]
+    n_params = sum(p.numel() for p in pruned.parameters())
+    assert report.params[1] == n_params
+    # most MACs sit in convs whose in and out channels both shrink: close to (1 - ratio)^2
+    assert report.macs[1] / report.macs[0] < 1 - ratio / 2
+    assert model.layer1[0].conv1.out_channels == 8  # the input encoder is untouched
+
+
+@pytest.mark.parametrize("strategy", ["lowest", "highest"])
+def test_score_strategies_remove_exactly_the_planted_units(strategy):
+    model = tiny_resnet()
+    scores = planted(model)
+    _, report = prune(model, scores, ratio=0.5, strategy=strategy, **FAST)
+    s = scores["layer2.0.act1"]["score"]
+    order = torch.argsort(s, descending=strategy == "highest")
+    assert group(report, "layer2.0.bn1")["removed"] == sorted(order[:8].tolist())
+    # coupled residual sites are ranked by their mean score
+    stage = group(report, "layer2.0.downsample.1")
+    assert stage["sites"] == ["layer2.0.act2", "layer2.1.act2"]
+    mean = (scores["layer2.0.act2"]["score"] + scores["layer2.1.act2"]["score"]) / 2
+    order = torch.argsort(mean, descending=strategy == "highest")
+    assert stage["removed"] == sorted(order[:8].tolist())
+
+
+def test_random_is_seeded_and_coherent():
+    model = randomize_norms(tiny_resnet())
+    a, ra = prune(model, ratio=0.5, strategy="random", seed=1, **FAST)
+    _, rb = prune(model, ratio=0.5, strategy="random", seed=1, **FAST)
+    _, rc = prune(model, ratio=0.5, strategy="random", seed=2, **FAST)
+    assert ra.groups == rb.groups and ra.groups != rc.groups
+    out, inp = kept(ra, "layer1.0.bn1"), kept(ra, "bn1")  # conv1's output / input channels
+    blk, ref = a.layer1[0], model.layer1[0]
+    # one unit's conv weight, norm entries and the next conv's input go together
+    assert torch.equal(blk.conv1.weight, ref.conv1.weight[out][:, inp])
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(blk.bn1, attr), getattr(ref.bn1, attr)[out])
+    stage = kept(ra, "layer1.0.downsample.1")
+    assert torch.equal(blk.conv2.weight, ref.conv2.weight[stage][:, out])
+
+
+def test_vit_mlp_and_heads_pruning_equals_zeroing_their_outputs():
+    model = tiny_vit()
+    pruned, report = prune(model, ratio=0.5, strategy="random", heads=True, **FAST)
+    ref = copy.deepcopy(model)
+    for b, blk in enumerate(ref.blocks):
+        mlp = group(report, f"blocks.{b}.mlp.fc1")
+        blk.mlp.fc2.weight.data[:, mlp["removed"]] = 0  # a removed neuron never reaches fc2
+        heads = group(report, f"blocks.{b}.attn")
+        assert (heads["before"], heads["after"]) == (2, 1)
+        for h in heads["removed"]:
+            d = blk.attn.head_dim
+            blk.attn.proj.weight.data[:, h * d : (h + 1) * d] = 0
+    attn = pruned.blocks[0].attn
+    assert (attn.num_heads, attn.attn_dim, attn.qkv.out_features) == (1, 16, 48)
+    assert pruned.blocks[0].mlp.fc1.out_features == 64
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x), atol=1e-5, rtol=1e-5)
+        attn.fused_attn = not attn.fused_attn  # both attention paths run after pruning
+        torch.testing.assert_close(pruned(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_output_width_kept_unless_asked():
+    model = tiny_resnet()
+    x = torch.randn(2, 3, 32, 32)
+    kept_model, report = prune(model, ratio=0.5, strategy="magnitude", **FAST)
+    assert kept_model(x).shape == (2, 64)
+    assert [g["name"] for g in report.groups if g["output"]] == ["layer4.0.downsample.1"]
+    assert not group(report, "layer4.0.downsample.1")["pruned"]
+    narrow, _ = prune(model, ratio=0.5, strategy="magnitude", keep_output_width=False, **FAST)
+    assert narrow(x).shape == (2, 32)
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("resnet18", dict(channels=(8, 16, 32, 64))),
+        ("mobilenetv3_small_050", {}),
+        ("vit_tiny_patch16_224", dict(patch_size=8, depth=2, embed_dim=32, num_heads=2)),
+    ],
+)
+def test_pruned_model_runs_and_save_load_is_exact(tmp_path, name, kw):
+    torch.manual_seed(0)
+    model = memprune.load_encoder(name, img_size=32, **kw)
+    pruned, _ = prune(model, ratio=0.3, strategy="magnitude", heads="vit" in name, **FAST)
+    save_pruned(pruned, tmp_path / "p")
+    loaded = load_pruned(tmp_path / "p")
+    via_encoder = memprune.load_encoder(checkpoint=tmp_path / "p")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = pruned(x)
+        assert torch.equal(loaded(x), y) and torch.equal(via_encoder(x), y)
+    assert memprune.normalization(loaded) == memprune.normalization(model)
+    with pytest.raises(ConfigError, match="already holds"):
+        save_pruned(pruned, tmp_path / "p")
+
+
+def test_unitmem_importance_in_a_plain_metapruner_loop():
+    model = randomize_norms(tiny_resnet())
+    scores = planted(model)
+    example = torch.zeros(1, 3, 32, 32)
+    pruner = tp.pruner.MetaPruner(
+        model, example, UnitMemImportance(scores, "lowest"), pruning_ratio=0.5,
+        ignored_layers=[model.layer4],
+    )  # fmt: skip
+    stats = model.layer2[0].bn1.running_mean.clone()
+    pruner.step()
+    assert model.layer2[0].conv1.out_channels == 8
+    lowest = torch.argsort(scores["layer2.0.act1"]["score"])[:8].tolist()
+    keep = sorted(set(range(16)) - set(lowest))
+    # the surviving units are exactly the 8 highest-scoring ones, their norm entries with them
+    assert torch.equal(model.layer2[0].bn1.running_mean, stats[keep])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+
+
+def test_global_scope_respects_the_layer_cap():
+    model = tiny_resnet()
+    scores = planted(model)
+    scores["layer3.0.act1"]["score"] -= 10  # every unit of one layer ranks lowest
+    _, report = prune(model, scores, ratio=0.2, scope="global", max_layer_ratio=0.5, **FAST)
+    target = group(report, "layer3.0.bn1")
+    assert target["after"] == 16  # capped at half of 32
+    pruned = [g for g in report.groups if g["pruned"]]
+    removed = sum(g["before"] - g["after"] for g in pruned)
+    assert removed == math.floor(0.2 * sum(g["before"] for g in pruned))
+
+
+def test_iterative_pruning_rescores_the_shrunken_model():
+    model = tiny_resnet()
+    calls = []
+
+    def rescore(m):
+        calls.append(m.layer2[0].conv1.out_channels)
+        return planted(m, seed=len(calls))
+
+    _, stepped = prune(model, planted(model), 0.5, iterative_steps=2, rescore=rescore, **FAST)
+    _, once = prune(model, planted(model), 0.5, **FAST)
+    assert calls == [12]  # called once, between the steps, on the half-pruned encoder
+    assert [g["after"] for g in stepped.groups] == [g["after"] for g in once.groups]
+    # without rescore, the first scores follow the surviving units: same as one step
+    _, follow = prune(model, planted(model), 0.5, iterative_steps=2, **FAST)
+    assert follow.groups == once.groups
+
+
+def test_bad_input_is_refused_clearly():
+    model = tiny_resnet()
+    for ratio in (1.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"ratio must be a fraction in \[0, 1\)"):
+            prune(model, ratio=ratio, strategy="random", **FAST)
+    with pytest.raises(ConfigError, match="needs|ranks units by their scores"):
+        prune(model, ratio=0.2, strategy="lowest", **FAST)
+    with pytest.raises(SiteError, match="computed on a 'vit_tiny_patch16_224'"):
+        prune(model, planted(tiny_vit()), ratio=0.2, **FAST)
+    wider = memprune.load_encoder("resnet18", channels=(16, 16, 32, 64))
+    with pytest.raises(SiteError, match="different .* model"):
+        prune(model, planted(wider), ratio=0.2, **FAST)
+    scores = planted(model)
+    scores.sites["layer9.0.act1"] = scores.sites.pop("layer1.0.act1")
+    with pytest.raises(SiteError, match="missing from this resnet18 encoder: layer9.0.act1"):
+        prune(model, scores, ratio=0.2, **FAST)
+    with pytest.raises(ConfigError, match="strategy"):
+        prune(model, ratio=0.2, strategy="smallest", **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune(model, ratio=0.0, strategy="random", **FAST)  # a no-op is allowed and quiet
