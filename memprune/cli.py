@@ -316,6 +316,89 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unit_scores(path: str):
+    """A saved UnitMemResult: ``score units --out DIR`` or its ``unitmem`` file stem."""
+    from memprune.errors import ConfigError
+    from memprune.scores import UnitMemResult
+
+    stem = Path(path) / "unitmem" if Path(path).is_dir() else Path(str(path).removesuffix(".json"))
+    if not stem.with_suffix(".json").is_file():
+        raise ConfigError(
+            f"no UnitMem scores at {path}: pass the --out directory of `memprune score units`"
+        )
+    return UnitMemResult.load(stem)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune by each strategy and ratio; probe every pruned encoder; one comparison table."""
+    from memprune._io import write_json, write_text
+    from memprune._table import format_csv, format_table
+    from memprune.data import load_dataset
+    from memprune.encoders import resolve_device
+    from memprune.probe import linear_probe
+    from memprune.pruning import prune, save_pruned
+    from memprune.pruning._importance import SCORE_STRATEGIES
+    from memprune.report import plot_prune_tradeoff, plot_unit_scores, prepare_out_dir
+    from memprune.scores import unit_mem
+
+    out = prepare_out_dir(args.out, args.force)
+    device = resolve_device(args.device)
+    model = _encoder(args).to(device)
+    img_size = None if args.data == "digits" else args.img_size
+    train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
+    test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
+    scores = None
+    if args.scores:
+        scores = _unit_scores(args.scores)
+    elif any(s in SCORE_STRATEGIES for s in args.strategy):
+        scores = unit_mem(model, _limit(train, args.max_points, args.seed), n_views=args.views,
+                          batch_size=args.batch_size, seed=args.seed, device=device)  # fmt: skip
+        scores.meta.update(model=args.model, checkpoint=args.checkpoint, data=args.data)
+        scores.save(out / "unitmem")
+        plot_unit_scores(scores, out / "unitmem_per_site.png")
+    probe = dict(seed=args.seed, batch_size=256, device=device, backend=args.backend)
+    options = dict(
+        scope=args.scope,
+        max_layer_ratio=args.max_layer_ratio,
+        heads=args.heads,
+        keep_output_width=not args.prune_output_width,
+        seed=args.seed,
+        iterative_steps=args.iterative_steps,
+        latency_batch=args.latency_batch,
+    )
+    rows, reports = [], []
+    for strategy in args.strategy:
+        for ratio in args.ratio:
+            pruned, report = prune(model, scores, ratio, strategy, **options)
+            name = f"{strategy}_{ratio:g}"
+            save_pruned(pruned, out / "models" / name)
+            accuracy = linear_probe(pruned, train, test, **probe)["accuracy"]
+            if not rows:  # the unpruned encoder, measured once
+                base = linear_probe(model, train, test, **probe)["accuracy"]
+                lat = {} if report.latency_s is None else {"latency_ms": 1e3 * report.latency_s[0]}
+                rows.append({"strategy": "none", "ratio": 0.0, "params": report.params[0],
+                             "params_ratio": 1.0, "macs": round(report.macs[0]), "macs_ratio": 1.0,
+                             **lat, **({"latency_ratio": 1.0} if lat else {}),
+                             "accuracy": base})  # fmt: skip
+            rows.append({**report.row(), "accuracy": accuracy})
+            reports.append({"model_dir": f"models/{name}", "accuracy": accuracy,
+                            **report.to_dict()})  # fmt: skip
+            print(f"{name}: accuracy {accuracy:.4f}, params {report.params[1]}", flush=True)
+    headers = list(rows[0])
+    table = [[r.get(h) for h in headers] for r in rows]
+    write_json(out / "report.json", {
+        "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
+        "probe": args.backend, "options": options, "table": rows, "runs": reports,
+    })  # fmt: skip
+    write_text(out / "comparison.md", format_table(headers, table, markdown=True) + "\n")
+    write_text(out / "comparison.csv", format_csv(headers, table))
+    title = f"pruning {args.model} ({args.scope} scope), linear probe on {args.data}"
+    plot_prune_tradeoff(rows, out / "tradeoff.png", title)
+    print(format_table(headers, table))
+    print(f"\nwrote report.json, comparison.md/.csv, tradeoff.png and models/ to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memprune",
@@ -444,6 +527,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="validation-split seed")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser(
+        "prune",
+        help="prune units by UnitMem / random / magnitude and compare linear-probe accuracy",
+    )
+    _add_model_args(p)
+    p.add_argument("--data", default=DEFAULT_DATA, help="data set with train and test splits")
+    p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
+    p.add_argument("--scores", default=None, help="UnitMem of this encoder (score units --out)")
+    p.add_argument("--ratio", type=float, nargs="+", default=[0.2, 0.5], help="fractions removed")
+    p.add_argument("--strategy", nargs="+", default=["lowest", "highest", "random", "magnitude"],
+                   choices=("lowest", "highest", "random", "magnitude"))  # fmt: skip
+    p.add_argument("--scope", default="layer", choices=("layer", "global"))
+    p.add_argument("--max-layer-ratio", type=float, default=None, help="cap per layer (global)")
+    p.add_argument("--heads", action="store_true", help="also prune ViT attention heads")
+    p.add_argument("--prune-output-width", action="store_true", help="prune the feature width too")
+    p.add_argument("--iterative-steps", type=int, default=1)
+    p.add_argument("--views", type=int, default=10, help="views per point for UnitMem")
+    p.add_argument("--max-points", type=int, default=None, help="score a seeded subset")
+    p.add_argument("--latency-batch", type=int, default=64, help="batch for latency (0: skip)")
+    p.add_argument("--backend", default="torch", choices=("torch", "sklearn"), help="probe")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--batch-size", type=int, default=32, help="points per UnitMem forward pass")
+    p.add_argument("--seed", type=int, default=0, help="view, random-strategy and probe seed")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_prune)
+
     return parser
 
 

@@ -58,12 +58,16 @@ def load_encoder(
     import timm
 
     if checkpoint is not None and (Path(checkpoint) / "pruned.json").is_file():
+        from memprune._io import read_json
         from memprune.pruning import load_pruned
 
-        if name is not None or img_size is not None or timm_kwargs:
+        spec = read_json(Path(checkpoint) / "pruned.json")
+        size = spec.get("img_size")
+        if (name not in (None, spec.get("model"))) or timm_kwargs or img_size not in (None, size):
             raise EncoderError(
-                f"{checkpoint} is a pruned encoder: its structure is fixed, pass no model name,"
-                " img_size or timm arguments with it"
+                f"{checkpoint} is a pruned {spec.get('model')} (img_size {size}): its structure"
+                f" is fixed, so pass no other model name ({name!r}), image size ({img_size!r})"
+                f" or timm arguments ({timm_kwargs}) with it"
             )
         return load_pruned(checkpoint)
     if checkpoint is not None and (Path(checkpoint).is_dir() or str(checkpoint).endswith(".json")):

@@ -194,10 +194,8 @@ def _auto_unit_sites(model: nn.Module, tr: _Trace) -> list[Site]:
             attn = name.rpartition(".")[0]
             if hasattr(modules[attn], "num_heads") and name in tr.in_shapes:
                 shape = tr.in_shapes[name]  # the heads' outputs, concatenated
-                sites.append(
-                    Site(f"{attn}:heads", name, "units", "heads", shape[-1], -1, "input",
-                         shape=shape, source=name)  # fmt: skip
-                )
+                heads = Site(f"{attn}:heads", name, "units", "heads", shape[-1], -1, "input")
+                sites.append(replace(heads, shape=shape, source=name))
             shape = tr.shapes[name]
             site = Site(name, name, "units", "attn", shape[-1], -1, shape=shape, source=name)
         else:

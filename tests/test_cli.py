@@ -87,3 +87,42 @@ def test_probe_command(tmp_path, capsys):
     assert len(result["linear"]["confusion"]) == 10
     assert (out / "confusion_linear.png").is_file() and (out / "confusion_knn.png").is_file()
     assert "linear probe (torch): test accuracy" in capsys.readouterr().out
+
+
+def test_prune_command_compares_strategies(tmp_path, capsys):
+    import json
+
+    from memprune import load_encoder
+
+    out = tmp_path / "prune"
+    tiny = ["--timm", "channels=[8,16,32,64]", "--data", "digits", "--ratio", "0.5"]
+    args = [*tiny, "--strategy", "lowest", "random", "--views", "2", "--max-points", "200"]
+    assert main(["prune", *args, "--latency-batch", "8", "--out", str(out)]) == 0
+    for name in ("report.json", "comparison.md", "comparison.csv", "tradeoff.png", "unitmem.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["strategy"], r["ratio"]) for r in report["table"]] == [
+        ("none", 0.0), ("lowest", 0.5), ("random", 0.5)
+    ]  # fmt: skip
+    assert all(0 < r["accuracy"] <= 1 and r["latency_ms"] > 0 for r in report["table"])
+    lowest = report["runs"][0]
+    assert lowest["params"][1] < lowest["params"][0]
+    pruned = load_encoder(checkpoint=out / "models" / "lowest_0.5")
+    assert pruned.layer2[0].conv1.out_channels == 8
+    # saved scores are reused: the same units go
+    again = tmp_path / "again"
+    reuse = [*tiny, "--strategy", "lowest", "--scores", str(out), "--latency-batch", "0"]
+    assert main(["prune", *reuse, "--out", str(again)]) == 0
+    rerun = json.loads((again / "report.json").read_text())["runs"][0]
+    assert rerun["groups"] == lowest["groups"] and "latency_ms" not in rerun
+    # a pruned encoder is probed like any other
+    probe = [
+        "probe",
+        "--checkpoint",
+        str(out / "models" / "lowest_0.5"),
+        "--out",
+        str(tmp_path / "p"),
+    ]
+    assert main(probe) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["prune", *tiny, "--strategy", "random", "--out", str(out)]) == 2

@@ -28,8 +28,10 @@ def planted(model, seed=0, size=None):
     meta = {
         "kind": "unitmem",
         "model": model.pretrained_cfg["architecture"],
-        "sites": {s.name: {"module": s.module, "role": s.role, "units": s.n_units,
-                           "source": s.source} for s in sites},  # fmt: skip
+        "sites": {
+            s.name: {"module": s.module, "role": s.role, "units": s.n_units, "source": s.source}
+            for s in sites
+        },
     }
     return UnitMemResult(fields, meta)
 

@@ -60,7 +60,9 @@ class Group:
                 total[root_idx] += site_scores[site].float()[idx]
                 count[root_idx] += 1
         if (count == 0).any():
-            raise SiteError(f"group {self.name!r} has units without scores (sites {list(self.sites)})")
+            raise SiteError(
+                f"group {self.name!r} has units without scores (sites {list(self.sites)})"
+            )
         per = total / count
         return per.view(self.width, self.head_dim).mean(dim=1)
 
@@ -112,9 +114,10 @@ def build_groups(
     out_members: set[str] = set()
     if out_src is not None and out_src in modules:
         try:
-            full = list(range(graph.get_out_channels(modules[out_src])))
+            last = modules[out_src]
+            full = list(range(graph.get_out_channels(last)))
             out_members = _out_members(
-                graph, graph.get_pruning_group(modules[out_src], out_fn(graph, modules[out_src]), full)
+                graph, graph.get_pruning_group(last, out_fn(graph, last), full)
             )
         except (SiteError, KeyError, TypeError):
             out_members = set()
@@ -143,13 +146,19 @@ def build_groups(
                                     output=bool(members & out_members),
                                     blocked=_grouped_conv(group))  # fmt: skip
         g = groups[members]
-        root_group = group if g.root == site.source else graph.get_pruning_group(
-            modules[g.root], out_fn(graph, modules[g.root]), list(range(g.width))
+        root_group = (
+            group
+            if g.root == site.source
+            else graph.get_pruning_group(
+                modules[g.root], out_fn(graph, modules[g.root]), list(range(g.width))
+            )
         )
         item = next(
-            it for it in root_group
-            if it.dep.target._name == site.source and graph.is_out_channel_pruning_fn(it.dep.handler)
-        )  # fmt: skip
+            it
+            for it in root_group
+            if it.dep.target._name == site.source
+            and graph.is_out_channel_pruning_fn(it.dep.handler)
+        )
         g.sites[site.name] = (torch.tensor(item.idxs), torch.tensor(item.root_idxs))
     return graph, list(groups.values())
 

@@ -58,7 +58,7 @@ class PruneReport:
             "ratio": self.ratio,
             "params": self.params[1],
             "params_ratio": self.params[1] / self.params[0],
-            "macs": self.macs[1],
+            "macs": round(self.macs[1]),
             "macs_ratio": self.macs[1] / self.macs[0],
         }
         if self.latency_s is not None:
@@ -161,7 +161,8 @@ def _magnitude(graph, model: nn.Module, group: Group) -> torch.Tensor:
     root = dict(model.named_modules())[group.root]
     fn = tp.prune_linear_in_channels if group.kind == HEADS else out_fn(graph, root)
     n = group.width * group.head_dim
-    imp = tp.importance.GroupMagnitudeImportance(p=2)(graph.get_pruning_group(root, fn, list(range(n))))
+    full = graph.get_pruning_group(root, fn, list(range(n)))
+    imp = tp.importance.GroupMagnitudeImportance(p=2)(full)
     return imp.float().cpu().view(group.width, group.head_dim).mean(dim=1)
 
 

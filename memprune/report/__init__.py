@@ -5,6 +5,7 @@ from memprune.report.plots import (
     plot_confusion,
     plot_consistency,
     plot_layer_mem,
+    plot_prune_tradeoff,
     plot_unit_scores,
 )
 
@@ -12,6 +13,7 @@ __all__ = [
     "plot_confusion",
     "plot_consistency",
     "plot_layer_mem",
+    "plot_prune_tradeoff",
     "plot_unit_scores",
     "prepare_out_dir",
 ]

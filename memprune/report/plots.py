@@ -114,3 +114,26 @@ def plot_confusion(confusion, path: str | os.PathLike, title: str = "") -> Path:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     return save_figure(fig, path)
+
+
+def plot_prune_tradeoff(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Linear-probe accuracy against parameters, MACs and latency, one line per strategy over
+    its ratios; the unpruned encoder (strategy ``none``) as a star."""
+    axes_keys = [("params", "parameters"), ("macs", "MACs"), ("latency_ms", "latency (ms)")]
+    axes_keys = [(k, label) for k, label in axes_keys if all(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(4.2 * len(axes_keys), 3.8), sharey=True)
+    axes = [axes] if len(axes_keys) == 1 else list(axes)
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    for ax, (key, label) in zip(axes, axes_keys):
+        for strategy in strategies:
+            pts = sorted((r[key], r["accuracy"]) for r in rows if r["strategy"] == strategy)
+            xs, ys = zip(*pts)
+            style = {"marker": "*", "ms": 12, "ls": ""} if strategy == "none" else {"marker": "o"}
+            ax.plot(xs, ys, label=strategy, **style)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("linear-probe test accuracy")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
