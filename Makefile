@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # The most complete job so far, on digits: SimCLR-train the pair f (shared+candidates) and g
-# (shared+extras), LayerMem/ΔLayerMem of the candidates, then UnitMem of every unit of f.
+# (shared+extras), LayerMem/ΔLayerMem of the candidates, UnitMem of every unit of f, then
+# pruning f by UnitMem against random and magnitude, each pruned encoder linear-probed.
 # A finished pair is reused (--resume); the score directories are rewritten (--force).
 DEMO := runs/demo
 TINY := --timm "channels=[8,16,32,64]"
@@ -25,7 +26,8 @@ demo: $(STAMP)
 	$(VENV)/bin/memprune pretrain --pair --data digits --epochs 30 --lr 3e-3 --proj-dim 64 $(AUG) $(TINY) --out $(DEMO)/pair --resume
 	$(VENV)/bin/memprune score layers --f $(DEMO)/pair/f --g $(DEMO)/pair/g --data digits $(AUG) --out $(DEMO)/layers --force
 	$(VENV)/bin/memprune score units --checkpoint $(DEMO)/pair/f --data digits --views 10 --out $(DEMO)/units --force
-	@echo "demo results: $(DEMO)/pair (encoders), $(DEMO)/layers (LayerMem), $(DEMO)/units (UnitMem)"
+	$(VENV)/bin/memprune prune --checkpoint $(DEMO)/pair/f --scores $(DEMO)/units --data digits --ratio 0.2 0.5 --out $(DEMO)/prune --force
+	@echo "demo results: $(DEMO)/pair (encoders), $(DEMO)/layers (LayerMem), $(DEMO)/units (UnitMem), $(DEMO)/prune (pruning)"
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
