@@ -371,7 +371,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for ratio in args.ratio:
             pruned, report = prune(model, scores, ratio, strategy, **options)
             name = f"{strategy}_{ratio:g}"
-            save_pruned(pruned, out / "models" / name)
+            save_pruned(pruned, out / "models" / name, overwrite=args.force)
             accuracy = linear_probe(pruned, train, test, **probe)["accuracy"]
             if not rows:  # the unpruned encoder, measured once
                 base = linear_probe(model, train, test, **probe)["accuracy"]

@@ -45,15 +45,20 @@ def build_info(model: nn.Module) -> dict:
     return build
 
 
-def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_pruned(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``PATH/encoder.safetensors`` and ``PATH/pruned.json`` (the timm name and arguments
     it was built from, every module's structural sizes, and its normalization) atomically.
 
-    ``PATH`` may not exist yet or must be empty of a previous encoder.
+    A ``PATH`` that already holds an encoder is refused unless ``overwrite``; the spec is
+    written last, so an interrupted save never leaves a loadable mix of old and new.
     """
     path = Path(path)
     if (path / SPEC).exists() or (path / WEIGHTS).exists():
-        raise ConfigError(f"{path} already holds an encoder; choose a new directory")
+        if not overwrite:
+            raise ConfigError(
+                f"{path} already holds an encoder; choose a new directory or overwrite=True"
+            )
+        (path / SPEC).unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     spec = {
