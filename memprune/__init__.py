@@ -10,6 +10,8 @@ Public API (everything else is private):
 * training: :mod:`memprune.train` (SimCLR pretraining, the pair f / g, supervised)
 * pruning: :func:`prune`, :class:`PruneReport`, :class:`UnitMemImportance`,
   :func:`save_pruned`, :func:`load_pruned` (and :mod:`memprune.pruning`)
+* fine-tuning: :func:`select_layers`, :func:`finetune`, :func:`finetune_units`
+  (and :mod:`memprune.tuning`)
 """
 
 from memprune.data import MultiView, Splits, load_dataset, make_splits
@@ -28,11 +30,14 @@ from memprune.scores import (
     unit_mem,
 )
 from memprune.sites import Site, find_sites
+from memprune.tuning import FinetuneResult, LayerSelection, finetune, finetune_units, select_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FinetuneResult",
     "LayerMemResult",
+    "LayerSelection",
     "MemPruneError",
     "MultiView",
     "PruneReport",
@@ -44,6 +49,8 @@ __all__ = [
     "capture",
     "class_mem",
     "find_sites",
+    "finetune",
+    "finetune_units",
     "knn_probe",
     "layer_mem",
     "linear_probe",
@@ -54,6 +61,7 @@ __all__ = [
     "normalization",
     "prune",
     "save_pruned",
+    "select_layers",
     "ssl_mem",
     "unit_mem",
 ]

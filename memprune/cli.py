@@ -48,10 +48,17 @@ def _encoder(args):
     )
 
 
+def _img_size(args) -> int | None:
+    """Built-in data sets come at their own size; others are resized to ``--img-size``."""
+    from memprune.data._datasets import BUILTIN
+
+    return None if args.data in BUILTIN else args.img_size
+
+
 def _dataset(args):
     from memprune.data import load_dataset
 
-    img_size = None if args.data == "digits" else args.img_size
+    img_size = _img_size(args)
     return load_dataset(args.data, split=args.split, root=args.root, img_size=img_size)
 
 
@@ -290,7 +297,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     rank, _ = rank_world()
     out = prepare_out_dir(args.out, args.force) if rank == 0 else None
     model = _encoder(args)
-    img_size = None if args.data == "digits" else args.img_size
+    img_size = _img_size(args)
     train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
     test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
     common = dict(
@@ -344,7 +351,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = prepare_out_dir(args.out, args.force)
     device = resolve_device(args.device)
     model = _encoder(args).to(device)
-    img_size = None if args.data == "digits" else args.img_size
+    img_size = _img_size(args)
     train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
     test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
     scores = None
@@ -396,6 +403,89 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plot_prune_tradeoff(rows, out / "tradeoff.png", title)
     print(format_table(headers, table))
     print(f"\nwrote report.json, comparison.md/.csv, tradeoff.png and models/ to {out}")
+    return 0
+
+
+def _layer_scores(args):
+    """LayerMem from ``--layer-scores DIR`` or computed for ``--f`` / ``--g``."""
+    from memprune.data import Splits, load_dataset
+    from memprune.errors import ConfigError
+    from memprune.scores import LayerMemResult, layer_mem
+
+    if args.layer_scores:
+        stem = Path(args.layer_scores)
+        stem = stem / "layermem" if stem.is_dir() else Path(str(stem).removesuffix(".json"))
+        if not stem.with_suffix(".json").is_file():
+            raise ConfigError(
+                f"no LayerMem at {args.layer_scores}: pass the --out of `memprune score layers`"
+            )
+        return LayerMemResult.load(stem)
+    if not args.g:
+        raise ConfigError("rank layers with --layer-scores DIR, or give --g to compute LayerMem")
+    f, g = _encoder_arg(args.f, args), _encoder_arg(args.g, args)
+    splits = Path(args.f).parent / "splits.json"
+    indices = Splits.load(splits).candidate if splits.is_file() else None
+    data = load_dataset(args.score_data, "train", root=args.root)
+    return layer_mem(f, g, data, indices, n_views=args.views, seed=0)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune the chosen layers by each strategy, k and seed; one comparison table."""
+    import statistics
+
+    from memprune._io import write_json, write_text
+    from memprune._table import format_csv, format_table
+    from memprune.data import load_dataset
+    from memprune.probe import linear_probe
+    from memprune.report import plot_finetune, prepare_out_dir
+    from memprune.tuning import finetune, select_layers
+
+    out = prepare_out_dir(args.out, args.force)
+    encoder = _encoder_arg(args.f, args)
+    scores = _layer_scores(args)
+    train = load_dataset(args.data, "train", root=args.root, img_size=_img_size(args))
+    test = load_dataset(args.data, "test", root=args.root, img_size=_img_size(args))
+    augment = False if args.no_augment else _key_values(args.aug, "--aug")
+    budget = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, augment=augment)
+    runs, rows = [], []
+
+    def summarize(strategy, k, accs, layers):
+        mean = statistics.fmean(accs)
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        rows.append({"strategy": strategy, "k": k, "layers": " ".join(layers), "mean": mean,
+                     "std": spread, "seeds": len(accs),
+                     "accuracies": " ".join(f"{a:.4f}" for a in accs)})  # fmt: skip
+        print(f"{strategy} k={k}: {mean:.4f} ± {spread:.4f} ({layers})", flush=True)
+
+    probe = [linear_probe(encoder, train, test, seed=s)["accuracy"] for s in args.seeds]
+    summarize("linear probe", 0, probe, [])
+    for strategy in args.strategy:
+        for k in [len(scores.layers) - 1] if strategy == "all" else args.k:
+            accs, layers = [], []
+            for seed in args.seeds:
+                sel = select_layers(scores, k, by=args.by, strategy=strategy, seed=seed)
+                r = finetune(encoder, sel, train, None, test, seed=seed, **budget)
+                accs.append(r.accuracy)
+                layers = layers or sel.layers
+                run = {"strategy": strategy, "k": k, "seed": seed, "layers": sel.layers}
+                curves = {"val_accuracy": r.val_accuracy, "train_loss": r.train_loss}
+                runs.append({**run, "accuracy": r.accuracy, "best_epoch": r.best_epoch, **curves})
+            shown = layers if strategy != "random" else ["(per seed)"]
+            summarize(strategy, k, accs, shown)
+    headers = list(rows[0])
+    table = [[r[h] for h in headers] for r in rows]
+    write_json(out / "report.json", {
+        "f": args.f, "data": args.data, "by": args.by, "seeds": args.seeds, **budget,
+        "layer_values": dict(zip(scores.layers, (scores.delta() if args.by == "delta"
+                                                 else scores.layer_mem()).tolist())),
+        "table": rows, "runs": runs,
+    })  # fmt: skip
+    write_text(out / "comparison.md", format_table(headers, table, markdown=True) + "\n")
+    write_text(out / "comparison.csv", format_csv(headers, table))
+    title = f"fine-tuning {args.f} on {args.data} ({args.epochs} epochs, lr {args.lr:g})"
+    plot_finetune(rows, out / "comparison.png", title)
+    print(format_table(headers, table))
+    print(f"\nwrote report.json, comparison.md/.csv and comparison.png to {out}")
     return 0
 
 
@@ -554,6 +644,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="view, random-strategy and probe seed")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune the most memorizing layers against last-k, random-k and all layers",
+    )
+    p.add_argument("--f", required=True, help="the pretrained encoder: run dir or weights")
+    p.add_argument("--g", default=None, help="reference encoder, to compute LayerMem")
+    p.add_argument("--layer-scores", default=None, help="LayerMem of f (score layers --out)")
+    p.add_argument("--score-data", default=DEFAULT_DATA, help="pretraining data (with --g)")
+    p.add_argument("--views", type=int, default=10, help="view pairs per point (with --g)")
+    p.add_argument("--model", default=None, help="timm name, when --f is a plain weight file")
+    p.add_argument("--img-size", type=int, default=None, help="input size for plain weight files")
+    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    p.add_argument("--data", default="digits-shift", help="downstream data set")
+    p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2], help="layers to fine-tune")
+    p.add_argument("--strategy", nargs="+", default=["top", "last", "random", "all"],
+                   choices=("top", "last", "first", "random", "all"))  # fmt: skip
+    p.add_argument("--by", default="delta", choices=("delta", "layermem"), help="ranking of top")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="crop-and-flip parameters (e.g. scale=[0.6,1.0] flip_p=0)")  # fmt: skip
+    p.add_argument("--no-augment", action="store_true", help="train on the plain images")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_finetune)
 
     return parser
 

@@ -126,3 +126,35 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
     assert main(probe) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert main(["prune", *tiny, "--strategy", "random", "--out", str(out)]) == 2
+
+
+def test_finetune_command_compares_strategies(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import save_file
+
+    from .conftest import tiny_resnet
+    from .test_tuning import planted_layermem
+
+    weights = tmp_path / "f.safetensors"
+    save_file(tiny_resnet(img_size=32).state_dict(), str(weights))
+    scores = planted_layermem([0.1, 0.15, 0.4, 0.45, 0.5, 0.9, 0.95, 0.96, 0.97])
+    scores.save(tmp_path / "layers" / "layermem")
+    out = tmp_path / "ft"
+    args = ["finetune", "--f", str(weights), "--model", "resnet18", "--img-size", "32",
+            "--timm", "channels=[8,16,32,64]", "--layer-scores", str(tmp_path / "layers"),
+            "--k", "1", "--strategy", "top", "last", "--epochs", "1", "--seeds", "0", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    table = [(r["strategy"], r["k"], r["layers"], r["seeds"]) for r in report["table"]]
+    assert table == [("linear probe", 0, "", 2), ("top", 1, "layer3.0", 2),
+                     ("last", 1, "layer4.1", 2)]  # fmt: skip
+    assert len(report["runs"]) == 4 and all(0 <= r["accuracy"] <= 1 for r in report["runs"])
+    for name in ("comparison.md", "comparison.csv", "comparison.png"):
+        assert (out / name).is_file()
+    assert "top k=1" in capsys.readouterr().out
+    bad = [*args[:-1], str(tmp_path / "bad")]
+    bad[bad.index("--k") + 1] = "12"
+    assert main(bad) == 2
+    assert "k must be an int in [1, 9]" in capsys.readouterr().err

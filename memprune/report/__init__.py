@@ -4,6 +4,7 @@ from memprune.report._rundir import prepare_out_dir
 from memprune.report.plots import (
     plot_confusion,
     plot_consistency,
+    plot_finetune,
     plot_layer_mem,
     plot_prune_tradeoff,
     plot_unit_scores,
@@ -12,6 +13,7 @@ from memprune.report.plots import (
 __all__ = [
     "plot_confusion",
     "plot_consistency",
+    "plot_finetune",
     "plot_layer_mem",
     "plot_prune_tradeoff",
     "plot_unit_scores",

@@ -137,3 +137,21 @@ def plot_prune_tradeoff(rows: list[dict], path: str | os.PathLike, title: str = 
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def plot_finetune(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Test accuracy (mean ± standard deviation over seeds) per strategy and k."""
+    labels = [r["strategy"] if r["k"] == 0 else f"{r['strategy']} k={r['k']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(rows) + 2), 4))
+    colors = [f"C{list(dict.fromkeys(r['strategy'] for r in rows)).index(r['strategy'])}"
+              for r in rows]  # fmt: skip
+    ax.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
+           color=colors, capsize=3)  # fmt: skip
+    ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy")
+    low = min(r["mean"] - r["std"] for r in rows)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)

@@ -139,7 +139,7 @@ def run_training(
     lr: float,
     weight_decay: float,
     seed: int,
-    out_dir: Path,
+    out_dir: Path | None,
     config: dict,
     mixed_precision: str = "no",
     keep_checkpoints: bool = False,
@@ -148,6 +148,7 @@ def run_training(
     progress: bool | None = None,
     callback: Callback | None = None,
     desc: str = "train",
+    set_mode: Callable[[nn.Module], None] | None = None,
 ) -> list[float]:
     """Train ``net`` (encoder + head) with AdamW and a per-epoch cosine schedule.
 
@@ -155,7 +156,9 @@ def run_training(
     ``loss_fn(net, x, labels)`` the loss of a normalized batch. accelerate places the model,
     wraps it for many processes and runs mixed precision. Checkpoints every epoch; with
     ``resume`` a run continues from ``checkpoints/last.pt`` when its config matches.
-    Returns the per-epoch mean loss.
+    ``out_dir=None`` keeps no checkpoints (no resume). Only parameters with ``requires_grad``
+    are optimized; ``set_mode(net)`` replaces ``net.train()`` at the start of every epoch (to
+    keep frozen norms in eval mode). Returns the per-epoch mean loss.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -167,11 +170,12 @@ def run_training(
             f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
         )
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     start, history = 0, []
-    last = out_dir / LAST
-    if resume and last.is_file():
+    last = None if out_dir is None else out_dir / LAST
+    if last is not None and resume and last.is_file():
         ckpt = load_checkpoint(last)
         if ckpt["config"] != config:
             changed = sorted(
@@ -192,7 +196,10 @@ def run_training(
         data = epoch_data(epoch)
         batches = epoch_batches(len(data), batch_size, seed, epoch, rank, world)
         loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers)
-        model.train()
+        if set_mode is None:
+            model.train()
+        else:
+            set_mode(accelerator.unwrap_model(model))
         losses = []
         disable = True if rank else (None if progress is None else not progress)
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=disable, leave=False)
@@ -207,7 +214,7 @@ def run_training(
             bar.set_postfix(loss=f"{loss.item():.4f}")
         sched.step()
         history.append(float(accelerator.reduce(torch.stack(losses).mean(), "mean")))
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and last is not None:
             state = {
                 "model": accelerator.unwrap_model(model).state_dict(),
                 "optimizer": opt.state_dict(),

@@ -1,0 +1,26 @@
+"""Selective fine-tuning of the layers (or units) that memorize most (METHOD.md §10).
+
+* :func:`select_layers`: top-k by ΔLayerMem / LayerMem, or the last-k, first-k, random-k
+  and all-layers baselines, with the parameters each layer owns.
+* :func:`finetune`: train the chosen layers plus a linear head, everything else frozen.
+* :func:`finetune_units`: gradient masks, so only chosen units of a layer change.
+"""
+
+from memprune.tuning._finetune import FinetuneResult, accuracy, finetune, finetune_units
+from memprune.tuning._select import (
+    LayerSelection,
+    layer_modules,
+    layer_parameters,
+    select_layers,
+)
+
+__all__ = [
+    "FinetuneResult",
+    "LayerSelection",
+    "accuracy",
+    "finetune",
+    "finetune_units",
+    "layer_modules",
+    "layer_parameters",
+    "select_layers",
+]

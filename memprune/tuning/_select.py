@@ -1,0 +1,190 @@
+"""Which layers to fine-tune: ranked by (Δ)LayerMem, or a baseline choice (METHOD.md §10)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from memprune.encoders import input_size
+from memprune.errors import ConfigError, SiteError
+from memprune.sites import Site, find_sites, trace
+
+STRATEGIES = ("top", "last", "first", "random", "all")
+BY = ("delta", "layermem")
+
+
+@dataclass
+class LayerSelection:
+    """Chosen layer sites (forward order) and, given an encoder, the parameters they own.
+
+    ``values`` holds the ranking value (ΔLayerMem or LayerMem) of every candidate layer;
+    ``parameters`` maps parameter names to the layer that owns them (empty without encoder).
+    """
+
+    layers: list[str]
+    strategy: str
+    by: str
+    k: int
+    values: dict[str, float] = field(default_factory=dict)
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+def _example_size(encoder: nn.Module, size=None) -> tuple[int, int, int]:
+    return tuple(size) if size is not None else input_size(encoder)
+
+
+def layer_modules(
+    encoder: nn.Module, layers: list[str] | None = None, size=None
+) -> dict[str, list[str]]:
+    """Layer site -> the modules it owns: every module that finishes after the previous layer
+    site's point and by this one's (the stem owns ``conv1``/``bn1``; ``layer1.0`` its block;
+    ``blocks.i:after_attn`` owns ``norm1``, ``attn``, ``ls1``; ``:after_mlp`` the MLP half).
+    Modules after the last layer (a ViT's final ``norm``) and parameters held directly by the
+    root module (class token, position embedding) belong to no layer."""
+    sites = find_sites(encoder, "layers", input_size=_example_size(encoder, size))
+    names = [s.name for s in sites]
+    if layers is not None:
+        unknown = [n for n in layers if n not in names]
+        if unknown:
+            raise SiteError(
+                f"layers {unknown} are not layer sites of {type(encoder).__name__}; its layers:"
+                f" {', '.join(names)}"
+            )
+    param = next(encoder.parameters())
+    tr = trace(encoder, torch.zeros(1, *_example_size(encoder, size), device=param.device))
+    point = {}
+    for s in sites:
+        event = ("enter", s.module) if s.point == "input" else ("exit", s.module)
+        point[s.name] = tr.events.index(event)
+    done = {}
+    for i, (kind, name) in enumerate(tr.events):
+        if kind == "exit" and name not in done:
+            done[name] = i
+    bounds = sorted((point[s.name], s.name) for s in sites)
+    owner_of = {}
+    for module, at in done.items():
+        owner_of[module] = next((site for p, site in bounds if at <= p), None)
+    owned: dict[str, list[str]] = {s.name: [] for s in sites}
+    for module, owner in owner_of.items():
+        inner = [o for m, o in owner_of.items() if m.startswith(module + ".")]
+        if owner is not None and all(o == owner for o in inner):  # not a container of others
+            owned[owner].append(module)
+    return owned if layers is None else {n: owned[n] for n in layers}
+
+
+def layer_parameters(encoder: nn.Module, layers: list[str], size=None) -> dict[str, str]:
+    """Parameter name -> owning layer, for the parameters of ``layers``."""
+    owned = layer_modules(encoder, layers, size)
+    out = {}
+    for layer, modules in owned.items():
+        for module in modules:
+            mod = encoder.get_submodule(module)
+            for pname, _ in mod.named_parameters(recurse=False):
+                out[f"{module}.{pname}"] = layer
+    return out
+
+
+def select_layers(
+    result,
+    k: int,
+    by: str = "delta",
+    strategy: str = "top",
+    seed: int = 0,
+    encoder: nn.Module | None = None,
+) -> LayerSelection:
+    """Choose ``k`` layers of a :class:`~memprune.LayerMemResult` to fine-tune.
+
+    Args:
+        result: LayerMem of the encoder (its ``output`` entry is a read-out of the last layer,
+            not a layer that owns parameters, and is never chosen).
+        k: number of layers (ignored by ``all``).
+        by: ``delta`` (ΔLayerMem, default) or ``layermem``: the ranking of ``top``.
+        strategy: ``top`` (the k most memorizing), ``last`` / ``first`` (the last / first k in
+            forward order), ``random`` (k drawn with ``seed``), ``all``.
+        seed: seed of ``random``.
+        encoder: when given, the selection's ``parameters`` are filled and the layers checked
+            against it.
+    Returns:
+        A :class:`LayerSelection` with the layers in forward order.
+    """
+    if by not in BY:
+        raise ConfigError(f"by must be one of {BY}, got {by!r}")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    layers = [name for name in result.layers if name != "output"]
+    keep = torch.tensor([name != "output" for name in result.layers])
+    values = (result.delta() if by == "delta" else result.layer_mem())[keep]
+    if strategy == "all":
+        k = len(layers)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(layers):
+        raise ConfigError(
+            f"k must be an int in [1, {len(layers)}] (the encoder's {len(layers)} layers), got"
+            f" {k!r}"
+        )
+    if strategy == "top":
+        chosen = torch.sort(values, descending=True, stable=True).indices[:k].tolist()
+    elif strategy == "last":
+        chosen = list(range(len(layers) - k, len(layers)))
+    elif strategy == "first":
+        chosen = list(range(k))
+    elif strategy == "random":
+        g = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(layers), generator=g)[:k].tolist()
+    else:
+        chosen = list(range(len(layers)))
+    picked = [layers[i] for i in sorted(chosen)]
+    selection = LayerSelection(
+        picked, strategy, by, k, {n: float(v) for n, v in zip(layers, values)}
+    )
+    if encoder is not None:
+        selection.parameters = layer_parameters(encoder, picked)
+    return selection
+
+
+def unit_parameters(encoder: nn.Module, units: dict[str, list[int]], size=None):
+    """For ``{unit site: unit indices}``: parameter name -> (site, mask of the entries that
+    belong to the chosen units). A unit's parameters are its row in the module producing it
+    (``Site.source``: a norm's weight and bias, an ``fc1`` row) and, when that is a norm, the
+    output row of the conv / linear right before it."""
+    from memprune.sites import _CONV, _LINEAR, _NORM
+
+    sites: dict[str, Site] = {
+        s.name: s for s in find_sites(encoder, "units", input_size=_example_size(encoder, size))
+    }
+    unknown = [n for n in units if n not in sites]
+    if unknown:
+        raise SiteError(
+            f"{unknown} are not unit sites of {type(encoder).__name__} (e.g."
+            f" {', '.join(list(sites)[:5])}); see memprune.find_sites(encoder)"
+        )
+    param = next(encoder.parameters())
+    tr = trace(encoder, torch.zeros(1, *_example_size(encoder, size), device=param.device))
+    modules = dict(encoder.named_modules())
+    masks: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, idx in units.items():
+        site = sites[name]
+        if site.role not in ("conv", "mlp") or not site.source:
+            raise SiteError(f"site {name!r} ({site.role}) has no per-unit parameters to train")
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+        if len(idx) and (idx.min() < 0 or idx.max() >= site.n_units):
+            raise ConfigError(f"unit indices of {name!r} must be in [0, {site.n_units})")
+        owners = [site.source]
+        if isinstance(modules[site.source], _NORM):
+            start = tr.events.index(("enter", site.source))
+            before = next(
+                (n for kind, n in reversed(tr.events[:start])
+                 if kind == "enter" and isinstance(modules[n], _CONV + _LINEAR)),
+                None,
+            )  # fmt: skip
+            if before is not None:
+                owners.append(before)
+        for owner in owners:
+            for pname, p in modules[owner].named_parameters(recurse=False):
+                if p.shape[0] != site.n_units:
+                    continue
+                mask = torch.zeros_like(p, dtype=torch.bool)
+                mask[idx] = True
+                masks[f"{owner}.{pname}"] = (name, mask)
+    return masks
