@@ -323,6 +323,20 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_comparison(out: Path, rows: list[dict], report: dict, also: str) -> None:
+    """``report.json`` and the comparison table (Markdown, CSV, terminal)."""
+    from memprune._io import write_json, write_text
+    from memprune._table import format_csv, format_table
+
+    headers = list(rows[0])
+    table = [[r.get(h) for h in headers] for r in rows]
+    write_json(out / "report.json", report)
+    write_text(out / "comparison.md", format_table(headers, table, markdown=True) + "\n")
+    write_text(out / "comparison.csv", format_csv(headers, table))
+    print(format_table(headers, table))
+    print(f"\nwrote report.json, comparison.md/.csv, {also} to {out}")
+
+
 def _unit_scores(path: str):
     """A saved UnitMemResult: ``score units --out DIR`` or its ``unitmem`` file stem."""
     from memprune.errors import ConfigError
@@ -338,8 +352,6 @@ def _unit_scores(path: str):
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune by each strategy and ratio; probe every pruned encoder; one comparison table."""
-    from memprune._io import write_json, write_text
-    from memprune._table import format_csv, format_table
     from memprune.data import load_dataset
     from memprune.encoders import resolve_device
     from memprune.probe import linear_probe
@@ -391,18 +403,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             reports.append({"model_dir": f"models/{name}", "accuracy": accuracy,
                             **report.to_dict()})  # fmt: skip
             print(f"{name}: accuracy {accuracy:.4f}, params {report.params[1]}", flush=True)
-    headers = list(rows[0])
-    table = [[r.get(h) for h in headers] for r in rows]
-    write_json(out / "report.json", {
+    report = {
         "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
         "probe": args.backend, "options": options, "table": rows, "runs": reports,
-    })  # fmt: skip
-    write_text(out / "comparison.md", format_table(headers, table, markdown=True) + "\n")
-    write_text(out / "comparison.csv", format_csv(headers, table))
+    }  # fmt: skip
     title = f"pruning {args.model} ({args.scope} scope), linear probe on {args.data}"
     plot_prune_tradeoff(rows, out / "tradeoff.png", title)
-    print(format_table(headers, table))
-    print(f"\nwrote report.json, comparison.md/.csv, tradeoff.png and models/ to {out}")
+    _write_comparison(out, rows, report, "tradeoff.png and models/")
     return 0
 
 
@@ -433,8 +440,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune the chosen layers by each strategy, k and seed; one comparison table."""
     import statistics
 
-    from memprune._io import write_json, write_text
-    from memprune._table import format_csv, format_table
     from memprune.data import load_dataset
     from memprune.probe import linear_probe
     from memprune.report import plot_finetune, prepare_out_dir
@@ -472,20 +477,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 runs.append({**run, "accuracy": r.accuracy, "best_epoch": r.best_epoch, **curves})
             shown = layers if strategy != "random" else ["(per seed)"]
             summarize(strategy, k, accs, shown)
-    headers = list(rows[0])
-    table = [[r[h] for h in headers] for r in rows]
-    write_json(out / "report.json", {
+    values = scores.delta() if args.by == "delta" else scores.layer_mem()
+    report = {
         "f": args.f, "data": args.data, "by": args.by, "seeds": args.seeds, **budget,
-        "layer_values": dict(zip(scores.layers, (scores.delta() if args.by == "delta"
-                                                 else scores.layer_mem()).tolist())),
-        "table": rows, "runs": runs,
-    })  # fmt: skip
-    write_text(out / "comparison.md", format_table(headers, table, markdown=True) + "\n")
-    write_text(out / "comparison.csv", format_csv(headers, table))
+        "layer_values": dict(zip(scores.layers, values.tolist())), "table": rows, "runs": runs,
+    }  # fmt: skip
     title = f"fine-tuning {args.f} on {args.data} ({args.epochs} epochs, lr {args.lr:g})"
     plot_finetune(rows, out / "comparison.png", title)
-    print(format_table(headers, table))
-    print(f"\nwrote report.json, comparison.md/.csv and comparison.png to {out}")
+    _write_comparison(out, rows, report, "comparison.png")
     return 0
 
 

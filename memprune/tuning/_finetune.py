@@ -195,11 +195,11 @@ def finetune(
     names = _layer_names(encoder, layers)
     owned = layer_parameters(encoder, names)  # checks the names
     modules = [m for mods in layer_modules(encoder, names).values() for m in mods]
-    return _train(encoder, dict.fromkeys(owned), modules, train, val, test,
-                  epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
-                  weight_decay=weight_decay, val_fraction=val_fraction, seed=seed,
-                  mixed_precision=mixed_precision, num_workers=num_workers,
-                  progress=progress, layers=names, desc="finetune")  # fmt: skip
+    run = dict(epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
+               val_fraction=val_fraction, seed=seed, mixed_precision=mixed_precision,
+               num_workers=num_workers, progress=progress)  # fmt: skip
+    return _train(encoder, dict.fromkeys(owned), modules, train, val, test, **run,
+                  weight_decay=weight_decay, layers=names, desc="finetune")  # fmt: skip
 
 
 def finetune_units(
@@ -228,8 +228,8 @@ def finetune_units(
     """
     encoder = encoder if inplace else copy.deepcopy(encoder)
     masks = {name: mask for name, (_, mask) in unit_parameters(encoder, units).items()}
-    return _train(encoder, masks, [], train, val, test,
-                  epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
-                  weight_decay=0.0, val_fraction=val_fraction, seed=seed,
-                  mixed_precision=mixed_precision, num_workers=num_workers,
-                  progress=progress, layers=list(units), desc="finetune units")  # fmt: skip
+    run = dict(epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
+               val_fraction=val_fraction, seed=seed, mixed_precision=mixed_precision,
+               num_workers=num_workers, progress=progress)  # fmt: skip
+    return _train(encoder, masks, [], train, val, test, **run, weight_decay=0.0,
+                  layers=list(units), desc="finetune units")  # fmt: skip

@@ -31,8 +31,12 @@ class LayerSelection:
     parameters: dict[str, str] = field(default_factory=dict)
 
 
-def _example_size(encoder: nn.Module, size=None) -> tuple[int, int, int]:
-    return tuple(size) if size is not None else input_size(encoder)
+def _sites_and_trace(encoder: nn.Module, kind: str, size=None):
+    """The encoder's ``kind`` sites and the trace of one dry forward pass."""
+    size = tuple(size) if size is not None else input_size(encoder)
+    sites = find_sites(encoder, kind, input_size=size)
+    param = next(encoder.parameters())
+    return sites, trace(encoder, torch.zeros(1, *size, device=param.device))
 
 
 def layer_modules(
@@ -43,7 +47,7 @@ def layer_modules(
     ``blocks.i:after_attn`` owns ``norm1``, ``attn``, ``ls1``; ``:after_mlp`` the MLP half).
     Modules after the last layer (a ViT's final ``norm``) and parameters held directly by the
     root module (class token, position embedding) belong to no layer."""
-    sites = find_sites(encoder, "layers", input_size=_example_size(encoder, size))
+    sites, tr = _sites_and_trace(encoder, "layers", size)
     names = [s.name for s in sites]
     if layers is not None:
         unknown = [n for n in layers if n not in names]
@@ -52,8 +56,6 @@ def layer_modules(
                 f"layers {unknown} are not layer sites of {type(encoder).__name__}; its layers:"
                 f" {', '.join(names)}"
             )
-    param = next(encoder.parameters())
-    tr = trace(encoder, torch.zeros(1, *_example_size(encoder, size), device=param.device))
     point = {}
     for s in sites:
         event = ("enter", s.module) if s.point == "input" else ("exit", s.module)
@@ -150,17 +152,14 @@ def unit_parameters(encoder: nn.Module, units: dict[str, list[int]], size=None):
     output row of the conv / linear right before it."""
     from memprune.sites import _CONV, _LINEAR, _NORM
 
-    sites: dict[str, Site] = {
-        s.name: s for s in find_sites(encoder, "units", input_size=_example_size(encoder, size))
-    }
+    found, tr = _sites_and_trace(encoder, "units", size)
+    sites: dict[str, Site] = {s.name: s for s in found}
     unknown = [n for n in units if n not in sites]
     if unknown:
         raise SiteError(
             f"{unknown} are not unit sites of {type(encoder).__name__} (e.g."
             f" {', '.join(list(sites)[:5])}); see memprune.find_sites(encoder)"
         )
-    param = next(encoder.parameters())
-    tr = trace(encoder, torch.zeros(1, *_example_size(encoder, size), device=param.device))
     modules = dict(encoder.named_modules())
     masks: dict[str, tuple[str, torch.Tensor]] = {}
     for name, idx in units.items():
