@@ -354,8 +354,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Prune by each strategy and ratio; probe every pruned encoder; one comparison table."""
     from memprune.data import load_dataset
     from memprune.encoders import resolve_device
-    from memprune.probe import linear_probe
-    from memprune.pruning import prune, save_pruned
+    from memprune.pruning import compare_pruning
     from memprune.pruning._importance import SCORE_STRATEGIES
     from memprune.report import plot_prune_tradeoff, plot_unit_scores, prepare_out_dir
     from memprune.scores import unit_mem
@@ -385,24 +384,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         iterative_steps=args.iterative_steps,
         latency_batch=args.latency_batch,
     )
-    rows, reports = [], []
-    for strategy in args.strategy:
-        for ratio in args.ratio:
-            pruned, report = prune(model, scores, ratio, strategy, **options)
-            name = f"{strategy}_{ratio:g}"
-            save_pruned(pruned, out / "models" / name, overwrite=args.force)
-            accuracy = linear_probe(pruned, train, test, **probe)["accuracy"]
-            if not rows:  # the unpruned encoder, measured once
-                base = linear_probe(model, train, test, **probe)["accuracy"]
-                lat = {} if report.latency_s is None else {"latency_ms": 1e3 * report.latency_s[0]}
-                rows.append({"strategy": "none", "ratio": 0.0, "params": report.params[0],
-                             "params_ratio": 1.0, "macs": round(report.macs[0]), "macs_ratio": 1.0,
-                             **lat, **({"latency_ratio": 1.0} if lat else {}),
-                             "accuracy": base})  # fmt: skip
-            rows.append({**report.row(), "accuracy": accuracy})
-            reports.append({"model_dir": f"models/{name}", "accuracy": accuracy,
-                            **report.to_dict()})  # fmt: skip
-            print(f"{name}: accuracy {accuracy:.4f}, params {report.params[1]}", flush=True)
+    rows, reports = compare_pruning(model, scores, train, test, args.ratio, args.strategy,
+                                    out / "models", overwrite=args.force, probe=probe,
+                                    log=lambda m: print(m, flush=True), **options)  # fmt: skip
     report = {
         "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
         "probe": args.backend, "options": options, "table": rows, "runs": reports,
@@ -438,12 +422,9 @@ def _layer_scores(args):
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune the chosen layers by each strategy, k and seed; one comparison table."""
-    import statistics
-
     from memprune.data import load_dataset
-    from memprune.probe import linear_probe
     from memprune.report import plot_finetune, prepare_out_dir
-    from memprune.tuning import finetune, select_layers
+    from memprune.tuning import compare_finetuning
 
     out = prepare_out_dir(args.out, args.force)
     encoder = _encoder_arg(args.f, args)
@@ -452,31 +433,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     test = load_dataset(args.data, "test", root=args.root, img_size=_img_size(args))
     augment = False if args.no_augment else _key_values(args.aug, "--aug")
     budget = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, augment=augment)
-    runs, rows = [], []
-
-    def summarize(strategy, k, accs, layers):
-        mean = statistics.fmean(accs)
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        rows.append({"strategy": strategy, "k": k, "layers": " ".join(layers), "mean": mean,
-                     "std": spread, "seeds": len(accs),
-                     "accuracies": " ".join(f"{a:.4f}" for a in accs)})  # fmt: skip
-        print(f"{strategy} k={k}: {mean:.4f} ± {spread:.4f} ({layers})", flush=True)
-
-    probe = [linear_probe(encoder, train, test, seed=s)["accuracy"] for s in args.seeds]
-    summarize("linear probe", 0, probe, [])
-    for strategy in args.strategy:
-        for k in [len(scores.layers) - 1] if strategy == "all" else args.k:
-            accs, layers = [], []
-            for seed in args.seeds:
-                sel = select_layers(scores, k, by=args.by, strategy=strategy, seed=seed)
-                r = finetune(encoder, sel, train, None, test, seed=seed, **budget)
-                accs.append(r.accuracy)
-                layers = layers or sel.layers
-                run = {"strategy": strategy, "k": k, "seed": seed, "layers": sel.layers}
-                curves = {"val_accuracy": r.val_accuracy, "train_loss": r.train_loss}
-                runs.append({**run, "accuracy": r.accuracy, "best_epoch": r.best_epoch, **curves})
-            shown = layers if strategy != "random" else ["(per seed)"]
-            summarize(strategy, k, accs, shown)
+    rows, runs = compare_finetuning(encoder, scores, train, test, args.k, args.strategy,
+                                    args.seeds, by=args.by, log=lambda m: print(m, flush=True),
+                                    **budget)  # fmt: skip
     values = scores.delta() if args.by == "delta" else scores.layer_mem()
     report = {
         "f": args.f, "data": args.data, "by": args.by, "seeds": args.seeds, **budget,

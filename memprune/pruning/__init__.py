@@ -7,6 +7,7 @@
 * :func:`save_pruned` / :func:`load_pruned`: safetensors weights + a structure spec.
 """
 
+from memprune.pruning._compare import compare_pruning
 from memprune.pruning._importance import UnitMemImportance
 from memprune.pruning._prune import STRATEGIES, PruneReport, measure_latency, prune
 from memprune.pruning._save import load_pruned, save_pruned
@@ -15,6 +16,7 @@ __all__ = [
     "STRATEGIES",
     "PruneReport",
     "UnitMemImportance",
+    "compare_pruning",
     "load_pruned",
     "measure_latency",
     "prune",

@@ -6,6 +6,7 @@
 * :func:`finetune_units`: gradient masks, so only chosen units of a layer change.
 """
 
+from memprune.tuning._compare import compare_finetuning
 from memprune.tuning._finetune import FinetuneResult, accuracy, finetune, finetune_units
 from memprune.tuning._select import (
     LayerSelection,
@@ -18,6 +19,7 @@ __all__ = [
     "FinetuneResult",
     "LayerSelection",
     "accuracy",
+    "compare_finetuning",
     "finetune",
     "finetune_units",
     "layer_modules",

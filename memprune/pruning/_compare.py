@@ -1,0 +1,57 @@
+"""Every pruning strategy and ratio side by side, each pruned encoder linear-probed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from memprune.pruning._prune import prune
+from memprune.pruning._save import save_pruned
+
+
+def compare_pruning(
+    encoder: nn.Module,
+    scores,
+    train: Dataset,
+    test: Dataset,
+    ratios,
+    strategies,
+    models_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    probe: dict | None = None,
+    log=print,
+    **options,
+) -> tuple[list[dict], list[dict]]:
+    """Prune ``encoder`` by each strategy at each ratio (``options``: arguments of
+    :func:`prune`), save each pruned encoder under ``models_dir/STRATEGY_RATIO`` and retrain a
+    linear probe on it (``probe``: arguments of :func:`memprune.linear_probe`).
+
+    Returns table rows (the unpruned encoder first, as strategy ``none``) and one full record
+    per run (the :class:`PruneReport` with its accuracy).
+    """
+    from memprune.probe import linear_probe
+
+    probe = probe or {}
+    rows, runs = [], []
+    for strategy in strategies:
+        for ratio in ratios:
+            pruned, report = prune(encoder, scores, ratio, strategy, **options)
+            name = f"{strategy}_{ratio:g}"
+            if models_dir is not None:
+                save_pruned(pruned, Path(models_dir) / name, overwrite=overwrite)
+            accuracy = linear_probe(pruned, train, test, **probe)["accuracy"]
+            if not rows:  # the unpruned encoder, measured once
+                base = linear_probe(encoder, train, test, **probe)["accuracy"]
+                row = {"strategy": "none", "ratio": 0.0, "params": report.params[0],
+                       "params_ratio": 1.0, "macs": round(report.macs[0])}  # fmt: skip
+                row["macs_ratio"] = 1.0
+                if report.latency_s is not None:
+                    row.update(latency_ms=1e3 * report.latency_s[0], latency_ratio=1.0)
+                rows.append({**row, "accuracy": base})
+            rows.append({**report.row(), "accuracy": accuracy})
+            runs.append({"model_dir": f"models/{name}", "accuracy": accuracy, **report.to_dict()})
+            log(f"{name}: accuracy {accuracy:.4f}, params {report.params[1]}")
+    return rows, runs
