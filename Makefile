@@ -15,19 +15,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The most complete job so far, on digits: SimCLR-train the pair f (shared+candidates) and g
-# (shared+extras), LayerMem/ΔLayerMem of the candidates, UnitMem of every unit of f, then
-# pruning f by UnitMem against random and magnitude, each pruned encoder linear-probed.
-# A finished pair is reused (--resume); the score directories are rewritten (--force).
-DEMO := runs/demo
-TINY := --timm "channels=[8,16,32,64]"
-AUG  := --aug "scale=[0.3,1.0]"
+# The whole loop on digits, from recipes/digits-resnet.yaml: SimCLR pair f / g, a supervised
+# baseline, UnitMem / ClassMem / SSLMem / LayerMem, probes, pruning by UnitMem against random and
+# magnitude, fine-tuning by ΔLayerMem against last-k / random-k / all, then report.md.
+# A finished run is reused (--resume skips finished stages); --force starts over.
+DEMO := runs/digits-resnet
 demo: $(STAMP)
-	$(VENV)/bin/memprune pretrain --pair --data digits --epochs 30 --lr 3e-3 --proj-dim 64 $(AUG) $(TINY) --out $(DEMO)/pair --resume
-	$(VENV)/bin/memprune score layers --f $(DEMO)/pair/f --g $(DEMO)/pair/g --data digits $(AUG) --out $(DEMO)/layers --force
-	$(VENV)/bin/memprune score units --checkpoint $(DEMO)/pair/f --data digits --views 10 --out $(DEMO)/units --force
-	$(VENV)/bin/memprune prune --checkpoint $(DEMO)/pair/f --scores $(DEMO)/units --data digits --ratio 0.2 0.5 --out $(DEMO)/prune --force
-	@echo "demo results: $(DEMO)/pair (encoders), $(DEMO)/layers (LayerMem), $(DEMO)/units (UnitMem), $(DEMO)/prune (pruning)"
+	$(VENV)/bin/memprune run recipes/digits-resnet.yaml --out $(DEMO) --resume
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -447,13 +447,46 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a YAML recipe end to end into a run directory and print the headline findings."""
+    from memprune.recipes import load_recipe, run_recipe
+    from memprune.recipes._report import headlines
+    from memprune.recipes._run import read_metrics
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    out = Path(args.out or Path("runs") / recipe.name)
+    run = run_recipe(recipe, out, resume=args.resume, force=args.force,
+                     log=lambda m: print(m, flush=True))  # fmt: skip
+    print("\nheadline findings:")
+    for line in headlines(read_metrics(run)):
+        print(f"- {line}")
+    print(f"\nreport: {run / 'report.md'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Re-render ``report.md`` of a run directory."""
+    from memprune.recipes import render_report
+
+    print(f"wrote {render_report(args.run_dir)}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every verb's ``--help`` lists its options with their defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="memprune",
-        description="Localize memorization in vision encoders and act on it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = _Parser(
+        prog="memprune", description="Localize memorization in vision encoders and act on it."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     p = sub.add_parser("sites", help="list an encoder's unit and layer sites")
     _add_model_args(p)
@@ -466,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sites)
 
     score = sub.add_parser("score", help="compute memorization scores").add_subparsers(
-        dest="what", required=True, metavar="SCORE"
+        dest="what", required=True, metavar="SCORE", parser_class=_Parser
     )
     for what, views, augment, helptext in (
         ("units", 10, "simclr", "UnitMem of every unit (per-point selectivity)"),
@@ -631,6 +664,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("run", help="run a YAML recipe: data -> scores -> actions -> report")
+    p.add_argument("recipe", help="recipe file (see recipes/)")
+    p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="override recipe keys, e.g. actions.prune.ratios=[0.5]")  # fmt: skip
+    p.add_argument("--out", default=None, help="run directory (default: runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    p.add_argument("--force", action="store_true", help="start an existing run over")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="re-render report.md of a run directory")
+    p.add_argument("run_dir", help="a directory written by memprune run")
+    p.set_defaults(func=cmd_report)
 
     return parser
 

@@ -155,3 +155,33 @@ def plot_finetune(rows: list[dict], path: str | os.PathLike, title: str = "") ->
     if title:
         ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def plot_class_vs_unit(pairs: dict, path: str | os.PathLike) -> Path:
+    """ClassMem against UnitMem per unit, one colour per encoder (e.g. SSL vs supervised)."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for label, (unit, cls) in pairs.items():
+        ax.scatter(unit.numpy(), cls.numpy(), s=4, alpha=0.4, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("UnitMem (per unit)")
+    ax.set_ylabel("ClassMem (per unit)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, markerscale=3)
+    ax.set_title("memorizing single points (x) vs selective for a class (y)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_sslmem(scores: dict, path: str | os.PathLike) -> Path:
+    """Histograms of per-point SSLMem, e.g. of the candidates (f saw them) and the extras."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    lo = min(float(s.min()) for s in scores.values())
+    hi = max(float(s.max()) for s in scores.values())
+    for label, s in scores.items():
+        ax.hist(s.numpy(), bins=30, range=(lo, hi), alpha=0.5,
+                label=f"{label} (mean {float(s.mean()):.3f})")  # fmt: skip
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("SSLMem (> 0: f aligns the point's views better than g)")
+    ax.set_ylabel("points")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -1,0 +1,153 @@
+"""``report.md`` of a run directory: headline findings stated from the numbers, the tables
+and the plots. Rendered from the files of the run alone (``memprune report RUN_DIR``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from memprune._io import read_json, write_text
+from memprune.errors import ConfigError
+
+#: Plots each stage writes, with their captions.
+PLOTS = {
+    "unitmem": [("unitmem_per_site.png", "UnitMem distribution per layer (f)")],
+    "classmem": [
+        ("classmem_vs_unitmem.png", "ClassMem vs UnitMem per unit"),
+        ("classmem_f_per_site.png", "ClassMem distribution per layer (f)"),
+    ],
+    "sslmem": [("sslmem.png", "SSLMem of the candidates (in f's data) and the extras (not)")],
+    "layermem": [
+        ("layermem.png", "LayerMem and ΔLayerMem per layer"),
+        ("consistency.png", "agreement of per-point SSLMem between layers"),
+    ],
+    "prune": [("tradeoff.png", "linear-probe accuracy against parameters, MACs and latency")],
+    "finetune": [("comparison.png", "fine-tuning strategies at the same budget")],
+}
+TABLES = {
+    "evaluate": ("probes.md", "Probes (test accuracy)"),
+    "unitmem": ("summary.md", "UnitMem per site (f)"),
+    "layermem": ("layermem.md", "LayerMem per layer"),
+    "prune": ("comparison.md", "Pruning"),
+    "finetune": ("comparison.md", "Fine-tuning (test accuracy over seeds)"),
+}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def headlines(m: dict) -> list[str]:
+    """One sentence per finding, each computed from the stage metrics."""
+    out = []
+    if ev := m.get("evaluate"):
+        parts = [
+            f"{name}: " + ", ".join(f"{k} {_pct(v)}" for k, v in vals.items() if k != "seconds")
+            for name, vals in ev.items()
+            if isinstance(vals, dict)
+        ]
+        out.append("Probe accuracy on the test split: " + "; ".join(parts) + ".")
+    if s := m.get("sslmem"):
+        d, se = s["difference"], s["difference_se"]
+        verdict = (
+            "f memorizes its candidates" if d > 2 * se
+            else "no clear memorization signal at this budget (difference within 2 SE)"
+        )  # fmt: skip
+        out.append(
+            f"SSLMem: candidates {s['candidate']['mean']:.4f} vs extras"
+            f" {s['extra']['mean']:.4f} (difference {d:+.4f} ± {se:.4f} SE): {verdict}."
+        )
+    if lm := m.get("layermem"):
+        out.append(
+            f"LayerMem: ΔLayerMem is largest at {lm['top_delta_layer']} ({lm['top_delta']:+.4f});"
+            f" LayerMem at the output {lm['output_layermem']:+.4f}."
+        )
+    if u := m.get("unitmem"):
+        out.append(
+            f"UnitMem (f): mean {u['mean']:.3f} over {u['units']} units, {_pct(u['frac>0.5'])}"
+            f" above 0.5; per-site mean from {u['first_mean']:.3f} ({u['first_site']}) to"
+            f" {u['last_mean']:.3f} ({u['last_site']}), highest at {u['top_site']}"
+            f" ({u['top_mean']:.3f})."
+        )
+    if c := m.get("classmem"):
+        parts = [
+            f"{name}: UnitMem {v['unitmem_mean']:.3f}, ClassMem {v['classmem_mean']:.3f}"
+            for name, v in c.items()
+            if isinstance(v, dict)
+        ]
+        out.append("Mean unit scores, " + "; ".join(parts) + ".")
+    if p := m.get("prune"):
+        rows = p["rows"]
+        base = next(r for r in rows if r["strategy"] == "none")
+        for ratio in sorted({r["ratio"] for r in rows if r["strategy"] != "none"}):
+            at = [r for r in rows if r["ratio"] == ratio and r["strategy"] != "none"]
+            best = max(at, key=lambda r: r["accuracy"])
+            by = {r["strategy"]: r["accuracy"] for r in at}
+            vs = ""
+            if "lowest" in by and "random" in by:
+                vs = f"; lowest − random {100 * (by['lowest'] - by['random']):+.1f} points"
+            lat = f", latency ×{best['latency_ratio']:.2f}" if "latency_ratio" in best else ""
+            out.append(
+                f"Pruning {_pct(ratio)} of units: best {best['strategy']}"
+                f" {_pct(best['accuracy'])} (unpruned {_pct(base['accuracy'])}), parameters"
+                f" ×{best['params_ratio']:.2f}, MACs ×{best['macs_ratio']:.2f}{lat}{vs}."
+            )
+    if f := m.get("finetune"):
+        rows = f["rows"]
+        for k in sorted({r["k"] for r in rows if r["strategy"] not in ("linear probe", "all")}):
+            at = {r["strategy"]: r for r in rows if r["k"] == k}
+            best = max(at.values(), key=lambda r: r["mean"])
+            vs = ""
+            if "top" in at and "last" in at:
+                vs = f"; top − last {100 * (at['top']['mean'] - at['last']['mean']):+.1f} points"
+            out.append(
+                f"Fine-tuning k={k} on {f['data']}: best {best['strategy']}"
+                f" {_pct(best['mean'])} ± {_pct(best['std'])}{vs}."
+            )
+    return out
+
+
+def render_report(run: str | os.PathLike) -> Path:
+    """Write ``RUN/report.md`` from the run's recipe, environment, metrics, tables and plots."""
+    run = Path(run)
+    if not (run / "recipe.yaml").is_file():
+        raise ConfigError(f"{run} is not a memprune run directory (no recipe.yaml)")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    env = read_json(run / "environment.json") if (run / "environment.json").is_file() else {}
+    from memprune.recipes._run import STAGES, read_metrics
+
+    found = read_metrics(run)
+    metrics = {s: found[s] for s in STAGES if s in found}
+    enc = recipe["encoder"]
+    timm_args = ", ".join(f"{k}={v}" for k, v in (enc.get("timm") or {}).items())
+    lines = [
+        f"# memprune report: {recipe['name']}",
+        "",
+        f"- encoder: `{enc['model']}`{f' ({timm_args})' if timm_args else ''} at"
+        f" {enc.get('img_size')} px;"
+        f" data: `{recipe['data']['name']}`; seed {recipe['seed']}",
+        f"- device: {env.get('device')} ({env.get('device_name')}, {env.get('threads')} threads);"
+        f" git {str((env.get('git') or {}).get('revision'))[:12]}"
+        f"{' (dirty)' if (env.get('git') or {}).get('dirty') else ''}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in (env.get('versions') or {}).items())}",
+        "- stages: " + ", ".join(f"{k} ({v.get('seconds')} s)" for k, v in metrics.items()),
+        "",
+        "## Headline findings",
+        "",
+        *[f"- {h}" for h in headlines(metrics)],
+        "",
+    ]
+    for stage, (name, title) in TABLES.items():
+        path = run / stage / name
+        if path.is_file():
+            lines += [f"## {title}", "", path.read_text().rstrip(), ""]
+    plots = [(stage, f, cap) for stage, items in PLOTS.items() for f, cap in items]
+    present = [(s, f, c) for s, f, c in plots if (run / s / f).is_file()]
+    if present:
+        lines += ["## Plots", ""]
+        lines += [f"### {cap}\n\n![{cap}]({s}/{f})\n" for s, f, cap in present]
+    lines += ["Files: `recipe.yaml` (resolved), `environment.json`, `metrics.json` / `metrics.csv`,"
+              " one directory per stage (scores, models, tables, plots).", ""]  # fmt: skip
+    return write_text(run / "report.md", "\n".join(lines))

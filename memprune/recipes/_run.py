@@ -1,0 +1,444 @@
+"""Run a recipe stage by stage into one run directory.
+
+Layout of ``RUN/``: ``recipe.yaml`` (resolved), ``environment.json``, one directory per stage
+(``pretrain/``, ``supervised/``, ``unitmem/``, ``classmem/``, ``sslmem/``, ``layermem/``,
+``evaluate/``, ``prune/``, ``finetune/``) each ending with ``done.json`` (its metrics, written
+last), then ``metrics.json`` / ``metrics.csv`` and ``report.md``.
+
+``resume``: stages with ``done.json`` are skipped; an unfinished stage's directory is cleared
+and the stage runs again (pretraining continues from its own per-epoch checkpoint, which
+gives the same weights as an uninterrupted run). ``force``: the stages are cleared first.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from memprune._io import package_versions, read_json, write_json, write_text
+from memprune.errors import ConfigError
+from memprune.recipes._schema import Recipe
+
+STAGES = (
+    "pretrain", "supervised", "unitmem", "classmem", "sslmem", "layermem", "evaluate",
+    "prune", "finetune",
+)  # fmt: skip
+DONE = "done.json"
+
+
+class _Context:
+    """What the stages share: the recipe, the run directory, data and encoders (lazily)."""
+
+    def __init__(self, recipe: Recipe, run: Path, log: Callable[[str], None]):
+        self.recipe, self.run, self.log = recipe, run, log
+        self._cache: dict = {}
+
+    def dataset(self, name: str, split: str):
+        from memprune.data import load_dataset
+        from memprune.data._datasets import BUILTIN
+
+        key = (name, split)
+        if key not in self._cache:
+            d = self.recipe.data
+            size = None if name in BUILTIN else (d.img_size or self.recipe.encoder.img_size)
+            self._cache[key] = load_dataset(name, split, root=d.root, img_size=size)
+        return self._cache[key]
+
+    @property
+    def train(self):
+        return self.dataset(self.recipe.data.name, "train")
+
+    @property
+    def test(self):
+        return self.dataset(self.recipe.data.name, "test")
+
+    def splits(self):
+        from memprune.data import Splits
+
+        path = self.run / "pretrain" / "splits.json"
+        return Splits.load(path) if path.is_file() else None
+
+    def encoder(self, which: str):
+        """``f``, ``g`` or ``supervised``, loaded from the run (or the recipe's checkpoints)."""
+        from memprune.encoders import load_encoder
+
+        if which in self._cache:
+            return self._cache[which]
+        enc = self.recipe.encoder
+        if enc.pretrain is not None and which in ("f", "g"):
+            model = load_encoder(checkpoint=self.run / "pretrain" / which)
+        elif which == "supervised":
+            model = load_encoder(checkpoint=self.run / "supervised")
+        else:
+            path = enc.checkpoint if which == "f" else enc.reference
+            model = load_encoder(enc.model, checkpoint=path, img_size=enc.img_size, **enc.timm)
+        self._cache[which] = model
+        return model
+
+    def result(self, stage: str, name: str):
+        from memprune.scores import LayerMemResult, UnitMemResult
+
+        cls = LayerMemResult if stage == "layermem" else UnitMemResult
+        return cls.load(self.run / stage / name)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _pretrain(ctx: _Context, out: Path) -> dict:
+    from memprune.train import pretrain_pair
+
+    r, p = ctx.recipe, ctx.recipe.encoder.pretrain
+    f, g, splits = pretrain_pair(
+        r.encoder.model, ctx.train, out, shared=r.data.shared, candidate=r.data.candidate,
+        extra=r.data.extra, split_seed=r.data.split_seed, epochs=p.epochs, lr=p.lr,
+        batch_size=p.batch_size, temperature=p.temperature, proj_dim=p.proj_dim, seed=r.seed,
+        img_size=r.encoder.img_size, augment_params=p.augment, mixed_precision=p.mixed_precision,
+        resume=True, **r.encoder.timm,
+    )  # fmt: skip
+    return {
+        "n_shared": len(splits.shared), "n_candidate": len(splits.candidate),
+        "n_extra": len(splits.extra), "final_loss_f": f.history[-1], "final_loss_g": g.history[-1],
+    }  # fmt: skip
+
+
+def _supervised(ctx: _Context, out: Path) -> dict:
+    from memprune.train import train_supervised
+
+    r, s = ctx.recipe, ctx.recipe.encoder.supervised
+    res = train_supervised(
+        r.encoder.model, ctx.train, ctx.splits().f_indices, epochs=s.epochs,
+        batch_size=s.batch_size, lr=s.lr, seed=r.seed, out_dir=out, img_size=r.encoder.img_size,
+        resume=True, **r.encoder.timm,
+    )  # fmt: skip
+    return {"final_loss": res.history[-1]}
+
+
+def _scored_points(ctx: _Context, max_points: int | None):
+    from torch.utils.data import Subset
+
+    data = ctx.train
+    if max_points is not None and max_points < len(data):
+        g = torch.Generator().manual_seed(ctx.recipe.seed)
+        data = Subset(data, sorted(torch.randperm(len(data), generator=g)[:max_points].tolist()))
+    return data
+
+
+def _unit_summary(result) -> dict:
+    rows = result.summary()
+    scores = torch.cat([s["score"] for s in result.sites.values()])
+    best = max(rows, key=lambda r: r["mean"])
+    return {
+        "mean": float(scores.mean()), "frac>0.5": float((scores > 0.5).float().mean()),
+        "first_site": rows[0]["site"], "first_mean": rows[0]["mean"],
+        "last_site": rows[-1]["site"], "last_mean": rows[-1]["mean"],
+        "top_site": best["site"], "top_mean": best["mean"], "units": len(scores),
+        "dead": sum(r["dead"] for r in rows),
+    }  # fmt: skip
+
+
+def _unitmem(ctx: _Context, out: Path) -> dict:
+    from memprune.report import plot_unit_scores
+    from memprune.scores import unit_mem
+
+    r, c = ctx.recipe, ctx.recipe.scores.unitmem
+    result = unit_mem(
+        ctx.encoder("f"), _scored_points(ctx, c.max_points), n_views=c.views, rest=c.rest,
+        signed=c.signed, batch_size=r.scores.batch_size, seed=r.seed, device=r.device,
+    )  # fmt: skip
+    result.save(out / "unitmem")
+    plot_unit_scores(result, out / "unitmem_per_site.png")
+    _write_table(out / "summary", result.summary())
+    return _unit_summary(result)
+
+
+def _classmem(ctx: _Context, out: Path) -> dict:
+    from memprune.report import plot_unit_scores
+    from memprune.report.plots import plot_class_vs_unit
+    from memprune.scores import class_mem, unit_mem
+
+    r, c = ctx.recipe, ctx.recipe.scores.classmem
+    data = _scored_points(ctx, r.scores.unitmem.max_points)
+    opts = dict(n_views=c.views, batch_size=r.scores.batch_size, seed=r.seed, device=r.device)
+    metrics, pairs = {}, {}
+    encoders = ["f"] + (["supervised"] if r.encoder.supervised.enabled else [])
+    for which in encoders:
+        model = ctx.encoder(which)
+        cm = class_mem(model, data, **opts)
+        cm.save(out / f"classmem_{which}")
+        plot_unit_scores(cm, out / f"classmem_{which}_per_site.png")
+        um = ctx.result("unitmem", "unitmem") if which == "f" else unit_mem(model, data, **opts)
+        if which != "f":
+            um.save(out / f"unitmem_{which}")
+        u = torch.cat([s["score"] for s in um.sites.values()])
+        k = torch.cat([s["score"] for s in cm.sites.values()])
+        pairs["SSL (f)" if which == "f" else "supervised"] = (u, k)
+        metrics[which] = {"unitmem_mean": float(u.mean()), "classmem_mean": float(k.mean())}
+    plot_class_vs_unit(pairs, out / "classmem_vs_unitmem.png")
+    return metrics
+
+
+def _sslmem(ctx: _Context, out: Path) -> dict:
+    from memprune._io import save_result
+    from memprune.report.plots import plot_sslmem
+    from memprune.scores import ssl_mem
+
+    r, c = ctx.recipe, ctx.recipe.scores.sslmem
+    splits = ctx.splits()
+    if splits is None:
+        raise ConfigError("SSLMem needs the candidate / extra split of a pretrain stage")
+    scores, metrics = {}, {}
+    for part in ("candidate", "extra"):
+        res = ssl_mem(
+            ctx.encoder("f"), ctx.encoder("g"), ctx.train, getattr(splits, part),
+            n_views=c.views, batch_size=r.scores.batch_size, seed=r.seed, device=r.device,
+            **r.scores.augment,
+        )  # fmt: skip
+        save_result(out / f"sslmem_{part}", {"indices": res.indices, "score": res.score,
+                                             "raw": res.raw}, {"part": part}, "SSLMem")  # fmt: skip
+        scores[part] = res.score
+        n = len(res.score)
+        metrics[part] = {"mean": float(res.score.mean()), "n": n,
+                         "se": float(res.score.std() / n**0.5) if n > 1 else 0.0}  # fmt: skip
+    plot_sslmem(scores, out / "sslmem.png")
+    diff = metrics["candidate"]["mean"] - metrics["extra"]["mean"]
+    se = (metrics["candidate"]["se"] ** 2 + metrics["extra"]["se"] ** 2) ** 0.5
+    return {**metrics, "difference": diff, "difference_se": se}
+
+
+def _layermem(ctx: _Context, out: Path) -> dict:
+    from memprune.report import plot_consistency, plot_layer_mem
+    from memprune.scores import layer_mem
+
+    r, c = ctx.recipe, ctx.recipe.scores.layermem
+    splits = ctx.splits()
+    result = layer_mem(
+        ctx.encoder("f"), ctx.encoder("g"), ctx.train, splits.candidate if splits else None,
+        n_views=c.views, representation=c.representation, batch_size=r.scores.batch_size,
+        seed=r.seed, device=r.device, top_k=c.top_k, **r.scores.augment,
+    )  # fmt: skip
+    result.save(out / "layermem")
+    plot_layer_mem(result, out / "layermem.png")
+    plot_consistency(result, out / "consistency.png")
+    rows = result.table()
+    _write_table(out / "layermem", rows)
+    layers = [row for row in rows if row["layer"] != "output"]
+    top = max(layers, key=lambda row: row["dLayerMem"])
+    return {"top_delta_layer": top["layer"], "top_delta": top["dLayerMem"],
+            "output_layermem": rows[-1]["LayerMem"], "layers": len(layers)}  # fmt: skip
+
+
+def _evaluate(ctx: _Context, out: Path) -> dict:
+    from memprune.probe import knn_probe, linear_probe
+
+    r, e = ctx.recipe, ctx.recipe.evaluation
+    encoders = ["f"] + (["g"] if r.encoder.pretrain or r.encoder.reference else [])
+    encoders += ["supervised"] if r.encoder.supervised.enabled else []
+    rows, metrics = [], {}
+    for which in encoders:
+        row = {"encoder": which}
+        if e.linear:
+            lin = linear_probe(ctx.encoder(which), ctx.train, ctx.test, backend=e.backend,
+                               seed=r.seed, device=r.device)  # fmt: skip
+            row["linear"] = lin["accuracy"]
+        if e.knn:
+            row["knn"] = knn_probe(ctx.encoder(which), ctx.train, ctx.test, seed=r.seed,
+                                   device=r.device)["accuracy"]  # fmt: skip
+        rows.append(row)
+        metrics[which] = {k: v for k, v in row.items() if k != "encoder"}
+    _write_table(out / "probes", rows)
+    return metrics
+
+
+def _prune(ctx: _Context, out: Path) -> dict:
+    from memprune.pruning import compare_pruning
+    from memprune.report import plot_prune_tradeoff
+
+    r, p = ctx.recipe, ctx.recipe.actions.prune
+    probe = {"seed": r.seed, "device": r.device, "backend": r.evaluation.backend}
+    rows, runs = compare_pruning(
+        ctx.encoder("f"), ctx.result("unitmem", "unitmem"), ctx.train, ctx.test, p.ratios,
+        p.strategies, out / "models", probe=probe, log=ctx.log, scope=p.scope,
+        max_layer_ratio=p.max_layer_ratio, heads=p.heads, seed=r.seed,
+        latency_batch=p.latency_batch,
+    )  # fmt: skip
+    write_json(out / "runs.json", runs)
+    _write_table(out / "comparison", rows)
+    plot_prune_tradeoff(rows, out / "tradeoff.png", f"pruning f, linear probe on {r.data.name}")
+    return {"rows": rows}
+
+
+def _finetune(ctx: _Context, out: Path) -> dict:
+    from memprune.report import plot_finetune
+    from memprune.tuning import compare_finetuning
+
+    r, c = ctx.recipe, ctx.recipe.actions.finetune
+    name = r.data.downstream or r.data.name
+    rows, runs = compare_finetuning(
+        ctx.encoder("f"), ctx.result("layermem", "layermem"), ctx.dataset(name, "train"),
+        ctx.dataset(name, "test"), c.k, c.strategies, c.seeds, by=c.by, log=ctx.log,
+        epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, augment=c.augment,
+    )  # fmt: skip
+    write_json(out / "runs.json", runs)
+    _write_table(out / "comparison", rows)
+    plot_finetune(rows, out / "comparison.png", f"fine-tuning f on {name}")
+    return {"data": name, "rows": rows}
+
+
+RUNNERS = {
+    "pretrain": _pretrain, "supervised": _supervised, "unitmem": _unitmem,
+    "classmem": _classmem, "sslmem": _sslmem, "layermem": _layermem, "evaluate": _evaluate,
+    "prune": _prune, "finetune": _finetune,
+}  # fmt: skip
+
+
+def _write_table(stem: Path, rows: list[dict]) -> None:
+    from memprune._table import format_csv, format_table
+
+    headers = list(rows[0])
+    table = [[row.get(h) for h in headers] for row in rows]
+    write_text(stem.with_suffix(".md"), format_table(headers, table, markdown=True) + "\n")
+    write_text(stem.with_suffix(".csv"), format_csv(headers, table))
+
+
+def enabled_stages(recipe: Recipe) -> list[str]:
+    s, a, e = recipe.scores, recipe.actions, recipe.encoder
+    on = {
+        "pretrain": e.pretrain is not None, "supervised": e.supervised.enabled,
+        "unitmem": s.unitmem.enabled, "classmem": s.classmem.enabled,
+        "sslmem": s.sslmem.enabled and e.pretrain is not None, "layermem": s.layermem.enabled,
+        "evaluate": recipe.evaluation.linear or recipe.evaluation.knn,
+        "prune": a.prune.enabled, "finetune": a.finetune.enabled,
+    }  # fmt: skip
+    return [name for name in STAGES if on[name]]
+
+
+# ---------------------------------------------------------------- the run
+
+
+def environment(device: str | None) -> dict:
+    """Package versions, device, threads and the git revision of the memprune source."""
+    from memprune.encoders import resolve_device
+
+    src = Path(__file__).resolve().parents[2]
+    git = {}
+    try:
+        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10).stdout  # fmt: skip
+        git = {"revision": rev, "dirty": bool(dirty.strip())}
+    except (OSError, subprocess.SubprocessError):
+        git = {"revision": None}
+    dev = resolve_device(device)
+    return {
+        "versions": package_versions(), "python": platform.python_version(),
+        "platform": platform.platform(), "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "git": git,
+    }  # fmt: skip
+
+
+def _prepare(run: Path, recipe: Recipe, resume: bool, force: bool) -> None:
+    saved = run / "recipe.yaml"
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"{run} exists and is not a directory")
+    if run.is_dir() and any(run.iterdir()):
+        if resume and saved.is_file():
+            old = yaml.safe_load(saved.read_text())
+            if old != recipe.to_dict():
+                changed = sorted(k for k in {*old, *recipe.to_dict()}
+                                 if old.get(k) != recipe.to_dict().get(k))  # fmt: skip
+                raise ConfigError(
+                    f"{run} was run with another recipe (sections {', '.join(changed)} differ):"
+                    " use a new --out, or --force to start over"
+                )
+        elif force:
+            if not saved.is_file() and any(run.iterdir()):
+                raise ConfigError(f"{run} is not a memprune run directory; refusing to clear it")
+            for name in (*STAGES, "report.md", "metrics.json", "metrics.csv"):
+                path = run / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        else:
+            raise ConfigError(
+                f"run directory {run} already exists: pass --resume to finish it, --force to"
+                " start over, or choose another --out"
+            )
+    run.mkdir(parents=True, exist_ok=True)
+    write_text(saved, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: str | os.PathLike,
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run every enabled stage of ``recipe`` into ``out`` and write ``report.md``."""
+    from memprune.recipes._report import render_report
+
+    run = Path(out)
+    _prepare(run, recipe, resume, force)
+    write_json(run / "environment.json", environment(recipe.device))
+    ctx = _Context(recipe, run, log)
+    stages = enabled_stages(recipe)
+    metrics = {}
+    for i, name in enumerate(stages, 1):
+        stage_dir = run / name
+        done = stage_dir / DONE
+        if done.is_file():
+            metrics[name] = read_json(done)
+            log(f"[{i}/{len(stages)}] {name}: done earlier, skipped")
+            continue
+        if stage_dir.exists() and name not in ("pretrain", "supervised"):
+            shutil.rmtree(stage_dir)  # an interrupted stage restarts cleanly
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        log(f"[{i}/{len(stages)}] {name} ...")
+        start = time.perf_counter()
+        result = RUNNERS[name](ctx, stage_dir)
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        write_json(done, result)
+        metrics[name] = result
+        log(f"[{i}/{len(stages)}] {name}: {result['seconds']} s")
+    write_json(run / "metrics.json", metrics)
+    write_text(run / "metrics.csv", _metrics_csv(metrics))
+    render_report(run)
+    return run
+
+
+def read_metrics(run: Path) -> dict:
+    """Stage name -> metrics of every finished stage of a run directory."""
+    return {
+        d.name: read_json(d / DONE) for d in sorted(Path(run).iterdir()) if (d / DONE).is_file()
+    }
+
+
+def _flatten(prefix: str, value, out: list) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _flatten(f"{prefix}[{i}]", v, out)
+    else:
+        out.append((prefix, value))
+
+
+def _metrics_csv(metrics: dict) -> str:
+    from memprune._table import format_csv
+
+    rows: list = []
+    _flatten("", metrics, rows)
+    return format_csv(["metric", "value"], rows)

@@ -1,0 +1,334 @@
+"""The recipe schema: typed dataclasses with defaults, validated before anything runs.
+
+A recipe is YAML whose sections mirror :class:`Recipe`. Validation walks the dataclasses:
+an unknown key, a value of the wrong type or outside its allowed values or range is a
+:class:`RecipeError` naming the dotted path of the key (``actions.prune.ratios[1]``) and what
+is allowed there. ``--set key=value`` overrides are applied before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from memprune.errors import ConfigError
+
+
+class RecipeError(ConfigError):
+    """A recipe (or a ``--set`` override) that does not fit the schema."""
+
+
+def _range(lo=None, hi=None, hi_open=False) -> dict:
+    return {"min": lo, "max": hi, "max_open": hi_open}
+
+
+@dataclass
+class DataCfg:
+    """The data set the encoders are scored on (its train split) and probed on."""
+
+    name: str = "digits"
+    root: str | None = None
+    img_size: int | None = None
+    shared: int | float = field(default=0.5, metadata=_range(0))
+    candidate: int | float = field(default=0.1, metadata=_range(0))
+    extra: int | float = field(default=0.1, metadata=_range(0))
+    split_seed: int = 0
+    downstream: str | None = "digits-shift"  # fine-tuning data (None: the same data set)
+
+
+@dataclass
+class PretrainCfg:
+    """SimCLR pretraining of f (shared + candidates) and g (shared + extras)."""
+
+    epochs: int = field(default=30, metadata=_range(1))
+    lr: float = field(default=3e-3, metadata=_range(0))
+    batch_size: int = field(default=128, metadata=_range(2))
+    temperature: float = field(default=0.5, metadata=_range(0))
+    proj_dim: int = field(default=64, metadata=_range(1))
+    augment: dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+@dataclass
+class SupervisedCfg:
+    """A supervised baseline on the same points as f (for ClassMem vs UnitMem)."""
+
+    enabled: bool = False
+    epochs: int = field(default=15, metadata=_range(1))
+    lr: float = field(default=1e-3, metadata=_range(0))
+    batch_size: int = field(default=128, metadata=_range(2))
+
+
+@dataclass
+class EncoderCfg:
+    """The encoder: a timm name, made by ``pretrain`` or loaded from ``checkpoint``
+    (``reference``: the encoder g trained without the candidates, for SSLMem / LayerMem)."""
+
+    model: str = "resnet18"
+    img_size: int | None = 32
+    timm: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    reference: str | None = None
+    pretrain: PretrainCfg | None = field(default_factory=PretrainCfg)
+    supervised: SupervisedCfg = field(default_factory=SupervisedCfg)
+
+
+@dataclass
+class UnitMemCfg:
+    enabled: bool = True
+    views: int = field(default=10, metadata=_range(1))
+    rest: Literal["mean", "median"] = "mean"
+    signed: Literal["abs", "relu", "raw"] = "abs"
+    max_points: int | None = None
+
+
+@dataclass
+class ClassMemCfg:
+    enabled: bool = True
+    views: int = field(default=4, metadata=_range(1))
+
+
+@dataclass
+class SSLMemCfg:
+    enabled: bool = True
+    views: int = field(default=10, metadata=_range(1))
+
+
+@dataclass
+class LayerMemCfg:
+    enabled: bool = True
+    views: int = field(default=10, metadata=_range(1))
+    representation: Literal["flatten", "pool", "cls"] = "flatten"
+    top_k: int = field(default=50, metadata=_range(1))
+
+
+@dataclass
+class ScoresCfg:
+    """Scores of f; ``augment`` sets the views of SSLMem and LayerMem (SimCLR preset)."""
+
+    unitmem: UnitMemCfg = field(default_factory=UnitMemCfg)
+    classmem: ClassMemCfg = field(default_factory=ClassMemCfg)
+    sslmem: SSLMemCfg = field(default_factory=SSLMemCfg)
+    layermem: LayerMemCfg = field(default_factory=LayerMemCfg)
+    augment: dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
+    batch_size: int = field(default=32, metadata=_range(1))
+
+
+@dataclass
+class PruneCfg:
+    enabled: bool = True
+    ratios: list[float] = field(default_factory=lambda: [0.2, 0.5], metadata=_range(0, 1, True))
+    strategies: list[Literal["lowest", "highest", "random", "magnitude"]] = field(
+        default_factory=lambda: ["lowest", "highest", "random", "magnitude"]
+    )
+    scope: Literal["layer", "global"] = "layer"
+    max_layer_ratio: float | None = field(default=None, metadata=_range(0, 1))
+    heads: bool = False
+    latency_batch: int | None = 64
+
+
+@dataclass
+class FinetuneCfg:
+    enabled: bool = True
+    k: list[int] = field(default_factory=lambda: [1, 2], metadata=_range(1))
+    strategies: list[Literal["top", "last", "first", "random", "all"]] = field(
+        default_factory=lambda: ["top", "last", "random", "all"]
+    )
+    by: Literal["delta", "layermem"] = "delta"
+    epochs: int = field(default=20, metadata=_range(1))
+    lr: float = field(default=1e-2, metadata=_range(0))
+    batch_size: int = field(default=32, metadata=_range(1))
+    augment: bool | dict[str, Any] = False
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
+class ActionsCfg:
+    prune: PruneCfg = field(default_factory=PruneCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
+
+
+@dataclass
+class EvaluationCfg:
+    linear: bool = True
+    knn: bool = True
+    backend: Literal["torch", "sklearn"] = "torch"
+
+
+@dataclass
+class Recipe:
+    """Data -> encoders -> scores -> actions -> evaluation -> report."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str | None = None
+    data: DataCfg = field(default_factory=DataCfg)
+    encoder: EncoderCfg = field(default_factory=EncoderCfg)
+    scores: ScoresCfg = field(default_factory=ScoresCfg)
+    actions: ActionsCfg = field(default_factory=ActionsCfg)
+    evaluation: EvaluationCfg = field(default_factory=EvaluationCfg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_range(value, meta: dict, path: str) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise RecipeError(f"{path}: {value!r} is below the minimum {lo}")
+    if hi is not None and (value >= hi if meta.get("max_open") else value > hi):
+        bound = f"below {hi}" if meta.get("max_open") else f"at most {hi}"
+        raise RecipeError(f"{path}: {value!r} must be {bound}")
+
+
+def _build(tp, value, path: str, meta: dict):
+    """``value`` converted to type ``tp`` or a RecipeError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, path)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise RecipeError(f"{path}: may not be null; expected {_type_name(tp)}")
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _build(arm, value, path, meta)
+            except RecipeError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise RecipeError(f"{path}: {value!r} is not {_type_name(tp)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise RecipeError(
+                f"{path}: {value!r} is not allowed; use one of {', '.join(map(repr, allowed))}"
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_build(item, v, f"{path}[{i}]", meta) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        ok = isinstance(value, int) if tp is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            raise RecipeError(f"{path}: expected {tp.__name__}, got {value!r}")
+        _check_range(value, meta, path)
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise RecipeError(f"{path}: unsupported schema type {tp}")  # pragma: no cover
+
+
+def _build_dataclass(cls, value, path: str):
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{path or 'recipe'}: expected a mapping of keys, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise RecipeError(f"{where}: unknown key; allowed here: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            sub = f"{path}.{name}" if path else name
+            kwargs[name] = _build(hints[name], value[name], sub, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def validate(data: dict) -> Recipe:
+    """A :class:`Recipe` from a plain mapping, or a RecipeError with the bad key's path."""
+    recipe = _build_dataclass(Recipe, data, "")
+    enc, scores, act = recipe.encoder, recipe.scores, recipe.actions
+    has_g = enc.pretrain is not None or enc.reference is not None
+    if enc.pretrain is None and enc.checkpoint is None:
+        raise RecipeError("encoder: give encoder.pretrain (make f and g) or encoder.checkpoint")
+    if enc.pretrain is not None and enc.checkpoint is not None:
+        raise RecipeError("encoder: give encoder.pretrain or encoder.checkpoint, not both")
+    needs_g = [n for n, on in (("scores.sslmem", scores.sslmem.enabled),
+                               ("scores.layermem", scores.layermem.enabled)) if on]  # fmt: skip
+    if needs_g and not has_g:
+        raise RecipeError(
+            f"{needs_g[0]}: needs the reference encoder g; add encoder.pretrain or"
+            " encoder.reference, or set enabled: false"
+        )
+    if act.finetune.enabled and not scores.layermem.enabled:
+        raise RecipeError("actions.finetune: ranks layers by LayerMem; enable scores.layermem")
+    if act.prune.enabled and not scores.unitmem.enabled:
+        raise RecipeError("actions.prune: ranks units by UnitMem; enable scores.unitmem")
+    if enc.supervised.enabled and enc.pretrain is None:
+        raise RecipeError("encoder.supervised: trains on f's points; needs encoder.pretrain")
+    return recipe
+
+
+def _set(data: dict, assignment: str) -> None:
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {assignment!r}: write KEY=VALUE, e.g. actions.prune.ratios=[0.5]")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {key}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides=()) -> Recipe:
+    """Read YAML at ``path`` (None: all defaults), apply ``--set`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} does not exist (see recipes/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data)}")
+    for assignment in overrides:
+        _set(data, assignment)
+    return validate(data)
