@@ -1,0 +1,129 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from memprune.cli import main
+from memprune.errors import ConfigError
+from memprune.recipes import RecipeError, load_recipe, render_report, run_recipe, validate
+from memprune.recipes import _run as runner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The demo recipe, shortened for CI.
+TINY = [
+    "encoder.pretrain.epochs=2", "encoder.pretrain.batch_size=64", "encoder.supervised.epochs=1",
+    "scores.unitmem.views=2", "scores.unitmem.max_points=300", "scores.classmem.views=1",
+    "scores.sslmem.views=2", "scores.layermem.views=2", "actions.prune.ratios=[0.5]",
+    "actions.prune.strategies=[lowest,random]", "actions.prune.latency_batch=null",
+    "actions.finetune.epochs=1", "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
+    "actions.finetune.strategies=[top,last]", "evaluation.knn=false",
+]  # fmt: skip
+
+
+def test_every_shipped_recipe_validates():
+    names = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+    assert names == ["cifar10-resnet18.yaml", "digits-resnet.yaml", "digits-vit.yaml",
+                     "stl10-vit.yaml"]  # fmt: skip
+    for name in names:
+        recipe = load_recipe(ROOT / "recipes" / name)
+        assert recipe.name == name.removesuffix(".yaml")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"scores": {"unitmem": {"veiws": 3}}}, r"scores\.unitmem\.veiws: unknown key; allowed"),
+        ({"datta": {}}, r"datta: unknown key; allowed here: name, seed"),
+        ({"seed": "zero"}, r"seed: expected int, got 'zero'"),
+        ({"actions": {"prune": {"ratios": [0.2, 1.0]}}}, r"actions\.prune\.ratios\[1\]: 1\.0"),
+        ({"actions": {"prune": {"strategies": ["lowest", "smallest"]}}},
+         r"strategies\[1\]: 'smallest' is not allowed; use one of 'lowest'"),
+        ({"scores": {"unitmem": {"views": 0}}}, r"scores\.unitmem\.views: 0 is below the minimum"),
+        ({"encoder": {"pretrain": None}}, r"encoder: give encoder\.pretrain .* or"),
+        ({"encoder": {"img_size": True}}, r"encoder\.img_size: expected int"),
+        ({"evaluation": {"linear": "yes"}}, r"evaluation\.linear: expected true or false"),
+        ({"encoder": {"pretrain": None, "checkpoint": "w.safetensors"}},
+         r"scores\.sslmem: needs the reference encoder g"),
+    ],
+)  # fmt: skip
+def test_bad_recipes_name_the_key(data, message):
+    with pytest.raises(RecipeError, match=message):
+        validate(data)
+
+
+def test_set_overrides_and_cli_errors(tmp_path, capsys):
+    recipe = load_recipe(ROOT / "recipes" / "digits-resnet.yaml", ["actions.prune.ratios=[0.3]"])
+    assert recipe.actions.prune.ratios == [0.3] and recipe.encoder.timm["channels"][0] == 8
+    with pytest.raises(RecipeError, match="write KEY=VALUE"):
+        load_recipe(None, ["actions.prune.ratios"])
+    out = tmp_path / "never"
+    assert main(["run", str(ROOT / "recipes/digits-resnet.yaml"), "--set",
+                 "actions.prune.scope=everywhere", "--out", str(out)]) == 2  # fmt: skip
+    assert "actions.prune.scope: 'everywhere' is not allowed" in capsys.readouterr().err
+    assert not out.exists()  # rejected before any work
+
+
+def _comparable(metrics: dict) -> dict:
+    """Metrics without wall-clock times (they differ between any two runs)."""
+    text = json.dumps(metrics, sort_keys=True)
+    data = json.loads(text)
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "seconds"}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return strip(data)
+
+
+@pytest.mark.slow
+def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
+    recipe = load_recipe(ROOT / "recipes" / "digits-resnet.yaml", TINY)
+    whole = run_recipe(recipe, tmp_path / "whole", log=lambda m: None)
+    report = (whole / "report.md").read_text()
+    named = ["## Headline findings", "## Probes", "## UnitMem per site", "## LayerMem per",
+             "## Pruning", "## Fine-tuning", "layermem/layermem.png", "SSLMem: candidates",
+             "unitmem/unitmem_per_site.png", "classmem/classmem_vs_unitmem.png",
+             "prune/tradeoff.png", "finetune/comparison.png"]  # fmt: skip
+    for title in named:
+        assert title in report, title
+    for name in ("recipe.yaml", "environment.json", "metrics.json", "metrics.csv"):
+        assert (whole / name).is_file()
+    env = json.loads((whole / "environment.json").read_text())
+    assert env["versions"]["torch"] and "revision" in env["git"]
+
+    # a run killed in the middle of the prune stage, then resumed
+    crashed = tmp_path / "crashed"
+    real = runner.RUNNERS["prune"]
+
+    def killed(ctx, out):
+        (out / "models").mkdir()
+        (out / "models" / "half-written").write_text("partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(runner.RUNNERS, "prune", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, crashed, log=lambda m: None)
+    assert not (crashed / "prune" / "done.json").exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        run_recipe(recipe, crashed, log=lambda m: None)  # not overwritten silently
+    monkeypatch.setitem(runner.RUNNERS, "prune", real)
+    log = []
+    run_recipe(recipe, crashed, resume=True, log=log.append)
+    assert "[1/9] pretrain: done earlier, skipped" in log
+    assert not (crashed / "prune" / "models" / "half-written").exists()
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((crashed / "metrics.json").read_text())
+    assert _comparable(a) == _comparable(b)
+
+    # a different recipe cannot resume this run; --force starts over; report re-renders
+    other = load_recipe(ROOT / "recipes" / "digits-resnet.yaml", [*TINY, "seed=1"])
+    with pytest.raises(ConfigError, match="another recipe"):
+        run_recipe(other, crashed, resume=True, log=lambda m: None)
+    (whole / "report.md").unlink()
+    assert main(["report", str(whole)]) == 0
+    assert (whole / "report.md").read_text() == report
+    render_report(whole)
