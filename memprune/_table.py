@@ -36,3 +36,17 @@ def format_csv(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     writer.writerow(headers)
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def write_table(stem, rows: Sequence[dict]) -> str:
+    """``STEM.md`` and ``STEM.csv`` of dict rows (atomically); returns the terminal table."""
+    from pathlib import Path
+
+    from memprune._io import write_text
+
+    stem = Path(stem)
+    headers = list(rows[0])
+    table = [[row.get(h) for h in headers] for row in rows]
+    write_text(stem.with_suffix(".md"), format_table(headers, table, markdown=True) + "\n")
+    write_text(stem.with_suffix(".csv"), format_csv(headers, table))
+    return format_table(headers, table)

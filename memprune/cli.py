@@ -124,8 +124,7 @@ def _limit(data, max_points: int | None, seed: int):
 def cmd_score_units(args: argparse.Namespace) -> int:
     """UnitMem (``score units``) or ClassMem (``score classes``) into ``--out``."""
     from memprune._dist import rank_world
-    from memprune._io import write_text
-    from memprune._table import format_csv, format_table
+    from memprune._table import write_table
     from memprune.report import plot_unit_scores, prepare_out_dir
     from memprune.scores import class_mem, unit_mem
 
@@ -152,12 +151,9 @@ def cmd_score_units(args: argparse.Namespace) -> int:
     result.meta.update(model=args.model, checkpoint=args.checkpoint, data=args.data)
     result.save(out / kind)
     rows = result.summary()
-    headers = list(rows[0])
-    table = [[r[h] for h in headers] for r in rows]
-    write_text(out / "summary.md", format_table(headers, table, markdown=True) + "\n")
-    write_text(out / "summary.csv", format_csv(headers, table))
+    printed = write_table(out / "summary", rows)
     plot_unit_scores(result, out / f"{kind}_per_site.png")
-    print(format_table(headers, table))
+    print(printed)
     files = f"{kind}.safetensors, {kind}.json, summary.md, summary.csv, {kind}_per_site.png"
     print(f"\nwrote {files} to {out}")
     return 0
@@ -244,8 +240,7 @@ def _encoder_arg(path: str, args: argparse.Namespace):
 def cmd_score_layers(args: argparse.Namespace) -> int:
     """LayerMem / ΔLayerMem of the pair f, g on the candidates."""
     from memprune._dist import rank_world
-    from memprune._io import write_text
-    from memprune._table import format_csv, format_table
+    from memprune._table import write_table
     from memprune.data import Splits
     from memprune.report import plot_consistency, plot_layer_mem, prepare_out_dir
     from memprune.scores import layer_mem
@@ -274,13 +269,10 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
     result.meta.update(f=str(args.f), g=str(args.g), data=args.data, scored=scored)
     result.save(out / "layermem")
     rows = result.table()
-    headers = list(rows[0])
-    table = [[r[h] for h in headers] for r in rows]
-    write_text(out / "layermem.md", format_table(headers, table, markdown=True) + "\n")
-    write_text(out / "layermem.csv", format_csv(headers, table))
+    printed = write_table(out / "layermem", rows)
     plot_layer_mem(result, out / "layermem.png")
     plot_consistency(result, out / "consistency.png")
-    print(format_table(headers, table))
+    print(printed)
     print(f"\nwrote layermem.safetensors, layermem.json, layermem.md, layermem.csv, layermem.png,"
           f" consistency.png to {out}")  # fmt: skip
     return 0
@@ -325,15 +317,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def _write_comparison(out: Path, rows: list[dict], report: dict, also: str) -> None:
     """``report.json`` and the comparison table (Markdown, CSV, terminal)."""
-    from memprune._io import write_json, write_text
-    from memprune._table import format_csv, format_table
+    from memprune._io import write_json
+    from memprune._table import write_table
 
-    headers = list(rows[0])
-    table = [[r.get(h) for h in headers] for r in rows]
     write_json(out / "report.json", report)
-    write_text(out / "comparison.md", format_table(headers, table, markdown=True) + "\n")
-    write_text(out / "comparison.csv", format_csv(headers, table))
-    print(format_table(headers, table))
+    print(write_table(out / "comparison", rows))
     print(f"\nwrote report.json, comparison.md/.csv, {also} to {out}")
 
 

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from memprune._io import package_versions, read_json, write_json, write_text
+from memprune._table import write_table
 from memprune.errors import ConfigError
 from memprune.recipes._schema import Recipe
 
@@ -156,7 +157,7 @@ def _unitmem(ctx: _Context, out: Path) -> dict:
     )  # fmt: skip
     result.save(out / "unitmem")
     plot_unit_scores(result, out / "unitmem_per_site.png")
-    _write_table(out / "summary", result.summary())
+    write_table(out / "summary", result.summary())
     return _unit_summary(result)
 
 
@@ -229,7 +230,7 @@ def _layermem(ctx: _Context, out: Path) -> dict:
     plot_layer_mem(result, out / "layermem.png")
     plot_consistency(result, out / "consistency.png")
     rows = result.table()
-    _write_table(out / "layermem", rows)
+    write_table(out / "layermem", rows)
     layers = [row for row in rows if row["layer"] != "output"]
     top = max(layers, key=lambda row: row["dLayerMem"])
     return {"top_delta_layer": top["layer"], "top_delta": top["dLayerMem"],
@@ -254,7 +255,7 @@ def _evaluate(ctx: _Context, out: Path) -> dict:
                                    device=r.device)["accuracy"]  # fmt: skip
         rows.append(row)
         metrics[which] = {k: v for k, v in row.items() if k != "encoder"}
-    _write_table(out / "probes", rows)
+    write_table(out / "probes", rows)
     return metrics
 
 
@@ -271,7 +272,7 @@ def _prune(ctx: _Context, out: Path) -> dict:
         latency_batch=p.latency_batch,
     )  # fmt: skip
     write_json(out / "runs.json", runs)
-    _write_table(out / "comparison", rows)
+    write_table(out / "comparison", rows)
     plot_prune_tradeoff(rows, out / "tradeoff.png", f"pruning f, linear probe on {r.data.name}")
     return {"rows": rows}
 
@@ -288,7 +289,7 @@ def _finetune(ctx: _Context, out: Path) -> dict:
         epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, augment=c.augment,
     )  # fmt: skip
     write_json(out / "runs.json", runs)
-    _write_table(out / "comparison", rows)
+    write_table(out / "comparison", rows)
     plot_finetune(rows, out / "comparison.png", f"fine-tuning f on {name}")
     return {"data": name, "rows": rows}
 
@@ -298,15 +299,6 @@ RUNNERS = {
     "classmem": _classmem, "sslmem": _sslmem, "layermem": _layermem, "evaluate": _evaluate,
     "prune": _prune, "finetune": _finetune,
 }  # fmt: skip
-
-
-def _write_table(stem: Path, rows: list[dict]) -> None:
-    from memprune._table import format_csv, format_table
-
-    headers = list(rows[0])
-    table = [[row.get(h) for h in headers] for row in rows]
-    write_text(stem.with_suffix(".md"), format_table(headers, table, markdown=True) + "\n")
-    write_text(stem.with_suffix(".csv"), format_csv(headers, table))
 
 
 def enabled_stages(recipe: Recipe) -> list[str]:
