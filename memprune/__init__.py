@@ -5,7 +5,8 @@ Public API (everything else is private):
 * data: :func:`load_dataset`, :class:`MultiView`, :func:`make_splits`, :class:`Splits`
 * encoders: :func:`load_encoder`, :func:`normalization`, :func:`find_sites`, :class:`Site`,
   :func:`capture`
-* scores: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`
+* scores: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`,
+  :func:`cka` / :func:`cka_from_features`
 * probes: :func:`linear_probe`, :func:`knn_probe` (and :mod:`memprune.probe`)
 * training: :mod:`memprune.train` (SimCLR pretraining, the pair f / g, supervised)
 * pruning: :func:`prune`, :class:`PruneReport`, :class:`UnitMemImportance`,
@@ -21,9 +22,12 @@ from memprune.hooks import capture
 from memprune.probe import knn_probe, linear_probe
 from memprune.pruning import PruneReport, UnitMemImportance, load_pruned, prune, save_pruned
 from memprune.scores import (
+    CKAResult,
     LayerMemResult,
     SSLMemResult,
     UnitMemResult,
+    cka,
+    cka_from_features,
     class_mem,
     layer_mem,
     ssl_mem,
@@ -35,6 +39,7 @@ from memprune.tuning import FinetuneResult, LayerSelection, finetune, finetune_u
 __version__ = "0.1.0"
 
 __all__ = [
+    "CKAResult",
     "FinetuneResult",
     "LayerMemResult",
     "LayerSelection",
@@ -47,6 +52,8 @@ __all__ = [
     "UnitMemImportance",
     "UnitMemResult",
     "capture",
+    "cka",
+    "cka_from_features",
     "class_mem",
     "find_sites",
     "finetune",

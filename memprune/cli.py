@@ -278,6 +278,30 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score_cka(args: argparse.Namespace) -> int:
+    """CKA between the layers of --a and --b (or within --a), with labels and view invariance."""
+    from memprune.report import plot_cka, prepare_out_dir
+    from memprune.scores import cka
+
+    out = prepare_out_dir(args.out, args.force)
+    a = _encoder_arg(args.a, args)
+    b = _encoder_arg(args.b, args) if args.b else None
+    data = _dataset(args)
+    result = cka(data, a, b, layers_a=args.layers_a, layers_b=args.layers_b,
+                 batch_size=args.batch_size, representation=args.representation,
+                 invariance=not args.no_invariance, seed=args.seed, device=args.device,
+                 **_key_values(args.aug, "--aug"))  # fmt: skip
+    result.meta.update(name_a=Path(args.a).name, name_b=Path(args.b or args.a).name,
+                       a=args.a, b=args.b, data=args.data)  # fmt: skip
+    result.save(out / "cka")
+    from memprune._table import write_table
+
+    print(write_table(out / "cka", result.table()))
+    plot_cka(result, out / "cka.png", f"CKA on {args.data} ({args.split})")
+    print(f"\nwrote cka.safetensors, cka.json, cka.md, cka.csv, cka.png to {out}")
+    return 0
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     """Linear-probe (and kNN) accuracy of a frozen encoder on train -> test."""
     from memprune._dist import rank_world
@@ -549,6 +573,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(func=cmd_score_layers)
+
+    p = score.add_parser("cka", help="CKA between layers (within --a, or --a vs --b)")
+    p.add_argument("--a", required=True, help="encoder: run dir or weights")
+    p.add_argument("--b", default=None, help="second encoder (default: --a with itself)")
+    p.add_argument("--model", default=None, help="timm name, when --a/--b are plain weight files")
+    p.add_argument("--img-size", type=int, default=None, help="input size for plain weight files")
+    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    _add_data_args(p)
+    p.add_argument("--layers-a", nargs="+", default=None, help="layer-site patterns of --a")
+    p.add_argument("--layers-b", nargs="+", default=None, help="layer-site patterns of --b")
+    p.add_argument("--representation", default="flatten", choices=("flatten", "pool", "cls"))
+    p.add_argument("--batch-size", type=int, default=256, help="minibatch size (>= 4)")
+    p.add_argument("--no-invariance", action="store_true", help="skip the two-view CKA")
+    aug_help = "SimCLR view parameters of the invariance (e.g. scale=[0.3,1.0])"
+    p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE", help=aug_help)
+    p.add_argument("--seed", type=int, default=0, help="view seed")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_score_cka)
 
     p = sub.add_parser(
         "pretrain", help="SimCLR-train an encoder or the pair f / g", formatter_class=fmt

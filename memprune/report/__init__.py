@@ -2,6 +2,7 @@
 
 from memprune.report._rundir import prepare_out_dir
 from memprune.report.plots import (
+    plot_cka,
     plot_confusion,
     plot_consistency,
     plot_finetune,
@@ -11,6 +12,7 @@ from memprune.report.plots import (
 )
 
 __all__ = [
+    "plot_cka",
     "plot_confusion",
     "plot_consistency",
     "plot_finetune",

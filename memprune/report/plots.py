@@ -185,3 +185,40 @@ def plot_sslmem(scores: dict, path: str | os.PathLike) -> Path:
     ax.set_ylabel("points")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_cka(result, path: str | os.PathLike, title: str = "") -> Path:
+    """Heat map of CKA between the layers of a (rows) and b (columns), and per layer the CKA
+    with the labels and between two augmented views."""
+    fig, (ax, side) = plt.subplots(
+        1, 2, figsize=(5 + 0.45 * len(result.layers_b), 4 + 0.3 * len(result.layers_a)),
+        gridspec_kw={"width_ratios": [3, 2]},
+    )  # fmt: skip
+    im = ax.imshow(result.matrix.numpy(), vmin=0, vmax=1, cmap="magma")
+    ax.set_xticks(range(len(result.layers_b)), result.layers_b, rotation=70, fontsize=7)
+    ax.set_yticks(range(len(result.layers_a)), result.layers_a, fontsize=7)
+    for i, row in enumerate(result.matrix.tolist()):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if v < 0.6 else "black")  # fmt: skip
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xlabel(result.meta.get("name_b", "b"))
+    ax.set_ylabel(result.meta.get("name_a", "a"))
+    side.plot(result.labels_a.numpy(), "o-", label=f"{result.meta.get('name_a', 'a')}: labels")
+    if not result.meta.get("same_model"):
+        side.plot(result.labels_b.numpy(), "s-", label=f"{result.meta.get('name_b', 'b')}: labels")
+    if result.invariance_a is not None:
+        side.plot(
+            result.invariance_a.numpy(), "o--", label=f"{result.meta.get('name_a', 'a')}: views"
+        )
+        if not result.meta.get("same_model"):
+            side.plot(result.invariance_b.numpy(), "s--",
+                      label=f"{result.meta.get('name_b', 'b')}: views")  # fmt: skip
+    side.set_xticks(range(len(result.layers_a)), result.layers_a, rotation=70, fontsize=7)
+    side.set_ylim(-0.05, 1.05)
+    side.set_ylabel("CKA")
+    side.legend(fontsize=7)
+    side.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
