@@ -6,7 +6,7 @@ Public API (everything else is private):
 * encoders: :func:`load_encoder`, :func:`normalization`, :func:`find_sites`, :class:`Site`,
   :func:`capture`
 * scores: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`,
-  :func:`cka` / :func:`cka_from_features`
+  :func:`cka` / :func:`cka_from_features`, :func:`learnedness`
 * probes: :func:`linear_probe`, :func:`knn_probe` (and :mod:`memprune.probe`)
 * training: :mod:`memprune.train` (SimCLR pretraining, the pair f / g, supervised)
 * pruning: :func:`prune`, :class:`PruneReport`, :class:`UnitMemImportance`,
@@ -24,12 +24,14 @@ from memprune.pruning import PruneReport, UnitMemImportance, load_pruned, prune,
 from memprune.scores import (
     CKAResult,
     LayerMemResult,
+    LearnednessResult,
     SSLMemResult,
     UnitMemResult,
     cka,
     cka_from_features,
     class_mem,
     layer_mem,
+    learnedness,
     ssl_mem,
     unit_mem,
 )
@@ -43,6 +45,7 @@ __all__ = [
     "FinetuneResult",
     "LayerMemResult",
     "LayerSelection",
+    "LearnednessResult",
     "MemPruneError",
     "MultiView",
     "PruneReport",
@@ -60,6 +63,7 @@ __all__ = [
     "finetune_units",
     "knn_probe",
     "layer_mem",
+    "learnedness",
     "linear_probe",
     "load_dataset",
     "load_encoder",

@@ -179,7 +179,7 @@ def _load_folder(path: Path, split: str, img_size: int | None) -> Dataset:
     return _TorchvisionDataset(base, torch.as_tensor(base.targets), str(path), img_size)
 
 
-BUILTIN = ("digits", "digits-shift")
+BUILTIN = ("digits", "digits-shift", "toy")
 TORCHVISION = tuple(_TV_FILES)
 
 
@@ -194,6 +194,7 @@ def load_dataset(
     root: str | os.PathLike | None = None,
     download: bool = False,
     img_size: int | None = None,
+    **options,
 ) -> Dataset:
     """Load a data set whose items are ``(image [3, H, W] in [0, 1], label, index)``.
 
@@ -202,7 +203,10 @@ def load_dataset(
             32x32 RGB, a fixed stratified 80/20 train/test split with seed 0: 1437/360 images),
             ``digits-shift`` (the same images and split, colour-inverted, turned a quarter
             counter-clockwise and tinted by ``DIGITS_SHIFT_TINT``: a downstream task for
-            encoders pretrained on ``digits``),
+            encoders pretrained on ``digits``), ``toy`` (the synthetic signal/noise patch
+            model, see :mod:`memprune.data._toy`; ``options``: ``size``, ``dim``, ``snr``,
+            ``sigma``, ``redraw``, ``seed``; its ``augment`` keeps the signal and redraws the
+            noise),
             ``cifar10``, ``cifar100``, ``stl10``, ``svhn`` (torchvision, read from ``root``), or
             the path of an image folder in ImageFolder layout (``PATH/CLASS/IMG`` or
             ``PATH/{train,test}/CLASS/IMG``).
@@ -217,6 +221,15 @@ def load_dataset(
     if img_size is not None and img_size < 1:
         raise ConfigError(f"img_size must be a positive int, got {img_size}")
     key = str(name).lower()
+    if options and key != "toy":
+        raise ConfigError(f"options {sorted(options)} are for the toy data set, not {name!r}")
+    if key == "toy":
+        from memprune.data._toy import make_toy
+
+        try:
+            return make_toy(split, **options)
+        except TypeError as err:
+            raise ConfigError(f"toy options: {err} (size, dim, snr, sigma, redraw, seed)") from err
     if key in BUILTIN:
         return _load_digits(split, img_size, shift=key == "digits-shift")
     if key in _TV_FILES:

@@ -7,6 +7,7 @@ from memprune.report.plots import (
     plot_consistency,
     plot_finetune,
     plot_layer_mem,
+    plot_learnedness,
     plot_prune_tradeoff,
     plot_unit_scores,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "plot_consistency",
     "plot_finetune",
     "plot_layer_mem",
+    "plot_learnedness",
     "plot_prune_tradeoff",
     "plot_unit_scores",
     "prepare_out_dir",

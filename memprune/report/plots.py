@@ -222,3 +222,23 @@ def plot_cka(result, path: str | os.PathLike, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def plot_learnedness(result, path: str | os.PathLike) -> Path:
+    """Mean learnedness over checkpoints, and the histogram of r(x) at the last one."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    curve = result.curve().numpy()
+    left.plot(range(len(curve)), curve, "o-")
+    left.set_xticks(range(len(curve)), result.checkpoints, rotation=60, fontsize=7)
+    left.set_ylabel("mean r(x)")
+    left.set_ylim(-0.02, 1.02)
+    left.grid(alpha=0.3)
+    r = result.points()[-1].numpy()
+    right.hist(r, bins=min(20, result.learned.shape[1] * result.learned.shape[3] + 1),
+               range=(0, 1))  # fmt: skip
+    test = result.homogeneity()
+    right.set_title(f"last checkpoint: chi2 p = {test['p_value']:.2g} (R = {test['R']})",
+                    fontsize=9)  # fmt: skip
+    right.set_xlabel("r(x)")
+    right.set_ylabel("points")
+    return save_figure(fig, path)

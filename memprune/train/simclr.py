@@ -120,7 +120,8 @@ def pretrain_simclr(
         "method": "simclr", "model": model_name, "img_size": img_size, "timm_kwargs": timm_kwargs,
         "data": data_name(dataset), "n_train": len(indices), "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "temperature": temperature, "proj_dim": proj_dim,
-        "hidden_dim": hidden_dim, "weight_decay": weight_decay, "augment": augment,
+        "hidden_dim": hidden_dim, "weight_decay": weight_decay,
+        "augment": augment if isinstance(augment, str) else repr(augment),
         "augment_params": augment_params or {}, "seed": seed, "mixed_precision": mixed_precision,
     }  # fmt: skip
     torch.manual_seed(seed)
