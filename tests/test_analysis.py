@@ -49,6 +49,8 @@ def test_cka_between_encoders_and_within_one(digits, tmp_path):
     across.save(tmp_path / "cka")
     back = CKAResult.load(tmp_path / "cka")
     assert torch.equal(back.matrix, across.matrix) and back.layers_b == across.layers_b
+    pooled = cka(data, a, batch_size=32, invariance=False, representation="pool", progress=False)
+    assert not torch.allclose(pooled.matrix, within.matrix)  # the representation is used
     vit = cka(data, tiny_vit(), batch_size=32, invariance=False, progress=False)
     assert vit.layers_a == ["blocks.0:after_attn", "blocks.0:after_mlp", "blocks.1:after_attn",
                             "blocks.1:after_mlp"]  # fmt: skip
@@ -93,9 +95,9 @@ def test_homogeneity_null_counts_every_draw():
     r = memprune.LearnednessResult(learned, torch.arange(400), ["0"])
     test = r.homogeneity()
     assert test["R"] == 12 and test["p_value"] > 0.01
-    # the same pooled draws judged as if each point had only `runs` draws would be rejected:
-    # point-level variance is Binomial(12, p) / 12, much smaller than Binomial(2, p) / 2
-    assert r.points()[0].var() < 0.3 * 0.7 / 2 / 2
+    # r(x) pools all runs x views: its spread is that of Binomial(12, p) / 12, half that of
+    # an average over one view per run (Binomial(2, p) / 2 would be 6x larger)
+    assert r.points()[0].var().item() == pytest.approx(0.3 * 0.7 / 12, rel=0.3)
 
 
 # ------------------------------------------------------------------ toy data

@@ -122,6 +122,7 @@ def build_groups(
         except (SiteError, KeyError, TypeError):
             out_members = set()
     groups: dict[frozenset | str, Group] = {}
+    full_groups: dict[frozenset, object] = {}
     for site in sites:
         if site.role == HEADS:
             if heads:
@@ -142,17 +143,12 @@ def build_groups(
         group = graph.get_pruning_group(src, out_fn(graph, src), list(range(n)))
         members = frozenset(_out_members(graph, group))
         if members not in groups:
+            full_groups[members] = group  # rooted at this site's source, all channels
             groups[members] = Group(site.source, UNITS, site.source, n, {},
                                     output=bool(members & out_members),
                                     blocked=_grouped_conv(group))  # fmt: skip
         g = groups[members]
-        root_group = (
-            group
-            if g.root == site.source
-            else graph.get_pruning_group(
-                modules[g.root], out_fn(graph, modules[g.root]), list(range(g.width))
-            )
-        )
+        root_group = full_groups[members]
         item = next(
             it
             for it in root_group

@@ -166,18 +166,21 @@ def _classmem(ctx: _Context, out: Path) -> dict:
     from memprune.report.plots import plot_class_vs_unit
     from memprune.scores import class_mem, unit_mem
 
-    r, c = ctx.recipe, ctx.recipe.scores.classmem
-    data = _scored_points(ctx, r.scores.unitmem.max_points)
-    opts = dict(n_views=c.views, batch_size=r.scores.batch_size, seed=r.seed, device=r.device)
+    r, c, uc = ctx.recipe, ctx.recipe.scores.classmem, ctx.recipe.scores.unitmem
+    data = _scored_points(ctx, uc.max_points)
+    opts = dict(batch_size=r.scores.batch_size, seed=r.seed, device=r.device)
+    # the baseline's UnitMem is made exactly like f's (unitmem stage), so the two compare
     metrics, pairs = {}, {}
     encoders = ["f"] + (["supervised"] if r.encoder.supervised.enabled else [])
     for which in encoders:
         model = ctx.encoder(which)
-        cm = class_mem(model, data, **opts)
+        cm = class_mem(model, data, n_views=c.views, **opts)
         cm.save(out / f"classmem_{which}")
         plot_unit_scores(cm, out / f"classmem_{which}_per_site.png")
-        um = ctx.result("unitmem", "unitmem") if which == "f" else unit_mem(model, data, **opts)
-        if which != "f":
+        if which == "f":
+            um = ctx.result("unitmem", "unitmem")
+        else:
+            um = unit_mem(model, data, n_views=uc.views, rest=uc.rest, signed=uc.signed, **opts)
             um.save(out / f"unitmem_{which}")
         u = torch.cat([s["score"] for s in um.sites.values()])
         k = torch.cat([s["score"] for s in cm.sites.values()])
@@ -306,7 +309,7 @@ def enabled_stages(recipe: Recipe) -> list[str]:
     on = {
         "pretrain": e.pretrain is not None, "supervised": e.supervised.enabled,
         "unitmem": s.unitmem.enabled, "classmem": s.classmem.enabled,
-        "sslmem": s.sslmem.enabled and e.pretrain is not None, "layermem": s.layermem.enabled,
+        "sslmem": s.sslmem.enabled, "layermem": s.layermem.enabled,
         "evaluate": recipe.evaluation.linear or recipe.evaluation.knn,
         "prune": a.prune.enabled, "finetune": a.finetune.enabled,
     }  # fmt: skip

@@ -293,6 +293,11 @@ def validate(data: dict) -> Recipe:
             f"{needs_g[0]}: needs the reference encoder g; add encoder.pretrain or"
             " encoder.reference, or set enabled: false"
         )
+    if scores.sslmem.enabled and enc.pretrain is None:
+        raise RecipeError(
+            "scores.sslmem: compares f's candidates with the extras of encoder.pretrain's"
+            " split; add encoder.pretrain or set enabled: false"
+        )
     if act.finetune.enabled and not scores.layermem.enabled:
         raise RecipeError("actions.finetune: ranks layers by LayerMem; enable scores.layermem")
     if act.prune.enabled and not scores.unitmem.enabled:

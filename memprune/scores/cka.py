@@ -140,8 +140,7 @@ def _accumulate(models, sites, views, n_classes, run) -> dict[str, torch.Tensor]
     if two:
         n = len(sa) + (len(sb) if len(models) > 1 else 0)
         out = {"v12": _zeros(n), "v11": _zeros(n), "v22": _zeros(n)}
-    reduce = [lambda x: x.flatten(1)] * len(models)
-    for _, labels, acts in view_batches(models, views, sites, reduce=reduce, **run):
+    for _, labels, acts in view_batches(models, views, sites, **run):
         if len(labels) < batch_size:
             continue  # equal-size batches only
         if two:  # rows are [point 0 view 0, point 0 view 1, point 1 view 0, ...]
