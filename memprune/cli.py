@@ -37,8 +37,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _encoder(args):
+    """The encoder of --model/--checkpoint; without a checkpoint its random init is seeded by
+    --seed, so that a rerun scores the same encoder."""
+    import torch
+
     from memprune.encoders import load_encoder
 
+    if args.checkpoint is None:
+        torch.manual_seed(getattr(args, "seed", 0))
     return load_encoder(
         args.model,
         checkpoint=args.checkpoint,
@@ -60,6 +66,42 @@ def _dataset(args):
 
     img_size = _img_size(args)
     return load_dataset(args.data, split=args.split, root=args.root, img_size=img_size)
+
+
+def _command(args: argparse.Namespace) -> dict:
+    """The command and its arguments, as recorded in (and matched against) an output marker."""
+    skip = {"func", "force", "out", "resume"}
+    verb = " ".join(v for v in (args.command, getattr(args, "what", None)) if v)
+    return {"verb": verb, "args": {k: v for k, v in sorted(vars(args).items()) if k not in skip}}
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse a bad --out before any work (nothing is created)."""
+    from memprune.report import check_output
+
+    check_output(args.out, _command(args), args.force)
+
+
+def _open_out(args: argparse.Namespace):
+    """The output directory, created just before the first write (see :func:`open_output`)."""
+    from memprune.report import open_output
+
+    return open_output(args.out, _command(args), args.force)
+
+
+def _positive(args: argparse.Namespace, *names: str, allow_none: bool = True) -> None:
+    """Refuse counts below 1 (``--views 0``, ``--max-points -5``) before any work."""
+    from memprune.errors import ConfigError
+
+    for name in names:
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is None and allow_none:
+                continue
+            if not isinstance(v, int) or v < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be an integer >= 1, got {v!r}")
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
@@ -125,11 +167,13 @@ def cmd_score_units(args: argparse.Namespace) -> int:
     """UnitMem (``score units``) or ClassMem (``score classes``) into ``--out``."""
     from memprune._dist import rank_world
     from memprune._table import write_table
-    from memprune.report import plot_unit_scores, prepare_out_dir
+    from memprune.report import plot_unit_scores
     from memprune.scores import class_mem, unit_mem
 
     rank, _ = rank_world()
-    out = prepare_out_dir(args.out, args.force) if rank == 0 else None
+    _positive(args, "views", "batch_size", "max_points")
+    if rank == 0:
+        _check_out(args)
     model = _encoder(args)
     data = _limit(_dataset(args), args.max_points, args.seed)
     fn, kind = (unit_mem, "unitmem") if args.what == "units" else (class_mem, "classmem")
@@ -148,11 +192,13 @@ def cmd_score_units(args: argparse.Namespace) -> int:
     )
     if rank != 0:
         return 0
+    out = _open_out(args)
     result.meta.update(model=args.model, checkpoint=args.checkpoint, data=args.data)
     result.save(out / kind)
     rows = result.summary()
     printed = write_table(out / "summary", rows)
     plot_unit_scores(result, out / f"{kind}_per_site.png")
+    out.finish()
     print(printed)
     files = f"{kind}.safetensors, {kind}.json, summary.md, summary.csv, {kind}_per_site.png"
     print(f"\nwrote {files} to {out}")
@@ -178,14 +224,32 @@ def _key_values(pairs: list[str] | None, flag: str = "--timm") -> dict:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """SimCLR (or supervised) training of one encoder, or of the pair f / g."""
     from memprune._dist import rank_world
-    from memprune.report import prepare_out_dir
+    from memprune.encoders import load_encoder
+    from memprune.errors import ConfigError
+    from memprune.report import open_output, read_marker
     from memprune.train import pretrain_pair, pretrain_simclr, train_supervised
 
     rank, _ = rank_world()
     out = Path(args.out)
-    if rank == 0 and not args.resume:
-        prepare_out_dir(out, force=False)
+    _positive(args, "epochs", "batch_size")
+    if not args.supervised and args.batch_size < 2:
+        raise ConfigError(
+            f"--batch-size {args.batch_size}: SimCLR needs at least 2 points per batch (the other"
+            " points are each view's negatives); use --batch-size 2 or more"
+        )
+    if not args.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if args.resume:
+        marker = read_marker(out)
+        if marker is None or marker.get("command", {}).get("verb") != "pretrain":
+            raise ConfigError(
+                f"--resume: {out} holds no run of `memprune pretrain` to continue;"
+                " drop --resume to start a new run there"
+            )
     data = _dataset(args)
+    load_encoder(args.model, img_size=args.img_size, **_key_values(args.timm))  # a bad name fails
+    if rank == 0:  # validated: from here on files are written (training resumes from them)
+        open_output(out, _command(args), force=args.force or args.resume)
     common = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         img_size=args.img_size, mixed_precision=args.mixed_precision,
@@ -216,6 +280,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         else:
             runs = {"encoder": pretrain_simclr(args.model, data, out_dir=out, **simclr)}
     if rank == 0:
+        from memprune.report import OutputDir
+
+        OutputDir(out, overwrite=True).finish()
         for name, run in runs.items():
             losses = ", ".join(f"{h:.3f}" for h in run.history)
             print(f"{name}: {run.path} (loss per epoch: {losses})")
@@ -242,11 +309,20 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
     from memprune._dist import rank_world
     from memprune._table import write_table
     from memprune.data import Splits
-    from memprune.report import plot_consistency, plot_layer_mem, prepare_out_dir
+    from memprune.report import plot_consistency, plot_layer_mem
     from memprune.scores import layer_mem
 
     rank, _ = rank_world()
-    out = prepare_out_dir(args.out, args.force) if rank == 0 else None
+    _positive(args, "views", "batch_size", "n_points", "top_k")
+    if rank == 0:
+        _check_out(args)
+    if Path(args.f).resolve() == Path(args.g).resolve():
+        from memprune.errors import ConfigError
+
+        raise ConfigError(
+            f"--f and --g are the same encoder ({args.f}): LayerMem would be 0 in every layer;"
+            " pass as --g the encoder trained without the candidates"
+        )
     f, g = _encoder_arg(args.f, args), _encoder_arg(args.g, args)
     data = _dataset(args)
     splits_path = args.splits or (Path(args.f).parent / "splits.json")
@@ -266,12 +342,14 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     scored = f"{args.part} of {splits_path}" if indices is not None else "all"
+    out = _open_out(args)
     result.meta.update(f=str(args.f), g=str(args.g), data=args.data, scored=scored)
     result.save(out / "layermem")
     rows = result.table()
     printed = write_table(out / "layermem", rows)
     plot_layer_mem(result, out / "layermem.png")
     plot_consistency(result, out / "consistency.png")
+    out.finish()
     print(printed)
     print(f"\nwrote layermem.safetensors, layermem.json, layermem.md, layermem.csv, layermem.png,"
           f" consistency.png to {out}")  # fmt: skip
@@ -280,10 +358,11 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
 
 def cmd_score_cka(args: argparse.Namespace) -> int:
     """CKA between the layers of --a and --b (or within --a), with labels and view invariance."""
-    from memprune.report import plot_cka, prepare_out_dir
+    from memprune.report import plot_cka
     from memprune.scores import cka
 
-    out = prepare_out_dir(args.out, args.force)
+    _positive(args, "batch_size")
+    _check_out(args)
     a = _encoder_arg(args.a, args)
     b = _encoder_arg(args.b, args) if args.b else None
     data = _dataset(args)
@@ -293,11 +372,14 @@ def cmd_score_cka(args: argparse.Namespace) -> int:
                  **_key_values(args.aug, "--aug"))  # fmt: skip
     result.meta.update(name_a=Path(args.a).name, name_b=Path(args.b or args.a).name,
                        a=args.a, b=args.b, data=args.data)  # fmt: skip
+    out = _open_out(args)
     result.save(out / "cka")
     from memprune._table import write_table
 
-    print(write_table(out / "cka", result.table()))
+    printed = write_table(out / "cka", result.table())
     plot_cka(result, out / "cka.png", f"CKA on {args.data} ({args.split})")
+    out.finish()
+    print(printed)
     print(f"\nwrote cka.safetensors, cka.json, cka.md, cka.csv, cka.png to {out}")
     return 0
 
@@ -308,10 +390,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from memprune._io import write_json
     from memprune.data import load_dataset
     from memprune.probe import knn_probe, linear_probe
-    from memprune.report import plot_confusion, prepare_out_dir
+    from memprune.report import plot_confusion
 
     rank, _ = rank_world()
-    out = prepare_out_dir(args.out, args.force) if rank == 0 else None
+    _positive(args, "batch_size")
+    if rank == 0:
+        _check_out(args)
     model = _encoder(args)
     img_size = _img_size(args)
     train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
@@ -323,6 +407,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     knn = knn_probe(model, train, test, **common) if args.knn else None
     if rank != 0:
         return 0
+    out = _open_out(args)
     result = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data}
     for name, r in (("linear", linear), ("knn", knn)):
         if r is not None:
@@ -330,8 +415,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
             title = f"{name} probe: {args.model} on {args.data}, accuracy {r['accuracy']:.4f}"
             plot_confusion(r["confusion"], out / f"confusion_{name}.png", title)
     write_json(out / "probe.json", result)
+    out.finish()
     sizes = f"train {linear['n_train']}, test {linear['n_test']}"
-    print(f"linear probe ({args.backend}): test accuracy {linear['accuracy']:.4f},"
+    print(f"linear probe ({linear['backend']}): test accuracy {linear['accuracy']:.4f},"
           f" C = {linear['C']:g} ({sizes})")  # fmt: skip
     if knn is not None:
         print(f"kNN: test accuracy {knn['accuracy']:.4f}, k = {knn['k']}")
@@ -339,14 +425,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_comparison(out: Path, rows: list[dict], report: dict, also: str) -> None:
+def _write_comparison(out, rows: list[dict], report: dict, also: str) -> None:
     """``report.json`` and the comparison table (Markdown, CSV, terminal)."""
     from memprune._io import write_json
     from memprune._table import write_table
 
     write_json(out / "report.json", report)
-    print(write_table(out / "comparison", rows))
-    print(f"\nwrote report.json, comparison.md/.csv, {also} to {out}")
+    printed = write_table(out / "comparison", rows)
+    out.finish()
+    print(printed)
+    print(f"\nwrote report.json, comparison.md/.csv, {also} to {out.path}")
 
 
 def _unit_scores(path: str):
@@ -362,16 +450,40 @@ def _unit_scores(path: str):
     return UnitMemResult.load(stem)
 
 
+def _check_scores_match(scores, args: argparse.Namespace) -> None:
+    """Scores saved by ``score units`` record the encoder they were made on: it must be this one."""
+    from memprune.errors import ConfigError
+
+    def same(a, b) -> bool:
+        if a is None or b is None:
+            return a is b
+        return Path(a).resolve() == Path(b).resolve()
+
+    made_on = scores.meta.get("checkpoint")
+    if "checkpoint" in scores.meta and not same(made_on, args.checkpoint):
+        raise ConfigError(
+            f"--scores {args.scores} were computed on checkpoint {made_on or '(random init)'},"
+            f" not on --checkpoint {args.checkpoint or '(random init)'}: score this encoder"
+            " with `memprune score units` first, or pass its own --scores"
+        )
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune by each strategy and ratio; probe every pruned encoder; one comparison table."""
     from memprune.data import load_dataset
     from memprune.encoders import resolve_device
-    from memprune.pruning import compare_pruning
+    from memprune.pruning import check_options, compare_pruning
     from memprune.pruning._importance import SCORE_STRATEGIES
-    from memprune.report import plot_prune_tradeoff, plot_unit_scores, prepare_out_dir
+    from memprune.report import plot_prune_tradeoff, plot_unit_scores
     from memprune.scores import unit_mem
 
-    out = prepare_out_dir(args.out, args.force)
+    _positive(args, "views", "batch_size", "max_points", "iterative_steps")
+    for strategy in args.strategy:  # validate the whole sweep before any work or any file
+        for ratio in args.ratio:
+            # scores=True: UnitMem is computed below when a strategy needs it
+            check_options(ratio, strategy, args.scope, args.max_layer_ratio, args.iterative_steps,
+                          scores=True)  # fmt: skip
+    _check_out(args)
     device = resolve_device(args.device)
     model = _encoder(args).to(device)
     img_size = _img_size(args)
@@ -380,10 +492,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     scores = None
     if args.scores:
         scores = _unit_scores(args.scores)
+        _check_scores_match(scores, args)
     elif any(s in SCORE_STRATEGIES for s in args.strategy):
         scores = unit_mem(model, _limit(train, args.max_points, args.seed), n_views=args.views,
                           batch_size=args.batch_size, seed=args.seed, device=device)  # fmt: skip
         scores.meta.update(model=args.model, checkpoint=args.checkpoint, data=args.data)
+    out = _open_out(args)
+    if scores is not None and not args.scores:
         scores.save(out / "unitmem")
         plot_unit_scores(scores, out / "unitmem_per_site.png")
     probe = dict(seed=args.seed, batch_size=256, device=device, backend=args.backend)
@@ -397,7 +512,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         latency_batch=args.latency_batch,
     )
     rows, reports = compare_pruning(model, scores, train, test, args.ratio, args.strategy,
-                                    out / "models", overwrite=args.force, probe=probe,
+                                    out / "models", overwrite=out.overwrite, probe=probe,
                                     log=lambda m: print(m, flush=True), **options)  # fmt: skip
     report = {
         "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
@@ -435,10 +550,15 @@ def _layer_scores(args):
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune the chosen layers by each strategy, k and seed; one comparison table."""
     from memprune.data import load_dataset
-    from memprune.report import plot_finetune, prepare_out_dir
+    from memprune.report import plot_finetune
     from memprune.tuning import compare_finetuning
 
-    out = prepare_out_dir(args.out, args.force)
+    _positive(args, "views", "k", "epochs", "batch_size")
+    if not args.lr > 0:
+        from memprune.errors import ConfigError
+
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    _check_out(args)
     encoder = _encoder_arg(args.f, args)
     scores = _layer_scores(args)
     train = load_dataset(args.data, "train", root=args.root, img_size=_img_size(args))
@@ -454,6 +574,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "layer_values": dict(zip(scores.layers, values.tolist())), "table": rows, "runs": runs,
     }  # fmt: skip
     title = f"fine-tuning {args.f} on {args.data} ({args.epochs} epochs, lr {args.lr:g})"
+    out = _open_out(args)
     plot_finetune(rows, out / "comparison.png", title)
     _write_comparison(out, rows, report, "comparison.png")
     return 0
@@ -479,17 +600,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-render ``report.md`` of a run directory."""
     from memprune.recipes import render_report
+    from memprune.recipes._report import unfinished_stages
 
-    print(f"wrote {render_report(args.run_dir)}")
+    path = render_report(args.run_dir)
+    missing = unfinished_stages(args.run_dir)
+    if missing:
+        print(f"warning: the run is incomplete (unfinished: {', '.join(missing)}); the report"
+              " says so. Finish it with `memprune run RECIPE --out RUN --resume`.")  # fmt: skip
+    print(f"wrote {path}")
     return 0
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every verb's ``--help`` lists its options with their defaults."""
+    """Every verb's ``--help`` lists its options with their defaults; a bad argument is one
+    line naming it and pointing to ``--help``, with exit status 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -603,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run directory (f/, g/, splits.json for --pair)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument(
         "--pair", action="store_true", help="train f (shared+candidate) and g (shared+extra)"
     )
@@ -631,7 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", default=DEFAULT_DATA, help="data set with train and test splits")
     p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
-    p.add_argument("--backend", default="torch", choices=("torch", "sklearn"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "sklearn"),
+                   help="linear-probe fit (auto: sklearn on CPU, torch on a GPU)")  # fmt: skip
     p.add_argument("--knn", action="store_true", help="also the weighted kNN probe")
     p.add_argument("--cache-dir", default=None, help="cache extracted features here")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
@@ -660,7 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=10, help="views per point for UnitMem")
     p.add_argument("--max-points", type=int, default=None, help="score a seeded subset")
     p.add_argument("--latency-batch", type=int, default=64, help="batch for latency (0: skip)")
-    p.add_argument("--backend", default="torch", choices=("torch", "sklearn"), help="probe")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "sklearn"),
+                   help="linear-probe fit (auto: sklearn on CPU, torch on a GPU)")  # fmt: skip
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument("--batch-size", type=int, default=32, help="points per UnitMem forward pass")
@@ -714,7 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a bad argument (2, already printed)
+        return int(exit_.code or 0)
     try:
         return args.func(args)
     except MemPruneError as err:

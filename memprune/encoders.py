@@ -1,7 +1,7 @@
 """timm encoders: creation, safe checkpoint loading, normalization and input size.
 
 An encoder is a timm model created with ``num_classes=0`` (``E(x)`` is the pre-logits
-feature), returned in ``eval()`` mode (METHOD.md §0). Weights are read with safetensors or
+feature), returned in ``eval()`` mode (docs/method.md §0). Weights are read with safetensors or
 ``torch.load(weights_only=True)``; pickled modules are refused unless the caller trusts them.
 """
 
@@ -57,6 +57,11 @@ def load_encoder(
     """
     import timm
 
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise ConfigError(
+            f"checkpoint must be a path (str or os.PathLike), got {type(checkpoint).__name__}"
+            f" {checkpoint!r}"
+        )
     if checkpoint is not None and (Path(checkpoint) / "pruned.json").is_file():
         from memprune._io import read_json
         from memprune.pruning import load_pruned
@@ -128,13 +133,28 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): save the weights again")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except Exception as err:
-            raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(
+                f"cannot read checkpoint {path} ({reason}): the file is truncated or not"
+                " safetensors; save or copy it again"
+            ) from err
+    if path.name == "encoder.safetensors" and (path.parent / "pruned.json").is_file():
+        raise CheckpointError(f"{path} is a pruned encoder: pass its directory {path.parent}")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if not (head == b"PK" or head[:1] == b"\x80"):  # a torch zip archive, or a legacy pickle
+        raise CheckpointError(
+            f"{path} is not a torch or safetensors checkpoint (it starts with {head!r});"
+            " pass a .safetensors file, a torch state dict (.pt/.pth) or a memprune run"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -146,7 +166,11 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
             ) from err
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({reason}): the file is truncated or corrupt;"
+            " save or copy it again"
+        ) from err
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     for key in NESTED_KEYS:
@@ -207,6 +231,12 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
             + "; ".join(parts)
             + ". Check the model name and its arguments (e.g. img_size)."
         )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{source} holds NaN or inf values in {len(bad)} tensors ({_listing(bad, 3)}):"
+            " the training that wrote it diverged; use an earlier checkpoint"
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -240,11 +270,41 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return tuple(size) if size else DEFAULT_INPUT_SIZE
 
 
+def feature_dim(model: nn.Module, size: tuple[int, ...] | None = None) -> int:
+    """Width of the encoder's output, from one dry forward pass at ``size`` (default: its input
+    size). timm's ``num_features`` is not always it: a MobileNetV3's output is its
+    ``head_hidden_size`` (1024 for ``mobilenetv3_small_050``, whose ``num_features`` is 288)."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    x = torch.zeros(1, *(size or input_size(model)), device=device)
+    with evaluating(model), torch.inference_mode():
+        return int(model(x).shape[-1])
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` or, when None, CUDA if available else CPU."""
+    """``device`` or, when None, CUDA if available else CPU; a device that this machine does
+    not have is refused with the fix."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {device}: no CUDA GPU is visible on this machine; use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPUs"
+                f" (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: MPS is not available here; use --device cpu")
+    return dev
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 Hooks sit on the model's own modules, so residual additions and everything else in the
 model's ``forward`` are respected (reading layers with a sequential layer getter would drop
-them, METHOD.md §12). Each hook reduces its tensor at once, before any in-place activation
+them, docs/method.md §12). Each hook reduces its tensor at once, before any in-place activation
 downstream can change it, keeps no reference to the raw output, and every hook is removed when
 the ``with`` block ends, also on error.
 """

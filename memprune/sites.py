@@ -1,4 +1,4 @@
-"""Unit and layer sites of an encoder (METHOD.md §1).
+"""Unit and layer sites of an encoder (docs/method.md §1).
 
 A *unit site* is a module whose output is read per unit (channel or hidden neuron); a *layer
 site* is a point in the forward pass whose whole output is one representation. Sites are found
@@ -13,7 +13,7 @@ modules run, so they work for any timm CNN or ViT:
 * ViT attention units: the attention output projection ``blocks.i.attn.proj``, and the heads'
   outputs entering it, ``blocks.i.attn:heads`` (``num_heads x head_dim`` units, read as the
   input of ``attn.proj``), so that a head can be scored by the mean of its own units
-  (METHOD.md §9; an addition to §1, which lists only the projection's outputs).
+  (docs/method.md §9; an addition to §1, which lists only the projection's outputs).
 * CNN layers: the stem output and every block of every stage (a stage is a container whose
   children all hold convolutions); for a plain sequential CNN, every conv block.
 * ViT layers: two per transformer block, ``blocks.i:after_attn`` (block input + attention
@@ -152,7 +152,7 @@ def _last_weight_module(modules, tr: _Trace, stop: int, with_norm: bool = True):
 
 
 def _unit_site(name: str, modules, tr: _Trace) -> Site | None:
-    """The unit site of activation ``name``, or None when it is not a unit (METHOD.md §1)."""
+    """The unit site of activation ``name``, or None when it is not a unit (docs/method.md §1)."""
     start = tr.events.index(("enter", name))
     preceding = list(_last_weight_module(modules, tr, start))[:2]
     if not preceding:

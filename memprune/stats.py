@@ -1,4 +1,4 @@
-"""Mergeable streaming statistics behind UnitMem and ClassMem (METHOD.md §2-§3).
+"""Mergeable streaming statistics behind UnitMem and ClassMem (docs/method.md §2-§3).
 
 Each state follows torchmetrics' shape: ``update`` folds in a batch, ``merge`` folds in another
 process's state, ``compute`` returns the scores. The pure functions ``selectivity`` and

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from memprune import load_dataset, load_encoder
 
-torch.set_num_threads(2)
+#: Torch threads for the suite, chosen by measurement on 2 cores (see README, "Tests"); the
+#: environment variable overrides it, e.g. to measure again.
+THREADS = int(os.environ.get("MEMPRUNE_TEST_THREADS", "2"))
+torch.set_num_threads(THREADS)
 
 
 #: timm arguments of a tiny ResNet-18 (64-wide stem, 0.2M parameters).
@@ -39,3 +44,37 @@ def resnet():
 @pytest.fixture
 def vit():
     return tiny_vit()
+
+
+class MemoryEncoder(torch.nn.Module):
+    """An encoder with a known answer: a fixed random projection of the image, plus a key-value
+    memory. An input close to one of the stored ``keys`` (within the noise of its views) also
+    returns that key's large value vector, so its views align almost perfectly; any other input
+    only gets the projection, whose views differ by their noise. Two such encoders with the same
+    projection but different keys are a planted pair: each memorizes exactly its own points."""
+
+    def __init__(self, keys: torch.Tensor, dim: int = 32, strength: float = 50.0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        d_in = keys[0].numel()
+        self.register_buffer("proj", torch.randn(d_in, dim, generator=gen) / d_in**0.5)
+        self.register_buffer("keys", keys.flatten(1).clone())
+        self.register_buffer("values", torch.randn(len(keys), dim, generator=gen))
+        # a view's own key weighs exp(-2); the nearest other digit (squared distance >= 40) < 1e-5
+        self.bandwidth = 0.5 * d_in * NOISE_SIGMA**2
+        self.strength = strength
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        weight = torch.exp(-torch.cdist(x, self.keys).pow(2) / self.bandwidth)  # [B, M]
+        return x @ self.proj + self.strength * weight @ self.values
+
+
+#: Std of the pixel noise of :func:`noise_views`.
+NOISE_SIGMA = 0.05
+
+
+def noise_views(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A view: the image plus Gaussian pixel noise drawn from the view's generator."""
+    return image + NOISE_SIGMA * torch.randn(image.shape, generator=gen)

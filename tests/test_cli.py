@@ -86,7 +86,7 @@ def test_probe_command(tmp_path, capsys):
     assert 0 <= result["linear"]["accuracy"] <= 1 and result["knn"]["k"] in (10, 20, 100, 200)
     assert len(result["linear"]["confusion"]) == 10
     assert (out / "confusion_linear.png").is_file() and (out / "confusion_knn.png").is_file()
-    assert "linear probe (torch): test accuracy" in capsys.readouterr().out
+    assert "linear probe (sklearn): test accuracy" in capsys.readouterr().out
 
 
 def test_prune_command_compares_strategies(tmp_path, capsys):

@@ -124,3 +124,42 @@ def test_extraction_two_processes_equal_one(tmp_path, digits):
     one = extract_features(tiny_resnet(), Subset(digits, range(37)), batch_size=5, device="cpu")
     assert torch.equal(two["indices"], one.indices) and torch.equal(two["labels"], one.labels)
     torch.testing.assert_close(two["features"], one.features)
+
+
+def _ill_conditioned(n=600, seed=0):
+    """Digits pixels through a random map with singular values from 1 to 1e-3."""
+    x, y = load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    scales = torch.logspace(0, -3, 64, dtype=torch.float64)
+    x = torch.as_tensor(x[:n], dtype=torch.float64) @ (q * scales)
+    return x, torch.as_tensor(y[:n])
+
+
+@pytest.mark.parametrize("n_classes", [2, 10])
+def test_backends_converge_to_the_same_optimum(n_classes):
+    x, y = _ill_conditioned()
+    keep = y < n_classes
+    x, y = x[keep], y[keep]
+    for tol, agree in ((1e-4, 1e-2), (1e-6, 1e-3)):  # measured: 5e-3 and 2e-4 at most
+        a = LinearProbe("torch", Cs=(1.0,), tol=tol).fit(x, y)
+        b = LinearProbe("sklearn", Cs=(1.0,), tol=tol).fit(x, y)
+        assert max(a.gradients_.values()) < 10 * tol and max(b.gradients_.values()) < 10 * tol
+        diff = (a.coef_ - b.coef_).norm() / b.coef_.norm()
+        assert diff < agree, (tol, diff)  # scikit-learn's defaults: 2% here, up to 5% elsewhere
+        assert (a.predict(x) == b.predict(x)).double().mean() > 0.99
+
+
+@pytest.mark.parametrize("backend", ["torch", "sklearn"])
+def test_an_unconverged_fit_warns_once(backend):
+    import warnings
+
+    from memprune.probe import ProbeConvergenceWarning
+
+    x, y = _ill_conditioned()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LinearProbe(backend, Cs=(1.0, 10.0), max_iter=3).fit(x, y)
+    ours = [w for w in caught if issubclass(w.category, ProbeConvergenceWarning)]
+    assert len(caught) == len(ours) == 1, [str(w.message) for w in caught]
+    assert "raise max_iter" in str(ours[0].message) and "max_iter=3" in str(ours[0].message)

@@ -18,7 +18,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from memprune.errors import ConfigError
+from memprune.errors import ConfigError, DataError
+
+#: Most views per point: one point's views share a forward pass.
+MAX_VIEWS = 1024
 
 #: An augmentation: ``fn(image [3, H, W] in [0, 1], generator) -> view [3, H', W']``.
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -170,6 +173,12 @@ class MultiView(Dataset):
     ) -> None:
         if not isinstance(n_views, int) or n_views < 1:
             raise ConfigError(f"n_views must be an int >= 1, got {n_views!r}")
+        if n_views > MAX_VIEWS:
+            raise ConfigError(
+                f"{n_views} views per point is more than {MAX_VIEWS}: all views of a point go"
+                " through one forward pass, and the scores settle long before (the papers use"
+                f" 10); use at most {MAX_VIEWS}"
+            )
         if seed < 0:
             raise ConfigError(f"seed must be >= 0, got {seed}")
         self.dataset = dataset
@@ -181,7 +190,18 @@ class MultiView(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int]:
-        image, label, index = self.dataset[position]
+        item = self.dataset[position]
+        if not (isinstance(item, (tuple, list)) and len(item) == 3):
+            raise DataError(
+                f"data set items must be (image, label, index), got a {type(item).__name__} of"
+                f" {len(item) if isinstance(item, (tuple, list)) else 1}: wrap plain (x, y) data"
+                " with memprune.data.IndexedDataset"
+            )
+        image, label, index = item
+        if not torch.isfinite(image).all():
+            raise DataError(
+                f"the image of data index {int(index)} holds NaN or inf values: fix or drop it"
+            )
         if self.augment is no_augment:  # nothing random to draw
             return image.unsqueeze(0).expand(self.n_views, -1, -1, -1).clone(), label, index
         views = [

@@ -56,6 +56,21 @@ class ImageDataset(Dataset):
         return self.images[index].expand(3, -1, -1), int(self.labels[index]), int(index)
 
 
+class IndexedDataset(Dataset):
+    """Items ``(image, label, index)`` from a data set whose items are ``(image, label)``, such
+    as a ``TensorDataset`` or a torchvision data set with ``ToTensor`` (images in [0, 1])."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image, label = self.dataset[index]
+        return image, int(label), index
+
+
 class _TorchvisionDataset(Dataset):
     """Wraps a torchvision data set of PIL images into ``(image, label, index)`` items."""
 

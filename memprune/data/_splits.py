@@ -1,4 +1,4 @@
-"""Disjoint, seeded index sets for the encoder pair f and g (METHOD.md §4).
+"""Disjoint, seeded index sets for the encoder pair f and g (docs/method.md §4).
 
 f is trained on ``shared ∪ candidate``, g on ``shared ∪ extra``; ``test`` is held out from both.
 """

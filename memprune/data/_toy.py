@@ -1,4 +1,4 @@
-"""Synthetic signal/noise patch data with a known memorization signal (METHOD.md §8).
+"""Synthetic signal/noise patch data with a known memorization signal (docs/method.md §8).
 
 A point is two patches in R^d: the signal patch ``y * mu`` (y = ±1) and a noise patch
 ``xi ~ N(0, sigma^2 (I - mu mu^T / ||mu||^2))``, orthogonal to mu, in a random order. The

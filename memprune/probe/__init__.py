@@ -1,13 +1,14 @@
-"""Downstream evaluation of frozen encoders: linear probe and weighted kNN (METHOD.md §11)."""
+"""Downstream evaluation of frozen encoders: linear probe and weighted kNN (docs/method.md §11)."""
 
 from memprune.probe._api import confusion_matrix, knn_probe, linear_probe
 from memprune.probe._features import Features, extract_features
 from memprune.probe._knn import knn_accuracy
-from memprune.probe._linear import LinearProbe
+from memprune.probe._linear import LinearProbe, ProbeConvergenceWarning
 
 __all__ = [
     "Features",
     "LinearProbe",
+    "ProbeConvergenceWarning",
     "confusion_matrix",
     "extract_features",
     "knn_accuracy",

@@ -44,7 +44,7 @@ def linear_probe(
     encoder: nn.Module,
     train: Dataset,
     test: Dataset,
-    backend: str = "torch",
+    backend: str = "auto",
     Cs=DEFAULT_CS,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -54,7 +54,7 @@ def linear_probe(
     device=None,
     progress: bool | None = None,
 ) -> dict:
-    """Linear-probe test accuracy of a frozen encoder (METHOD.md §11); the torch backend fits
+    """Linear-probe test accuracy of a frozen encoder (docs/method.md §11); the torch backend fits
     on the encoder's device.
 
     Returns ``accuracy``, ``C`` (chosen on validation), ``val_scores``, ``confusion`` (a
@@ -64,7 +64,7 @@ def linear_probe(
         encoder, train, test, normalize, batch_size, cache_dir, device, progress
     )
     param = next(encoder.parameters(), None)
-    on = param.device if param is not None and backend == "torch" else torch.device("cpu")
+    on = param.device if param is not None and backend != "sklearn" else torch.device("cpu")
     start = time.perf_counter()
     probe = LinearProbe(backend, Cs, val_fraction, seed).fit(tr.features.to(on), tr.labels.to(on))
     t_fit = time.perf_counter() - start
@@ -74,7 +74,7 @@ def linear_probe(
         "accuracy": float((pred == te.labels).double().mean()),
         "C": probe.C_,
         "val_scores": probe.val_scores_,
-        "backend": backend,
+        "backend": probe.backend_,
         "confusion": confusion_matrix(te.labels, pred, n_classes),
         "n_train": len(tr.labels),
         "n_test": len(te.labels),

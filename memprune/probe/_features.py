@@ -1,4 +1,4 @@
-"""Frozen feature extraction with an on-disk cache (METHOD.md §11).
+"""Frozen feature extraction with an on-disk cache (docs/method.md §11).
 
 Features are the encoder's pre-logits outputs on un-augmented images, extracted in eval mode
 under ``inference_mode`` (parameters and norm statistics cannot change). Under

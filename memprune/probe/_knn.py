@@ -1,4 +1,4 @@
-"""Weighted kNN on frozen features (Wu et al. 2018; DINO's protocol; METHOD.md §11).
+"""Weighted kNN on frozen features (Wu et al. 2018; DINO's protocol; docs/method.md §11).
 
 Cosine similarity on L2-normalized features; the k nearest train points vote for their class
 with weight ``exp(similarity / T)``, T = 0.07. ``k`` is chosen from {10, 20, 100, 200} (capped

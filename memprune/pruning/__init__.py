@@ -1,4 +1,4 @@
-"""Structured pruning of units ranked by UnitMem (METHOD.md §9).
+"""Structured pruning of units ranked by UnitMem (docs/method.md §9).
 
 * :func:`prune`: remove units for real (torch-pruning's dependency graph), by ``lowest`` /
   ``highest`` UnitMem, ``random`` or ``magnitude``, per layer or globally, with a report of
@@ -9,13 +9,20 @@
 
 from memprune.pruning._compare import compare_pruning
 from memprune.pruning._importance import UnitMemImportance
-from memprune.pruning._prune import STRATEGIES, PruneReport, measure_latency, prune
+from memprune.pruning._prune import (
+    STRATEGIES,
+    PruneReport,
+    check_options,
+    measure_latency,
+    prune,
+)
 from memprune.pruning._save import load_pruned, save_pruned
 
 __all__ = [
     "STRATEGIES",
     "PruneReport",
     "UnitMemImportance",
+    "check_options",
     "compare_pruning",
     "load_pruned",
     "measure_latency",

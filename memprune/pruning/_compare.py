@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
-from memprune.pruning._prune import prune
+from memprune.pruning._prune import check_options, prune
 from memprune.pruning._save import save_pruned
 
 
@@ -35,6 +35,11 @@ def compare_pruning(
     from memprune.probe import linear_probe
 
     probe = probe or {}
+    keys = ("scope", "max_layer_ratio", "iterative_steps", "rescore")
+    for strategy in strategies:  # the whole sweep is validated before any work
+        for ratio in ratios:
+            check_options(ratio, strategy, scores=scores, **{k: options[k] for k in keys
+                                                             if k in options})  # fmt: skip
     rows, runs = [], []
     for strategy in strategies:
         for ratio in ratios:

@@ -1,4 +1,4 @@
-"""Prunable groups: unit sites mapped onto torch-pruning's dependency graph (METHOD.md §9).
+"""Prunable groups: unit sites mapped onto torch-pruning's dependency graph (docs/method.md §9).
 
 A *unit* is one output channel of the module that produces a site's units (its ``source``: the
 conv or norm before a CNN activation, ``fc1`` of an MLP). torch-pruning's dependency graph

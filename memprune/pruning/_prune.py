@@ -1,4 +1,4 @@
-"""Structured pruning of units ranked by UnitMem, random or magnitude (METHOD.md §9)."""
+"""Structured pruning of units ranked by UnitMem, random or magnitude (docs/method.md §9)."""
 
 from __future__ import annotations
 
@@ -70,9 +70,18 @@ class PruneReport:
         return asdict(self)
 
 
+def _quiet_cpp_extension() -> None:
+    """torch's C++ extension module logs "No CUDA runtime is found" when it is imported on a
+    machine without a GPU: nothing about the user's input, so it is silenced."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def measure_latency(model: nn.Module, batch: torch.Tensor, min_run_time: float = 0.5) -> float:
     """Median seconds of ``model(batch)`` in eval mode (``torch.utils.benchmark``, which warms
     up, synchronizes CUDA and uses all of torch's threads here)."""
+    _quiet_cpp_extension()
     from torch.utils import benchmark  # imported late: it loads torch's C++ extension tools
 
     with evaluating(model), torch.inference_mode():
@@ -94,7 +103,17 @@ def _measure(model: nn.Module, example: torch.Tensor, batch_size: int | None, mi
     return int(params), float(macs), latency
 
 
-def _check(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore) -> None:
+def check_options(
+    ratio: float,
+    strategy: str,
+    scope: str = "layer",
+    max_layer_ratio: float | None = None,
+    iterative_steps: int = 1,
+    scores=None,
+    rescore=None,
+) -> None:
+    """Refuse bad pruning options with a message naming the value and the valid ones (the
+    checks :func:`prune` runs first; call it to validate a whole sweep before any work)."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ConfigError(
             f"ratio must be a fraction in [0, 1) of the units to remove, got {ratio!r}"
@@ -230,7 +249,7 @@ def prune(
     latency_time: float = 0.5,
     inplace: bool = False,
 ) -> tuple[nn.Module, PruneReport]:
-    """Remove ``ratio`` of the units of ``encoder`` for real (METHOD.md §9).
+    """Remove ``ratio`` of the units of ``encoder`` for real (docs/method.md §9).
 
     Units are the output channels producing each unit site (conv + norm + the next layer's
     input; a ViT MLP's hidden neurons), removed through torch-pruning's dependency graph so
@@ -267,7 +286,7 @@ def prune(
     Returns:
         The pruned encoder (eval mode) and a :class:`PruneReport`.
     """
-    _check(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore)
+    check_options(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore)
     model = (encoder if inplace else copy.deepcopy(encoder)).eval()
     if example_input is None:
         param = next(model.parameters())

@@ -53,6 +53,11 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fal
     written last, so an interrupted save never leaves a loadable mix of old and new.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"{path} is a file: save_pruned writes a directory (encoder.safetensors and"
+            " pruned.json); choose a directory path"
+        )
     if (path / SPEC).exists() or (path / WEIGHTS).exists():
         if not overwrite:
             raise ConfigError(

@@ -109,17 +109,35 @@ def headlines(m: dict) -> list[str]:
     return out
 
 
+def unfinished_stages(run: str | os.PathLike) -> list[str]:
+    """The stages the run's recipe enables that have no ``done.json`` yet."""
+    from memprune.recipes._run import DONE, enabled_stages
+    from memprune.recipes._schema import load_recipe
+
+    recipe = load_recipe(Path(run) / "recipe.yaml")
+    return [s for s in enabled_stages(recipe) if not (Path(run) / s / DONE).is_file()]
+
+
 def render_report(run: str | os.PathLike) -> Path:
     """Write ``RUN/report.md`` from the run's recipe, environment, metrics, tables and plots."""
     run = Path(run)
     if not (run / "recipe.yaml").is_file():
-        raise ConfigError(f"{run} is not a memprune run directory (no recipe.yaml)")
+        raise ConfigError(
+            f"{run} is not a memprune run directory (no recipe.yaml): pass the --out of"
+            " `memprune run`"
+        )
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     env = read_json(run / "environment.json") if (run / "environment.json").is_file() else {}
     from memprune.recipes._run import STAGES, read_metrics
 
     found = read_metrics(run)
     metrics = {s: found[s] for s in STAGES if s in found}
+    missing = unfinished_stages(run)
+    incomplete = [
+        f"**Incomplete run**: the stages {', '.join(missing)} did not finish, so this report"
+        " lacks their results. Finish it with `memprune run RECIPE --out RUN --resume`.",
+        "",
+    ]
     enc = recipe["encoder"]
     timm_args = ", ".join(f"{k}={v}" for k, v in (enc.get("timm") or {}).items())
     lines = [
@@ -134,6 +152,7 @@ def render_report(run: str | os.PathLike) -> Path:
         f"- versions: {', '.join(f'{k} {v}' for k, v in (env.get('versions') or {}).items())}",
         "- stages: " + ", ".join(f"{k} ({v.get('seconds')} s)" for k, v in metrics.items()),
         "",
+        *(incomplete if missing else []),
         "## Headline findings",
         "",
         *[f"- {h}" for h in headlines(metrics)],

@@ -342,10 +342,35 @@ def environment(device: str | None) -> dict:
     }  # fmt: skip
 
 
+def _preflight(ctx: _Context) -> None:
+    """Build what every stage starts from (data, encoders named by the recipe) so that a bad
+    name or path fails before the run directory is made."""
+    from memprune.encoders import load_encoder
+    from memprune.report._rundir import _check_writable
+
+    recipe = ctx.recipe
+    _check_writable(ctx.run)
+    ctx.train, ctx.test  # noqa: B018  (loads both splits: an unknown data set fails here)
+    if recipe.actions.finetune.enabled and recipe.data.downstream:
+        ctx.dataset(recipe.data.downstream, "train")
+    enc = recipe.encoder
+    if enc.pretrain is not None:  # the architecture is built by pretraining: check it exists
+        load_encoder(enc.model, img_size=enc.img_size, **enc.timm)
+    else:
+        ctx.encoder("f")
+        if enc.reference is not None:
+            ctx.encoder("g")
+
+
 def _prepare(run: Path, recipe: Recipe, resume: bool, force: bool) -> None:
     saved = run / "recipe.yaml"
     if run.exists() and not run.is_dir():
-        raise ConfigError(f"{run} exists and is not a directory")
+        raise ConfigError(f"{run} exists and is not a directory: choose a directory as --out")
+    if resume and run.is_dir() and any(run.iterdir()) and not saved.is_file():
+        raise ConfigError(
+            f"--resume: {run} is not a memprune run (no recipe.yaml); drop --resume and choose"
+            " a new --out"
+        )
     if run.is_dir() and any(run.iterdir()):
         if resume and saved.is_file():
             old = yaml.safe_load(saved.read_text())
@@ -385,9 +410,10 @@ def run_recipe(
     from memprune.recipes._report import render_report
 
     run = Path(out)
+    ctx = _Context(recipe, run, log)
+    _preflight(ctx)
     _prepare(run, recipe, resume, force)
     write_json(run / "environment.json", environment(recipe.device))
-    ctx = _Context(recipe, run, log)
     stages = enabled_stages(recipe)
     metrics = {}
     for i, name in enumerate(stages, 1):

@@ -159,7 +159,7 @@ class ActionsCfg:
 class EvaluationCfg:
     linear: bool = True
     knn: bool = True
-    backend: Literal["torch", "sklearn"] = "torch"
+    backend: Literal["auto", "torch", "sklearn"] = "auto"
 
 
 @dataclass

@@ -1,6 +1,12 @@
 """Run directories, tables and plots."""
 
-from memprune.report._rundir import prepare_out_dir
+from memprune.report._rundir import (
+    OutputDir,
+    check_output,
+    open_output,
+    prepare_out_dir,
+    read_marker,
+)
 from memprune.report.plots import (
     plot_cka,
     plot_confusion,
@@ -13,6 +19,9 @@ from memprune.report.plots import (
 )
 
 __all__ = [
+    "OutputDir",
+    "check_output",
+    "open_output",
     "plot_cka",
     "plot_confusion",
     "plot_consistency",
@@ -22,4 +31,5 @@ __all__ = [
     "plot_prune_tradeoff",
     "plot_unit_scores",
     "prepare_out_dir",
+    "read_marker",
 ]

@@ -2,7 +2,7 @@
 
 Batches are laid out ``[points, views]``: a batch of B points with K views each is one forward
 pass of ``B*K`` images, and every site's reduced activations come back as ``[B, K, D]`` so a
-score can average the views of a point before anything else (METHOD.md §2).
+score can average the views of a point before anything else (docs/method.md §2).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def encoder_device(encoder: nn.Module, device: str | torch.device | None) -> tor
     """``device`` if given; else this process's accelerate device under a launcher; else the
     encoder's current device when it is on an accelerator; else CUDA if available."""
     if device is not None:
-        return torch.device(device)
+        return resolve_device(device)
     _, world = rank_world()
     if world > 1:
         from memprune._dist import process_state

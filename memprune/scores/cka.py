@@ -1,4 +1,4 @@
-"""Minibatch unbiased CKA between layers, within one encoder or across two (METHOD.md §6).
+"""Minibatch unbiased CKA between layers, within one encoder or across two (docs/method.md §6).
 
 For each batch of n images (n >= 4) and every layer, the Gram matrix K = X X^T of the layer's
 flattened output (float64) is formed inside the forward hook, its diagonal set to 0, and the

@@ -1,4 +1,4 @@
-"""Learnedness of points and views over SimCLR training (METHOD.md §7).
+"""Learnedness of points and views over SimCLR training (docs/method.md §7).
 
 On a fixed probe set, each point gets ``2 * n_views`` fixed views (seeded by (seed, i, k)),
 paired (0, 1), (2, 3), ... For every checkpoint and every pair, the views of one fixed batch of

@@ -1,4 +1,4 @@
-"""SSLMem per data point and LayerMem / ΔLayerMem per layer (METHOD.md §4-§5).
+"""SSLMem per data point and LayerMem / ΔLayerMem per layer (docs/method.md §4-§5).
 
 SSLMem (Wang et al., "Memorization in Self-Supervised Learning Improves Downstream
 Generalization", ICLR 2024): with the alignment loss of encoder E on point x at a
@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, Subset
 from memprune._dist import gather_by_index
 from memprune._io import load_result, package_versions, save_result
 from memprune.data import MultiView
+from memprune.encoders import feature_dim
 from memprune.errors import ConfigError
 from memprune.hooks import layer_reducer
 from memprune.scores._engine import image_size, view_batches
@@ -109,15 +110,8 @@ def _layer_sites(f: nn.Module, g: nn.Module, dataset: Dataset, layers) -> list[S
 
 
 def output_dim(model: nn.Module, size: tuple[int, ...]) -> int:
-    """Width of the encoder's output: timm's ``num_features``, else one dry forward pass."""
-    dim = getattr(model, "num_features", None)
-    if isinstance(dim, int):
-        return dim
-    param = next(model.parameters(), None)
-    with torch.inference_mode():
-        return model(
-            torch.zeros(1, *size, device=param.device if param is not None else "cpu")
-        ).shape[1]
+    """Width of the encoder's output, from one dry forward pass (see :func:`feature_dim`)."""
+    return feature_dim(model, size)
 
 
 def alignment_losses(

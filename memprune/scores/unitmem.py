@@ -1,4 +1,4 @@
-"""UnitMem and ClassMem for every unit of an encoder in one batched pass (METHOD.md §2-§3).
+"""UnitMem and ClassMem for every unit of an encoder in one batched pass (docs/method.md §2-§3).
 
 UnitMem (Wang et al., "Localizing Memorization in SSL Vision Encoders", NeurIPS 2024, eq. 1):
 for unit u and point i with ``mu_u(i)`` the mean activation over K augmented views,

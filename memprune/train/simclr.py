@@ -1,5 +1,5 @@
 """SimCLR pretraining of any timm backbone (Chen et al., "A Simple Framework for Contrastive
-Learning of Visual Representations", ICML 2020), and the encoder pair f / g of METHOD.md §4."""
+Learning of Visual Representations", ICML 2020), and the encoder pair f / g of docs/method.md §4."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from memprune.data import MultiView, Splits, make_splits
-from memprune.encoders import load_encoder
+from memprune.encoders import feature_dim, load_encoder
 from memprune.errors import ConfigError
 from memprune.train._common import (
     CARD,
@@ -48,7 +48,7 @@ class SimCLRNet(nn.Module):
 
     def __init__(self, encoder: nn.Module, proj_dim: int, hidden_dim: int | None = None):
         super().__init__()
-        width = encoder.num_features
+        width = feature_dim(encoder)  # not num_features: see feature_dim
         hidden = hidden_dim or width
         self.encoder = encoder
         self.head = nn.Sequential(
@@ -114,6 +114,11 @@ def pretrain_simclr(
     if (done := finished(out_dir, resume)) is not None:
         return done
     indices = check_indices(dataset, indices, batch_size)
+    if batch_size < 2:
+        raise ConfigError(
+            f"batch_size={batch_size}: SimCLR needs at least 2 points per batch (the other points"
+            " are each view's negatives; with one the loss is 0 and nothing is learned)"
+        )
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     config = {

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from memprune.data import MultiView, dataset_labels
-from memprune.encoders import load_encoder
+from memprune.encoders import feature_dim, load_encoder
 from memprune.train._common import (
     Callback,
     TrainResult,
@@ -51,7 +51,7 @@ class Classifier(nn.Module):
     def __init__(self, encoder: nn.Module, n_classes: int):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.num_features, n_classes)
+        self.head = nn.Linear(feature_dim(encoder), n_classes)  # not num_features: see feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))

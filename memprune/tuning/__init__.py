@@ -1,4 +1,4 @@
-"""Selective fine-tuning of the layers (or units) that memorize most (METHOD.md §10).
+"""Selective fine-tuning of the layers (or units) that memorize most (docs/method.md §10).
 
 * :func:`select_layers`: top-k by ΔLayerMem / LayerMem, or the last-k, first-k, random-k
   and all-layers baselines, with the parameters each layer owns.

@@ -1,4 +1,7 @@
-"""Fine-tune chosen layers (or units) plus a linear head; everything else frozen (METHOD §10)."""
+"""Fine-tune chosen layers (or units) plus a linear head; everything else frozen.
+
+The protocol is docs/method.md §10.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which layers to fine-tune: ranked by (Δ)LayerMem, or a baseline choice (METHOD.md §10)."""
+"""Which layers to fine-tune: ranked by (Δ)LayerMem, or a baseline choice (docs/method.md §10)."""
 
 from __future__ import annotations
 
