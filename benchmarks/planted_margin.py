@@ -52,6 +52,22 @@ def paired_difference(seed: int, out_dir: str, toy: dict = TOY, pair: dict = PAI
     return means[0] - means[1]
 
 
+def supervised_margins(seed: int, out_dir: str) -> tuple[float, float]:
+    """The two margins tests/test_train.py asserts on, for one seed: the drop of the training
+    loss over 4 epochs with true labels, and how far the random-label loss ends above it."""
+    from memprune.train import train_supervised
+
+    data = load_dataset("digits", "train")
+    indices = sorted(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+                     [:256].tolist())  # fmt: skip
+    run = dict(epochs=4, batch_size=32, lr=1e-2, seed=seed, progress=False,
+               channels=(8, 16, 32, 64))  # fmt: skip
+    true = train_supervised("resnet18", data, indices, out_dir=f"{out_dir}/true", **run)
+    rand = train_supervised("resnet18", data, indices, out_dir=f"{out_dir}/rand",
+                            random_labels=True, **run)  # fmt: skip
+    return true.history[0] - true.history[-1], rand.history[-1] - true.history[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=12)
@@ -60,7 +76,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=PAIR["epochs"])
     parser.add_argument("--views", type=int, default=VIEWS)
     parser.add_argument("--shared", type=float, default=PAIR["shared"], help="shared fraction")
+    parser.add_argument("--supervised", action="store_true",
+                        help="measure test_train's supervised margins instead")  # fmt: skip
     args = parser.parse_args()
+    if args.supervised:
+        torch.set_num_threads(args.threads)
+        rows = []
+        for seed in range(args.seeds):
+            with tempfile.TemporaryDirectory() as tmp:
+                rows.append(supervised_margins(seed, tmp))
+            print(f"seed {seed}: loss drop {rows[-1][0]:+.4f}, random - true {rows[-1][1]:+.4f}",
+                  flush=True)  # fmt: skip
+        for i, name in enumerate(("loss drop", "random - true")):
+            vals = [r[i] for r in rows]
+            print(f"{name}: mean {statistics.mean(vals):+.4f}, SD {statistics.stdev(vals):.4f},"
+                  f" min {min(vals):+.4f}")  # fmt: skip
+        return
     toy, pair = {**TOY, "size": args.size}, {**PAIR, "epochs": args.epochs}
     if args.shared != PAIR["shared"]:  # the rest is split evenly between candidates and extras
         half = (1 - args.shared) / 2

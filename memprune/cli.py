@@ -13,15 +13,17 @@ from pathlib import Path
 from memprune.errors import MemPruneError
 
 DEFAULT_MODEL = "resnet18"
+DEFAULT_IMG_SIZE = 32
 DEFAULT_DATA = "digits"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
-    p.add_argument("--checkpoint", default=None, help="weights: .safetensors or torch state dict")
-    p.add_argument(
-        "--img-size", type=int, default=32, help="input resolution (default: %(default)s)"
-    )
+    p.add_argument("--model", default=None, help=f"timm model name (default: {DEFAULT_MODEL}, or"
+                   " the one a --checkpoint run or pruned directory records)")  # fmt: skip
+    p.add_argument("--checkpoint", default=None, help="weights: .safetensors, a torch state"
+                   " dict, a memprune run or a pruned directory")  # fmt: skip
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default:"
+                   f" {DEFAULT_IMG_SIZE}, or the checkpoint directory's)")  # fmt: skip
     p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (unsafe)")
     p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
 
@@ -45,20 +47,29 @@ def _encoder(args):
 
     if args.checkpoint is None:
         torch.manual_seed(getattr(args, "seed", 0))
+    # a run or pruned directory records its model and size: defaults must not contradict it
+    ckpt = args.checkpoint
+    recorded = ckpt is not None and (Path(ckpt).is_dir() or str(ckpt).endswith(".json"))
     return load_encoder(
-        args.model,
-        checkpoint=args.checkpoint,
-        img_size=args.img_size,
+        args.model if recorded else (args.model or DEFAULT_MODEL),
+        checkpoint=ckpt,
+        img_size=args.img_size if recorded else (args.img_size or DEFAULT_IMG_SIZE),
         trust_pickle=args.trust_pickle,
         **_key_values(args.timm),
     )
+
+
+def _model_name(args, model) -> str:
+    """The timm name of ``model`` (for tables and metadata)."""
+    build = (getattr(model, "pretrained_cfg", None) or {}).get("memprune_build") or {}
+    return build.get("model") or args.model or DEFAULT_MODEL
 
 
 def _img_size(args) -> int | None:
     """Built-in data sets come at their own size; others are resized to ``--img-size``."""
     from memprune.data._datasets import BUILTIN
 
-    return None if args.data in BUILTIN else args.img_size
+    return None if args.data in BUILTIN else (args.img_size or DEFAULT_IMG_SIZE)
 
 
 def _dataset(args):
@@ -138,7 +149,8 @@ def cmd_sites(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     shape = tuple(x.shape[1:])
     print(
-        f"{args.model}: {n_params / 1e6:.2f}M parameters, input {shape}, output dim {out.shape[1]}"
+        f"{_model_name(args, model)}: {n_params / 1e6:.2f}M parameters, input {shape},"
+        f" output dim {out.shape[1]}"
     )
     print(f"{data.name} ({args.split}): {len(data)} images; one batch of {b} points x {k} views\n")
     print(format_table(["site", "kind", "role", "units", "output shape", "captured"], rows))
@@ -193,7 +205,7 @@ def cmd_score_units(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     out = _open_out(args)
-    result.meta.update(model=args.model, checkpoint=args.checkpoint, data=args.data)
+    result.meta.update(model=_model_name(args, model), checkpoint=args.checkpoint, data=args.data)
     result.save(out / kind)
     rows = result.summary()
     printed = write_table(out / "summary", rows)
@@ -329,6 +341,13 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
     indices = None
     if Path(splits_path).is_file():
         indices = getattr(Splits.load(splits_path), args.part)
+        if not indices:
+            from memprune.errors import ConfigError
+
+            raise ConfigError(
+                f"{splits_path} has no {args.part} points: choose another --part (shared,"
+                " candidate, extra) or pretrain with a --test share"
+            )
     elif args.splits:
         from memprune.errors import ConfigError
 
@@ -408,12 +427,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     out = _open_out(args)
-    result = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data}
-    for name, r in (("linear", linear), ("knn", knn)):
+    name = _model_name(args, model)
+    result = {"model": name, "checkpoint": args.checkpoint, "data": args.data}
+    classes = list(getattr(train, "classes", None) or range(len(linear["confusion"])))
+    result["classes"] = [str(c) for c in classes]
+    for kind, r in (("linear", linear), ("knn", knn)):
         if r is not None:
-            result[name] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
-            title = f"{name} probe: {args.model} on {args.data}, accuracy {r['accuracy']:.4f}"
-            plot_confusion(r["confusion"], out / f"confusion_{name}.png", title)
+            result[kind] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+            title = f"{kind} probe: {name} on {args.data}, accuracy {r['accuracy']:.4f}"
+            plot_confusion(r["confusion"], out / f"confusion_{kind}.png", title,
+                           classes=result["classes"])  # fmt: skip
     write_json(out / "probe.json", result)
     out.finish()
     sizes = f"train {linear['n_train']}, test {linear['n_test']}"
@@ -496,7 +519,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif any(s in SCORE_STRATEGIES for s in args.strategy):
         scores = unit_mem(model, _limit(train, args.max_points, args.seed), n_views=args.views,
                           batch_size=args.batch_size, seed=args.seed, device=device)  # fmt: skip
-        scores.meta.update(model=args.model, checkpoint=args.checkpoint, data=args.data)
+        scores.meta.update(model=_model_name(args, model), checkpoint=args.checkpoint,
+                           data=args.data)  # fmt: skip
     out = _open_out(args)
     if scores is not None and not args.scores:
         scores.save(out / "unitmem")
@@ -515,10 +539,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                     out / "models", overwrite=out.overwrite, probe=probe,
                                     log=lambda m: print(m, flush=True), **options)  # fmt: skip
     report = {
-        "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
+        "model": _model_name(args, model), "checkpoint": args.checkpoint, "data": args.data,
         "probe": args.backend, "options": options, "table": rows, "runs": reports,
     }  # fmt: skip
-    title = f"pruning {args.model} ({args.scope} scope), linear probe on {args.data}"
+    title = f"pruning {_model_name(args, model)} ({args.scope} scope), linear probe on {args.data}"
     plot_prune_tradeoff(rows, out / "tradeoff.png", title)
     _write_comparison(out, rows, report, "tradeoff.png and models/")
     return 0
@@ -611,12 +635,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option's help, except where the help already says it or
+    there is no default to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Every verb's ``--help`` lists its options with their defaults; a bad argument is one
     line naming it and pointing to ``--help``, with exit status 2."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
@@ -648,9 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("units", 10, "simclr", "UnitMem of every unit (per-point selectivity)"),
         ("classes", 1, "none", "ClassMem of every unit (class selectivity)"),
     ):
-        p = score.add_parser(
-            what, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        p = score.add_parser(what, help=helptext, formatter_class=_HelpFormatter)
         _add_model_args(p)
         _add_data_args(p)
         p.add_argument("--out", required=True, help="output directory (must be new or empty)")
@@ -675,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
         p.set_defaults(func=cmd_score_units)
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = score.add_parser(
         "layers", help="LayerMem / ΔLayerMem of an encoder pair", formatter_class=fmt
     )
@@ -688,12 +721,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
     _add_data_args(p)
     p.add_argument("--splits", default=None, help="splits.json (default: beside --f, if present)")
-    p.add_argument("--part", default="candidate", choices=("shared", "candidate", "extra", "test"))
+    p.add_argument("--part", default="candidate", choices=("shared", "candidate", "extra", "test"),
+                   help="which points of splits.json to score")  # fmt: skip
     p.add_argument("--n-points", type=int, default=None, help="score a seeded subset of this many")
     p.add_argument("--views", type=int, default=10, help="view pairs per point")
     p.add_argument("--layers", nargs="+", default=None, help="layer-site patterns (default: all)")
-    p.add_argument("--representation", default="flatten", choices=("flatten", "pool", "cls"))
-    p.add_argument("--pair", default="views", choices=("views", "clean"))
+    p.add_argument("--representation", default="flatten", choices=("flatten", "pool", "cls"),
+                   help="layer output as: whole, spatial/token mean, class token")  # fmt: skip
+    p.add_argument("--pair", default="views", choices=("views", "clean"),
+                   help="two views per pair (paper) or the clean image and one view")  # fmt: skip
     p.add_argument("--top-k", type=int, default=50, help="size of the top / least sets")
     p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE",
                    help="SimCLR augmentation parameters, e.g. scale=[0.3,1.0]")  # fmt: skip
@@ -701,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument("--batch-size", type=int, default=32, help="points per forward pass")
     p.add_argument("--seed", type=int, default=0, help="view seed")
-    p.add_argument("--device", default=None)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.set_defaults(func=cmd_score_layers)
 
     p = score.add_parser("cka", help="CKA between layers (within --a, or --a vs --b)")
@@ -714,13 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--layers-a", nargs="+", default=None, help="layer-site patterns of --a")
     p.add_argument("--layers-b", nargs="+", default=None, help="layer-site patterns of --b")
-    p.add_argument("--representation", default="flatten", choices=("flatten", "pool", "cls"))
+    p.add_argument("--representation", default="flatten", choices=("flatten", "pool", "cls"),
+                   help="layer output as: whole, spatial/token mean, class token")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=256, help="minibatch size (>= 4)")
     p.add_argument("--no-invariance", action="store_true", help="skip the two-view CKA")
     aug_help = "SimCLR view parameters of the invariance (e.g. scale=[0.3,1.0])"
     p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE", help=aug_help)
     p.add_argument("--seed", type=int, default=0, help="view seed")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=cmd_score_cka)
@@ -744,17 +781,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", default="0", help="count or fraction held out from both")
     p.add_argument("--supervised", action="store_true", help="cross-entropy training instead")
     p.add_argument("--random-labels", action="store_true", help="supervised with random labels")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--proj-dim", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--epochs", type=int, default=20, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="points per batch, per process")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine schedule)")
+    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
+    p.add_argument("--proj-dim", type=int, default=128, help="projection head output width")
+    p.add_argument("--seed", type=int, default=0, help="split, init, order and view seed")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"),
+                   help="accelerate's mixed precision")  # fmt: skip
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every epoch's encoder")
     p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE",
                    help="SimCLR augmentation parameters, e.g. scale=[0.3,1.0]")  # fmt: skip
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(
@@ -769,9 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache extracted features here")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per extraction pass")
     p.add_argument("--seed", type=int, default=0, help="validation-split seed")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser(
@@ -784,12 +822,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", default=None, help="UnitMem of this encoder (score units --out)")
     p.add_argument("--ratio", type=float, nargs="+", default=[0.2, 0.5], help="fractions removed")
     p.add_argument("--strategy", nargs="+", default=["lowest", "highest", "random", "magnitude"],
-                   choices=("lowest", "highest", "random", "magnitude"))  # fmt: skip
-    p.add_argument("--scope", default="layer", choices=("layer", "global"))
+                   choices=("lowest", "highest", "random", "magnitude"),
+                   help="which units go first")  # fmt: skip
+    p.add_argument("--scope", default="layer", choices=("layer", "global"),
+                   help="the ratio per layer, or one global ranking")  # fmt: skip
     p.add_argument("--max-layer-ratio", type=float, default=None, help="cap per layer (global)")
     p.add_argument("--heads", action="store_true", help="also prune ViT attention heads")
     p.add_argument("--prune-output-width", action="store_true", help="prune the feature width too")
-    p.add_argument("--iterative-steps", type=int, default=1)
+    p.add_argument("--iterative-steps", type=int, default=1, help="prune in this many steps")
     p.add_argument("--views", type=int, default=10, help="views per point for UnitMem")
     p.add_argument("--max-points", type=int, default=None, help="score a seeded subset")
     p.add_argument("--latency-batch", type=int, default=64, help="batch for latency (0: skip)")
@@ -799,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument("--batch-size", type=int, default=32, help="points per UnitMem forward pass")
     p.add_argument("--seed", type=int, default=0, help="view, random-strategy and probe seed")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser(
@@ -818,11 +858,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2], help="layers to fine-tune")
     p.add_argument("--strategy", nargs="+", default=["top", "last", "random", "all"],
-                   choices=("top", "last", "first", "random", "all"))  # fmt: skip
+                   choices=("top", "last", "first", "random", "all"),
+                   help="layer choices compared at each k")  # fmt: skip
     p.add_argument("--by", default="delta", choices=("delta", "layermem"), help="ranking of top")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=20, help="epochs per run (as the recipes)")
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (as the recipes)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (as the recipes)")
     p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE",
                    help="crop-and-flip parameters (e.g. scale=[0.6,1.0] flip_p=0)")  # fmt: skip
     p.add_argument("--no-augment", action="store_true", help="train on the plain images")

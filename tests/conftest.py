@@ -78,3 +78,48 @@ NOISE_SIGMA = 0.05
 def noise_views(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A view: the image plus Gaussian pixel noise drawn from the view's generator."""
     return image + NOISE_SIGMA * torch.randn(image.shape, generator=gen)
+
+
+def kill_when(argv: list[str], ready, timeout: float = 240.0) -> None:
+    """Run ``memprune ARGV`` in a subprocess and SIGKILL it as soon as ``ready()`` is true
+    (polled every 10 ms): a crash at an arbitrary moment of the command's work."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}  # the test waits: the child has the cores
+    proc = subprocess.Popen([sys.executable, "-m", "memprune.cli", *argv], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"finished before the kill: {proc.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the moment to kill never came")
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def unfinished(out) -> bool:
+    """Whether the output directory ``out`` holds a command that did not finish."""
+    import json
+
+    from memprune.report._rundir import MARKER
+
+    return json.loads((out / MARKER).read_text())["finished"] is False
+
+
+def same_tensors(a, b) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

@@ -1,4 +1,10 @@
+import json
+import re
+
 from memprune.cli import main
+from memprune.report._rundir import MARKER
+
+from .conftest import kill_when, same_tensors, unfinished
 
 
 def test_sites_command_prints_table(capsys):
@@ -41,6 +47,15 @@ def test_score_units_and_classes_write_results(tmp_path, capsys):
     # an existing run directory is not overwritten without --force
     assert main(["score", "units", *args]) == 2
     assert "--force" in capsys.readouterr().err
+    # kill -9 while writing (the scores are there, the tables and the plot not yet), rerun the
+    # same command: it finishes the run, with the uninterrupted run's results
+    cut = [*args[:-1], str(tmp_path / "cut")]
+    kill_when(["score", "units", *cut], lambda: (tmp_path / "cut/unitmem.safetensors").is_file())
+    assert unfinished(tmp_path / "cut")
+    assert main(["score", "units", *cut]) == 0
+    assert same_tensors(out / "unitmem.safetensors", tmp_path / "cut/unitmem.safetensors")
+    assert (out / "summary.csv").read_text() == (tmp_path / "cut/summary.csv").read_text()
+    assert not unfinished(tmp_path / "cut")
     assert main(["score", "classes", "--max-points", "60", "--out", str(tmp_path / "c")]) == 0
     assert UnitMemResult.load(tmp_path / "c" / "classmem").kind == "classmem"
 
@@ -77,8 +92,6 @@ def test_pretrain_pair_then_score_layers(tmp_path, capsys):
 
 
 def test_probe_command(tmp_path, capsys):
-    import json
-
     out = tmp_path / "probe"
     args = ["probe", "--timm", "channels=[8,16,32,64]", "--knn", "--out", str(out)]
     assert main(args) == 0
@@ -90,14 +103,13 @@ def test_probe_command(tmp_path, capsys):
 
 
 def test_prune_command_compares_strategies(tmp_path, capsys):
-    import json
-
     from memprune import load_encoder
 
     out = tmp_path / "prune"
     tiny = ["--timm", "channels=[8,16,32,64]", "--data", "digits", "--ratio", "0.5"]
-    args = [*tiny, "--strategy", "lowest", "random", "--views", "2", "--max-points", "200"]
-    assert main(["prune", *args, "--latency-batch", "8", "--out", str(out)]) == 0
+    args = [*tiny, "--strategy", "lowest", "random", "--views", "2", "--max-points", "200",
+            "--latency-batch", "8"]  # fmt: skip
+    assert main(["prune", *args, "--out", str(out)]) == 0
     for name in ("report.json", "comparison.md", "comparison.csv", "tradeoff.png", "unitmem.json"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
@@ -126,11 +138,28 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
     assert main(probe) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert main(["prune", *tiny, "--strategy", "random", "--out", str(out)]) == 2
+    # kill -9 in the middle of the sweep (one pruned encoder saved), rerun the same command
+    cut = tmp_path / "cut"
+    kill_when(["prune", *args, "--out", str(cut)],
+              lambda: (cut / "models/lowest_0.5/pruned.json").is_file())  # fmt: skip
+    assert unfinished(cut) and not (cut / "report.json").exists()
+    assert main(["prune", *args, "--out", str(cut)]) == 0
+    assert _without_latency(json.loads((cut / "report.json").read_text())) == _without_latency(
+        report
+    )
+    for model in ("lowest_0.5", "random_0.5"):
+        assert same_tensors(out / "models" / model / "encoder.safetensors",
+                            cut / "models" / model / "encoder.safetensors")  # fmt: skip
+
+
+def _without_latency(report: dict) -> dict:
+    """A pruning report without its measured latencies (the rest is deterministic)."""
+    drop = ("latency_ms", "latency_ratio", "latency_s")
+    strip = lambda row: {k: v for k, v in row.items() if k not in drop}  # noqa: E731
+    return {key: [strip(r) for r in report[key]] for key in ("table", "runs")}
 
 
 def test_finetune_command_compares_strategies(tmp_path, capsys):
-    import json
-
     from safetensors.torch import save_file
 
     from .conftest import tiny_resnet
@@ -143,18 +172,62 @@ def test_finetune_command_compares_strategies(tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["finetune", "--f", str(weights), "--model", "resnet18", "--img-size", "32",
             "--timm", "channels=[8,16,32,64]", "--layer-scores", str(tmp_path / "layers"),
-            "--k", "1", "--strategy", "top", "last", "--epochs", "1", "--seeds", "0", "1",
+            "--k", "1", "--strategy", "top", "last", "--epochs", "1", "--seeds", "0",
             "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     table = [(r["strategy"], r["k"], r["layers"], r["seeds"]) for r in report["table"]]
-    assert table == [("linear probe", 0, "", 2), ("top", 1, "layer3.0", 2),
-                     ("last", 1, "layer4.1", 2)]  # fmt: skip
-    assert len(report["runs"]) == 4 and all(0 <= r["accuracy"] <= 1 for r in report["runs"])
+    assert table == [("linear probe", 0, "", 1), ("top", 1, "layer3.0", 1),
+                     ("last", 1, "layer4.1", 1)]  # fmt: skip
+    assert len(report["runs"]) == 2 and all(0 <= r["accuracy"] <= 1 for r in report["runs"])
     for name in ("comparison.md", "comparison.csv", "comparison.png"):
         assert (out / name).is_file()
     assert "top k=1" in capsys.readouterr().out
+    # kill -9 once the comparison is done and its files are being written, rerun
+    cut = tmp_path / "cut"
+    kill_when([*args[:-1], str(cut)], lambda: (cut / MARKER).is_file())
+    assert unfinished(cut)
+    assert main([*args[:-1], str(cut)]) == 0
+    assert (out / "comparison.csv").read_text() == (cut / "comparison.csv").read_text()
     bad = [*args[:-1], str(tmp_path / "bad")]
     bad[bad.index("--k") + 1] = "12"
     assert main(bad) == 2
     assert "k must be an int in [1, 9]" in capsys.readouterr().err
+
+
+def test_every_option_has_help_and_its_default_once():
+    import argparse
+
+    from memprune.cli import build_parser
+
+    def parsers(p, prefix=()):
+        yield prefix, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from parsers(sub, (*prefix, name))
+
+    for prefix, parser in parsers(build_parser()):
+        text = parser.format_help().split("\noptions:\n", 1)[1]
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, (prefix, action.option_strings)
+            if action.default not in (None, False):
+                found = re.search(rf"\n  {re.escape(action.option_strings[-1])}[ \n]", "\n" + text)
+                block = ("\n" + text)[found.end() :].split("\n  -", 1)[0]
+                assert block.count("default") == 1, (prefix, action.option_strings, block)
+
+
+def test_a_pruned_vit_directory_needs_no_model_flags(tmp_path, capsys):
+    from memprune.pruning import prune, save_pruned
+
+    from .conftest import tiny_vit
+
+    pruned, _ = prune(tiny_vit(), None, 0.5, "random", latency_batch=None)
+    save_pruned(pruned, tmp_path / "vit")
+    out = tmp_path / "probe"
+    assert main(["probe", "--checkpoint", str(tmp_path / "vit"), "--out", str(out)]) == 0
+    result = json.loads((out / "probe.json").read_text())
+    assert result["model"] == "vit_tiny_patch16_224"
+    assert result["classes"] == [str(c) for c in range(10)]

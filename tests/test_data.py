@@ -124,3 +124,17 @@ def test_bad_splits():
         Splits(n=10, shared=[1, 3], candidate=[3])
     with pytest.raises(ConfigError, match="outside"):
         Splits(n=10, extra=[10])
+
+
+def test_folder_classes_are_mapped_by_name_across_splits(tmp_path):
+    """test/ lacks class b: class c keeps the label it has in train/ (2), not 1."""
+    for split, classes in (("train", "abc"), ("test", "ac")):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            image = Image.new("RGB", (8, 8), (10 * ord(c) % 255, 0, 0))
+            image.save(tmp_path / split / c / "0.png")
+    train = load_dataset(str(tmp_path), "train", img_size=8)
+    test = load_dataset(str(tmp_path), "test", img_size=8)
+    assert sorted(train[i][1] for i in range(len(train))) == [0, 1, 2]
+    assert sorted(test[i][1] for i in range(len(test))) == [0, 2]
+    assert train.classes == test.classes == ["a", "b", "c"]

@@ -185,12 +185,27 @@ def _load_folder(path: Path, split: str, img_size: int | None) -> Dataset:
                 f" and {path}/test/CLASS/*, or use split='train' for the whole folder"
             )
         folder = path
+    # classes are mapped by folder name across train/ and test/, so a split that lacks a class
+    # does not shift the labels of the classes after it
+    splits = [path / s for s in SPLITS if (path / s).is_dir()] if folder != path else [path]
+    names = sorted({d.name for s in splits for d in s.iterdir() if d.is_dir()})
+
+    class _Folder(tvd.ImageFolder):
+        def find_classes(self, directory):
+            if not names:
+                raise FileNotFoundError(f"no class folders in {directory}")
+            return names, {c: i for i, c in enumerate(names)}
+
     try:
-        base = tvd.ImageFolder(str(folder), loader=_read_image)
+        base = _Folder(str(folder), loader=_read_image, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as err:
         raise DatasetNotFoundError(
             f"no images in ImageFolder layout under {folder} (expected {folder}/CLASS/IMAGE): {err}"
         ) from err
+    if len(base) == 0:
+        raise DatasetNotFoundError(
+            f"no images in ImageFolder layout under {folder} (expected {folder}/CLASS/IMAGE)"
+        )
     return _TorchvisionDataset(base, torch.as_tensor(base.targets), str(path), img_size)
 
 

@@ -41,9 +41,13 @@ def compare_pruning(
             check_options(ratio, strategy, scores=scores, **{k: options[k] for k in keys
                                                              if k in options})  # fmt: skip
     rows, runs = [], []
+    baseline = None  # the unpruned latency, measured once: every row's ratio shares it
     for strategy in strategies:
         for ratio in ratios:
-            pruned, report = prune(encoder, scores, ratio, strategy, **options)
+            pruned, report = prune(encoder, scores, ratio, strategy, **options,
+                                   baseline_latency_s=baseline)  # fmt: skip
+            if report.latency_s is not None:
+                baseline = report.latency_s[0]
             name = f"{strategy}_{ratio:g}"
             if models_dir is not None:
                 save_pruned(pruned, Path(models_dir) / name, overwrite=overwrite)

@@ -248,6 +248,7 @@ def prune(
     latency_batch: int | None = 64,
     latency_time: float = 0.5,
     inplace: bool = False,
+    baseline_latency_s: float | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Remove ``ratio`` of the units of ``encoder`` for real (docs/method.md §9).
 
@@ -282,6 +283,8 @@ def prune(
         latency_batch: batch size for the latency measurement (None: not measured).
         latency_time: seconds of timing per measurement.
         inplace: prune ``encoder`` itself instead of a copy.
+        baseline_latency_s: the unpruned encoder's latency, when already measured (a sweep
+            measures it once, so that every row's ratio has the same denominator).
 
     Returns:
         The pruned encoder (eval mode) and a :class:`PruneReport`.
@@ -298,7 +301,10 @@ def prune(
             "heads=True needs attention head sites (blocks.i.attn:heads) in the scores or the"
             " encoder; this encoder has none, or the scores leave them out"
         )
-    params0, macs0, lat0 = _measure(model, example_input, latency_batch, latency_time)
+    batch = None if baseline_latency_s is not None else latency_batch
+    params0, macs0, lat0 = _measure(model, example_input, batch, latency_time)
+    if latency_batch and baseline_latency_s is not None:
+        lat0 = baseline_latency_s
     initial: dict[str, int] = {}
     origin: dict[str, torch.Tensor] = {}  # group -> original index of each remaining unit
     base: dict[str, torch.Tensor] = {}  # group -> score of each original unit

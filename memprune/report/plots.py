@@ -96,8 +96,11 @@ def plot_consistency(result, path: str | os.PathLike, k: int | None = None) -> P
     return save_figure(fig, path)
 
 
-def plot_confusion(confusion, path: str | os.PathLike, title: str = "") -> Path:
-    """A confusion matrix (rows: true class, columns: predicted), counts in the cells."""
+def plot_confusion(
+    confusion, path: str | os.PathLike, title: str = "", classes: list[str] | None = None
+) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted), counts in the cells, the
+    axes labelled with the class names when given."""
     cm = confusion.numpy()
     n = len(cm)
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * n + 1.5), max(3.5, 0.45 * n + 1)))
@@ -111,6 +114,9 @@ def plot_confusion(confusion, path: str | os.PathLike, title: str = "") -> Path:
     ax.set_ylabel("true")
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
+    if classes is not None and len(classes) == n:
+        ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)
+        ax.set_yticklabels(classes, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     return save_figure(fig, path)

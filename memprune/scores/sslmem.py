@@ -267,8 +267,10 @@ class LayerMemResult:
         return torch.cat([lm[:1], lm[1:] - lm[:-1]])
 
     def ranked(self) -> dict[str, torch.Tensor]:
-        """Row positions of the top-k and least-k points by output-layer SSLMem."""
-        k = min(self.top_k, len(self.indices))
+        """Row positions of the top-k and least-k points by output-layer SSLMem. k is
+        ``top_k`` or half the scored points, whichever is smaller, so the two sets never
+        overlap (with 60 points: top-30 and least-30); the table's column names carry k."""
+        k = max(1, min(self.top_k, len(self.indices) // 2))
         order = self.sslmem[:, -1].argsort(descending=True, stable=True)
         return {"top": order[:k], "least": order.flip(0)[:k]}
 
