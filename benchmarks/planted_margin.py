@@ -52,7 +52,7 @@ def paired_difference(seed: int, out_dir: str, toy: dict = TOY, pair: dict = PAI
     return means[0] - means[1]
 
 
-def supervised_margins(seed: int, out_dir: str) -> tuple[float, float]:
+def supervised_margins(seed: int, out_dir: str, epochs: int = 4) -> tuple[float, float]:
     """The two margins tests/test_train.py asserts on, for one seed: the drop of the training
     loss over 4 epochs with true labels, and how far the random-label loss ends above it."""
     from memprune.train import train_supervised
@@ -60,7 +60,7 @@ def supervised_margins(seed: int, out_dir: str) -> tuple[float, float]:
     data = load_dataset("digits", "train")
     indices = sorted(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
                      [:256].tolist())  # fmt: skip
-    run = dict(epochs=4, batch_size=32, lr=1e-2, seed=seed, progress=False,
+    run = dict(epochs=epochs, batch_size=32, lr=1e-2, seed=seed, progress=False,
                channels=(8, 16, 32, 64))  # fmt: skip
     true = train_supervised("resnet18", data, indices, out_dir=f"{out_dir}/true", **run)
     rand = train_supervised("resnet18", data, indices, out_dir=f"{out_dir}/rand",
@@ -78,13 +78,14 @@ def main() -> None:
     parser.add_argument("--shared", type=float, default=PAIR["shared"], help="shared fraction")
     parser.add_argument("--supervised", action="store_true",
                         help="measure test_train's supervised margins instead")  # fmt: skip
+    parser.add_argument("--supervised-epochs", type=int, default=4)
     args = parser.parse_args()
     if args.supervised:
         torch.set_num_threads(args.threads)
         rows = []
         for seed in range(args.seeds):
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append(supervised_margins(seed, tmp))
+                rows.append(supervised_margins(seed, tmp, args.supervised_epochs))
             print(f"seed {seed}: loss drop {rows[-1][0]:+.4f}, random - true {rows[-1][1]:+.4f}",
                   flush=True)  # fmt: skip
         for i, name in enumerate(("loss drop", "random - true")):

@@ -89,14 +89,21 @@ def test_pair_and_card_errors(tmp_path, digits):
         )
 
 
+#: Over 10 seeds x {1, 2} threads (benchmarks/planted_margin.py --supervised
+#: --supervised-epochs 8), the loss drop with true labels was 0.78 +- 0.06-0.08 (min 0.68) and
+#: the random-label loss ended 0.70 +- 0.07-0.08 above it (min 0.59); mean - 4 SD >= 0.36 and
+#: 0.43. With 4 epochs the second margin was 0.31 +- 0.09: mean - 4 SD below 0, too thin.
+SUPERVISED_MARGIN = 0.3
+
+
 def test_supervised_learns_and_random_labels(tmp_path, digits):
     data = Subset(digits, range(256))
     recipe = {k: v for k, v in RECIPE.items() if k != "proj_dim"}
-    recipe |= {"epochs": 4, "batch_size": 32, "lr": 1e-2}
+    recipe |= {"epochs": 8, "batch_size": 32, "lr": 1e-2}
     true = train_supervised("resnet18", data, out_dir=tmp_path / "true", **recipe)
     rand = train_supervised(
         "resnet18", data, out_dir=tmp_path / "rand", random_labels=True, **recipe
     )
-    assert true.history[-1] < true.history[0]
-    assert true.history[-1] < rand.history[-1]
+    assert true.history[0] - true.history[-1] > SUPERVISED_MARGIN, true.history
+    assert rand.history[-1] - true.history[-1] > SUPERVISED_MARGIN, (rand.history, true.history)
     assert load_encoder(checkpoint=tmp_path / "rand").num_features == 64
