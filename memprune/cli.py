@@ -17,11 +17,12 @@ DEFAULT_IMG_SIZE = 32
 DEFAULT_DATA = "digits"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--model", default=None, help=f"timm model name (default: {DEFAULT_MODEL}, or"
                    " the one a --checkpoint run or pruned directory records)")  # fmt: skip
-    p.add_argument("--checkpoint", default=None, help="weights: .safetensors, a torch state"
-                   " dict, a memprune run or a pruned directory")  # fmt: skip
+    p.add_argument("--checkpoint", default=None, nargs="+" if several else None,
+                   help="weights: .safetensors, a torch state dict, a memprune run or a pruned"
+                   f" directory{' (several: one table)' if several else ''}")  # fmt: skip
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default:"
                    f" {DEFAULT_IMG_SIZE}, or the checkpoint directory's)")  # fmt: skip
     p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (unsafe)")
@@ -404,9 +405,10 @@ def cmd_score_cka(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    """Linear-probe (and kNN) accuracy of a frozen encoder on train -> test."""
+    """Linear-probe (and kNN) accuracy of frozen encoders on train -> test, one table."""
     from memprune._dist import rank_world
     from memprune._io import write_json
+    from memprune._table import write_table
     from memprune.data import load_dataset
     from memprune.probe import knn_probe, linear_probe
     from memprune.report import plot_confusion
@@ -415,37 +417,53 @@ def cmd_probe(args: argparse.Namespace) -> int:
     _positive(args, "batch_size")
     if rank == 0:
         _check_out(args)
-    model = _encoder(args)
+    checkpoints = args.checkpoint or [None]
+    encoders = [
+        _encoder(argparse.Namespace(**{**vars(args), "checkpoint": c})) for c in checkpoints
+    ]  # fmt: skip  (every checkpoint is read before any work)
     img_size = _img_size(args)
     train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
     test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
     common = dict(
         seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device
     )
-    linear = linear_probe(model, train, test, backend=args.backend, **common)
-    knn = knn_probe(model, train, test, **common) if args.knn else None
+    probes = []
+    for model in encoders:
+        linear = linear_probe(model, train, test, backend=args.backend, **common)
+        probes.append((linear, knn_probe(model, train, test, **common) if args.knn else None))
     if rank != 0:
         return 0
     out = _open_out(args)
-    name = _model_name(args, model)
-    result = {"model": name, "checkpoint": args.checkpoint, "data": args.data}
-    classes = list(getattr(train, "classes", None) or range(len(linear["confusion"])))
-    result["classes"] = [str(c) for c in classes]
-    for kind, r in (("linear", linear), ("knn", knn)):
-        if r is not None:
-            result[kind] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
-            title = f"{kind} probe: {name} on {args.data}, accuracy {r['accuracy']:.4f}"
-            plot_confusion(r["confusion"], out / f"confusion_{kind}.png", title,
-                           classes=result["classes"])  # fmt: skip
-    write_json(out / "probe.json", result)
+    classes = [str(c) for c in (getattr(train, "classes", None) or range(_n_classes(probes)))]
+    records, rows = [], []
+    for i, (model, ckpt, (linear, knn)) in enumerate(zip(encoders, checkpoints, probes)):
+        name = _model_name(args, model)
+        record = {"model": name, "checkpoint": ckpt}
+        for kind, r in (("linear", linear), ("knn", knn)):
+            if r is None:
+                continue
+            record[kind] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+            title = f"{kind} probe: {ckpt or name} on {args.data}, accuracy {r['accuracy']:.4f}"
+            png = f"confusion_{kind}.png" if len(encoders) == 1 else f"confusion_{kind}_{i}.png"
+            plot_confusion(r["confusion"], out / png, title, classes=classes)
+        records.append(record)
+        row = {"encoder": ckpt or name, "backend": linear["backend"], "linear": linear["accuracy"],
+               "C": linear["C"]}  # fmt: skip
+        if knn is not None:
+            row.update(knn=knn["accuracy"], k=knn["k"])
+        rows.append(row)
+    write_json(out / "probe.json", {"data": args.data, "classes": classes, "n_train": len(train),
+                                    "n_test": len(test), "encoders": records})  # fmt: skip
+    printed = write_table(out / "probe", rows)
     out.finish()
-    sizes = f"train {linear['n_train']}, test {linear['n_test']}"
-    print(f"linear probe ({linear['backend']}): test accuracy {linear['accuracy']:.4f},"
-          f" C = {linear['C']:g} ({sizes})")  # fmt: skip
-    if knn is not None:
-        print(f"kNN: test accuracy {knn['accuracy']:.4f}, k = {knn['k']}")
-    print(f"wrote probe.json and confusion plots to {out}")
+    print(printed)
+    print(f"\nwrote probe.json, probe.md/.csv and confusion plots to {out}")
     return 0
+
+
+def _n_classes(probes) -> int:
+    """How many classes the probes' confusion matrices have."""
+    return len(probes[0][0]["confusion"])
 
 
 def _write_comparison(out, rows: list[dict], report: dict, also: str) -> None:
@@ -796,9 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(
-        "probe", help="linear-probe and kNN accuracy of a frozen encoder", formatter_class=fmt
+        "probe", help="linear-probe and kNN accuracy of frozen encoders", formatter_class=fmt
     )
-    _add_model_args(p)
+    _add_model_args(p, several=True)
     p.add_argument("--data", default=DEFAULT_DATA, help="data set with train and test splits")
     p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "sklearn"),

@@ -9,14 +9,18 @@ import memprune
 from memprune._dist import rank_world, shard
 from tests.conftest import tiny_resnet
 
-out, rest = sys.argv[1], sys.argv[2]
+out = sys.argv[1]
 rank, world = rank_world()
 assert world == 2 and len(shard(45, rank, world)) == (23 if rank == 0 else 22)
 torch.set_num_threads(1)
 data = Subset(memprune.load_dataset("digits"), list(range(0, 45)))
-result = memprune.unit_mem(tiny_resnet(), data, n_views=3, batch_size=4, rest=rest, device="cpu")
+results = {
+    rest: memprune.unit_mem(tiny_resnet(), data, n_views=3, batch_size=4, rest=rest, device="cpu")
+    for rest in ("mean", "median")
+}
 classes = memprune.class_mem(tiny_resnet(), data, batch_size=4, device="cpu")
 if torch.distributed.get_rank() == 0:
-    result.save(f"{out}/unitmem")
+    for rest, result in results.items():
+        result.save(f"{out}/unitmem_{rest}")
     classes.save(f"{out}/classmem")
 torch.distributed.destroy_process_group()

@@ -9,10 +9,13 @@ import torch
 
 from memprune import load_dataset, load_encoder
 
-#: Torch threads for the suite, chosen by measurement on 2 cores (see README, "Tests"); the
-#: environment variable overrides it, e.g. to measure again.
-THREADS = int(os.environ.get("MEMPRUNE_TEST_THREADS", "2"))
+#: Torch threads for the suite, chosen by measurement on 2 cores (README, "Tests"): alone, 1 and
+#: 2 threads take the same time; beside another busy process, 2 threads spin-wait for a core
+#: and crawl. MEMPRUNE_TEST_THREADS overrides it, e.g. to measure again. Subprocesses (CLI
+#: runs, torchrun workers, the notebook's kernel) inherit it through OMP_NUM_THREADS.
+THREADS = int(os.environ.get("MEMPRUNE_TEST_THREADS", "1"))
 torch.set_num_threads(THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 #: timm arguments of a tiny ResNet-18 (64-wide stem, 0.2M parameters).

@@ -92,14 +92,34 @@ def test_pretrain_pair_then_score_layers(tmp_path, capsys):
 
 
 def test_probe_command(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from memprune import load_encoder
+
     out = tmp_path / "probe"
     args = ["probe", "--timm", "channels=[8,16,32,64]", "--knn", "--out", str(out)]
     assert main(args) == 0
-    result = json.loads((out / "probe.json").read_text())
+    result = json.loads((out / "probe.json").read_text())["encoders"][0]
     assert 0 <= result["linear"]["accuracy"] <= 1 and result["knn"]["k"] in (10, 20, 100, 200)
     assert len(result["linear"]["confusion"]) == 10
     assert (out / "confusion_linear.png").is_file() and (out / "confusion_knn.png").is_file()
-    assert "linear probe (sklearn): test accuracy" in capsys.readouterr().out
+    assert "sklearn" in capsys.readouterr().out  # the backend "auto" chose on the CPU
+    # several encoders: one table, one row each, the same numbers as probing each alone
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = load_encoder("resnet18", channels=(8, 16, 32, 64), zero_init_last=False)
+        paths.append(str(tmp_path / f"w{seed}.safetensors"))
+        save_file(model.state_dict(), paths[-1])
+    both = ["probe", "--timm", "channels=[8,16,32,64]", "zero_init_last=false", "--checkpoint"]
+    assert main([*both, *paths, "--out", str(tmp_path / "both")]) == 0
+    rows = (tmp_path / "both" / "probe.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith(paths[0]) and rows[2].startswith(paths[1])
+    assert main([*both, paths[1], "--out", str(tmp_path / "one")]) == 0
+    alone = json.loads((tmp_path / "one" / "probe.json").read_text())["encoders"][0]
+    together = json.loads((tmp_path / "both" / "probe.json").read_text())["encoders"][1]
+    assert alone["linear"]["accuracy"] == together["linear"]["accuracy"]
 
 
 def test_prune_command_compares_strategies(tmp_path, capsys):
@@ -136,7 +156,7 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
         str(tmp_path / "p"),
     ]
     assert main(probe) == 0
-    assert "test accuracy" in capsys.readouterr().out
+    assert "lowest_0.5" in capsys.readouterr().out
     assert main(["prune", *tiny, "--strategy", "random", "--out", str(out)]) == 2
     # kill -9 in the middle of the sweep (one pruned encoder saved), rerun the same command
     cut = tmp_path / "cut"
@@ -229,5 +249,5 @@ def test_a_pruned_vit_directory_needs_no_model_flags(tmp_path, capsys):
     out = tmp_path / "probe"
     assert main(["probe", "--checkpoint", str(tmp_path / "vit"), "--out", str(out)]) == 0
     result = json.loads((out / "probe.json").read_text())
-    assert result["model"] == "vit_tiny_patch16_224"
+    assert result["encoders"][0]["model"] == "vit_tiny_patch16_224"
     assert result["classes"] == [str(c) for c in range(10)]

@@ -80,17 +80,17 @@ def plot_consistency(result, path: str | os.PathLike, k: int | None = None) -> P
     """Heat maps of Kendall tau and top-k overlap of per-point SSLMem between layers."""
     cons = result.consistency(k)
     names = result.layers
-    fig, axes = plt.subplots(
-        1, 2, figsize=(2 * max(4, 0.35 * len(names) + 2), max(4, 0.35 * len(names) + 1.5))
-    )
-    for ax, (key, title) in zip(
-        axes, (("kendall_tau", "Kendall tau"), ("topk_overlap", "top-k overlap"))
+    size = max(4, 0.3 * len(names) + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
+    for i, (ax, (key, title)) in enumerate(
+        zip(axes, (("kendall_tau", "Kendall tau"), ("topk_overlap", "top-k overlap")))
     ):
         im = ax.imshow(
             cons[key].numpy(), vmin=-1 if key == "kendall_tau" else 0, vmax=1, cmap="viridis"
         )
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(names)), names, fontsize=6)
+        # the layer names once, on the left: on the right they would run into the first colorbar
+        ax.set_yticks(range(len(names)), names if i == 0 else [], fontsize=6)
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     return save_figure(fig, path)
@@ -127,7 +127,10 @@ def plot_prune_tradeoff(rows: list[dict], path: str | os.PathLike, title: str = 
     its ratios; the unpruned encoder (strategy ``none``) as a star."""
     axes_keys = [("params", "parameters"), ("macs", "MACs"), ("latency_ms", "latency (ms)")]
     axes_keys = [(k, label) for k, label in axes_keys if all(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(axes_keys), figsize=(4.2 * len(axes_keys), 3.8), sharey=True)
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(4.2 * len(axes_keys), 3.8), sharey=True,
+                             layout="constrained")  # fmt: skip
     axes = [axes] if len(axes_keys) == 1 else list(axes)
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     for ax, (key, label) in zip(axes, axes_keys):
@@ -137,6 +140,8 @@ def plot_prune_tradeoff(rows: list[dict], path: str | os.PathLike, title: str = 
             style = {"marker": "*", "ms": 12, "ls": ""} if strategy == "none" else {"marker": "o"}
             ax.plot(xs, ys, label=strategy, **style)
         ax.set_xlabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(4))  # few, short labels: 1.2M, not 1200000
+        ax.xaxis.set_major_formatter(EngFormatter(places=1, sep=""))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("linear-probe test accuracy")
     axes[0].legend(fontsize=8)
