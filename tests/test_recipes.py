@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,14 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     env = json.loads((whole / "environment.json").read_text())
     assert env["versions"]["torch"] and "revision" in env["git"]
 
-    # a run killed in the middle of the prune stage, then resumed
+    # a run killed in the middle of the prune stage, then resumed. The stages before prune are
+    # the finished run's (copied: recomputing them would only repeat the first run), the run
+    # then crashes inside prune, leaving a half-written file behind
     crashed = tmp_path / "crashed"
+    shutil.copytree(whole, crashed)
+    for name in ("prune", "finetune", "metrics.json", "metrics.csv", "report.md"):
+        path = crashed / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     real = runner.RUNNERS["prune"]
 
     def killed(ctx, out):
@@ -106,10 +113,15 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
 
     monkeypatch.setitem(runner.RUNNERS, "prune", killed)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, crashed, log=lambda m: None)
+        run_recipe(recipe, crashed, resume=True, log=lambda m: None)
     assert not (crashed / "prune" / "done.json").exists()
     with pytest.raises(ConfigError, match="--resume"):
         run_recipe(recipe, crashed, log=lambda m: None)  # not overwritten silently
+    assert main(["report", str(crashed)]) == 0  # a report of an interrupted run says so
+    assert (
+        "**Incomplete run**: the stages prune, finetune did not finish"
+        in (crashed / "report.md").read_text()
+    )
     monkeypatch.setitem(runner.RUNNERS, "prune", real)
     log = []
     run_recipe(recipe, crashed, resume=True, log=log.append)
