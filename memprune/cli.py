@@ -434,7 +434,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     out = _open_out(args)
-    classes = [str(c) for c in (getattr(train, "classes", None) or range(_n_classes(probes)))]
+    n_classes = len(probes[0][0]["confusion"])
+    classes = [str(c) for c in (getattr(train, "classes", None) or range(n_classes))]
     records, rows = [], []
     for i, (model, ckpt, (linear, knn)) in enumerate(zip(encoders, checkpoints, probes)):
         name = _model_name(args, model)
@@ -459,11 +460,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(printed)
     print(f"\nwrote probe.json, probe.md/.csv and confusion plots to {out}")
     return 0
-
-
-def _n_classes(probes) -> int:
-    """How many classes the probes' confusion matrices have."""
-    return len(probes[0][0]["confusion"])
 
 
 def _write_comparison(out, rows: list[dict], report: dict, also: str) -> None:

