@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 
 import memprune
 from memprune.hooks import capture, layer_reducer
-from memprune.scores._engine import Normalizer, resolve_normalize
-from memprune.scores.sslmem import PairedViews, output_site
+from memprune.engine import Normalizer, resolve_normalize
+from memprune.scores.sslmem import PairedViews
+from memprune.sites import output_site
 
 
 def pair(key: str):
@@ -65,7 +66,7 @@ def reference_way(f, g, data, n_views, device) -> float:
     """Per layer, per encoder, per point: each view through the model alone, stopped after
     the layer; then the pair distances."""
     size = tuple(data[0][0].shape)
-    sites = [*memprune.find_sites(f, "layers", input_size=size), output_site(f, f.num_features)]
+    sites = [*memprune.find_sites(f, "layers", input_size=size), output_site(f.num_features)]
     views = PairedViews(data, n_views, "views", "none", 0)
     norm = Normalizer(resolve_normalize(f, "auto"), device)
 

@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
 from memprune.probe import LinearProbe, extract_features
-from memprune.scores._engine import Normalizer, resolve_normalize
+from memprune.engine import Normalizer, resolve_normalize
 
 
 def bare(model, data, batch_size, device) -> float:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 import memprune
 from memprune.data import MultiView
 from memprune.hooks import capture
-from memprune.scores._engine import Normalizer, resolve_normalize
+from memprune.engine import Normalizer, resolve_normalize
 
 
 def bare_forward(model, data, n_views, batch_size, device) -> float:

@@ -1,18 +1,20 @@
 """memprune: localize memorization in vision encoders and act on it.
 
-Public API (everything else is private):
+The root exports the workflow; lower-level pieces live in their subpackages
+(:mod:`memprune.hooks` ``capture``, :mod:`memprune.scores` ``cka_from_features``,
+:mod:`memprune.data` ``MultiView``, :mod:`memprune.pruning` ``UnitMemImportance``, ...).
 
-* data: :func:`load_dataset`, :class:`MultiView`, :func:`make_splits`, :class:`Splits`
-* encoders: :func:`load_encoder`, :func:`normalization`, :func:`find_sites`, :class:`Site`,
-  :func:`capture`
-* scores: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`,
-  :func:`cka` / :func:`cka_from_features`, :func:`learnedness`
-* probes: :func:`linear_probe`, :func:`knn_probe` (and :mod:`memprune.probe`)
-* training: :mod:`memprune.train` (SimCLR pretraining, the pair f / g, supervised)
-* pruning: :func:`prune`, :class:`PruneReport`, :class:`UnitMemImportance`,
-  :func:`save_pruned`, :func:`load_pruned` (and :mod:`memprune.pruning`)
-* fine-tuning: :func:`select_layers`, :func:`finetune`, :func:`finetune_units`
-  (and :mod:`memprune.tuning`)
+* load: :func:`load_dataset`, :func:`make_splits`, :func:`load_encoder`, :func:`find_sites`
+* score: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`, :func:`cka`,
+  :func:`learnedness`; streaming: :class:`UnitMem`, :class:`ClassMem`, :class:`LayerMem`,
+  :class:`CKA`
+* make encoders: :func:`pretrain_simclr`, :func:`pretrain_pair`, :func:`train_supervised`
+* act: :func:`prune`, :func:`save_pruned`, :func:`load_pruned`, :func:`select_layers`,
+  :func:`finetune`, :func:`finetune_units`
+* evaluate: :func:`linear_probe`, :func:`knn_probe`, :class:`LinearProbe`
+* run: :func:`load_recipe`, :func:`run_recipe`
+* results (``kind``, ``meta``, ``to_rows()``, ``save`` / ``load``; :func:`load_result` reads
+  any) and errors (:class:`MemPruneError` and its subclasses)
 """
 
 from __future__ import annotations
@@ -23,22 +25,32 @@ from typing import TYPE_CHECKING
 # The root is lazy (PEP 562): ``import memprune`` and ``memprune --help`` stay fast, and torch,
 # timm and torch-pruning are imported on first use of a name that needs them.
 _EXPORTS = {
+    "CKA": "memprune.scores",
     "CKAResult": "memprune.scores",
+    "CheckpointError": "memprune.errors",
+    "ClassMem": "memprune.scores",
+    "ClassMemResult": "memprune.scores",
+    "ConfigError": "memprune.errors",
+    "DataError": "memprune.errors",
+    "DatasetNotFoundError": "memprune.errors",
+    "EncoderError": "memprune.errors",
     "FinetuneResult": "memprune.tuning",
+    "LayerMem": "memprune.scores",
     "LayerMemResult": "memprune.scores",
     "LayerSelection": "memprune.tuning",
     "LearnednessResult": "memprune.scores",
+    "LinearProbe": "memprune.probe",
     "MemPruneError": "memprune.errors",
-    "MultiView": "memprune.data",
-    "PruneReport": "memprune.pruning",
+    "ProbeResult": "memprune.probe",
+    "PruneResult": "memprune.pruning",
+    "RecipeError": "memprune.recipes",
     "SSLMemResult": "memprune.scores",
-    "Site": "memprune.sites",
+    "SiteError": "memprune.errors",
     "Splits": "memprune.data",
-    "UnitMemImportance": "memprune.pruning",
+    "TrainResult": "memprune.train",
+    "UnitMem": "memprune.scores",
     "UnitMemResult": "memprune.scores",
-    "capture": "memprune.hooks",
     "cka": "memprune.scores",
-    "cka_from_features": "memprune.scores",
     "class_mem": "memprune.scores",
     "find_sites": "memprune.sites",
     "finetune": "memprune.tuning",
@@ -50,37 +62,56 @@ _EXPORTS = {
     "load_dataset": "memprune.data",
     "load_encoder": "memprune.encoders",
     "load_pruned": "memprune.pruning",
+    "load_recipe": "memprune.recipes",
+    "load_result": "memprune.results",
     "make_splits": "memprune.data",
-    "normalization": "memprune.encoders",
+    "pretrain_pair": "memprune.train",
+    "pretrain_simclr": "memprune.train",
     "prune": "memprune.pruning",
+    "run_recipe": "memprune.recipes",
     "save_pruned": "memprune.pruning",
     "select_layers": "memprune.tuning",
     "ssl_mem": "memprune.scores",
+    "train_supervised": "memprune.train",
     "unit_mem": "memprune.scores",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from memprune.data import MultiView, Splits, load_dataset, make_splits
-    from memprune.encoders import load_encoder, normalization
-    from memprune.errors import MemPruneError
-    from memprune.hooks import capture
-    from memprune.probe import knn_probe, linear_probe
-    from memprune.pruning import PruneReport, UnitMemImportance, load_pruned, prune, save_pruned
+    from memprune.data import Splits, load_dataset, make_splits
+    from memprune.encoders import load_encoder
+    from memprune.errors import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        DatasetNotFoundError,
+        EncoderError,
+        MemPruneError,
+        SiteError,
+    )
+    from memprune.probe import LinearProbe, ProbeResult, knn_probe, linear_probe
+    from memprune.pruning import PruneResult, load_pruned, prune, save_pruned
+    from memprune.recipes import RecipeError, load_recipe, run_recipe
+    from memprune.results import load_any as load_result
     from memprune.scores import (
+        CKA,
         CKAResult,
+        ClassMem,
+        ClassMemResult,
+        LayerMem,
         LayerMemResult,
         LearnednessResult,
         SSLMemResult,
+        UnitMem,
         UnitMemResult,
         cka,
-        cka_from_features,
         class_mem,
         layer_mem,
         learnedness,
         ssl_mem,
         unit_mem,
     )
-    from memprune.sites import Site, find_sites
+    from memprune.sites import find_sites
+    from memprune.train import TrainResult, pretrain_pair, pretrain_simclr, train_supervised
     from memprune.tuning import (
         FinetuneResult,
         LayerSelection,
@@ -94,7 +125,8 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'memprune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    attr = "load_any" if name == "load_result" else name
+    value = getattr(importlib.import_module(module), attr)
     globals()[name] = value
     return value
 
@@ -106,22 +138,32 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CKA",
     "CKAResult",
+    "CheckpointError",
+    "ClassMem",
+    "ClassMemResult",
+    "ConfigError",
+    "DataError",
+    "DatasetNotFoundError",
+    "EncoderError",
     "FinetuneResult",
+    "LayerMem",
     "LayerMemResult",
     "LayerSelection",
     "LearnednessResult",
+    "LinearProbe",
     "MemPruneError",
-    "MultiView",
-    "PruneReport",
+    "ProbeResult",
+    "PruneResult",
+    "RecipeError",
     "SSLMemResult",
-    "Site",
+    "SiteError",
     "Splits",
-    "UnitMemImportance",
+    "TrainResult",
+    "UnitMem",
     "UnitMemResult",
-    "capture",
     "cka",
-    "cka_from_features",
     "class_mem",
     "find_sites",
     "finetune",
@@ -133,11 +175,16 @@ __all__ = [
     "load_dataset",
     "load_encoder",
     "load_pruned",
+    "load_recipe",
+    "load_result",
     "make_splits",
-    "normalization",
+    "pretrain_pair",
+    "pretrain_simclr",
     "prune",
+    "run_recipe",
     "save_pruned",
     "select_layers",
     "ssl_mem",
+    "train_supervised",
     "unit_mem",
 ]

@@ -68,9 +68,22 @@ def _model_name(args, model) -> str:
 
 def _img_size(args) -> int | None:
     """Built-in data sets come at their own size; others are resized to ``--img-size``."""
-    from memprune.data._datasets import BUILTIN
+    from memprune.data import native_size
 
-    return None if args.data in BUILTIN else (args.img_size or DEFAULT_IMG_SIZE)
+    return native_size(args.data, args.img_size or DEFAULT_IMG_SIZE)
+
+
+def _augment(tokens: list[str] | None, default: str):
+    """``--augment PRESET KEY=VALUE ...`` as the library's one spelling of an augmentation."""
+    from memprune.errors import ConfigError
+
+    if not tokens:
+        return default
+    presets = [t for t in tokens if "=" not in t]
+    if len(presets) > 1:
+        raise ConfigError(f"--augment takes one preset name, got {presets}")
+    params = _key_values([t for t in tokens if "=" in t], "--augment")
+    return {"preset": presets[0] if presets else default, **params}
 
 
 def _dataset(args):
@@ -130,7 +143,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
     data = _dataset(args)
     sites = find_sites(model, "units") + find_sites(model, "layers")
     views = MultiView(data, n_views=args.views, seed=args.seed)
-    batch = torch.stack([views[i][0] for i in range(min(args.batch_size, len(views)))])
+    batch = torch.stack([views[i][0] for i in range(min(args.points, len(views)))])
     b, k = batch.shape[:2]  # [B, K, 3, H, W]
     mean, std = normalization(model)
     x = (batch.flatten(0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
@@ -163,32 +176,20 @@ def cmd_sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _limit(data, max_points: int | None, seed: int):
-    """A seeded subset of ``max_points`` points (all when None)."""
-    if max_points is None or max_points >= len(data):
-        return data
-    import torch
-    from torch.utils.data import Subset
-
-    positions = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[
-        :max_points
-    ]
-    return Subset(data, sorted(positions.tolist()))
-
-
 def cmd_score_units(args: argparse.Namespace) -> int:
     """UnitMem (``score units``) or ClassMem (``score classes``) into ``--out``."""
     from memprune._dist import rank_world
     from memprune._table import write_table
+    from memprune.data import seeded_subset
     from memprune.report import plot_unit_scores
     from memprune.scores import class_mem, unit_mem
 
     rank, _ = rank_world()
-    _positive(args, "views", "batch_size", "max_points")
+    _positive(args, "views", "chunk_size", "max_points")
     if rank == 0:
         _check_out(args)
     model = _encoder(args)
-    data = _limit(_dataset(args), args.max_points, args.seed)
+    data = seeded_subset(_dataset(args), args.max_points, args.seed)
     fn, kind = (unit_mem, "unitmem") if args.what == "units" else (class_mem, "classmem")
     result = fn(
         model,
@@ -197,8 +198,8 @@ def cmd_score_units(args: argparse.Namespace) -> int:
         sites=args.sites,
         rest=args.rest,
         signed=args.signed,
-        augment=args.augment,
-        batch_size=args.batch_size,
+        augment=_augment(args.augment, "simclr" if args.what == "units" else "none"),
+        chunk_size=args.chunk_size,
         seed=args.seed,
         device=args.device,
         num_workers=args.workers,
@@ -208,7 +209,7 @@ def cmd_score_units(args: argparse.Namespace) -> int:
     out = _open_out(args)
     result.meta.update(model=_model_name(args, model), checkpoint=args.checkpoint, data=args.data)
     result.save(out / kind)
-    rows = result.summary()
+    rows = result.to_rows()
     printed = write_table(out / "summary", rows)
     plot_unit_scores(result, out / f"{kind}_per_site.png")
     out.finish()
@@ -267,7 +268,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         img_size=args.img_size, mixed_precision=args.mixed_precision,
         keep_checkpoints=args.keep_checkpoints, resume=True, num_workers=args.workers,
-        augment_params=_key_values(args.aug, "--aug"),
+        augment=_augment(args.augment, "crop_flip" if args.supervised else "simclr"),
         **_key_values(args.timm),
     )  # fmt: skip
     if args.supervised:
@@ -326,7 +327,7 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
     from memprune.scores import layer_mem
 
     rank, _ = rank_world()
-    _positive(args, "views", "batch_size", "n_points", "top_k")
+    _positive(args, "pairs", "chunk_size", "n_points", "top_k")
     if rank == 0:
         _check_out(args)
     if Path(args.f).resolve() == Path(args.g).resolve():
@@ -354,10 +355,10 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"--splits {args.splits} does not exist")
     result = layer_mem(
-        f, g, data, indices, n_views=args.views, layers=args.layers,
+        f, g, data, indices, n_pairs=args.pairs, layers=args.layers,
         representation=args.representation, pair=args.pair, n_points=args.n_points,
-        batch_size=args.batch_size, seed=args.seed, device=args.device, num_workers=args.workers,
-        top_k=args.top_k, **_key_values(args.aug, "--aug"),
+        chunk_size=args.chunk_size, seed=args.seed, device=args.device, num_workers=args.workers,
+        top_k=args.top_k, augment=_augment(args.augment, "simclr"),
     )  # fmt: skip
     if rank != 0:
         return 0
@@ -365,7 +366,7 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
     out = _open_out(args)
     result.meta.update(f=str(args.f), g=str(args.g), data=args.data, scored=scored)
     result.save(out / "layermem")
-    rows = result.table()
+    rows = result.to_rows()
     printed = write_table(out / "layermem", rows)
     plot_layer_mem(result, out / "layermem.png")
     plot_consistency(result, out / "consistency.png")
@@ -381,22 +382,22 @@ def cmd_score_cka(args: argparse.Namespace) -> int:
     from memprune.report import plot_cka
     from memprune.scores import cka
 
-    _positive(args, "batch_size")
+    _positive(args, "minibatch")
     _check_out(args)
     a = _encoder_arg(args.a, args)
     b = _encoder_arg(args.b, args) if args.b else None
     data = _dataset(args)
     result = cka(data, a, b, layers_a=args.layers_a, layers_b=args.layers_b,
-                 batch_size=args.batch_size, representation=args.representation,
+                 minibatch=args.minibatch, representation=args.representation,
                  invariance=not args.no_invariance, seed=args.seed, device=args.device,
-                 **_key_values(args.aug, "--aug"))  # fmt: skip
+                 augment=_augment(args.augment, "simclr"))  # fmt: skip
     result.meta.update(name_a=Path(args.a).name, name_b=Path(args.b or args.a).name,
                        a=args.a, b=args.b, data=args.data)  # fmt: skip
     out = _open_out(args)
     result.save(out / "cka")
     from memprune._table import write_table
 
-    printed = write_table(out / "cka", result.table())
+    printed = write_table(out / "cka", result.to_rows())
     plot_cka(result, out / "cka.png", f"CKA on {args.data} ({args.split})")
     out.finish()
     print(printed)
@@ -414,7 +415,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from memprune.report import plot_confusion
 
     rank, _ = rank_world()
-    _positive(args, "batch_size")
+    _positive(args, "chunk_size")
     if rank == 0:
         _check_out(args)
     checkpoints = args.checkpoint or [None]
@@ -425,7 +426,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
     test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
     common = dict(
-        seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device
+        seed=args.seed, chunk_size=args.chunk_size, cache_dir=args.cache_dir, device=args.device
     )
     probes = []
     for model in encoders:
@@ -434,7 +435,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     out = _open_out(args)
-    n_classes = len(probes[0][0]["confusion"])
+    n_classes = len(probes[0][0].confusion)
     classes = [str(c) for c in (getattr(train, "classes", None) or range(n_classes))]
     records, rows = [], []
     for i, (model, ckpt, (linear, knn)) in enumerate(zip(encoders, checkpoints, probes)):
@@ -443,15 +444,19 @@ def cmd_probe(args: argparse.Namespace) -> int:
         for kind, r in (("linear", linear), ("knn", knn)):
             if r is None:
                 continue
-            record[kind] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
-            title = f"{kind} probe: {ckpt or name} on {args.data}, accuracy {r['accuracy']:.4f}"
+            record[kind] = {
+                "accuracy": r.accuracy, **r.choice, **r.meta, "n_train": r.n_train,
+                "n_test": r.n_test, "val_scores": r.val_scores, "timings": r.timings,
+                "confusion": r.confusion.tolist(),
+            }  # fmt: skip
+            title = f"{kind} probe: {ckpt or name} on {args.data}, accuracy {r.accuracy:.4f}"
             png = f"confusion_{kind}.png" if len(encoders) == 1 else f"confusion_{kind}_{i}.png"
-            plot_confusion(r["confusion"], out / png, title, classes=classes)
+            plot_confusion(r.confusion, out / png, title, classes=classes)
         records.append(record)
-        row = {"encoder": ckpt or name, "backend": linear["backend"], "linear": linear["accuracy"],
-               "C": linear["C"]}  # fmt: skip
+        row = {"encoder": ckpt or name, "backend": linear.meta["backend"],
+               "linear": linear.accuracy, "C": linear.choice["C"]}  # fmt: skip
         if knn is not None:
-            row.update(knn=knn["accuracy"], k=knn["k"])
+            row.update(knn=knn.accuracy, k=knn.choice["k"])
         rows.append(row)
     write_json(out / "probe.json", {"data": args.data, "classes": classes, "n_train": len(train),
                                     "n_test": len(test), "encoders": records})  # fmt: skip
@@ -507,14 +512,14 @@ def _check_scores_match(scores, args: argparse.Namespace) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune by each strategy and ratio; probe every pruned encoder; one comparison table."""
-    from memprune.data import load_dataset
+    from memprune.data import load_dataset, seeded_subset
     from memprune.encoders import resolve_device
-    from memprune.pruning import check_options, compare_pruning
-    from memprune.pruning._importance import SCORE_STRATEGIES
+    from memprune.probe import linear_probe
+    from memprune.pruning import SCORE_STRATEGIES, check_options, compare_pruning
     from memprune.report import plot_prune_tradeoff, plot_unit_scores
     from memprune.scores import unit_mem
 
-    _positive(args, "views", "batch_size", "max_points", "iterative_steps")
+    _positive(args, "views", "chunk_size", "max_points", "iterative_steps")
     for strategy in args.strategy:  # validate the whole sweep before any work or any file
         for ratio in args.ratio:
             # scores=True: UnitMem is computed below when a strategy needs it
@@ -531,15 +536,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scores = _unit_scores(args.scores)
         _check_scores_match(scores, args)
     elif any(s in SCORE_STRATEGIES for s in args.strategy):
-        scores = unit_mem(model, _limit(train, args.max_points, args.seed), n_views=args.views,
-                          batch_size=args.batch_size, seed=args.seed, device=device)  # fmt: skip
+        scores = unit_mem(model, seeded_subset(train, args.max_points, args.seed),
+                          n_views=args.views, chunk_size=args.chunk_size, seed=args.seed,
+                          device=device)  # fmt: skip
         scores.meta.update(model=_model_name(args, model), checkpoint=args.checkpoint,
                            data=args.data)  # fmt: skip
     out = _open_out(args)
     if scores is not None and not args.scores:
         scores.save(out / "unitmem")
         plot_unit_scores(scores, out / "unitmem_per_site.png")
-    probe = dict(seed=args.seed, batch_size=256, device=device, backend=args.backend)
+
+    def evaluate(encoder) -> float:
+        return linear_probe(encoder, train, test, seed=args.seed, device=device,
+                            backend=args.backend).accuracy  # fmt: skip
+
     options = dict(
         scope=args.scope,
         max_layer_ratio=args.max_layer_ratio,
@@ -549,8 +559,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         iterative_steps=args.iterative_steps,
         latency_batch=args.latency_batch,
     )
-    rows, reports = compare_pruning(model, scores, train, test, args.ratio, args.strategy,
-                                    out / "models", overwrite=out.overwrite, probe=probe,
+    rows, reports = compare_pruning(model, scores, evaluate, args.ratio, args.strategy,
+                                    out / "models", overwrite=out.overwrite,
                                     log=lambda m: print(m, flush=True), **options)  # fmt: skip
     report = {
         "model": _model_name(args, model), "checkpoint": args.checkpoint, "data": args.data,
@@ -582,16 +592,17 @@ def _layer_scores(args):
     splits = Path(args.f).parent / "splits.json"
     indices = Splits.load(splits).candidate if splits.is_file() else None
     data = load_dataset(args.score_data, "train", root=args.root)
-    return layer_mem(f, g, data, indices, n_views=args.views, seed=0)
+    return layer_mem(f, g, data, indices, n_pairs=args.pairs, seed=0)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune the chosen layers by each strategy, k and seed; one comparison table."""
     from memprune.data import load_dataset
+    from memprune.probe import linear_probe
     from memprune.report import plot_finetune
     from memprune.tuning import compare_finetuning
 
-    _positive(args, "views", "k", "epochs", "batch_size")
+    _positive(args, "pairs", "k", "epochs", "batch_size")
     if not args.lr > 0:
         from memprune.errors import ConfigError
 
@@ -601,11 +612,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     scores = _layer_scores(args)
     train = load_dataset(args.data, "train", root=args.root, img_size=_img_size(args))
     test = load_dataset(args.data, "test", root=args.root, img_size=_img_size(args))
-    augment = False if args.no_augment else _key_values(args.aug, "--aug")
+    augment = _augment(args.augment, "crop_flip")
     budget = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, augment=augment)
+
+    def baseline(model, seed: int) -> float:
+        return linear_probe(model, train, test, seed=seed).accuracy
+
     rows, runs = compare_finetuning(encoder, scores, train, test, args.k, args.strategy,
-                                    args.seeds, by=args.by, log=lambda m: print(m, flush=True),
-                                    **budget)  # fmt: skip
+                                    args.seeds, by=args.by, baseline=baseline,
+                                    log=lambda m: print(m, flush=True), **budget)  # fmt: skip
     values = scores.delta() if args.by == "delta" else scores.layer_mem()
     report = {
         "f": args.f, "data": args.data, "by": args.by, "seeds": args.seeds, **budget,
@@ -620,9 +635,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a YAML recipe end to end into a run directory and print the headline findings."""
-    from memprune.recipes import load_recipe, run_recipe
-    from memprune.recipes._report import headlines
-    from memprune.recipes._run import read_metrics
+    from memprune.recipes import headlines, load_recipe, read_metrics, run_recipe
 
     recipe = load_recipe(args.recipe, args.set or [])
     out = Path(args.out or Path("runs") / recipe.name)
@@ -637,8 +650,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-render ``report.md`` of a run directory."""
-    from memprune.recipes import render_report
-    from memprune.recipes._report import unfinished_stages
+    from memprune.recipes import render_report, unfinished_stages
 
     path = render_report(args.run_dir)
     missing = unfinished_stages(args.run_dir)
@@ -672,113 +684,137 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="memprune", description="Localize memorization in vision encoders and act on it."
-    )
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
-    )
+# ---------------------------------------------------------------- option groups
 
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+
+
+def _add_run(p, seed_help: str, chunk: int | None = 32, workers: bool = True) -> None:
+    """--seed, --device and (how a pass runs, never what it gives) --chunk-size, --workers."""
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
+    if chunk is not None:
+        p.add_argument("--chunk-size", type=int, default=chunk,
+                       help="points per forward pass (never changes a result)")  # fmt: skip
+    if workers:
+        p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+
+
+def _add_augment(p, default: str, what: str) -> None:
+    presets = ", ".join(_registry("data", "AUGMENTS"))
+    p.add_argument("--augment", nargs="+", default=[default], metavar="PRESET|KEY=VALUE",
+                   help=f"{what}: a preset ({presets}) and/or its parameters, e.g."
+                   f" --augment {default} scale=[0.3,1.0]")  # fmt: skip
+
+
+def _add_weight_files(p, *flags: str) -> None:
+    """Encoders given as run directories or weight files (``--f``/``--g``, ``--a``/``--b``)."""
+    p.add_argument("--model", default=None, help=f"timm name, when {'/'.join(flags)} are plain"
+                   " weight files")  # fmt: skip
+    p.add_argument("--img-size", type=int, default=None, help="input size for plain weight files")
+    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+
+
+def _registry(module: str, name: str) -> tuple[str, ...]:
+    """The names of an option registry: the CLI's ``choices`` come from the library."""
+    import importlib
+
+    return tuple(getattr(importlib.import_module(f"memprune.{module}"), name))
+
+
+# ---------------------------------------------------------------- one builder per verb
+
+
+def _build_sites(sub) -> None:
     p = sub.add_parser("sites", help="list an encoder's unit and layer sites")
     _add_model_args(p)
     _add_data_args(p)
-    p.add_argument("--views", type=int, default=4, help="views per point (default: %(default)s)")
-    p.add_argument(
-        "--batch-size", type=int, default=8, help="points in the batch (default: %(default)s)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="view seed (default: %(default)s)")
+    p.add_argument("--views", type=int, default=4, help="views per point")
+    p.add_argument("--points", type=int, default=8, help="points in the batch pushed through")
+    p.add_argument("--seed", type=int, default=0, help="view seed")
     p.set_defaults(func=cmd_sites)
 
-    score = sub.add_parser("score", help="compute memorization scores").add_subparsers(
-        dest="what", required=True, metavar="SCORE", parser_class=_Parser
-    )
-    for what, views, augment, helptext in (
-        ("units", 10, "simclr", "UnitMem of every unit (per-point selectivity)"),
-        ("classes", 1, "none", "ClassMem of every unit (class selectivity)"),
-    ):
-        p = score.add_parser(what, help=helptext, formatter_class=_HelpFormatter)
-        _add_model_args(p)
-        _add_data_args(p)
-        p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-        p.add_argument("--force", action="store_true", help="write into a non-empty --out")
-        p.add_argument("--views", type=int, default=views, help="views per point")
-        p.add_argument(
-            "--augment", default=augment, choices=("simclr", "none"), help="view augmentation"
-        )
-        p.add_argument("--sites", nargs="+", default=None, help="site name patterns (default: all)")
-        p.add_argument(
-            "--rest", default="mean", choices=("mean", "median"), help="mu_rest statistic"
-        )
-        p.add_argument(
-            "--signed", default="abs", choices=("abs", "relu", "raw"), help="signed-activation rule"
-        )
-        p.add_argument("--batch-size", type=int, default=32, help="points per forward pass")
-        p.add_argument(
-            "--max-points", type=int, default=None, help="score a seeded subset of this many points"
-        )
-        p.add_argument("--seed", type=int, default=0, help="view and subset seed")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
-        p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-        p.set_defaults(func=cmd_score_units)
 
-    fmt = _HelpFormatter
-    p = score.add_parser(
-        "layers", help="LayerMem / ΔLayerMem of an encoder pair", formatter_class=fmt
-    )
-    p.add_argument(
-        "--f", required=True, help="encoder trained WITH the candidates: run dir or weights"
-    )
+def _build_score_units(score, what: str, views: int, augment: str, helptext: str) -> None:
+    p = score.add_parser(what, help=helptext)
+    _add_model_args(p)
+    _add_data_args(p)
+    _add_out(p)
+    p.add_argument("--views", type=int, default=views, help="views per point")
+    _add_augment(p, augment, "view augmentation")
+    p.add_argument("--sites", nargs="+", default=None, help="site name patterns (default: all)")
+    p.add_argument("--rest", default="mean", choices=_registry("stats", "RESTS"),
+                   help="mu_rest statistic")  # fmt: skip
+    p.add_argument("--signed", default="abs", choices=_registry("hooks", "SIGNED"),
+                   help="signed-activation rule")  # fmt: skip
+    p.add_argument("--max-points", type=int, default=None,
+                   help="score a seeded subset of this many points")  # fmt: skip
+    _add_run(p, "view and subset seed")
+    p.set_defaults(func=cmd_score_units)
+
+
+def _build_score_layers(score) -> None:
+    p = score.add_parser("layers", help="LayerMem / ΔLayerMem of an encoder pair")
+    p.add_argument("--f", required=True,
+                   help="encoder trained WITH the candidates: run dir or weights")  # fmt: skip
     p.add_argument("--g", required=True, help="encoder trained WITHOUT them: run dir or weights")
-    p.add_argument("--model", default=None, help="timm name, when --f/--g are plain weight files")
-    p.add_argument("--img-size", type=int, default=None, help="input size for plain weight files")
-    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    _add_weight_files(p, "--f", "--g")
     _add_data_args(p)
     p.add_argument("--splits", default=None, help="splits.json (default: beside --f, if present)")
-    p.add_argument("--part", default="candidate", choices=("shared", "candidate", "extra", "test"),
+    p.add_argument("--part", default="candidate", choices=_registry("data", "PARTS"),
                    help="which points of splits.json to score")  # fmt: skip
     p.add_argument("--n-points", type=int, default=None, help="score a seeded subset of this many")
-    p.add_argument("--views", type=int, default=10, help="view pairs per point")
+    p.add_argument("--pairs", type=int, default=10, help="view pairs per point")
     p.add_argument("--layers", nargs="+", default=None, help="layer-site patterns (default: all)")
-    p.add_argument("--representation", default="flatten", choices=("flatten", "pool", "cls"),
+    p.add_argument("--representation", default="flatten",
+                   choices=_registry("hooks", "REPRESENTATIONS"),
                    help="layer output as: whole, spatial/token mean, class token")  # fmt: skip
-    p.add_argument("--pair", default="views", choices=("views", "clean"),
+    p.add_argument("--pair", default="views", choices=_registry("scores", "PAIRS"),
                    help="two views per pair (paper) or the clean image and one view")  # fmt: skip
     p.add_argument("--top-k", type=int, default=50, help="size of the top / least sets")
-    p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE",
-                   help="SimCLR augmentation parameters, e.g. scale=[0.3,1.0]")  # fmt: skip
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--batch-size", type=int, default=32, help="points per forward pass")
-    p.add_argument("--seed", type=int, default=0, help="view seed")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    _add_augment(p, "simclr", "view augmentation")
+    _add_out(p)
+    _add_run(p, "view seed")
     p.set_defaults(func=cmd_score_layers)
 
+
+def _build_score_cka(score) -> None:
     p = score.add_parser("cka", help="CKA between layers (within --a, or --a vs --b)")
     p.add_argument("--a", required=True, help="encoder: run dir or weights")
     p.add_argument("--b", default=None, help="second encoder (default: --a with itself)")
-    p.add_argument("--model", default=None, help="timm name, when --a/--b are plain weight files")
-    p.add_argument("--img-size", type=int, default=None, help="input size for plain weight files")
-    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    _add_weight_files(p, "--a", "--b")
     _add_data_args(p)
     p.add_argument("--layers-a", nargs="+", default=None, help="layer-site patterns of --a")
     p.add_argument("--layers-b", nargs="+", default=None, help="layer-site patterns of --b")
-    p.add_argument("--representation", default="flatten", choices=("flatten", "pool", "cls"),
+    p.add_argument("--representation", default="flatten",
+                   choices=_registry("hooks", "REPRESENTATIONS"),
                    help="layer output as: whole, spatial/token mean, class token")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=256, help="minibatch size (>= 4)")
+    p.add_argument("--minibatch", type=int, default=256,
+                   help="points per HSIC estimate (>= 4; changes the estimate)")  # fmt: skip
     p.add_argument("--no-invariance", action="store_true", help="skip the two-view CKA")
-    aug_help = "SimCLR view parameters of the invariance (e.g. scale=[0.3,1.0])"
-    p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE", help=aug_help)
-    p.add_argument("--seed", type=int, default=0, help="view seed")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    _add_augment(p, "simclr", "views of the invariance")
+    _add_out(p)
+    _add_run(p, "view seed", chunk=None, workers=False)
     p.set_defaults(func=cmd_score_cka)
 
-    p = sub.add_parser(
-        "pretrain", help="SimCLR-train an encoder or the pair f / g", formatter_class=fmt
+
+def _build_score(sub) -> None:
+    score = sub.add_parser("score", help="compute memorization scores").add_subparsers(
+        dest="what", required=True, metavar="SCORE", parser_class=_Parser
     )
+    _build_score_units(
+        score, "units", 10, "simclr", "UnitMem of every unit (per-point selectivity)"
+    )
+    _build_score_units(score, "classes", 1, "none", "ClassMem of every unit (class selectivity)")
+    _build_score_layers(score)
+    _build_score_cka(score)
+
+
+def _build_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="SimCLR-train an encoder or the pair f / g")
     p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name")
     p.add_argument("--img-size", type=int, default=None, help="input size (ViTs)")
     p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
@@ -786,9 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (f/, g/, splits.json for --pair)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    p.add_argument(
-        "--pair", action="store_true", help="train f (shared+candidate) and g (shared+extra)"
-    )
+    p.add_argument("--pair", action="store_true",
+                   help="train f (shared+candidate) and g (shared+extra)")  # fmt: skip
     p.add_argument("--shared", default="0.5", help="count (100) or fraction (0.5)")
     p.add_argument("--candidate", default="0.1", help="count or fraction")
     p.add_argument("--extra", default="0.1", help="count or fraction")
@@ -800,45 +835,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine schedule)")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
     p.add_argument("--proj-dim", type=int, default=128, help="projection head output width")
-    p.add_argument("--seed", type=int, default=0, help="split, init, order and view seed")
-    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"),
+    p.add_argument("--mixed-precision", default="no", choices=_registry("train", "MIXED_PRECISION"),
                    help="accelerate's mixed precision")  # fmt: skip
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every epoch's encoder")
-    p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE",
-                   help="SimCLR augmentation parameters, e.g. scale=[0.3,1.0]")  # fmt: skip
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--augment", nargs="+", default=None, metavar="PRESET|KEY=VALUE",
+                   help="training views (default: simclr; crop_flip with --supervised), e.g."
+                   " --augment scale=[0.3,1.0]")  # fmt: skip
+    _add_run(p, "split, init, order and view seed", chunk=None)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser(
-        "probe", help="linear-probe and kNN accuracy of frozen encoders", formatter_class=fmt
-    )
+
+def _build_probe(sub) -> None:
+    p = sub.add_parser("probe", help="linear-probe and kNN accuracy of frozen encoders")
     _add_model_args(p, several=True)
     p.add_argument("--data", default=DEFAULT_DATA, help="data set with train and test splits")
     p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "sklearn"),
+    p.add_argument("--backend", default="auto", choices=_registry("probe", "BACKENDS"),
                    help="linear-probe fit (auto: sklearn on CPU, torch on a GPU)")  # fmt: skip
     p.add_argument("--knn", action="store_true", help="also the weighted kNN probe")
     p.add_argument("--cache-dir", default=None, help="cache extracted features here")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--batch-size", type=int, default=256, help="images per extraction pass")
-    p.add_argument("--seed", type=int, default=0, help="validation-split seed")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
+    _add_out(p)
+    _add_run(p, "validation-split seed", chunk=256, workers=False)
     p.set_defaults(func=cmd_probe)
 
+
+def _build_prune(sub) -> None:
     p = sub.add_parser(
-        "prune",
-        help="prune units by UnitMem / random / magnitude and compare linear-probe accuracy",
+        "prune", help="prune units by UnitMem / random / magnitude and compare probe accuracy"
     )
     _add_model_args(p)
     p.add_argument("--data", default=DEFAULT_DATA, help="data set with train and test splits")
     p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
     p.add_argument("--scores", default=None, help="UnitMem of this encoder (score units --out)")
     p.add_argument("--ratio", type=float, nargs="+", default=[0.2, 0.5], help="fractions removed")
-    p.add_argument("--strategy", nargs="+", default=["lowest", "highest", "random", "magnitude"],
-                   choices=("lowest", "highest", "random", "magnitude"),
+    strategies = _registry("pruning", "STRATEGIES")
+    p.add_argument("--strategy", nargs="+", default=list(strategies), choices=strategies,
                    help="which units go first")  # fmt: skip
-    p.add_argument("--scope", default="layer", choices=("layer", "global"),
+    p.add_argument("--scope", default="layer", choices=_registry("pruning", "SCOPES"),
                    help="the ratio per layer, or one global ranking")  # fmt: skip
     p.add_argument("--max-layer-ratio", type=float, default=None, help="cap per layer (global)")
     p.add_argument("--heads", action="store_true", help="also prune ViT attention heads")
@@ -847,45 +880,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=10, help="views per point for UnitMem")
     p.add_argument("--max-points", type=int, default=None, help="score a seeded subset")
     p.add_argument("--latency-batch", type=int, default=64, help="batch for latency (0: skip)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "sklearn"),
+    p.add_argument("--backend", default="auto", choices=_registry("probe", "BACKENDS"),
                    help="linear-probe fit (auto: sklearn on CPU, torch on a GPU)")  # fmt: skip
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--batch-size", type=int, default=32, help="points per UnitMem forward pass")
-    p.add_argument("--seed", type=int, default=0, help="view, random-strategy and probe seed")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
+    _add_out(p)
+    _add_run(p, "view, random-strategy and probe seed", workers=False)
     p.set_defaults(func=cmd_prune)
 
+
+def _build_finetune(sub) -> None:
     p = sub.add_parser(
-        "finetune",
-        help="fine-tune the most memorizing layers against last-k, random-k and all layers",
+        "finetune", help="fine-tune the most memorizing layers against last-k, random-k, all"
     )
     p.add_argument("--f", required=True, help="the pretrained encoder: run dir or weights")
     p.add_argument("--g", default=None, help="reference encoder, to compute LayerMem")
     p.add_argument("--layer-scores", default=None, help="LayerMem of f (score layers --out)")
     p.add_argument("--score-data", default=DEFAULT_DATA, help="pretraining data (with --g)")
-    p.add_argument("--views", type=int, default=10, help="view pairs per point (with --g)")
-    p.add_argument("--model", default=None, help="timm name, when --f is a plain weight file")
-    p.add_argument("--img-size", type=int, default=None, help="input size for plain weight files")
-    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    p.add_argument("--pairs", type=int, default=10, help="view pairs per point (with --g)")
+    _add_weight_files(p, "--f", "--g")
     p.add_argument("--data", default="digits-shift", help="downstream data set")
     p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2], help="layers to fine-tune")
+    strategies = _registry("tuning", "STRATEGIES")
     p.add_argument("--strategy", nargs="+", default=["top", "last", "random", "all"],
-                   choices=("top", "last", "first", "random", "all"),
-                   help="layer choices compared at each k")  # fmt: skip
-    p.add_argument("--by", default="delta", choices=("delta", "layermem"), help="ranking of top")
+                   choices=strategies, help="layer choices compared at each k")  # fmt: skip
+    p.add_argument("--by", default="delta", choices=_registry("tuning", "BY"),
+                   help="ranking of top")  # fmt: skip
     p.add_argument("--epochs", type=int, default=20, help="epochs per run (as the recipes)")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (as the recipes)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (as the recipes)")
-    p.add_argument("--aug", nargs="+", default=None, metavar="KEY=VALUE",
-                   help="crop-and-flip parameters (e.g. scale=[0.6,1.0] flip_p=0)")  # fmt: skip
-    p.add_argument("--no-augment", action="store_true", help="train on the plain images")
+    _add_augment(p, "crop_flip", "training views (none: the plain images)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    _add_out(p)
     p.set_defaults(func=cmd_finetune)
 
+
+def _build_run(sub) -> None:
     p = sub.add_parser("run", help="run a YAML recipe: data -> scores -> actions -> report")
     p.add_argument("recipe", help="recipe file (see recipes/)")
     p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
@@ -895,10 +924,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start an existing run over")
     p.set_defaults(func=cmd_run)
 
+
+def _build_report(sub) -> None:
     p = sub.add_parser("report", help="re-render report.md of a run directory")
     p.add_argument("run_dir", help="a directory written by memprune run")
     p.set_defaults(func=cmd_report)
 
+
+#: Verb -> the builder of its options (each verb imports only what its choices need).
+VERBS = {
+    "sites": _build_sites, "score": _build_score, "pretrain": _build_pretrain,
+    "probe": _build_probe, "prune": _build_prune, "finetune": _build_finetune,
+    "run": _build_run, "report": _build_report,
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="memprune", description="Localize memorization in vision encoders and act on it."
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    for build in VERBS.values():
+        build(sub)
     return parser
 
 

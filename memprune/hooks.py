@@ -16,11 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memprune.errors import ConfigError, SiteError
+from memprune.errors import SiteError
+from memprune.registry import Registry
 from memprune.sites import Site
 
-SIGNED = ("abs", "relu", "raw")
-REPRESENTATIONS = ("flatten", "pool", "cls")
+#: ``signed``: the element-wise rule making signed activations non-negative (None: keep).
+SIGNED = Registry("signed-activation rule", {"abs": torch.abs, "relu": F.relu, "raw": None})
+#: ``representation``: what of a layer's output a layer score reads.
+REPRESENTATIONS = Registry(
+    "representation",
+    {"flatten": "the whole output", "pool": "the spatial / token mean", "cls": "the class token"},
+)
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,9 +45,8 @@ def unit_reducer(site: Site, signed: str = "abs") -> Reducer:
     ``linalg.vector_norm(x, 1, dims)``, so the rectified copy is made.) Sites known to be
     non-negative (ReLU outputs) skip the rule.
     """
-    if signed not in SIGNED:
-        raise ConfigError(f"signed must be one of {SIGNED}, got {signed!r}")
-    rule = None if site.nonneg or signed == "raw" else (torch.abs if signed == "abs" else F.relu)
+    rule = SIGNED[signed]  # an unknown name fails here, on any site
+    rule = None if site.nonneg else rule
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
         x = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -60,10 +65,7 @@ def layer_reducer(site: Site, representation: str = "flatten", copy: bool = True
     ``copy=False`` may return a view of the output: only for reducers that use it at once.
     """
     keep = (lambda t: t.clone()) if copy else (lambda t: t)
-    if representation not in REPRESENTATIONS:
-        raise ConfigError(
-            f"representation must be one of {REPRESENTATIONS}, got {representation!r}"
-        )
+    REPRESENTATIONS.check(representation)
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
         if representation == "flatten" or x.ndim == 2:  # a vector per image is its own summary

@@ -38,6 +38,24 @@ KINDS = ("units", "layers")
 _CONV = (nn.modules.conv._ConvNd,)
 _LINEAR = (nn.Linear,)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+#: Name of the site that is the encoder's own output (pre-logits features).
+OUTPUT = "output"
+
+
+def is_conv(module: nn.Module) -> bool:
+    """A convolution of any dimension."""
+    return isinstance(module, _CONV)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, _LINEAR)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A batch, group, layer or local-response normalization."""
+    return isinstance(module, _NORM)
+
+
 #: Activations whose output is >= 0 (the signed-activation rule is a no-op there).
 _NONNEG_ACTS = (nn.ReLU, nn.ReLU6)
 
@@ -143,7 +161,7 @@ def _example(model: nn.Module, size: tuple[int, int, int] | None) -> torch.Tenso
     return torch.zeros(1, *size, device=device)
 
 
-def _last_weight_module(modules, tr: _Trace, stop: int, with_norm: bool = True):
+def weight_modules(modules, tr: _Trace, stop: int, with_norm: bool = True):
     """Modules among conv/linear(/norm) entered before event ``stop``, most recent first."""
     kinds = _CONV + _LINEAR + (_NORM if with_norm else ())
     for kind, name in reversed(tr.events[:stop]):
@@ -151,10 +169,15 @@ def _last_weight_module(modules, tr: _Trace, stop: int, with_norm: bool = True):
             yield name, modules[name]
 
 
+def output_site(dim: int) -> Site:
+    """The encoder's own output (pre-logits features ``[B, dim]``) as a layer site."""
+    return Site(OUTPUT, "", "layers", "output", dim, 1, "output", (dim,))
+
+
 def _unit_site(name: str, modules, tr: _Trace) -> Site | None:
     """The unit site of activation ``name``, or None when it is not a unit (docs/method.md §1)."""
     start = tr.events.index(("enter", name))
-    preceding = list(_last_weight_module(modules, tr, start))[:2]
+    preceding = list(weight_modules(modules, tr, start))[:2]
     if not preceding:
         return None
     first_name, first = preceding[0]
@@ -315,11 +338,11 @@ def _custom_site(name: str, kind: str, modules, tr: _Trace) -> Site:
         axis = _layer_axis(shape)
     else:  # channels follow the last conv (axis 1) or linear (axis -1) run up to this output
         stop = tr.events.index(("exit", name))
-        last = next(_last_weight_module(modules, tr, stop, with_norm=False), (None, None))[1]
+        last = next(weight_modules(modules, tr, stop, with_norm=False), (None, None))[1]
         axis = -1 if isinstance(last, _LINEAR) else 1
     nonneg = isinstance(modules[name], _NONNEG_ACTS)
     stop = tr.events.index(("exit", name))
-    source = next(_last_weight_module(modules, tr, stop), ("", None))[0]
+    source = next(weight_modules(modules, tr, stop), ("", None))[0]
     units = _units(shape, axis)
     return Site(name, name, kind, "custom", units, axis, shape=shape, nonneg=nonneg, source=source)
 

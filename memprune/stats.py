@@ -8,9 +8,12 @@ process's state, ``compute`` returns the scores. The pure functions ``selectivit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from memprune._dist import merged, rank_world
+from memprune.registry import Registry
 
 #: Sentinel above every data index, used to pick the lowest index among ties.
 _NO_INDEX = torch.iinfo(torch.int64).max
@@ -175,6 +178,62 @@ class ClassMeanState:
             mu_rest = (means.sum(0) - top) / (len(means) - 1)
         score, dead = selectivity(top, mu_rest, eps)
         return _result(score, classes[arg], top, mu_rest, dead)
+
+
+#: ``rest``: how mu_rest is taken over the points but the top one -> the state that keeps it.
+RESTS = Registry("rest statistic", {"mean": MeanRestState, "median": MatrixState})
+
+
+@dataclass
+class RowsState:
+    """Per-point rows (data indices and values), kept as they come; merged by concatenation."""
+
+    indices: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    def update(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        self.indices.append(indices.to("cpu", torch.long))
+        self.values.append(values.detach().to("cpu", torch.float64))
+
+    def merge(self, other: RowsState) -> None:
+        self.indices += other.indices
+        self.values += other.values
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices [N], values [N, ...])`` sorted by data index."""
+        indices, values = torch.cat(self.indices), torch.cat(self.values)
+        order = indices.argsort()
+        return indices[order], values[order]
+
+
+class Metric:
+    """A streaming metric: ``update`` on batches, ``merge`` another instance, ``compute``,
+    ``reset``; ``sync`` merges the states of every process (torchrun / accelerate launch) in
+    rank order, the one distributed path every metric shares. The state is a dataclass of
+    tensors, ints and lists of row tensors with its own ``merge``."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def _empty(self):
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget every update."""
+        self.state = self._empty()
+
+    def merge(self, other: Metric) -> Metric:
+        """Fold in ``other``'s updates (another shard of the same data); returns self."""
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        self.state.merge(other.state)
+        return self
+
+    def sync(self) -> Metric:
+        """Merge every process's state into every process (a no-op in one process)."""
+        _, world = rank_world()
+        self.state = merged(self.state, world)
+        return self
 
 
 def _result(score, argmax, mu_max, mu_rest, dead) -> dict[str, torch.Tensor]:

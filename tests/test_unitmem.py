@@ -11,7 +11,7 @@ from torch.utils.data import Subset
 from memprune import UnitMemResult, capture, class_mem, find_sites, unit_mem
 from memprune.data import ImageDataset, MultiView
 from memprune.errors import ConfigError, SiteError
-from memprune.scores._engine import Normalizer, resolve_normalize
+from memprune.engine import Normalizer, resolve_normalize
 from memprune.stats import MeanRestState, unitmem_reference
 
 from .conftest import tiny_resnet, tiny_vit

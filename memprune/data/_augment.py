@@ -10,8 +10,9 @@ later, inside scoring (colour jitter on a normalized tensor would clamp every ne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from memprune.errors import ConfigError, DataError
+from memprune.registry import Registry
 
 #: Most views per point: one point's views share a forward pass.
 MAX_VIEWS = 1024
@@ -126,24 +128,63 @@ def no_augment(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return image
 
 
-AUGMENTS: dict[str, Callable[..., Augment]] = {
-    "simclr": SimCLRAugment,
-    "none": lambda: no_augment,
-}
+#: Crop-and-flip for supervised training and fine-tuning: SimCLR's crop and flip, no colour
+#: jitter or grayscale.
+CROP_FLIP = {"scale": (0.25, 1.0), "jitter_p": 0.0, "gray_p": 0.0}
 
 
-def make_augment(augment: str | Augment, **params) -> Augment:
-    """An augmentation from a preset name (``simclr``, ``none``) or a callable."""
+def _crop_flip(**params) -> Augment:
+    return SimCLRAugment(**{**CROP_FLIP, **params})
+
+
+AUGMENTS = Registry(
+    "augmentation",
+    {"simclr": SimCLRAugment, "crop_flip": _crop_flip, "none": lambda: no_augment},
+)
+
+#: ``augment`` everywhere: a preset name, a mapping of preset parameters with an optional
+#: ``"preset"`` key, or a callable ``fn(image, generator) -> view``.
+AugmentSpec = str | Mapping[str, Any] | Augment
+
+
+def augment_spec(augment: AugmentSpec, default: str = "simclr") -> dict[str, Any] | Augment:
+    """The one spelling of an augmentation, made explicit: ``{"preset": name, **params}`` (lists
+    for tuples, so it can be written to JSON and compared), or the callable itself.
+
+    ``"simclr"`` -> ``{"preset": "simclr"}``; ``{"scale": [0.3, 1.0]}`` -> the ``default``
+    preset with that scale; ``{"preset": "none"}`` -> no augmentation.
+    """
     if callable(augment):
-        if params:
-            raise ConfigError(f"augmentation parameters {sorted(params)} need a preset name")
         return augment
-    if augment not in AUGMENTS:
-        raise ConfigError(f"unknown augment {augment!r}: use one of {sorted(AUGMENTS)}")
+    if isinstance(augment, str):
+        return {"preset": AUGMENTS.check(augment)}
+    if isinstance(augment, Mapping):
+        params = dict(augment)
+        preset = AUGMENTS.check(params.pop("preset", default))
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+        return {"preset": preset, **plain}
+    raise ConfigError(
+        f"augment must be a preset name ({', '.join(AUGMENTS)}), a mapping of its parameters"
+        f" or a callable fn(image, generator), got {augment!r}"
+    )
+
+
+def make_augment(augment: AugmentSpec, default: str = "simclr") -> Augment:
+    """The augmentation callable of ``augment`` (see :func:`augment_spec`)."""
+    spec = augment_spec(augment, default)
+    if callable(spec):
+        return spec
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "preset"}
     try:
-        return AUGMENTS[augment](**params)
+        return AUGMENTS[spec["preset"]](**params)
     except TypeError as err:
-        raise ConfigError(f"bad parameters for augment {augment!r}: {err}") from err
+        raise ConfigError(f"bad parameters for augment {spec['preset']!r}: {err}") from err
+
+
+def describe_augment(augment: AugmentSpec, default: str = "simclr") -> dict[str, Any] | str:
+    """What metadata records of ``augment``: its spec, or a callable's name."""
+    spec = augment_spec(augment, default)
+    return getattr(spec, "__name__", type(spec).__name__) if callable(spec) else spec
 
 
 class MultiView(Dataset):
@@ -157,19 +198,19 @@ class MultiView(Dataset):
     Args:
         dataset: items ``(image [3, H, W] in [0, 1], label, index)``.
         n_views: ``K >= 1``.
-        augment: ``"simclr"`` (default, see :class:`SimCLRAugment`), ``"none"`` or a callable
-            ``fn(image, generator) -> view`` drawing every random number from ``generator``.
+        augment: a preset (``"simclr"``, default, see :class:`SimCLRAugment`; ``"crop_flip"``;
+            ``"none"``), a mapping of the preset's parameters with an optional ``"preset"``
+            key (``{"scale": (0.2, 1.0)}``), or a callable ``fn(image, generator) -> view``
+            drawing every random number from ``generator``.
         seed: base seed of the views.
-        **augment_params: parameters of the preset (e.g. ``scale=(0.2, 1.0)``).
     """
 
     def __init__(
         self,
         dataset: Dataset,
         n_views: int,
-        augment: str | Augment = "simclr",
+        augment: AugmentSpec = "simclr",
         seed: int = 0,
-        **augment_params,
     ) -> None:
         if not isinstance(n_views, int) or n_views < 1:
             raise ConfigError(f"n_views must be an int >= 1, got {n_views!r}")
@@ -183,7 +224,7 @@ class MultiView(Dataset):
             raise ConfigError(f"seed must be >= 0, got {seed}")
         self.dataset = dataset
         self.n_views = n_views
-        self.augment = make_augment(augment, **augment_params)
+        self.augment = make_augment(augment)
         self.seed = seed
 
     def __len__(self) -> int:

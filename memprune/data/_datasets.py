@@ -285,3 +285,26 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     if isinstance(dataset, torch.utils.data.Subset):
         return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices)]
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def native_size(name: str, img_size: int | None) -> int | None:
+    """The size to load ``name`` at: None (their own) for the built-in data sets, whose images
+    come at the size the encoders are scored at, else ``img_size``."""
+    return None if str(name).lower() in BUILTIN else img_size
+
+
+def dataset_name(dataset: Dataset) -> str:
+    """The name of a data set (through any ``Subset``), or its class name."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "name", type(dataset).__name__)
+
+
+def seeded_subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:
+    """``n`` points of ``dataset`` drawn by ``seed`` and kept in data order (all when ``n`` is
+    None or not smaller than the data set)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(dataset), generator=g)[:n]
+    return torch.utils.data.Subset(dataset, sorted(picks.tolist()))

@@ -1,14 +1,16 @@
 """Downstream evaluation of frozen encoders: linear probe and weighted kNN (docs/method.md §11)."""
 
-from memprune.probe._api import confusion_matrix, knn_probe, linear_probe
+from memprune.probe._api import ProbeResult, confusion_matrix, knn_probe, linear_probe
 from memprune.probe._features import Features, extract_features
 from memprune.probe._knn import knn_accuracy
-from memprune.probe._linear import LinearProbe, ProbeConvergenceWarning
+from memprune.probe._linear import BACKENDS, LinearProbe, ProbeConvergenceWarning
 
 __all__ = [
+    "BACKENDS",
     "Features",
     "LinearProbe",
     "ProbeConvergenceWarning",
+    "ProbeResult",
     "confusion_matrix",
     "extract_features",
     "knn_accuracy",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,18 +13,59 @@ from memprune.errors import ConfigError
 from memprune.probe._features import extract_features
 from memprune.probe._knn import DEFAULT_KS, knn_accuracy
 from memprune.probe._linear import DEFAULT_CS, LinearProbe
+from memprune.results import Result
 
 
-def _features(encoder, train, test, normalize, batch_size, cache_dir, device, progress):
+@dataclass
+class ProbeResult(Result):
+    """Test accuracy of a probe on frozen features, and how it was chosen.
+
+    Attributes:
+        accuracy: test accuracy.
+        choice: the hyperparameter chosen on validation (``C`` of the linear probe, ``k`` of
+            kNN), and ``val_scores`` its validation accuracy for every candidate.
+        confusion: counts ``[true class, predicted class]``.
+        n_train, n_test: points the probe was fitted and tested on.
+        timings: seconds spent extracting features and fitting.
+        meta: ``probe`` (``linear`` / ``knn``), the backend and what else made it.
+    """
+
+    kind = "probe"
+    accuracy: float
+    choice: dict
+    val_scores: dict
+    confusion: torch.Tensor
+    n_train: int
+    n_test: int
+    timings: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def to_rows(self) -> list[dict]:
+        return [{"probe": self.meta.get("probe"), "accuracy": self.accuracy, **self.choice}]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"confusion": self.confusion}
+
+    def _fields(self) -> dict:
+        scores = {str(k): v for k, v in self.val_scores.items()}
+        return {
+            "accuracy": self.accuracy, "choice": self.choice, "val_scores": scores,
+            "n_train": self.n_train, "n_test": self.n_test, "timings": self.timings,
+        }  # fmt: skip
+
+    @classmethod
+    def _build(cls, t, fields, meta):
+        return cls(confusion=t["confusion"], meta=meta, **fields)
+
+
+def _features(encoder, train, test, normalize, chunk_size, cache_dir, device, progress):
     start = time.perf_counter()
     if len(train) == 0 or len(test) == 0:
         raise ConfigError(f"empty data set (train {len(train)}, test {len(test)} points)")
-    tr = extract_features(
-        encoder, train, normalize, batch_size, cache_dir, device, progress=progress
-    )
-    te = extract_features(
-        encoder, test, normalize, batch_size, cache_dir, device, progress=progress
-    )
+    run = dict(normalize=normalize, chunk_size=chunk_size, cache_dir=cache_dir, device=device,
+               progress=progress)  # fmt: skip
+    tr = extract_features(encoder, train, **run)
+    te = extract_features(encoder, test, **run)
     missing = sorted(set(te.labels.tolist()) - set(tr.labels.tolist()))
     if missing:
         raise ConfigError(
@@ -40,6 +82,15 @@ def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int)
     return cm
 
 
+def _result(tr, te, pred, choice, val_scores, timings, meta) -> ProbeResult:
+    n_classes = int(max(tr.labels.max(), te.labels.max())) + 1
+    return ProbeResult(
+        accuracy=float((pred == te.labels).double().mean()), choice=choice,
+        val_scores=val_scores, confusion=confusion_matrix(te.labels, pred, n_classes),
+        n_train=len(tr.labels), n_test=len(te.labels), timings=timings, meta=meta,
+    )  # fmt: skip
+
+
 def linear_probe(
     encoder: nn.Module,
     train: Dataset,
@@ -49,19 +100,16 @@ def linear_probe(
     val_fraction: float = 0.2,
     seed: int = 0,
     normalize="auto",
-    batch_size: int = 256,
+    chunk_size: int = 256,
     cache_dir=None,
     device=None,
     progress: bool | None = None,
-) -> dict:
+) -> ProbeResult:
     """Linear-probe test accuracy of a frozen encoder (docs/method.md §11); the torch backend fits
-    on the encoder's device.
-
-    Returns ``accuracy``, ``C`` (chosen on validation), ``val_scores``, ``confusion`` (a
-    ``[classes, classes]`` tensor of counts), ``n_train``, ``n_test`` and ``timings`` (s).
-    """
+    on the encoder's device. ``choice`` holds ``C`` (chosen on validation); ``meta`` the
+    backend used. ``chunk_size``: images per extraction pass (never changes the result)."""
     tr, te, t_extract = _features(
-        encoder, train, test, normalize, batch_size, cache_dir, device, progress
+        encoder, train, test, normalize, chunk_size, cache_dir, device, progress
     )
     param = next(encoder.parameters(), None)
     on = param.device if param is not None and backend != "sklearn" else torch.device("cpu")
@@ -69,17 +117,10 @@ def linear_probe(
     probe = LinearProbe(backend, Cs, val_fraction, seed).fit(tr.features.to(on), tr.labels.to(on))
     t_fit = time.perf_counter() - start
     pred = probe.predict(te.features.to(on)).cpu()
-    n_classes = int(max(tr.labels.max(), te.labels.max())) + 1
-    return {
-        "accuracy": float((pred == te.labels).double().mean()),
-        "C": probe.C_,
-        "val_scores": probe.val_scores_,
-        "backend": probe.backend_,
-        "confusion": confusion_matrix(te.labels, pred, n_classes),
-        "n_train": len(tr.labels),
-        "n_test": len(te.labels),
-        "timings": {"extract_s": t_extract, "fit_s": t_fit},
-    }
+    meta = {"probe": "linear", "backend": probe.backend_, "val_fraction": val_fraction,
+            "seed": seed}  # fmt: skip
+    timings = {"extract_s": t_extract, "fit_s": t_fit}
+    return _result(tr, te, pred, {"C": probe.C_}, probe.val_scores_, timings, meta)
 
 
 def knn_probe(
@@ -91,26 +132,21 @@ def knn_probe(
     val_fraction: float = 0.2,
     seed: int = 0,
     normalize="auto",
-    batch_size: int = 256,
+    chunk_size: int = 256,
     cache_dir=None,
     device=None,
     progress: bool | None = None,
-) -> dict:
-    """Weighted-kNN test accuracy of a frozen encoder; keys as :func:`linear_probe` with ``k``."""
+) -> ProbeResult:
+    """Weighted-kNN test accuracy of a frozen encoder; ``choice`` holds ``k``. Arguments as
+    :func:`linear_probe`."""
     tr, te, t_extract = _features(
-        encoder, train, test, normalize, batch_size, cache_dir, device, progress
+        encoder, train, test, normalize, chunk_size, cache_dir, device, progress
     )
     start = time.perf_counter()
     out = knn_accuracy(
         tr.features, tr.labels, te.features, te.labels, ks, temperature, val_fraction, seed
     )
-    n_classes = int(max(tr.labels.max(), te.labels.max())) + 1
-    return {
-        "accuracy": out["accuracy"],
-        "k": out["k"],
-        "val_scores": out["val_scores"],
-        "confusion": confusion_matrix(te.labels, out["predictions"], n_classes),
-        "n_train": len(tr.labels),
-        "n_test": len(te.labels),
-        "timings": {"extract_s": t_extract, "knn_s": time.perf_counter() - start},
-    }
+    meta = {"probe": "knn", "temperature": temperature, "val_fraction": val_fraction,
+            "seed": seed}  # fmt: skip
+    timings = {"extract_s": t_extract, "knn_s": time.perf_counter() - start}
+    return _result(tr, te, out["predictions"], {"k": out["k"]}, out["val_scores"], timings, meta)

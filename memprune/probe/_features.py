@@ -20,10 +20,11 @@ from torch.utils.data import Dataset
 
 from memprune._dist import gather_by_index, rank_world
 from memprune._io import write_safetensors
-from memprune.data import MultiView
+from memprune.data import MultiView, dataset_name
+from memprune.encoders import feature_dim
+from memprune.engine import Compute, image_size, resolve_normalize, view_batches
 from memprune.errors import ConfigError
-from memprune.scores._engine import image_size, resolve_normalize, view_batches
-from memprune.scores.sslmem import output_dim, output_site
+from memprune.sites import output_site
 
 
 @dataclass
@@ -61,7 +62,7 @@ def data_fingerprint(dataset: Dataset) -> dict:
     for p in range(n):  # indices are cheap for memprune's data sets and Subsets
         indices.append(int(dataset.indices[p]) if hasattr(dataset, "indices") else p)
     h.update(json.dumps(indices).encode())
-    return {"name": getattr(dataset, "name", type(dataset).__name__), "n": n, "hash": h.hexdigest()}
+    return {"name": dataset_name(dataset), "n": n, "hash": h.hexdigest()}
 
 
 def cache_key(encoder: nn.Module, dataset: Dataset, normalize) -> str:
@@ -80,7 +81,7 @@ def extract_features(
     encoder: nn.Module,
     dataset: Dataset,
     normalize="auto",
-    batch_size: int = 256,
+    chunk_size: int = 256,
     cache_dir: str | os.PathLike | None = None,
     device=None,
     num_workers: int = 0,
@@ -102,13 +103,12 @@ def extract_features(
 
             t = load_file(str(path))
             return Features(t["features"], t["labels"], t["indices"])
-    site = output_site(encoder, output_dim(encoder, image_size(dataset)))
+    site = output_site(feature_dim(encoder, image_size(dataset)))
     views = MultiView(dataset, 1, "none")
     rows_x, rows_y, rows_i = [], [], []
     for indices, labels, (acts,) in view_batches(
-        [encoder], views, [[site]], reduce=[lambda x: x.float()], batch_size=batch_size,
-        normalize=normalize, device=device, num_workers=num_workers, progress=progress,
-        desc="features",
+        [encoder], views, [[site]], Compute(chunk_size, device, num_workers, progress),
+        reduce=[lambda x: x.float()], normalize=normalize, desc="features",
     ):  # fmt: skip
         rows_x.append(acts[site.name].cpu())
         rows_y.append(torch.as_tensor(labels))

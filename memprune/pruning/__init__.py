@@ -8,10 +8,11 @@
 """
 
 from memprune.pruning._compare import compare_pruning
-from memprune.pruning._importance import UnitMemImportance
+from memprune.pruning._importance import SCORE_STRATEGIES, UnitMemImportance
 from memprune.pruning._prune import (
+    SCOPES,
     STRATEGIES,
-    PruneReport,
+    PruneResult,
     check_options,
     measure_latency,
     prune,
@@ -19,8 +20,10 @@ from memprune.pruning._prune import (
 from memprune.pruning._save import load_pruned, save_pruned
 
 __all__ = [
+    "SCOPES",
+    "SCORE_STRATEGIES",
     "STRATEGIES",
-    "PruneReport",
+    "PruneResult",
     "UnitMemImportance",
     "check_options",
     "compare_pruning",

@@ -1,12 +1,12 @@
-"""Every pruning strategy and ratio side by side, each pruned encoder linear-probed."""
+"""Every pruning strategy and ratio side by side, each pruned encoder evaluated."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
-from torch.utils.data import Dataset
 
 from memprune.pruning._prune import check_options, prune
 from memprune.pruning._save import save_pruned
@@ -15,26 +15,21 @@ from memprune.pruning._save import save_pruned
 def compare_pruning(
     encoder: nn.Module,
     scores,
-    train: Dataset,
-    test: Dataset,
+    evaluate: Callable[[nn.Module], float],
     ratios,
     strategies,
     models_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
-    probe: dict | None = None,
     log=print,
     **options,
 ) -> tuple[list[dict], list[dict]]:
     """Prune ``encoder`` by each strategy at each ratio (``options``: arguments of
-    :func:`prune`), save each pruned encoder under ``models_dir/STRATEGY_RATIO`` and retrain a
-    linear probe on it (``probe``: arguments of :func:`memprune.linear_probe`).
+    :func:`prune`), save each pruned encoder under ``models_dir/STRATEGY_RATIO`` and score it
+    with ``evaluate(model) -> accuracy`` (e.g. a linear probe retrained on its features).
 
     Returns table rows (the unpruned encoder first, as strategy ``none``) and one full record
-    per run (the :class:`PruneReport` with its accuracy).
+    per run (the :class:`PruneResult` with its accuracy).
     """
-    from memprune.probe import linear_probe
-
-    probe = probe or {}
     keys = ("scope", "max_layer_ratio", "iterative_steps", "rescore")
     for strategy in strategies:  # the whole sweep is validated before any work
         for ratio in ratios:
@@ -51,9 +46,9 @@ def compare_pruning(
             name = f"{strategy}_{ratio:g}"
             if models_dir is not None:
                 save_pruned(pruned, Path(models_dir) / name, overwrite=overwrite)
-            accuracy = linear_probe(pruned, train, test, **probe)["accuracy"]
+            accuracy = evaluate(pruned)
             if not rows:  # the unpruned encoder, measured once
-                base = linear_probe(encoder, train, test, **probe)["accuracy"]
+                base = evaluate(encoder)
                 row = {"strategy": "none", "ratio": 0.0, "params": report.params[0],
                        "params_ratio": 1.0, "macs": round(report.macs[0])}  # fmt: skip
                 row["macs_ratio"] = 1.0

@@ -21,7 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from memprune.errors import SiteError
-from memprune.sites import Site, _last_weight_module, trace
+from memprune.sites import Site, trace, weight_modules
 
 UNITS, HEADS = "units", "heads"
 
@@ -101,7 +101,7 @@ def _output_source(model: nn.Module, example: torch.Tensor) -> str | None:
     """The last conv / linear / norm that runs: its channels are the encoder's output width."""
     tr = trace(model, example)
     modules = dict(model.named_modules())
-    return next(_last_weight_module(modules, tr, len(tr.events)), (None, None))[0]
+    return next(weight_modules(modules, tr, len(tr.events)), (None, None))[0]
 
 
 def build_groups(

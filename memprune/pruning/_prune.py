@@ -17,14 +17,13 @@ from memprune.encoders import evaluating, input_size
 from memprune.errors import ConfigError, SiteError
 from memprune.pruning._groups import HEADS, UNITS, Group, build_groups, out_fn, prune_group
 from memprune.pruning._importance import SCORE_STRATEGIES
+from memprune.registry import Registry
+from memprune.results import Result
 from memprune.sites import Site, find_sites
-
-STRATEGIES = (*SCORE_STRATEGIES, "random", "magnitude")
-SCOPES = ("layer", "global")
 
 
 @dataclass
-class PruneReport:
+class PruneResult(Result):
     """What one pruning run removed and what it bought.
 
     ``params`` / ``macs`` / ``latency_s`` are ``(before, after)``: parameters and MACs counted by
@@ -36,6 +35,7 @@ class PruneReport:
     ``blocked`` (why it was left alone: grouped convolutions are not supported).
     """
 
+    kind = "prune"
     strategy: str
     ratio: float
     scope: str
@@ -46,6 +46,7 @@ class PruneReport:
     batch_size: int | None
     device: str
     groups: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
 
     def widths(self) -> dict[str, tuple[int, int]]:
         """Site name -> (units before, units after); heads sites count heads."""
@@ -66,8 +67,22 @@ class PruneReport:
             row["latency_ratio"] = self.latency_s[1] / self.latency_s[0]
         return row
 
+    def to_rows(self) -> list[dict]:
+        """One row per group of coupled units: its width before and after."""
+        return [{"group": g["name"], "kind": g["kind"], "before": g["before"],
+                 "after": g["after"], "pruned": g["pruned"]} for g in self.groups]  # fmt: skip
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def _fields(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "meta"}
+
+    @classmethod
+    def _build(cls, tensors, fields, meta):
+        pairs = {k: tuple(fields[k]) if fields[k] is not None else None
+                 for k in ("params", "macs", "latency_s")}  # fmt: skip
+        return cls(**{**fields, **pairs}, meta=meta)
 
 
 def _quiet_cpp_extension() -> None:
@@ -118,10 +133,8 @@ def check_options(
         raise ConfigError(
             f"ratio must be a fraction in [0, 1) of the units to remove, got {ratio!r}"
         )
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if scope not in SCOPES:
-        raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
+    STRATEGIES.check(strategy)
+    SCOPES.check(scope)
     if max_layer_ratio is not None and not 0 < max_layer_ratio <= 1:
         raise ConfigError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
     if not isinstance(iterative_steps, int) or iterative_steps < 1:
@@ -183,6 +196,31 @@ def _magnitude(graph, model: nn.Module, group: Group) -> torch.Tensor:
     full = graph.get_pruning_group(root, fn, list(range(n)))
     imp = tp.importance.GroupMagnitudeImportance(p=2)(full)
     return imp.float().cpu().view(group.width, group.head_dim).mean(dim=1)
+
+
+def _by_score(sign: float):
+    def importance(graph, model, group, ctx) -> torch.Tensor:
+        fresh = ctx["step"] > 1 and ctx["rescore"] is not None
+        s = group.unit_scores(ctx["scores"].scores()) if fresh else ctx["base"][group.name][
+            ctx["origin"][group.name]]  # fmt: skip
+        return sign * s
+
+    return importance
+
+
+def _random(graph, model, group, ctx) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(_seed(ctx["seed"], ctx["step"], group.name))
+    return torch.rand(group.width, generator=gen)
+
+
+#: ``strategy`` -> importance per unit of a group (the lowest go first).
+STRATEGIES = Registry(
+    "pruning strategy",
+    {"lowest": _by_score(1.0), "highest": _by_score(-1.0), "random": _random,
+     "magnitude": lambda graph, model, group, ctx: _magnitude(graph, model, group)},
+)  # fmt: skip
+#: ``scope``: the ratio in every group, or one ranking over all groups.
+SCOPES = Registry("pruning scope", {"layer": "per group", "global": "over all groups"})
 
 
 def _plan(groups, imps, fraction, scope, max_layer_ratio, initial) -> dict[str, torch.Tensor]:
@@ -249,7 +287,7 @@ def prune(
     latency_time: float = 0.5,
     inplace: bool = False,
     baseline_latency_s: float | None = None,
-) -> tuple[nn.Module, PruneReport]:
+) -> tuple[nn.Module, PruneResult]:
     """Remove ``ratio`` of the units of ``encoder`` for real (docs/method.md §9).
 
     Units are the output channels producing each unit site (conv + norm + the next layer's
@@ -287,94 +325,93 @@ def prune(
             measures it once, so that every row's ratio has the same denominator).
 
     Returns:
-        The pruned encoder (eval mode) and a :class:`PruneReport`.
+        The pruned encoder (eval mode) and a :class:`PruneResult`.
     """
     check_options(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore)
     model = (encoder if inplace else copy.deepcopy(encoder)).eval()
     if example_input is None:
         param = next(model.parameters())
         example_input = torch.zeros(1, *input_size(model), device=param.device)
-    size = tuple(example_input.shape[1:])
-    sites = prune_sites(model, scores, size)
+    sites = prune_sites(model, scores, tuple(example_input.shape[1:]))
     if heads and not any(s.role == HEADS for s in sites):
         raise ConfigError(
             "heads=True needs attention head sites (blocks.i.attn:heads) in the scores or the"
             " encoder; this encoder has none, or the scores leave them out"
         )
     batch = None if baseline_latency_s is not None else latency_batch
-    params0, macs0, lat0 = _measure(model, example_input, batch, latency_time)
+    before = _measure(model, example_input, batch, latency_time)
     if latency_batch and baseline_latency_s is not None:
-        lat0 = baseline_latency_s
-    initial: dict[str, int] = {}
-    origin: dict[str, torch.Tensor] = {}  # group -> original index of each remaining unit
-    base: dict[str, torch.Tensor] = {}  # group -> score of each original unit
-    info: dict[str, Group] = {}
-    removed: dict[str, list[int]] = {}
-    current = scores
+        before = (*before[:2], baseline_latency_s)
+    ctx = dict(scores=scores, rescore=rescore, seed=seed, base={}, origin={}, removed={},
+               initial={}, info={})  # fmt: skip
     for step in range(1, iterative_steps + 1):
-        if step > 1 and rescore is not None and strategy in SCORE_STRATEGIES:
-            current = rescore(model)
-            sites = prune_sites(model, current, size)
-        elif step > 1:  # the same sites, with their new widths
-            sites = find_sites(model, "units", include=[s.name for s in sites], input_size=size)
+        ctx["step"] = step
+        sites = _step_sites(model, sites, ctx, strategy, tuple(example_input.shape[1:]))
         graph, groups = build_groups(model, sites, example_input, heads)
+        todo = _start_groups(groups, ctx, strategy, keep_output_width)
+        imps = {g.name: STRATEGIES[strategy](graph, model, g, ctx) for g in todo}
+        fraction = ratio * step / iterative_steps
+        plan = _plan(todo, imps, fraction, scope, max_layer_ratio, ctx["initial"])
+        _remove(graph, model, todo, plan, ctx)
+    after = _measure(model, example_input, latency_batch, latency_time)
+    options = dict(strategy=strategy, ratio=float(ratio), scope=scope,
+                   iterative_steps=iterative_steps, batch_size=latency_batch,
+                   device=str(example_input.device))  # fmt: skip
+    return model, _report(before, after, ctx, keep_output_width, options)
+
+
+def _step_sites(model, sites, ctx, strategy: str, size) -> list[Site]:
+    """The sites to prune at this step: rescored (``rescore``) or the same, at new widths."""
+    if ctx["step"] == 1:
+        return sites
+    if ctx["rescore"] is not None and strategy in SCORE_STRATEGIES:
+        ctx["scores"] = ctx["rescore"](model)
+        return prune_sites(model, ctx["scores"], size)
+    return find_sites(model, "units", include=[s.name for s in sites], input_size=size)
+
+
+def _start_groups(groups: list[Group], ctx: dict, strategy: str, keep_output_width: bool):
+    """Record each group's initial state at step 1 (warning about blocked groups); the groups
+    that may be pruned."""
+    if ctx["step"] == 1:
         for g in groups:
-            if step == 1:
-                initial[g.name], info[g.name], removed[g.name] = g.width, g, []
-                origin[g.name] = torch.arange(g.width)
-                if strategy in SCORE_STRATEGIES:
-                    base[g.name] = g.unit_scores(current.scores())
-        todo = [g for g in groups if not (keep_output_width and g.output) and not g.blocked]
-        if step == 1 and (blocked := [f"{g.name}: {g.blocked}" for g in groups if g.blocked]):
+            ctx["initial"][g.name], ctx["info"][g.name], ctx["removed"][g.name] = g.width, g, []
+            ctx["origin"][g.name] = torch.arange(g.width)
+            if strategy in SCORE_STRATEGIES:
+                ctx["base"][g.name] = g.unit_scores(ctx["scores"].scores())
+        if blocked := [f"{g.name}: {g.blocked}" for g in groups if g.blocked]:
             more = f"; and {len(blocked) - 3} more" if len(blocked) > 3 else ""
             warnings.warn(
                 f"{len(blocked)} groups left unpruned: " + "; ".join(blocked[:3]) + more,
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        imps = {}
-        for g in todo:
-            if strategy in SCORE_STRATEGIES:
-                fresh = step > 1 and rescore is not None
-                s = g.unit_scores(current.scores()) if fresh else base[g.name][origin[g.name]]
-                imps[g.name] = s if strategy == "lowest" else -s
-            elif strategy == "random":
-                gen = torch.Generator().manual_seed(_seed(seed, step, g.name))
-                imps[g.name] = torch.rand(g.width, generator=gen)
-            else:
-                imps[g.name] = _magnitude(graph, model, g)
-        plan = _plan(todo, imps, ratio * step / iterative_steps, scope, max_layer_ratio, initial)
-        for g in todo:
-            units = plan[g.name]
-            prune_group(graph, model, g, units)
-            removed[g.name] += origin[g.name][units].tolist()
-            keep = torch.ones(g.width, dtype=torch.bool)
-            keep[units] = False
-            origin[g.name] = origin[g.name][keep]
-    params1, macs1, lat1 = _measure(model, example_input, latency_batch, latency_time)
-    report = PruneReport(
-        strategy=strategy,
-        ratio=float(ratio),
-        scope=scope,
-        iterative_steps=iterative_steps,
-        params=(params0, params1),
-        macs=(macs0, macs1),
-        latency_s=None if lat0 is None else (lat0, lat1),
-        batch_size=latency_batch,
-        device=str(example_input.device),
-        groups=[
-            {
-                "name": name,
-                "kind": g.kind,
-                "sites": list(g.sites),
-                "before": initial[name],
-                "after": len(origin[name]),
-                "removed": sorted(removed[name]),
-                "output": g.output,
-                "pruned": not (keep_output_width and g.output) and not g.blocked,
-                "blocked": g.blocked,
-            }
-            for name, g in info.items()
-        ],
-    )
-    return model, report
+    return [g for g in groups if not (keep_output_width and g.output) and not g.blocked]
+
+
+def _remove(graph, model, todo: list[Group], plan: dict, ctx: dict) -> None:
+    """Remove the planned units and keep track of which original units are gone."""
+    for g in todo:
+        units = plan[g.name]
+        prune_group(graph, model, g, units)
+        ctx["removed"][g.name] += ctx["origin"][g.name][units].tolist()
+        keep = torch.ones(g.width, dtype=torch.bool)
+        keep[units] = False
+        ctx["origin"][g.name] = ctx["origin"][g.name][keep]
+
+
+def _report(before, after, ctx: dict, keep_output_width: bool, options: dict) -> PruneResult:
+    (params0, macs0, lat0), (params1, macs1, lat1) = before, after
+    groups = [
+        {
+            "name": name, "kind": g.kind, "sites": list(g.sites), "before": ctx["initial"][name],
+            "after": len(ctx["origin"][name]), "removed": sorted(ctx["removed"][name]),
+            "output": g.output, "pruned": not (keep_output_width and g.output) and not g.blocked,
+            "blocked": g.blocked,
+        }
+        for name, g in ctx["info"].items()
+    ]  # fmt: skip
+    return PruneResult(
+        params=(params0, params1), macs=(macs0, macs1),
+        latency_s=None if lat0 is None else (lat0, lat1), groups=groups, **options,
+    )  # fmt: skip

@@ -6,14 +6,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from memprune._io import package_versions, read_json, write_json, write_safetensors
+from memprune._io import package_versions, write_json, write_safetensors
+from memprune.checkpoints import PRUNED_FORMAT, SPEC, WEIGHTS, checkpoint_kind
+from memprune.encoders import load_encoder
 from memprune.errors import CheckpointError, ConfigError
-
-FORMAT = "memprune-pruned/1"
-WEIGHTS, SPEC = "encoder.safetensors", "pruned.json"
 
 #: Structural attributes that pruning changes (torch layers and timm attention).
 _ATTRS = (
@@ -67,7 +65,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fal
     path.mkdir(parents=True, exist_ok=True)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     spec = {
-        "format": FORMAT,
+        "format": PRUNED_FORMAT,
         **build_info(model),
         "mean": list(cfg.get("mean", ())),
         "std": list(cfg.get("std", ())),
@@ -81,51 +79,12 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fal
     return path
 
 
-def is_pruned(path: str | os.PathLike) -> bool:
-    return (Path(path) / SPEC).is_file()
-
-
-def _resize(module: nn.Module, name: str, shape: torch.Size) -> None:
-    old = getattr(module, name)
-    new = torch.empty(shape, dtype=old.dtype, device=old.device)
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        module._buffers[name] = new
-
-
 def load_pruned(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
     """Rebuild a pruned encoder saved by :func:`save_pruned`: the base timm model is created
     from its name, its modules are resized to the saved structure and the weights loaded
-    (safetensors, no unpickling). Outputs equal the saved model's exactly."""
-    from memprune.encoders import load_encoder
-
-    path = Path(path)
-    if not is_pruned(path):
+    (safetensors, no unpickling). Outputs equal the saved model's exactly. The same as
+    ``memprune.load_encoder(checkpoint=path)``."""
+    if checkpoint_kind(path) != "pruned":
         raise CheckpointError(f"{path} holds no pruned encoder ({SPEC} missing)")
-    spec = read_json(path / SPEC)
-    if spec.get("format") != FORMAT:
-        raise CheckpointError(f"{path / SPEC} is not a memprune pruned-encoder spec")
-    model = load_encoder(spec["model"], img_size=spec.get("img_size"), **spec["timm_kwargs"])
-    modules = dict(model.named_modules())
-    unknown = [n for n in spec["structure"] if n not in modules]
-    if unknown:
-        raise CheckpointError(f"{path}: modules {unknown[:5]} are not in {spec['model']}")
-    for name, attrs in spec["structure"].items():
-        for attr, value in attrs.items():
-            setattr(modules[name], attr, tuple(value) if isinstance(value, list) else value)
-    state = load_file(str(path / WEIGHTS))
-    current = model.state_dict()
-    for key, tensor in state.items():
-        if key in current and current[key].shape != tensor.shape:
-            owner, _, leaf = key.rpartition(".")
-            _resize(modules[owner], leaf, tensor.shape)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
-    if spec.get("mean"):
-        model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(spec["mean"]),
-                                "std": tuple(spec["std"])}  # fmt: skip
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    model = load_encoder(checkpoint=path)
+    return model if device is None else model.to(device)

@@ -5,9 +5,10 @@
 * :func:`render_report`: (re)write ``report.md`` of a run directory.
 """
 
-from memprune.recipes._report import render_report
-from memprune.recipes._run import STAGES, enabled_stages, environment, run_recipe
+from memprune.recipes._report import headlines, render_report, unfinished_stages
+from memprune.recipes._run import environment, run_recipe
 from memprune.recipes._schema import Recipe, RecipeError, load_recipe, validate
+from memprune.recipes._stages import STAGES, enabled_stages, read_metrics
 
 __all__ = [
     "STAGES",
@@ -15,8 +16,11 @@ __all__ = [
     "RecipeError",
     "enabled_stages",
     "environment",
+    "headlines",
     "load_recipe",
+    "read_metrics",
     "render_report",
     "run_recipe",
+    "unfinished_stages",
     "validate",
 ]

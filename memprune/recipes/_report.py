@@ -10,6 +10,8 @@ import yaml
 
 from memprune._io import read_json, write_text
 from memprune.errors import ConfigError
+from memprune.recipes._schema import load_recipe
+from memprune.recipes._stages import DONE, STAGES, enabled_stages, read_metrics
 
 #: Plots each stage writes, with their captions.
 PLOTS = {
@@ -111,9 +113,6 @@ def headlines(m: dict) -> list[str]:
 
 def unfinished_stages(run: str | os.PathLike) -> list[str]:
     """The stages the run's recipe enables that have no ``done.json`` yet."""
-    from memprune.recipes._run import DONE, enabled_stages
-    from memprune.recipes._schema import load_recipe
-
     recipe = load_recipe(Path(run) / "recipe.yaml")
     return [s for s in enabled_stages(recipe) if not (Path(run) / s / DONE).is_file()]
 
@@ -128,7 +127,6 @@ def render_report(run: str | os.PathLike) -> Path:
         )
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     env = read_json(run / "environment.json") if (run / "environment.json").is_file() else {}
-    from memprune.recipes._run import STAGES, read_metrics
 
     found = read_metrics(run)
     metrics = {s: found[s] for s in STAGES if s in found}

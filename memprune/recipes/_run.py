@@ -26,13 +26,9 @@ import yaml
 from memprune._io import package_versions, read_json, write_json, write_text
 from memprune._table import write_table
 from memprune.errors import ConfigError
+from memprune.recipes._report import render_report
 from memprune.recipes._schema import Recipe
-
-STAGES = (
-    "pretrain", "supervised", "unitmem", "classmem", "sslmem", "layermem", "evaluate",
-    "prune", "finetune",
-)  # fmt: skip
-DONE = "done.json"
+from memprune.recipes._stages import DONE, STAGES, enabled_stages
 
 
 class _Context:
@@ -43,13 +39,12 @@ class _Context:
         self._cache: dict = {}
 
     def dataset(self, name: str, split: str):
-        from memprune.data import load_dataset
-        from memprune.data._datasets import BUILTIN
+        from memprune.data import load_dataset, native_size
 
         key = (name, split)
         if key not in self._cache:
             d = self.recipe.data
-            size = None if name in BUILTIN else (d.img_size or self.recipe.encoder.img_size)
+            size = native_size(name, d.img_size or self.recipe.encoder.img_size)
             self._cache[key] = load_dataset(name, split, root=d.root, img_size=size)
         return self._cache[key]
 
@@ -85,10 +80,9 @@ class _Context:
         return model
 
     def result(self, stage: str, name: str):
-        from memprune.scores import LayerMemResult, UnitMemResult
+        from memprune.results import load_any
 
-        cls = LayerMemResult if stage == "layermem" else UnitMemResult
-        return cls.load(self.run / stage / name)
+        return load_any(self.run / stage / name)
 
 
 # ---------------------------------------------------------------- stages
@@ -102,7 +96,7 @@ def _pretrain(ctx: _Context, out: Path) -> dict:
         r.encoder.model, ctx.train, out, shared=r.data.shared, candidate=r.data.candidate,
         extra=r.data.extra, split_seed=r.data.split_seed, epochs=p.epochs, lr=p.lr,
         batch_size=p.batch_size, temperature=p.temperature, proj_dim=p.proj_dim, seed=r.seed,
-        img_size=r.encoder.img_size, augment_params=p.augment, mixed_precision=p.mixed_precision,
+        img_size=r.encoder.img_size, augment=p.augment, mixed_precision=p.mixed_precision,
         resume=True, **r.encoder.timm,
     )  # fmt: skip
     return {
@@ -124,17 +118,13 @@ def _supervised(ctx: _Context, out: Path) -> dict:
 
 
 def _scored_points(ctx: _Context, max_points: int | None):
-    from torch.utils.data import Subset
+    from memprune.data import seeded_subset
 
-    data = ctx.train
-    if max_points is not None and max_points < len(data):
-        g = torch.Generator().manual_seed(ctx.recipe.seed)
-        data = Subset(data, sorted(torch.randperm(len(data), generator=g)[:max_points].tolist()))
-    return data
+    return seeded_subset(ctx.train, max_points, ctx.recipe.seed)
 
 
 def _unit_summary(result) -> dict:
-    rows = result.summary()
+    rows = result.to_rows()
     scores = torch.cat([s["score"] for s in result.sites.values()])
     best = max(rows, key=lambda r: r["mean"])
     return {
@@ -153,11 +143,11 @@ def _unitmem(ctx: _Context, out: Path) -> dict:
     r, c = ctx.recipe, ctx.recipe.scores.unitmem
     result = unit_mem(
         ctx.encoder("f"), _scored_points(ctx, c.max_points), n_views=c.views, rest=c.rest,
-        signed=c.signed, batch_size=r.scores.batch_size, seed=r.seed, device=r.device,
+        signed=c.signed, chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device,
     )  # fmt: skip
     result.save(out / "unitmem")
     plot_unit_scores(result, out / "unitmem_per_site.png")
-    write_table(out / "summary", result.summary())
+    write_table(out / "summary", result.to_rows())
     return _unit_summary(result)
 
 
@@ -168,7 +158,7 @@ def _classmem(ctx: _Context, out: Path) -> dict:
 
     r, c, uc = ctx.recipe, ctx.recipe.scores.classmem, ctx.recipe.scores.unitmem
     data = _scored_points(ctx, uc.max_points)
-    opts = dict(batch_size=r.scores.batch_size, seed=r.seed, device=r.device)
+    opts = dict(chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device)
     # the baseline's UnitMem is made exactly like f's (unitmem stage), so the two compare
     metrics, pairs = {}, {}
     encoders = ["f"] + (["supervised"] if r.encoder.supervised.enabled else [])
@@ -191,7 +181,6 @@ def _classmem(ctx: _Context, out: Path) -> dict:
 
 
 def _sslmem(ctx: _Context, out: Path) -> dict:
-    from memprune._io import save_result
     from memprune.report.plots import plot_sslmem
     from memprune.scores import ssl_mem
 
@@ -203,11 +192,11 @@ def _sslmem(ctx: _Context, out: Path) -> dict:
     for part in ("candidate", "extra"):
         res = ssl_mem(
             ctx.encoder("f"), ctx.encoder("g"), ctx.train, getattr(splits, part),
-            n_views=c.views, batch_size=r.scores.batch_size, seed=r.seed, device=r.device,
-            **r.scores.augment,
+            n_pairs=c.pairs, chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device,
+            augment=r.scores.augment,
         )  # fmt: skip
-        save_result(out / f"sslmem_{part}", {"indices": res.indices, "score": res.score,
-                                             "raw": res.raw}, {"part": part}, "SSLMem")  # fmt: skip
+        res.meta["part"] = part
+        res.save(out / f"sslmem_{part}")
         scores[part] = res.score
         n = len(res.score)
         metrics[part] = {"mean": float(res.score.mean()), "n": n,
@@ -226,13 +215,13 @@ def _layermem(ctx: _Context, out: Path) -> dict:
     splits = ctx.splits()
     result = layer_mem(
         ctx.encoder("f"), ctx.encoder("g"), ctx.train, splits.candidate if splits else None,
-        n_views=c.views, representation=c.representation, batch_size=r.scores.batch_size,
-        seed=r.seed, device=r.device, top_k=c.top_k, **r.scores.augment,
+        n_pairs=c.pairs, representation=c.representation, chunk_size=r.scores.chunk_size,
+        seed=r.seed, device=r.device, top_k=c.top_k, augment=r.scores.augment,
     )  # fmt: skip
     result.save(out / "layermem")
     plot_layer_mem(result, out / "layermem.png")
     plot_consistency(result, out / "consistency.png")
-    rows = result.table()
+    rows = result.to_rows()
     write_table(out / "layermem", rows)
     layers = [row for row in rows if row["layer"] != "output"]
     top = max(layers, key=lambda row: row["dLayerMem"])
@@ -252,10 +241,10 @@ def _evaluate(ctx: _Context, out: Path) -> dict:
         if e.linear:
             lin = linear_probe(ctx.encoder(which), ctx.train, ctx.test, backend=e.backend,
                                seed=r.seed, device=r.device)  # fmt: skip
-            row["linear"] = lin["accuracy"]
+            row["linear"] = lin.accuracy
         if e.knn:
             row["knn"] = knn_probe(ctx.encoder(which), ctx.train, ctx.test, seed=r.seed,
-                                   device=r.device)["accuracy"]  # fmt: skip
+                                   device=r.device).accuracy  # fmt: skip
         rows.append(row)
         metrics[which] = {k: v for k, v in row.items() if k != "encoder"}
     write_table(out / "probes", rows)
@@ -263,14 +252,19 @@ def _evaluate(ctx: _Context, out: Path) -> dict:
 
 
 def _prune(ctx: _Context, out: Path) -> dict:
+    from memprune.probe import linear_probe
     from memprune.pruning import compare_pruning
     from memprune.report import plot_prune_tradeoff
 
     r, p = ctx.recipe, ctx.recipe.actions.prune
-    probe = {"seed": r.seed, "device": r.device, "backend": r.evaluation.backend}
+
+    def evaluate(model) -> float:
+        return linear_probe(model, ctx.train, ctx.test, seed=r.seed, device=r.device,
+                            backend=r.evaluation.backend).accuracy  # fmt: skip
+
     rows, runs = compare_pruning(
-        ctx.encoder("f"), ctx.result("unitmem", "unitmem"), ctx.train, ctx.test, p.ratios,
-        p.strategies, out / "models", probe=probe, log=ctx.log, scope=p.scope,
+        ctx.encoder("f"), ctx.result("unitmem", "unitmem"), evaluate, p.ratios,
+        p.strategies, out / "models", log=ctx.log, scope=p.scope,
         max_layer_ratio=p.max_layer_ratio, heads=p.heads, seed=r.seed,
         latency_batch=p.latency_batch,
     )  # fmt: skip
@@ -281,14 +275,20 @@ def _prune(ctx: _Context, out: Path) -> dict:
 
 
 def _finetune(ctx: _Context, out: Path) -> dict:
+    from memprune.probe import linear_probe
     from memprune.report import plot_finetune
     from memprune.tuning import compare_finetuning
 
     r, c = ctx.recipe, ctx.recipe.actions.finetune
     name = r.data.downstream or r.data.name
+    train, test = ctx.dataset(name, "train"), ctx.dataset(name, "test")
+
+    def baseline(encoder, seed: int) -> float:
+        return linear_probe(encoder, train, test, seed=seed).accuracy
+
     rows, runs = compare_finetuning(
-        ctx.encoder("f"), ctx.result("layermem", "layermem"), ctx.dataset(name, "train"),
-        ctx.dataset(name, "test"), c.k, c.strategies, c.seeds, by=c.by, log=ctx.log,
+        ctx.encoder("f"), ctx.result("layermem", "layermem"), train, test, c.k, c.strategies,
+        c.seeds, by=c.by, baseline=baseline, log=ctx.log,
         epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, augment=c.augment,
     )  # fmt: skip
     write_json(out / "runs.json", runs)
@@ -302,18 +302,6 @@ RUNNERS = {
     "classmem": _classmem, "sslmem": _sslmem, "layermem": _layermem, "evaluate": _evaluate,
     "prune": _prune, "finetune": _finetune,
 }  # fmt: skip
-
-
-def enabled_stages(recipe: Recipe) -> list[str]:
-    s, a, e = recipe.scores, recipe.actions, recipe.encoder
-    on = {
-        "pretrain": e.pretrain is not None, "supervised": e.supervised.enabled,
-        "unitmem": s.unitmem.enabled, "classmem": s.classmem.enabled,
-        "sslmem": s.sslmem.enabled, "layermem": s.layermem.enabled,
-        "evaluate": recipe.evaluation.linear or recipe.evaluation.knn,
-        "prune": a.prune.enabled, "finetune": a.finetune.enabled,
-    }  # fmt: skip
-    return [name for name in STAGES if on[name]]
 
 
 # ---------------------------------------------------------------- the run
@@ -346,10 +334,10 @@ def _preflight(ctx: _Context) -> None:
     """Build what every stage starts from (data, encoders named by the recipe) so that a bad
     name or path fails before the run directory is made."""
     from memprune.encoders import load_encoder
-    from memprune.report._rundir import _check_writable
+    from memprune.report import check_writable
 
     recipe = ctx.recipe
-    _check_writable(ctx.run)
+    check_writable(ctx.run)
     ctx.train, ctx.test  # noqa: B018  (loads both splits: an unknown data set fails here)
     if recipe.actions.finetune.enabled and recipe.data.downstream:
         ctx.dataset(recipe.data.downstream, "train")
@@ -407,8 +395,6 @@ def run_recipe(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run every enabled stage of ``recipe`` into ``out`` and write ``report.md``."""
-    from memprune.recipes._report import render_report
-
     run = Path(out)
     ctx = _Context(recipe, run, log)
     _preflight(ctx)
@@ -437,13 +423,6 @@ def run_recipe(
     write_text(run / "metrics.csv", _metrics_csv(metrics))
     render_report(run)
     return run
-
-
-def read_metrics(run: Path) -> dict:
-    """Stage name -> metrics of every finished stage of a run directory."""
-    return {
-        d.name: read_json(d / DONE) for d in sorted(Path(run).iterdir()) if (d / DONE).is_file()
-    }
 
 
 def _flatten(prefix: str, value, out: list) -> None:

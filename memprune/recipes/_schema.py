@@ -18,7 +18,27 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from memprune.data import AUGMENTS
 from memprune.errors import ConfigError
+from memprune.hooks import REPRESENTATIONS, SIGNED
+from memprune.probe import BACKENDS
+from memprune.pruning import SCOPES
+from memprune.pruning import STRATEGIES as PRUNE_STRATEGIES
+from memprune.stats import RESTS
+from memprune.train import MIXED_PRECISION
+from memprune.tuning import BY
+from memprune.tuning import STRATEGIES as LAYER_STRATEGIES
+
+
+def _names(registry) -> Any:
+    """The recipe type of an option: the names of its registry."""
+    return Literal.__getitem__(tuple(registry))
+
+
+Rest, Signed, Representation = _names(RESTS), _names(SIGNED), _names(REPRESENTATIONS)
+Precision, Backend, Scope = _names(MIXED_PRECISION), _names(BACKENDS), _names(SCOPES)
+PruneStrategy, LayerStrategy, By = _names(PRUNE_STRATEGIES), _names(LAYER_STRATEGIES), _names(BY)
+Preset = _names(AUGMENTS)
 
 
 class RecipeError(ConfigError):
@@ -52,8 +72,8 @@ class PretrainCfg:
     batch_size: int = field(default=128, metadata=_range(2))
     temperature: float = field(default=0.5, metadata=_range(0))
     proj_dim: int = field(default=64, metadata=_range(1))
-    augment: dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    augment: Preset | dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
+    mixed_precision: Precision = "no"
 
 
 @dataclass
@@ -84,8 +104,8 @@ class EncoderCfg:
 class UnitMemCfg:
     enabled: bool = True
     views: int = field(default=10, metadata=_range(1))
-    rest: Literal["mean", "median"] = "mean"
-    signed: Literal["abs", "relu", "raw"] = "abs"
+    rest: Rest = "mean"
+    signed: Signed = "abs"
     max_points: int | None = None
 
 
@@ -98,37 +118,37 @@ class ClassMemCfg:
 @dataclass
 class SSLMemCfg:
     enabled: bool = True
-    views: int = field(default=10, metadata=_range(1))
+    pairs: int = field(default=10, metadata=_range(1))
 
 
 @dataclass
 class LayerMemCfg:
     enabled: bool = True
-    views: int = field(default=10, metadata=_range(1))
-    representation: Literal["flatten", "pool", "cls"] = "flatten"
+    pairs: int = field(default=10, metadata=_range(1))
+    representation: Representation = "flatten"
     top_k: int = field(default=50, metadata=_range(1))
 
 
 @dataclass
 class ScoresCfg:
-    """Scores of f; ``augment`` sets the views of SSLMem and LayerMem (SimCLR preset)."""
+    """Scores of f; ``augment`` sets the views of SSLMem and LayerMem (a preset name, or the
+    SimCLR preset's parameters); ``chunk_size``: points per forward pass (never changes a
+    score)."""
 
     unitmem: UnitMemCfg = field(default_factory=UnitMemCfg)
     classmem: ClassMemCfg = field(default_factory=ClassMemCfg)
     sslmem: SSLMemCfg = field(default_factory=SSLMemCfg)
     layermem: LayerMemCfg = field(default_factory=LayerMemCfg)
-    augment: dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
-    batch_size: int = field(default=32, metadata=_range(1))
+    augment: Preset | dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
+    chunk_size: int = field(default=32, metadata=_range(1))
 
 
 @dataclass
 class PruneCfg:
     enabled: bool = True
     ratios: list[float] = field(default_factory=lambda: [0.2, 0.5], metadata=_range(0, 1, True))
-    strategies: list[Literal["lowest", "highest", "random", "magnitude"]] = field(
-        default_factory=lambda: ["lowest", "highest", "random", "magnitude"]
-    )
-    scope: Literal["layer", "global"] = "layer"
+    strategies: list[PruneStrategy] = field(default_factory=lambda: list(PRUNE_STRATEGIES))
+    scope: Scope = "layer"
     max_layer_ratio: float | None = field(default=None, metadata=_range(0, 1))
     heads: bool = False
     latency_batch: int | None = 64
@@ -138,14 +158,14 @@ class PruneCfg:
 class FinetuneCfg:
     enabled: bool = True
     k: list[int] = field(default_factory=lambda: [1, 2], metadata=_range(1))
-    strategies: list[Literal["top", "last", "first", "random", "all"]] = field(
+    strategies: list[LayerStrategy] = field(
         default_factory=lambda: ["top", "last", "random", "all"]
     )
-    by: Literal["delta", "layermem"] = "delta"
+    by: By = "delta"
     epochs: int = field(default=20, metadata=_range(1))
     lr: float = field(default=1e-2, metadata=_range(0))
     batch_size: int = field(default=32, metadata=_range(1))
-    augment: bool | dict[str, Any] = False
+    augment: Preset | dict[str, Any] = "none"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
 
@@ -159,7 +179,7 @@ class ActionsCfg:
 class EvaluationCfg:
     linear: bool = True
     knn: bool = True
-    backend: Literal["auto", "torch", "sklearn"] = "auto"
+    backend: Backend = "auto"
 
 
 @dataclass

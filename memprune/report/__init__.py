@@ -3,6 +3,7 @@
 from memprune.report._rundir import (
     OutputDir,
     check_output,
+    check_writable,
     open_output,
     read_marker,
 )
@@ -20,6 +21,7 @@ from memprune.report.plots import (
 __all__ = [
     "OutputDir",
     "check_output",
+    "check_writable",
     "open_output",
     "plot_cka",
     "plot_confusion",

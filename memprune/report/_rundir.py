@@ -49,7 +49,7 @@ class OutputDir:
         write_json(self.path / MARKER, {**marker, "finished": True})
 
 
-def _check_writable(path: Path) -> None:
+def check_writable(path: Path) -> None:
     """Refuse a path that cannot become a writable directory, without creating anything."""
     ancestor = path
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -106,7 +106,7 @@ def check_output(path: str | os.PathLike, command: dict, force: bool = False) ->
             f"output directory {path} already exists and holds {what}: choose another --out,"
             " or pass --force to write into it"
         )
-    _check_writable(path)
+    check_writable(path)
     return force or resumed
 
 

@@ -1,15 +1,45 @@
-"""Memorization scores and layer similarity (CKA)."""
+"""Memorization scores and layer similarity (CKA): streaming metrics and one-call functions.
 
-from memprune.scores.cka import CKAResult, cka, cka_from_features
+* metrics (``update`` / ``merge`` / ``compute`` / ``reset`` / ``sync``): :class:`UnitMem`,
+  :class:`ClassMem`, :class:`LayerMem`, :class:`CKA`;
+* functions over an encoder and a data set: :func:`unit_mem`, :func:`class_mem`,
+  :func:`ssl_mem`, :func:`layer_mem`, :func:`cka`, :func:`cka_from_features`,
+  :func:`learnedness`;
+* results (``kind``, ``meta``, ``to_rows``, ``save`` / ``load``).
+"""
+
+from memprune.scores.cka import CKA, CKAResult, cka, cka_from_features
 from memprune.scores.learnedness import LearnednessResult, learnedness
-from memprune.scores.sslmem import LayerMemResult, SSLMemResult, layer_mem, ssl_mem
-from memprune.scores.unitmem import UnitMemResult, class_mem, unit_mem
+from memprune.scores.sslmem import (
+    PAIRS,
+    LayerMem,
+    LayerMemResult,
+    PairedViews,
+    SSLMemResult,
+    layer_mem,
+    ssl_mem,
+)
+from memprune.scores.unitmem import (
+    ClassMem,
+    ClassMemResult,
+    UnitMem,
+    UnitMemResult,
+    class_mem,
+    unit_mem,
+)
 
 __all__ = [
+    "CKA",
+    "PAIRS",
     "CKAResult",
+    "ClassMem",
+    "ClassMemResult",
+    "LayerMem",
     "LayerMemResult",
     "LearnednessResult",
+    "PairedViews",
     "SSLMemResult",
+    "UnitMem",
     "UnitMemResult",
     "cka",
     "cka_from_features",

@@ -1,15 +1,15 @@
 """Learnedness of points and views over SimCLR training (docs/method.md §7).
 
-On a fixed probe set, each point gets ``2 * n_views`` fixed views (seeded by (seed, i, k)),
-paired (0, 1), (2, 3), ... For every checkpoint and every pair, the views of one fixed batch of
-B points are pooled (2B views) and each view must pick its partner among the 2B - 1 others by
-cosine similarity of the encoder's output features: it is *learned* when the partner is the
-most similar. Batches and views are the same at every checkpoint.
+On a fixed probe set, each point gets ``2 * n_pairs`` fixed views (seeded by (seed, i, k)),
+paired (0, 1), (2, 3), ... For every checkpoint and every pair, the views of one fixed group of
+B points (``group_size``) are pooled (2B views) and each view must pick its partner among the
+2B - 1 others by cosine similarity of the encoder's output features: it is *learned* when the
+partner is the most similar. Groups and views are the same at every checkpoint.
 
 * r~(view) = fraction of runs in which the view is learned; r(x) = fraction of the
-  runs x 2 n_views views of point x that are learned.
+  runs x 2 n_pairs views of point x that are learned.
 * Homogeneity: if every point were equally hard (probability p = mean r), R r(x) would be
-  Binomial(R, p) with R = runs x 2 n_views draws (not Binomial(runs, p)). The chi-square test
+  Binomial(R, p) with R = runs x 2 n_pairs draws (not Binomial(runs, p)). The chi-square test
   compares the histogram of R r(x) with that null, pooling bins with an expected count under 5.
 
 The encoder's output features stand in for SimCLR's projection (checkpoints keep the encoder
@@ -27,17 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from memprune._io import load_result, save_result
-from memprune.data import MultiView
-from memprune.encoders import evaluating
+from memprune.checkpoints import read_card
+from memprune.data import MultiView, dataset_name, describe_augment
+from memprune.encoders import evaluating, load_encoder, resolve_device
+from memprune.engine import Normalizer, resolve_normalize
 from memprune.errors import ConfigError
+from memprune.results import Result
 
 
 @dataclass
-class LearnednessResult:
+class LearnednessResult(Result):
     """``learned[c, run, p, v]``: whether view v of probe point p is learned at checkpoint c in
     that run. ``indices``: the probe points' data indices; ``checkpoints``: their labels."""
 
+    kind = "learnedness"
     learned: torch.Tensor
     indices: torch.Tensor
     checkpoints: list[str]
@@ -75,15 +78,25 @@ class LearnednessResult:
         return {"statistic": stat, "dof": dof, "p_value": float(chi2.sf(stat, dof)), "p": p,
                 "R": r_draws, "bins": len(obs)}  # fmt: skip
 
-    def save(self, path: str | os.PathLike) -> Path:
-        meta = {**self.meta, "checkpoints": self.checkpoints}
-        tensors = {"learned": self.learned.to(torch.uint8), "indices": self.indices}
-        return save_result(path, tensors, meta, "learnedness")
+    def to_rows(self) -> list[dict]:
+        """One row per checkpoint: mean learnedness and the share of never / always learned
+        points."""
+        r = self.points()
+        return [
+            {"checkpoint": c, "mean": float(row.mean()), "never": float((row == 0).float().mean()),
+             "always": float((row == 1).float().mean())}
+            for c, row in zip(self.checkpoints, r)
+        ]  # fmt: skip
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"learned": self.learned.to(torch.uint8), "indices": self.indices}
+
+    def _fields(self) -> dict:
+        return {"checkpoints": self.checkpoints}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> LearnednessResult:
-        t, meta = load_result(path, "learnedness")
-        return cls(t["learned"].bool(), t["indices"], meta.pop("checkpoints"), meta)
+    def _build(cls, t, fields, meta):
+        return cls(t["learned"].bool(), t["indices"], fields["checkpoints"], meta)
 
 
 def _pool(observed: list[float], expected: list[float], minimum: float):
@@ -131,9 +144,6 @@ def _encoders(checkpoints) -> list[tuple[str, object]]:
 def _load(item) -> nn.Module:
     if isinstance(item, nn.Module):
         return item
-    from memprune.encoders import load_encoder
-    from memprune.train._common import read_card
-
     run, weights = item
     card, _ = read_card(run)
     return load_encoder(card["model"], checkpoint=weights, img_size=card.get("img_size"),
@@ -143,8 +153,6 @@ def _load(item) -> nn.Module:
 @torch.no_grad()
 def _learned(encoder, loader, n_pairs, normalize, device) -> torch.Tensor:
     """``[P, 2 * n_pairs]`` in probe order: is each view's partner its nearest view."""
-    from memprune.scores._engine import Normalizer, resolve_normalize
-
     norm = Normalizer(resolve_normalize(encoder, normalize), device)
     rows = []
     with evaluating(encoder):
@@ -169,14 +177,13 @@ def learnedness(
     checkpoints,
     dataset: Dataset,
     probe_size: int = 256,
-    n_views: int = 2,
-    batch_size: int = 64,
+    n_pairs: int = 2,
+    group_size: int = 64,
     runs=None,
     seed: int = 0,
     augment="simclr",
     normalize="auto",
     device=None,
-    **augment_params,
 ) -> LearnednessResult:
     """Per-point and per-view learnedness at every checkpoint (see the module docstring).
 
@@ -184,31 +191,31 @@ def learnedness(
         checkpoints: encoders of one training run in order: ``nn.Module`` objects, or the run
             directory of a pretraining that kept its epoch checkpoints.
         runs: further runs (each like ``checkpoints``, same number of checkpoints).
-        probe_size: points drawn (seeded) from ``dataset``; rounded down to full batches.
-        n_views: view pairs per point (2 * n_views fixed views).
-        batch_size: B; each view competes with the 2B - 1 other views of its pair.
+        probe_size: points drawn (seeded) from ``dataset``; rounded down to full groups.
+        n_pairs: view pairs per point (2 * n_pairs fixed views).
+        group_size: B, points whose views compete: each view competes with the 2B - 1 other
+            views of its pair index in the group (an estimator parameter: it changes r).
+        augment: a preset name, a mapping of its parameters, or a callable.
     """
-    from memprune.encoders import resolve_device
-
-    if batch_size < 2 or n_views < 1:
-        raise ConfigError(f"need batch_size >= 2 and n_views >= 1, got {batch_size}, {n_views}")
-    size = min(probe_size, len(dataset)) // batch_size * batch_size
+    if group_size < 2 or n_pairs < 1:
+        raise ConfigError(f"need group_size >= 2 and n_pairs >= 1, got {group_size}, {n_pairs}")
+    size = min(probe_size, len(dataset)) // group_size * group_size
     if size == 0:
-        raise ConfigError(f"probe_size {probe_size} gives no full batch of {batch_size} points")
+        raise ConfigError(f"probe_size {probe_size} gives no full group of {group_size} points")
     g = torch.Generator().manual_seed(seed)
     probe = sorted(torch.randperm(len(dataset), generator=g)[:size].tolist())
-    views = MultiView(Subset(dataset, probe), 2 * n_views, augment, seed, **augment_params)
-    loader = DataLoader(views, batch_size=batch_size, shuffle=False)  # fixed batches
+    views = MultiView(Subset(dataset, probe), 2 * n_pairs, augment, seed)
+    loader = DataLoader(views, batch_size=group_size, shuffle=False)  # fixed groups
     all_runs = [_encoders(checkpoints)] + [_encoders(r) for r in (runs or [])]
     if len({len(r) for r in all_runs}) != 1:
         raise ConfigError("every run needs the same number of checkpoints")
     dev = resolve_device(device)
     learned = torch.stack([
-        torch.stack([_learned(_load(item), loader, n_views, normalize, dev) for _, item in run])
+        torch.stack([_learned(_load(item), loader, n_pairs, normalize, dev) for _, item in run])
         for run in all_runs
     ], dim=1)  # fmt: skip  # [C, runs, P, V]
     indices = torch.tensor([int(dataset[i][2]) for i in probe])
-    name = getattr(dataset, "name", type(dataset).__name__)
-    meta = {"probe_size": size, "n_views": n_views, "batch_size": batch_size, "seed": seed,
-            "runs": len(all_runs), "data": name}  # fmt: skip
+    name = dataset_name(dataset)
+    meta = {"probe_size": size, "n_pairs": n_pairs, "group_size": group_size, "seed": seed,
+            "runs": len(all_runs), "data": name, "augment": describe_augment(augment)}  # fmt: skip
     return LearnednessResult(learned, indices, [label for label, _ in all_runs[0]], meta)

@@ -6,7 +6,7 @@ representation h,
 
     L_E(x) = (1/K) sum_k || n(h_E(v_k)) - n(h_E(v'_k)) ||_2      (n: L2 normalization)
 
-for K pairs of views (``pair="views"``, the paper) or the clean image against K views
+for K view pairs (``n_pairs``) (``pair="views"``, the paper) or the clean image against K views
 (``pair="clean"``, the authors' code), SSLMem(x) = (L_g - L_f) / (L_f + L_g) in [-1, 1]; > 0
 means f, trained with x, aligns its views better than g, trained without it. LayerMem(l)
 (Wang et al., NeurIPS 2024) is the mean SSLMem over the scored candidates with h = layer l of
@@ -18,40 +18,35 @@ pair distances are computed inside its hook, so no layer output outlives its hoo
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from itertools import combinations
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from memprune._dist import gather_by_index
-from memprune._io import load_result, package_versions, save_result
-from memprune.data import MultiView
+from memprune.data import MultiView, seeded_subset
 from memprune.encoders import feature_dim
+from memprune.engine import Compute, image_size, score_meta, view_batches
 from memprune.errors import ConfigError
 from memprune.hooks import layer_reducer
-from memprune.scores._engine import image_size, view_batches
-from memprune.sites import Site, find_sites
+from memprune.registry import Registry
+from memprune.results import Result
+from memprune.sites import OUTPUT, Site, find_sites, output_site
+from memprune.stats import Metric, RowsState
 
-PAIRS = ("views", "clean")
-OUTPUT = "output"
+#: ``pair``: how a view pair is made -> augmented views drawn per pair.
+PAIRS = Registry("view pairing", {"views": 2, "clean": 1})
 
 
 class PairedViews(Dataset):
     """Items ``(views [2K, 3, H, W], label, index)`` laid out as K pairs ``(2k, 2k+1)``:
     two independent views (``pair="views"``) or the clean image and one view (``"clean"``)."""
 
-    def __init__(self, dataset: Dataset, n_views: int, pair: str, augment, seed: int, **params):
-        if pair not in PAIRS:
-            raise ConfigError(f"pair must be one of {PAIRS}, got {pair!r}")
-        self.pair = pair
-        self.views = MultiView(
-            dataset, n_views * 2 if pair == "views" else n_views, augment, seed, **params
-        )
+    def __init__(self, dataset: Dataset, n_pairs: int, pair: str, augment, seed: int):
+        self.pair, self.n_pairs = PAIRS.check(pair), n_pairs
+        self.views = MultiView(dataset, n_pairs * PAIRS[pair], augment, seed)
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -63,11 +58,6 @@ class PairedViews(Dataset):
             clean = self.dataset[position][0].expand_as(views)
             views = torch.stack([clean, views], dim=1).flatten(0, 1)  # x, v0, x, v1, ...
         return views, label, index
-
-
-def output_site(model: nn.Module, dim: int) -> Site:
-    """The encoder's own output (pre-logits features) as a layer site."""
-    return Site(OUTPUT, "", "layers", "output", dim, 1, "output", (dim,))
 
 
 def pair_distance(site: Site, representation: str):
@@ -106,50 +96,7 @@ def _layer_sites(f: nn.Module, g: nn.Module, dataset: Dataset, layers) -> list[S
         raise ConfigError(
             f"f and g must have the same architecture; their weights differ at {diff[:5]}"
         )
-    return [*sites, output_site(f, output_dim(f, size))]
-
-
-def output_dim(model: nn.Module, size: tuple[int, ...]) -> int:
-    """Width of the encoder's output, from one dry forward pass (see :func:`feature_dim`)."""
-    return feature_dim(model, size)
-
-
-def alignment_losses(
-    f: nn.Module,
-    g: nn.Module,
-    dataset: Dataset,
-    sites: list[Site],
-    *,
-    n_views: int,
-    pair: str,
-    representation: str,
-    augment,
-    seed: int,
-    batch_size: int,
-    normalize,
-    device,
-    num_workers: int,
-    progress,
-    augment_params: dict,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(indices [N], L_f [N, L], L_g [N, L])`` over every point of ``dataset``, sorted by
-    index, gathered from all processes. f and g see exactly the same views."""
-    if not isinstance(n_views, int) or n_views < 1:
-        raise ConfigError(f"n_views must be an int >= 1 (K view pairs per point), got {n_views!r}")
-    views = PairedViews(dataset, n_views, pair, augment, seed, **augment_params)
-    reduce = {s.name: pair_distance(s, representation) for s in sites}
-    rows_i, rows_f, rows_g = [], [], []
-    for indices, _, (af, ag) in view_batches(
-        [f, g], views, [sites, sites], reduce=[reduce, reduce], batch_size=batch_size,
-        normalize=normalize, device=device, num_workers=num_workers, progress=progress,
-        desc="LayerMem",
-    ):  # fmt: skip
-        rows_i.append(indices)
-        rows_f.append(torch.stack([af[s.name].view(-1, n_views).mean(1) for s in sites], 1).cpu())
-        rows_g.append(torch.stack([ag[s.name].view(-1, n_views).mean(1) for s in sites], 1).cpu())
-    return gather_by_index(
-        torch.cat(rows_i), torch.cat(rows_f).double(), torch.cat(rows_g).double()
-    )
+    return [*sites, output_site(feature_dim(f, size))]
 
 
 def normalized_gap(lf: torch.Tensor, lg: torch.Tensor) -> torch.Tensor:
@@ -158,16 +105,73 @@ def normalized_gap(lf: torch.Tensor, lg: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, (lg - lf) / denom.clamp_min(1e-30), torch.zeros_like(denom))
 
 
+class LayerMem(Metric):
+    """Streaming alignment losses of f and g per point and layer, merged across processes.
+
+    ``update(indices [B], loss_f [B, L], loss_g [B, L])`` with the mean pair distance of each
+    point's K view pairs at each of ``layers`` (see the module docstring); ``compute()`` gives
+    the :class:`LayerMemResult` (rows sorted by data index).
+    """
+
+    def __init__(self, layers: list[str], top_k: int = 50) -> None:
+        self.layers, self.top_k = list(layers), top_k
+        super().__init__()
+
+    def _empty(self) -> RowsState:
+        return RowsState()
+
+    def update(self, indices: torch.Tensor, loss_f: torch.Tensor, loss_g: torch.Tensor) -> None:
+        if loss_f.shape != loss_g.shape or loss_f.shape[-1] != len(self.layers):
+            raise ConfigError(
+                f"loss_f and loss_g must both be [B, {len(self.layers)}], got"
+                f" {tuple(loss_f.shape)} and {tuple(loss_g.shape)}"
+            )
+        self.state.update(torch.as_tensor(indices), torch.stack([loss_f, loss_g], dim=1))
+
+    def compute(self) -> LayerMemResult:
+        indices, losses = self.state.compute()  # [N], [N, 2, L]
+        return LayerMemResult(self.layers, indices, losses[:, 0], losses[:, 1], {}, self.top_k)
+
+
+def _losses(f, g, views: PairedViews, sites, representation, normalize, compute, metric):
+    """Feed ``metric`` the per-point losses of f and g (the same views) and merge processes."""
+    reduce = {s.name: pair_distance(s, representation) for s in sites}
+    k = views.n_pairs
+    for indices, _, (af, ag) in view_batches(
+        [f, g], views, [sites, sites], compute, reduce=[reduce, reduce], normalize=normalize,
+        desc="LayerMem",
+    ):  # fmt: skip
+        lf = torch.stack([af[s.name].view(-1, k).mean(1) for s in sites], 1)  # [B, L]
+        lg = torch.stack([ag[s.name].view(-1, k).mean(1) for s in sites], 1)
+        metric.update(indices, lf, lg)
+    return metric.sync().compute()
+
+
 @dataclass
-class SSLMemResult:
+class SSLMemResult(Result):
     """Per-point SSLMem at one site: ``score`` (normalized), ``raw`` (L_g - L_f), the losses."""
 
+    kind = "sslmem"
     indices: torch.Tensor
     score: torch.Tensor
     raw: torch.Tensor
     loss_f: torch.Tensor
     loss_g: torch.Tensor
     meta: dict = field(default_factory=dict)
+
+    def to_rows(self) -> list[dict]:
+        """One row per point: data index, SSLMem, raw gap and both losses."""
+        cols = {"index": self.indices, "sslmem": self.score, "raw": self.raw,
+                "loss_f": self.loss_f, "loss_g": self.loss_g}  # fmt: skip
+        return [dict(zip(cols, row)) for row in zip(*(v.tolist() for v in cols.values()))]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"indices": self.indices, "score": self.score, "raw": self.raw,
+                "loss_f": self.loss_f, "loss_g": self.loss_g}  # fmt: skip
+
+    @classmethod
+    def _build(cls, t, fields, meta):
+        return cls(t["indices"], t["score"], t["raw"], t["loss_f"], t["loss_g"], meta)
 
 
 def _subset(dataset: Dataset, indices) -> Dataset:
@@ -179,46 +183,50 @@ def _subset(dataset: Dataset, indices) -> Dataset:
     return Subset(dataset, [int(i) for i in indices])
 
 
+def _check_pairs(n_pairs) -> None:
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 1:
+        raise ConfigError(f"n_pairs must be an int >= 1 (K view pairs per point), got {n_pairs!r}")
+
+
 def ssl_mem(
     f: nn.Module,
     g: nn.Module,
     dataset: Dataset,
     indices: list[int] | None = None,
-    n_views: int = 10,
+    n_pairs: int = 10,
     pair: str = "views",
     site: str | None = None,
     representation: str = "flatten",
     augment="simclr",
     normalize="auto",
-    batch_size: int = 32,
     seed: int = 0,
+    chunk_size: int = 32,
     device=None,
     num_workers: int = 0,
     progress: bool | None = None,
-    **augment_params,
 ) -> SSLMemResult:
     """SSLMem of every point of ``dataset`` (or ``dataset[indices]``) for f (trained with the
     points) against g (trained without them), at the encoders' output or a layer ``site``.
 
     Returns normalized scores in [-1, 1] (> 0: f memorized the point) and the raw gap
-    ``L_g - L_f``. See the module docstring for the definition.
+    ``L_g - L_f``. ``n_pairs`` view pairs per point; the other arguments as in
+    :func:`layer_mem`. See the module docstring for the definition.
     """
     data = _subset(dataset, indices)
     if len(data) == 0:
         raise ConfigError("no points to score")
+    _check_pairs(n_pairs)
     if site in (None, OUTPUT):
         sites = _layer_sites(f, g, data, [OUTPUT])
     else:
         sites = [s for s in _layer_sites(f, g, data, [site]) if s.name != OUTPUT]
-    idx, lf, lg = alignment_losses(
-        f, g, data, sites, n_views=n_views, pair=pair, representation=representation,
-        augment=augment, seed=seed, batch_size=batch_size, normalize=normalize, device=device,
-        num_workers=num_workers, progress=progress, augment_params=augment_params,
-    )  # fmt: skip
-    meta = {"site": sites[0].name, "n_views": n_views, "pair": pair, "seed": seed,
-            "representation": representation, "n_points": len(data)}  # fmt: skip
-    return SSLMemResult(idx, normalized_gap(lf, lg)[:, 0].float(), (lg - lf)[:, 0].float(),
-                        lf[:, 0].float(), lg[:, 0].float(), meta)  # fmt: skip
+    views = PairedViews(data, n_pairs, pair, augment, seed)
+    compute = Compute(chunk_size, device, num_workers, progress)
+    r = _losses(f, g, views, sites, representation, normalize, compute, LayerMem([sites[0].name]))
+    meta = score_meta("sslmem", f, data, sites, site=sites[0].name, n_pairs=n_pairs, pair=pair,
+                      representation=representation, augment=augment, seed=seed)  # fmt: skip
+    return SSLMemResult(r.indices, r.sslmem[:, 0].float(), r.raw[:, 0].float(),
+                        r.loss_f[:, 0].float(), r.loss_g[:, 0].float(), meta)  # fmt: skip
 
 
 def _kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -229,7 +237,7 @@ def _kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @dataclass
-class LayerMemResult:
+class LayerMemResult(Result):
     """LayerMem and ΔLayerMem of every layer, and the per-point scores behind them.
 
     Attributes:
@@ -239,6 +247,7 @@ class LayerMemResult:
         meta: how the scores were made.
     """
 
+    kind = "layermem"
     layers: list[str]
     indices: torch.Tensor
     loss_f: torch.Tensor
@@ -302,17 +311,17 @@ class LayerMemResult:
             overlap[i, j] = overlap[j, i] = len(tops[i] & tops[j]) / k
         return {"kendall_tau": tau, "topk_overlap": overlap}
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``PATH.safetensors`` and ``PATH.json`` atomically."""
-        tensors = {"indices": self.indices, "loss_f": self.loss_f, "loss_g": self.loss_g}
-        meta = {**self.meta, "layers": self.layers, "top_k": self.top_k}
-        return save_result(path, tensors, meta, "layermem")
+    to_rows = table
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"indices": self.indices, "loss_f": self.loss_f, "loss_g": self.loss_g}
+
+    def _fields(self) -> dict:
+        return {"layers": self.layers, "top_k": self.top_k}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> LayerMemResult:
-        t, meta = load_result(path, "LayerMem")
-        layers, top_k = meta.pop("layers"), meta.pop("top_k")
-        return cls(layers, t["indices"], t["loss_f"], t["loss_g"], meta, top_k)
+    def _build(cls, t, fields, meta):
+        return cls(fields["layers"], t["indices"], t["loss_f"], t["loss_g"], meta, fields["top_k"])
 
 
 def layer_mem(
@@ -320,55 +329,48 @@ def layer_mem(
     g: nn.Module,
     dataset: Dataset,
     indices: list[int] | None = None,
-    n_views: int = 10,
+    n_pairs: int = 10,
     layers: list[str] | str | None = None,
     representation: str = "flatten",
     pair: str = "views",
     n_points: int | None = None,
     augment="simclr",
     normalize="auto",
-    batch_size: int = 32,
     seed: int = 0,
+    top_k: int = 50,
+    chunk_size: int = 32,
     device=None,
     num_workers: int = 0,
     progress: bool | None = None,
-    top_k: int = 50,
-    **augment_params,
 ) -> LayerMemResult:
     """LayerMem and ΔLayerMem for every layer site of f and g (plus their output).
 
     Args:
         f, g: encoders of the same architecture; f saw the scored points, g did not.
         dataset, indices: the scored points (normally the candidates): ``dataset[indices]``.
-        n_views: K view pairs per point; f and g see the same views.
+        n_pairs: K view pairs per point (2K images for ``pair="views"``); f and g see the
+            same views.
         layers: layer-site patterns (default: every layer site, see :func:`find_sites`).
         representation: ``flatten`` (whole output, paper practice), ``pool`` (spatial/token
             mean) or ``cls`` (class token, ViTs).
         pair: ``views`` (two independent views, paper) or ``clean`` (clean image vs a view).
         n_points: score a seeded random subset of this many of the points.
+        augment: a preset name, a mapping of its parameters, or a callable.
         top_k: size of the top / least sets by output-layer SSLMem (default 50).
+        chunk_size, device, num_workers, progress: how the pass runs (never what it gives).
 
     Every layer of both encoders comes from one forward pass per view per encoder; under a
     launcher each process scores a shard and per-point losses are gathered by data index.
     """
-    data = _subset(dataset, indices)
-    if n_points is not None and n_points < len(data):
-        g_ = torch.Generator().manual_seed(seed)
-        data = Subset(data, sorted(torch.randperm(len(data), generator=g_)[:n_points].tolist()))
+    data = seeded_subset(_subset(dataset, indices), n_points, seed)
     if len(data) < 2:
         raise ConfigError(f"LayerMem needs at least 2 points to score, got {len(data)}")
+    _check_pairs(n_pairs)
     sites = _layer_sites(f, g, data, layers)
-    idx, lf, lg = alignment_losses(
-        f, g, data, sites, n_views=n_views, pair=pair, representation=representation,
-        augment=augment, seed=seed, batch_size=batch_size, normalize=normalize, device=device,
-        num_workers=num_workers, progress=progress, augment_params=augment_params,
-    )  # fmt: skip
-    meta = {
-        "kind": "layermem", "n_points": len(data), "n_views": n_views, "pair": pair,
-        "representation": representation, "seed": seed,
-        "augment": augment if isinstance(augment, str) else "callable",
-        "sites": {s.name: {"module": s.module, "role": s.role, "shape": list(s.shape)}
-                  for s in sites},
-        "versions": package_versions(),
-    }  # fmt: skip
-    return LayerMemResult([s.name for s in sites], idx, lf, lg, meta, top_k)
+    views = PairedViews(data, n_pairs, pair, augment, seed)
+    compute = Compute(chunk_size, device, num_workers, progress)
+    metric = LayerMem([s.name for s in sites], top_k)
+    result = _losses(f, g, views, sites, representation, normalize, compute, metric)
+    result.meta = score_meta("layermem", f, data, sites, n_pairs=n_pairs, pair=pair,
+                             representation=representation, augment=augment, seed=seed)  # fmt: skip
+    return result

@@ -12,43 +12,37 @@ Morcos et al. (ICLR 2018): the same index over per-class mean activations.
 
 from __future__ import annotations
 
-import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from memprune._dist import merged, rank_world
-from memprune._io import load_result, package_versions, save_result
 from memprune.data import MultiView, dataset_labels
+from memprune.engine import Compute, image_size, score_meta, view_batches
 from memprune.errors import ConfigError
-from memprune.scores._engine import image_size, view_batches
+from memprune.results import Result
 from memprune.sites import Site, find_sites, resolve_sites
-from memprune.stats import ClassMeanState, MatrixState, MeanRestState
+from memprune.stats import RESTS, ClassMeanState, Metric
 
-RESTS = ("mean", "median")
 FIELDS = ("score", "argmax", "mu_max", "mu_rest", "dead")
 THRESHOLDS = (0.5, 0.8)
 
 
 @dataclass
-class UnitMemResult:
+class UnitMemResult(Result):
     """Per-site unit scores.
 
-    ``sites[name]`` maps ``score`` (UnitMem or ClassMem per unit, float32), ``argmax`` (the
-    data index i*(u) a unit memorizes; the class for ClassMem), ``mu_max``, ``mu_rest`` and
-    ``dead`` (bool) to tensors ``[units]``. ``meta`` records how the scores were made.
+    ``sites[name]`` maps ``score`` (UnitMem per unit, float32), ``argmax`` (the data index
+    i*(u) a unit memorizes), ``mu_max``, ``mu_rest`` and ``dead`` (bool) to tensors
+    ``[units]``. ``meta`` records how the scores were made.
     """
 
+    kind = "unitmem"
     sites: dict[str, dict[str, torch.Tensor]]
     meta: dict = field(default_factory=dict)
-
-    @property
-    def kind(self) -> str:
-        return self.meta.get("kind", "unitmem")
 
     def __getitem__(self, site: str) -> dict[str, torch.Tensor]:
         return self.sites[site]
@@ -57,7 +51,7 @@ class UnitMemResult:
         """Site name -> score per unit."""
         return {name: s["score"] for name, s in self.sites.items()}
 
-    def summary(self) -> list[dict]:
+    def to_rows(self) -> list[dict]:
         """One row per site: units, mean score, fractions above 0.5 and 0.8, dead units."""
         rows = []
         for name, s in self.sites.items():
@@ -69,29 +63,119 @@ class UnitMemResult:
             rows.append(row)
         return rows
 
+    summary = to_rows
+
     def histogram(self, bins: int = 20) -> dict[str, torch.Tensor]:
         """Counts of scores in ``bins`` equal bins over [0, 1], per site."""
         return {
             n: torch.histc(s["score"], bins=bins, min=0.0, max=1.0) for n, s in self.sites.items()
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``PATH.safetensors`` (tensors) and ``PATH.json`` (metadata), atomically."""
-        tensors = {f"{site}/{k}": v for site, s in self.sites.items() for k, v in s.items()}
-        meta = {**self.meta, "site_order": list(self.sites)}
-        return save_result(path, tensors, meta, self.kind)
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{site}/{k}": v for site, s in self.sites.items() for k, v in s.items()}
+
+    def _fields(self) -> dict:
+        return {"site_order": list(self.sites)}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> UnitMemResult:
-        tensors, meta = load_result(path, "UnitMem/ClassMem")
-        order = meta.pop("site_order")
-        sites = {name: {k: tensors[f"{name}/{k}"] for k in FIELDS} for name in order}
-        return cls(sites, meta)
+    def _build(cls, tensors, fields, meta):
+        order = fields["site_order"]
+        return cls({name: {k: tensors[f"{name}/{k}"] for k in FIELDS} for name in order}, meta)
 
 
-def _check(dataset: Dataset, n_views: int, rest: str, signed: str, minimum: int = 2) -> None:
-    if rest not in RESTS:
-        raise ConfigError(f"rest must be one of {RESTS}, got {rest!r}")
+@dataclass
+class ClassMemResult(UnitMemResult):
+    """Per-site ClassMem: as :class:`UnitMemResult`, with ``argmax`` the class a unit prefers."""
+
+    kind = "classmem"
+
+
+def _widths(sites) -> dict[str, int]:
+    """Site name -> units, from :class:`Site` objects or a ``{name: units}`` mapping."""
+    if isinstance(sites, Mapping):
+        return dict(sites)
+    return {s.name: s.n_units for s in sites}
+
+
+def _per_point(acts: Mapping[str, torch.Tensor], widths: dict[str, int]) -> torch.Tensor:
+    """``[B, units of all sites]``: each site's ``[B, K, U]`` (or ``[B, U]``) averaged over its
+    K views, all sites side by side (one state update per batch instead of one per site)."""
+    missing = [name for name in widths if name not in acts]
+    if missing:
+        raise ConfigError(f"update() got no activations for sites {missing[:5]}")
+    rows = []
+    for name, width in widths.items():
+        x = acts[name]
+        x = x.mean(dim=1) if x.ndim == 3 else x  # [B, K, U] -> [B, U]
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ConfigError(
+                f"site {name!r}: expected activations [B, {width}] or [B, K, {width}], got"
+                f" {tuple(acts[name].shape)}"
+            )
+        rows.append(x)
+    return torch.cat(rows, dim=1).cpu()
+
+
+def _split(scores: dict[str, torch.Tensor], widths: dict[str, int]) -> dict[str, dict]:
+    """Per-site views of scores computed over all units side by side."""
+    out, start = {}, 0
+    for name, width in widths.items():
+        out[name] = {k: v[start : start + width].clone() for k, v in scores.items()}
+        start += width
+    return out
+
+
+class UnitMem(Metric):
+    """Streaming UnitMem over the units of ``sites`` (:class:`Site` objects or ``{name: units}``).
+
+    ``update(acts, indices)`` takes each site's per-unit activations of a batch of points,
+    ``[B, K, U]`` (K views, averaged per point) or ``[B, U]``, and their data indices ``[B]``;
+    feed it from your own loop (e.g. :func:`memprune.hooks.capture`) and ``compute()`` gives the
+    :class:`UnitMemResult` that :func:`unit_mem` gives on the same activations. ``rest="mean"``
+    keeps O(units) memory; ``"median"`` keeps every per-point row.
+    """
+
+    result_class = UnitMemResult
+
+    def __init__(self, sites, rest: str = "mean", eps: float = 1e-8) -> None:
+        self.rest, self.eps = RESTS.check(rest), eps
+        self.widths = _widths(sites)
+        super().__init__()
+
+    def _empty(self):
+        return RESTS[self.rest].empty(sum(self.widths.values()))
+
+    def update(self, acts: Mapping[str, torch.Tensor], indices: torch.Tensor) -> None:
+        self.state.update(_per_point(acts, self.widths), torch.as_tensor(indices))
+
+    def compute(self) -> UnitMemResult:
+        scores = self.state.compute(self.eps)
+        return self.result_class(_split(scores, self.widths), {"rest": self.rest, "eps": self.eps})
+
+
+class ClassMem(UnitMem):
+    """Streaming ClassMem: ``update(acts, labels)`` with the points' class labels ``[B]``;
+    per-class mean activations, selectivity over classes (``rest`` over the other classes)."""
+
+    result_class = ClassMemResult
+
+    def __init__(self, sites, n_classes: int, rest: str = "mean", eps: float = 1e-8) -> None:
+        self.n_classes = n_classes
+        super().__init__(sites, rest, eps)
+
+    def _empty(self):
+        return ClassMeanState.empty(sum(self.widths.values()), self.n_classes)
+
+    def update(self, acts: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
+        self.state.update(_per_point(acts, self.widths), torch.as_tensor(labels))
+
+    def compute(self) -> ClassMemResult:
+        scores = self.state.compute(self.rest, self.eps)
+        meta = {"rest": self.rest, "eps": self.eps, "n_classes": self.n_classes}
+        return ClassMemResult(_split(scores, self.widths), meta)
+
+
+def _check(dataset: Dataset, n_views: int, signed: str, minimum: int = 2) -> None:
     if not isinstance(n_views, int) or n_views < 1:
         raise ConfigError(f"n_views must be an int >= 1 (K views per point), got {n_views!r}")
     if len(dataset) < minimum:
@@ -116,69 +200,13 @@ def _sites_for(encoder: nn.Module, dataset: Dataset, sites) -> list[Site]:
     return resolve_sites(encoder, sites, "units")
 
 
-def _per_point(acts: dict[str, torch.Tensor], sites: list[Site], n_views: int) -> torch.Tensor:
-    """``[B, units of all sites]``: every site's ``[B*K, U]`` averaged over the K views of
-    each point (views of one point are adjacent: batches are laid out [points, views]).
-
-    One state over all units side by side costs one update per batch instead of one per site.
-    """
-    units = torch.cat([acts[s.name] for s in sites], dim=1)  # [B*K, U]
-    return units.view(-1, n_views, units.shape[1]).mean(dim=1).cpu()
-
-
-def _split(scores: dict[str, torch.Tensor], sites: list[Site]) -> dict[str, dict]:
-    """Per-site views of scores computed over all units side by side."""
-    out, start = {}, 0
-    for s in sites:
-        out[s.name] = {k: v[start : start + s.n_units].clone() for k, v in scores.items()}
-        start += s.n_units
-    return out
-
-
-def _scan(encoder, dataset, sites, state, by: str, desc: str, **opts):
-    """Fold every batch's per-point means into ``state``, keyed by data ``index`` (UnitMem) or
-    ``label`` (ClassMem), and merge the states of all processes."""
-    n_views = opts["n_views"]
-    views = MultiView(dataset, n_views, opts["augment"], opts["seed"], **opts["augment_params"])
-    run = {
-        k: opts[k]
-        for k in ("batch_size", "normalize", "signed", "device", "num_workers", "progress")
-    }
-    for indices, labels, (acts,) in view_batches([encoder], views, [sites], desc=desc, **run):
-        state.update(_per_point(acts, sites, n_views), indices if by == "index" else labels)
-    _, world = rank_world()
-    return merged(state, world)
-
-
-#: Options that change how a result is computed but not what it is.
-_RUNTIME = ("device", "num_workers", "progress")
-
-
-def _meta(kind: str, encoder: nn.Module, dataset: Dataset, sites: list[Site], **options) -> dict:
-    """JSON-able record of how scores were made (model, data, views, seed, options, versions)."""
-    cfg = getattr(encoder, "pretrained_cfg", None) or {}
-    augment = options.get("augment")
-    normalize = options.get("normalize")
-    options.update(
-        augment=augment if isinstance(augment, str) else getattr(augment, "__name__", "callable"),
-        augment_params={
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in (options.get("augment_params") or {}).items()
-        },
-        normalize=normalize if isinstance(normalize, str) or normalize is None else list(normalize),
-    )
-    return {
-        "kind": kind,
-        "model": cfg.get("architecture", type(encoder).__name__),
-        "data": getattr(dataset, "name", type(dataset).__name__),
-        "n_points": len(dataset),
-        **{k: v for k, v in options.items() if k not in _RUNTIME},
-        "sites": {
-            s.name: {"module": s.module, "role": s.role, "units": s.n_units, "source": s.source}
-            for s in sites
-        },
-        "versions": package_versions(),
-    }
+def _scan(metric: UnitMem, encoder, views: MultiView, sites, by: str, compute: Compute, **run):
+    """Feed every batch's activations ``[B, K, U]`` to ``metric`` and merge all processes."""
+    k = views.n_views
+    for indices, labels, (acts,) in view_batches([encoder], views, [sites], compute, **run):
+        per_view = {s.name: acts[s.name].view(-1, k, s.n_units) for s in sites}  # [B, K, U]
+        metric.update(per_view, indices if by == "index" else labels)
+    return metric.sync().compute()
 
 
 def unit_mem(
@@ -190,13 +218,12 @@ def unit_mem(
     signed: str = "abs",
     augment="simclr",
     normalize="auto",
-    batch_size: int = 32,
     seed: int = 0,
+    eps: float = 1e-8,
+    chunk_size: int = 32,
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool | None = None,
-    eps: float = 1e-8,
-    **augment_params,
 ) -> UnitMemResult:
     """UnitMem of every unit at ``sites`` of ``encoder`` over the points of ``dataset``.
 
@@ -213,30 +240,22 @@ def unit_mem(
         signed: rule making signed activations (GELU, attention projections) non-negative,
             applied element-wise before the spatial/token mean: ``abs`` (default), ``relu``,
             or ``raw`` (warns: the index then leaves [0, 1]).
-        augment: ``simclr``, ``none`` or a callable ``fn(image, generator)`` (see MultiView).
+        augment: a preset name, a mapping of its parameters, or a callable (see
+            :class:`~memprune.data.MultiView`).
         normalize: ``auto`` (the encoder's mean/std, applied after augmentation), ``none`` or
             ``(mean, std)``.
-        batch_size: points per forward pass (the pass holds ``batch_size * n_views`` images).
         seed: view seed: view k of point i comes from (seed, i, k).
-        device: default: the launcher's device, else CUDA if available, else CPU.
-        num_workers: DataLoader workers for augmentation (views do not depend on it).
-        progress: progress bar; None shows it on a TTY only.
         eps: units with ``mu_max + mu_rest <= eps`` are dead and score 0.
-        **augment_params: parameters of the augmentation preset.
+        chunk_size, device, num_workers, progress: how the pass runs (:class:`Compute`); they
+            never change the scores. A chunk of points holds ``chunk_size * n_views`` images.
 
     Under ``torchrun`` / ``accelerate launch`` each process scores a shard of the points and
     the states are merged: every process returns the single-process result.
     """
-    _check(dataset, n_views, rest, signed)
-    sites = _sites_for(encoder, dataset, sites)
-    opts = dict(n_views=n_views, augment=augment, seed=seed, batch_size=batch_size,
-                normalize=normalize, signed=signed, device=device, num_workers=num_workers,
-                progress=progress, augment_params=augment_params)  # fmt: skip
-    state_cls = MeanRestState if rest == "mean" else MatrixState
-    state = state_cls.empty(sum(s.n_units for s in sites))  # all units side by side
-    scores = _scan(encoder, dataset, sites, state, by="index", desc="UnitMem", **opts).compute(eps)
-    meta = _meta("unitmem", encoder, dataset, sites, rest=rest, eps=eps, **opts)
-    return UnitMemResult(_split(scores, sites), meta)
+    return _unit_scores(
+        UnitMem, "index", encoder, dataset, n_views, sites, rest, signed, augment, normalize,
+        seed, eps, Compute(chunk_size, device, num_workers, progress),
+    )  # fmt: skip
 
 
 def class_mem(
@@ -248,14 +267,13 @@ def class_mem(
     signed: str = "abs",
     augment="none",
     normalize="auto",
-    batch_size: int = 64,
     seed: int = 0,
+    eps: float = 1e-8,
+    chunk_size: int = 64,
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool | None = None,
-    eps: float = 1e-8,
-    **augment_params,
-) -> UnitMemResult:
+) -> ClassMemResult:
     """ClassMem (class selectivity, Morcos et al. 2018) of every unit at ``sites``.
 
     ``mu_u(c)`` is the mean activation of unit u over all points of class c (and their
@@ -264,20 +282,32 @@ def class_mem(
     classes. ``argmax`` holds the class each unit prefers. Streaming: O(classes x units)
     memory. Arguments as in :func:`unit_mem`.
     """
-    _check(dataset, n_views, rest, signed)
-    labels = dataset_labels(dataset)
-    n_classes = int(labels.max()) + 1
-    if len(labels.unique()) < 2:
-        raise ConfigError(
-            f"ClassMem needs at least 2 classes in the data, got {labels.unique().tolist()}"
-        )
+    return _unit_scores(
+        ClassMem, "label", encoder, dataset, n_views, sites, rest, signed, augment, normalize,
+        seed, eps, Compute(chunk_size, device, num_workers, progress),
+    )  # fmt: skip
+
+
+def _unit_scores(cls, by, encoder, dataset, n_views, sites, rest, signed, augment, normalize,
+                 seed, eps, compute: Compute):  # fmt: skip
+    """What :func:`unit_mem` and :func:`class_mem` share: checks, sites, one pass, metadata."""
+    _check(dataset, n_views, signed)
+    RESTS.check(rest)
     sites = _sites_for(encoder, dataset, sites)
-    opts = dict(n_views=n_views, augment=augment, seed=seed, batch_size=batch_size,
-                normalize=normalize, signed=signed, device=device, num_workers=num_workers,
-                progress=progress, augment_params=augment_params)  # fmt: skip
-    state = ClassMeanState.empty(sum(s.n_units for s in sites), n_classes)
-    scores = _scan(encoder, dataset, sites, state, by="label", desc="ClassMem", **opts)
-    meta = _meta(
-        "classmem", encoder, dataset, sites, rest=rest, eps=eps, n_classes=n_classes, **opts
-    )
-    return UnitMemResult(_split(scores.compute(rest, eps), sites), meta)
+    if cls is ClassMem:
+        labels = dataset_labels(dataset)
+        if len(labels.unique()) < 2:
+            raise ConfigError(
+                f"ClassMem needs at least 2 classes in the data, got {labels.unique().tolist()}"
+            )
+        metric = ClassMem(sites, int(labels.max()) + 1, rest, eps)
+    else:
+        metric = UnitMem(sites, rest, eps)
+    views = MultiView(dataset, n_views, augment, seed)
+    result = _scan(metric, encoder, views, sites, by, compute, normalize=normalize,
+                   signed=signed, desc=cls.__name__)  # fmt: skip
+    result.meta = score_meta(
+        result.kind, encoder, dataset, sites, **result.meta, n_views=n_views,
+        signed=signed, augment=augment, normalize=normalize, seed=seed,
+    )  # fmt: skip
+    return result

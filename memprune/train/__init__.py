@@ -1,8 +1,18 @@
 """Making the encoders memprune scores: SimCLR pretraining (one encoder or the pair f / g)
-and supervised baselines."""
+and supervised baselines, on one training loop (:func:`run_training`) that fine-tuning shares."""
 
-from memprune.train._common import TrainResult
+from memprune.train._common import MIXED_PRECISION, TrainResult, epoch_seed, run_training
 from memprune.train.simclr import nt_xent, pretrain_pair, pretrain_simclr
-from memprune.train.supervised import train_supervised
+from memprune.train.supervised import Classifier, train_supervised
 
-__all__ = ["TrainResult", "nt_xent", "pretrain_pair", "pretrain_simclr", "train_supervised"]
+__all__ = [
+    "MIXED_PRECISION",
+    "Classifier",
+    "TrainResult",
+    "epoch_seed",
+    "nt_xent",
+    "pretrain_pair",
+    "pretrain_simclr",
+    "run_training",
+    "train_supervised",
+]

@@ -17,7 +17,6 @@ resumed after an interruption gives the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from memprune._io import atomic_write, package_versions, read_json, write_json, write_safetensors
+from memprune._io import atomic_write, package_versions, write_json, write_safetensors
+from memprune.checkpoints import CARD, CARD_FORMAT, WEIGHTS, read_card
+from memprune.encoders import load_encoder
+from memprune.engine import Normalizer, resolve_normalize
 from memprune.errors import ConfigError
+from memprune.registry import Registry
 
-CARD = "card.json"
-WEIGHTS = "encoder.safetensors"
 LAST = "checkpoints/last.pt"
-FORMAT = "memprune-encoder/1"
+#: ``mixed_precision``: accelerate's modes.
+MIXED_PRECISION = Registry("mixed precision", {"no": "no", "fp16": "fp16", "bf16": "bf16"})
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -89,30 +91,17 @@ def load_checkpoint(path: Path) -> dict:
 def write_outputs(out_dir: Path, encoder: nn.Module, card: dict) -> None:
     """The encoder's weights, then its card (the card marks the run finished)."""
     write_safetensors(out_dir / WEIGHTS, encoder.state_dict())
-    write_json(out_dir / CARD, {"format": FORMAT, **card, "versions": package_versions()})
+    write_json(out_dir / CARD, {"format": CARD_FORMAT, **card, "versions": package_versions()})
 
 
-def read_card(path: str | os.PathLike) -> tuple[dict, Path]:
-    """The card of a training run (a run directory or its ``card.json``) and the weights path."""
-    path = Path(path)
-    card_path = path / CARD if path.is_dir() else path
-    if not card_path.is_file():
-        raise ConfigError(
-            f"no encoder card at {card_path}: pass a run directory written by memprune"
-            " pretraining (holding card.json and encoder.safetensors)"
-        )
-    card = read_json(card_path)
-    if card.get("format") != FORMAT:
-        raise ConfigError(
-            f"{card_path} is not a memprune encoder card (format {card.get('format')!r})"
-        )
-    return card, card_path.parent / WEIGHTS
-
-
-def data_name(dataset: Dataset) -> str:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return getattr(dataset, "name", type(dataset).__name__)
+def finished(out_dir: Path, resume: bool) -> TrainResult | None:
+    """The finished run in ``out_dir`` (loaded when ``resume``, an error otherwise), or None."""
+    if not (out_dir / CARD).is_file():
+        return None
+    if not resume:
+        raise ConfigError(f"{out_dir} already holds a trained encoder: choose another out_dir")
+    card, _ = read_card(out_dir)
+    return TrainResult(load_encoder(checkpoint=out_dir), out_dir, card.get("history", []))
 
 
 Callback = Callable[[int, list[float]], None]
@@ -162,8 +151,6 @@ def run_training(
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-
-    from memprune.scores._engine import Normalizer, resolve_normalize
 
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ConfigError(

@@ -11,17 +11,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from memprune.data import MultiView, Splits, make_splits
+from memprune.data import (
+    AugmentSpec,
+    MultiView,
+    Splits,
+    dataset_name,
+    describe_augment,
+    make_splits,
+)
 from memprune.encoders import feature_dim, load_encoder
 from memprune.errors import ConfigError
 from memprune.train._common import (
-    CARD,
+    MIXED_PRECISION,
     Callback,
     TrainResult,
     check_indices,
-    data_name,
     epoch_seed,
-    read_card,
+    finished,
     run_training,
     write_outputs,
 )
@@ -62,16 +68,6 @@ class SimCLRNet(nn.Module):
         return self.head(self.encoder(x))
 
 
-def finished(out_dir: Path, resume: bool) -> TrainResult | None:
-    """The finished run in ``out_dir`` (loaded when ``resume``, an error otherwise), or None."""
-    if not (out_dir / CARD).is_file():
-        return None
-    if not resume:
-        raise ConfigError(f"{out_dir} already holds a trained encoder: choose another out_dir")
-    card, _ = read_card(out_dir)
-    return TrainResult(load_encoder(checkpoint=out_dir), out_dir, card.get("history", []))
-
-
 def pretrain_simclr(
     model_name: str,
     dataset: Dataset,
@@ -87,8 +83,7 @@ def pretrain_simclr(
     *,
     hidden_dim: int | None = None,
     weight_decay: float = 1e-6,
-    augment: str = "simclr",
-    augment_params: dict | None = None,
+    augment: AugmentSpec = "simclr",
     mixed_precision: str = "no",
     keep_checkpoints: bool = False,
     resume: bool = True,
@@ -123,11 +118,11 @@ def pretrain_simclr(
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     config = {
         "method": "simclr", "model": model_name, "img_size": img_size, "timm_kwargs": timm_kwargs,
-        "data": data_name(dataset), "n_train": len(indices), "epochs": epochs,
+        "data": dataset_name(dataset), "n_train": len(indices), "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "temperature": temperature, "proj_dim": proj_dim,
         "hidden_dim": hidden_dim, "weight_decay": weight_decay,
-        "augment": augment if isinstance(augment, str) else repr(augment),
-        "augment_params": augment_params or {}, "seed": seed, "mixed_precision": mixed_precision,
+        "augment": describe_augment(augment), "seed": seed,
+        "mixed_precision": MIXED_PRECISION.check(mixed_precision),
     }  # fmt: skip
     torch.manual_seed(seed)
     encoder = load_encoder(model_name, img_size=img_size, **timm_kwargs)
@@ -135,7 +130,7 @@ def pretrain_simclr(
     train = Subset(dataset, indices)
 
     def epoch_data(epoch: int) -> Dataset:
-        return MultiView(train, 2, augment, seed=epoch_seed(seed, epoch), **(augment_params or {}))
+        return MultiView(train, 2, augment, seed=epoch_seed(seed, epoch))
 
     def loss_fn(model: nn.Module, x: torch.Tensor, _labels) -> torch.Tensor:
         z = model(x).view(len(x) // 2, 2, -1)  # [B, 2, proj_dim]: the two views of each point

@@ -15,22 +15,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from memprune.data import MultiView, dataset_labels
+from memprune.data import (
+    AugmentSpec,
+    MultiView,
+    augment_spec,
+    dataset_labels,
+    dataset_name,
+    describe_augment,
+)
 from memprune.encoders import feature_dim, load_encoder
 from memprune.train._common import (
+    MIXED_PRECISION,
     Callback,
     TrainResult,
     check_indices,
-    data_name,
     derived_seed,
     epoch_seed,
+    finished,
     run_training,
     write_outputs,
 )
-from memprune.train.simclr import finished
-
-#: Supervised augmentation: crop and flip only (no colour jitter or grayscale).
-CROP_FLIP = {"scale": (0.25, 1.0), "jitter_p": 0.0, "gray_p": 0.0}
 
 
 class _Relabeled(Dataset):
@@ -70,7 +74,7 @@ def train_supervised(
     *,
     random_labels: bool = False,
     weight_decay: float = 5e-4,
-    augment_params: dict | None = None,
+    augment: AugmentSpec = "crop_flip",
     mixed_precision: str = "no",
     keep_checkpoints: bool = False,
     resume: bool = True,
@@ -82,7 +86,8 @@ def train_supervised(
     """Cross-entropy training of ``model_name`` + a linear head on ``dataset[indices]``.
 
     Saved like :func:`memprune.train.pretrain_simclr` (encoder weights without the head, a
-    card, per-epoch checkpoints, exact resume). One crop+flip view per point per epoch.
+    card, per-epoch checkpoints, exact resume). One view per point per epoch, by default
+    ``crop_flip`` (crop and flip, no colour jitter).
     """
     out_dir = Path(out_dir)
     if (done := finished(out_dir, resume)) is not None:
@@ -96,21 +101,20 @@ def train_supervised(
         fake = torch.randint(0, n_classes, (len(indices),), generator=g).tolist()
         index_of = [int(train[p][2]) for p in range(len(train))]
         train = _Relabeled(train, dict(zip(index_of, fake)))
-    params = {**CROP_FLIP, **(augment_params or {})}
     config = {
         "method": "supervised", "model": model_name, "img_size": img_size,
-        "timm_kwargs": timm_kwargs, "data": data_name(dataset), "n_train": len(indices),
+        "timm_kwargs": timm_kwargs, "data": dataset_name(dataset), "n_train": len(indices),
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "random_labels": random_labels,
-        "augment_params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
-        "seed": seed, "mixed_precision": mixed_precision, "n_classes": n_classes,
+        "augment": describe_augment(augment, "crop_flip"), "seed": seed,
+        "mixed_precision": MIXED_PRECISION.check(mixed_precision), "n_classes": n_classes,
     }  # fmt: skip
     torch.manual_seed(seed)
     encoder = load_encoder(model_name, img_size=img_size, **timm_kwargs)
     net = Classifier(encoder, n_classes)
 
     def epoch_data(epoch: int) -> Dataset:
-        return MultiView(train, 1, "simclr", seed=epoch_seed(seed, epoch), **params)
+        return MultiView(train, 1, augment_spec(augment, "crop_flip"), seed=epoch_seed(seed, epoch))
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), y)

@@ -9,6 +9,8 @@
 from memprune.tuning._compare import compare_finetuning
 from memprune.tuning._finetune import FinetuneResult, accuracy, finetune, finetune_units
 from memprune.tuning._select import (
+    BY,
+    STRATEGIES,
     LayerSelection,
     layer_modules,
     layer_parameters,
@@ -16,6 +18,8 @@ from memprune.tuning._select import (
 )
 
 __all__ = [
+    "BY",
+    "STRATEGIES",
     "FinetuneResult",
     "LayerSelection",
     "accuracy",

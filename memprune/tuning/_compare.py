@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 from torch import nn
 from torch.utils.data import Dataset
 
+from memprune.sites import OUTPUT
 from memprune.tuning._finetune import finetune
-from memprune.tuning._select import select_layers
+from memprune.tuning._select import BY, STRATEGIES, select_layers
 
 
 def _row(strategy: str, k: int, accs: list[float], layers: list[str]) -> dict:
@@ -32,25 +34,26 @@ def compare_finetuning(
     strategies,
     seeds=(0, 1, 2),
     by: str = "delta",
-    probe: bool = True,
+    baseline: Callable[[nn.Module, int], float] | None = None,
     log=print,
     **budget,
 ) -> tuple[list[dict], list[dict]]:
     """Fine-tune ``encoder`` with the layers each strategy picks for each k, once per seed,
     all with the same ``budget`` (arguments of :func:`finetune`: epochs, lr, batch_size,
-    augment, ...); ``all`` runs once per seed with every layer. With ``probe`` the first row
-    is the frozen encoder's linear probe (no fine-tuning) on the same data.
+    augment, ...); ``all`` runs once per seed with every layer. ``baseline(encoder, seed)``,
+    when given, is the frozen encoder's accuracy without fine-tuning (e.g. a linear probe on
+    the same data): the first row, labelled ``linear probe``.
 
     Returns table rows (mean, standard deviation and per-seed test accuracy) and one record
     per run (layers, accuracy, best epoch, curves).
     """
-    from memprune.probe import linear_probe
-
+    for strategy in strategies:  # every name is checked before any training
+        STRATEGIES.check(strategy)
+    BY.check(by)
     rows, runs = [], []
-    if probe:
-        accs = [linear_probe(encoder, train, test, seed=s)["accuracy"] for s in seeds]
-        rows.append(_row("linear probe", 0, accs, []))
-    n_layers = sum(1 for name in layer_scores.layers if name != "output")
+    if baseline is not None:
+        rows.append(_row("linear probe", 0, [baseline(encoder, s) for s in seeds], []))
+    n_layers = sum(1 for name in layer_scores.layers if name != OUTPUT)
     for strategy in strategies:
         for k in [n_layers] if strategy == "all" else ks:
             accs, layers = [], []

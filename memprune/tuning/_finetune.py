@@ -14,16 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from memprune.data import MultiView, dataset_labels
+from memprune.data import AugmentSpec, MultiView, augment_spec, dataset_labels, describe_augment
 from memprune.encoders import evaluating
+from memprune.engine import Normalizer, resolve_normalize
 from memprune.errors import ConfigError
-from memprune.train._common import epoch_seed, run_training
-from memprune.train.supervised import CROP_FLIP, Classifier
+from memprune.results import Result
+from memprune.train import Classifier, epoch_seed, run_training
 from memprune.tuning._select import LayerSelection, layer_modules, layer_parameters, unit_parameters
 
 
 @dataclass
-class FinetuneResult:
+class FinetuneResult(Result):
     """Test accuracy at the epoch chosen on validation, and how training went.
 
     ``val_accuracy[e]`` / ``train_loss[e]`` are per epoch (``best_epoch`` is 1-based);
@@ -32,6 +33,7 @@ class FinetuneResult:
     of the features by their training statistics, then the classifier).
     """
 
+    kind = "finetune"
     accuracy: float
     best_epoch: int
     val_accuracy: list[float]
@@ -41,6 +43,35 @@ class FinetuneResult:
     layers: list[str]
     trained: list[str]
     meta: dict = field(default_factory=dict)
+
+    def to_rows(self) -> list[dict]:
+        """One row per epoch: training loss and validation accuracy (the best one marked)."""
+        return [
+            {
+                "epoch": e + 1,
+                "train_loss": loss,
+                "val_accuracy": acc,
+                "best": e + 1 == self.best_epoch,
+            }
+            for e, (loss, acc) in enumerate(zip(self.train_loss, self.val_accuracy))
+        ]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The head's weights (the encoder is saved with its own tools, e.g. save_pruned)."""
+        return {f"head.{k}": v for k, v in self.head.state_dict().items()}
+
+    def _fields(self) -> dict:
+        return {"accuracy": self.accuracy, "best_epoch": self.best_epoch,
+                "val_accuracy": self.val_accuracy, "train_loss": self.train_loss,
+                "layers": self.layers, "trained": self.trained}  # fmt: skip
+
+    @classmethod
+    def _build(cls, t, fields, meta):
+        """Scores, curves and the head's weights (as tensors); ``encoder`` and ``head`` are
+        None: a saved result does not rebuild models."""
+        result = cls(encoder=None, head=None, meta=meta, **fields)
+        result.head_state = {k.removeprefix("head."): v for k, v in t.items()}
+        return result
 
 
 def split_validation(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -59,8 +90,6 @@ def split_validation(train: Dataset, fraction: float, seed: int) -> tuple[Subset
 @torch.no_grad()
 def accuracy(net: nn.Module, data: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``net`` (encoder + head) on un-augmented, normalized images."""
-    from memprune.scores._engine import Normalizer, resolve_normalize
-
     device = next(net.parameters()).device
     norm = Normalizer(resolve_normalize(net.encoder, "auto"), device)
     correct = total = 0
@@ -115,12 +144,10 @@ def _train(encoder, masks, train_modules, train, val, test, *, epochs, lr, batch
         for name in train_modules:  # one by one: a chosen module's own flag only
             modules[name].training = True
 
-    aug = {**CROP_FLIP, **(augment or {})} if augment is not False else None
+    aug = augment_spec(augment, "crop_flip")
 
     def epoch_data(epoch: int) -> Dataset:
-        if aug is None:
-            return MultiView(train, 1, "none")
-        return MultiView(train, 1, "simclr", seed=epoch_seed(seed, epoch), **aug)
+        return MultiView(train, 1, aug, seed=epoch_seed(seed, epoch))
 
     best = {"acc": -1.0, "epoch": 0, "state": None}
     val_curve: list[float] = []
@@ -154,7 +181,7 @@ def _train(encoder, masks, train_modules, train, val, test, *, epochs, lr, batch
         trained=sorted(masks),
         meta={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
               "weight_decay": weight_decay, "n_train": len(train), "n_val": len(val),
-              "n_test": len(test), "augment": aug},
+              "n_test": len(test), "augment": describe_augment(aug)},
     )  # fmt: skip
 
 
@@ -167,7 +194,7 @@ def finetune(
     epochs: int = 10,
     lr: float = 1e-3,
     batch_size: int = 64,
-    augment: dict | bool | None = None,
+    augment: AugmentSpec = "crop_flip",
     weight_decay: float = 1e-4,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -191,7 +218,8 @@ def finetune(
         train, val, test: ``(image, label, index)`` data sets; ``val=None`` carves a seeded
             stratified ``val_fraction`` of ``train``.
         epochs, lr, batch_size, weight_decay: AdamW with a per-epoch cosine schedule.
-        augment: crop-and-flip (``CROP_FLIP``) updated by this dict; ``False`` for none.
+        augment: ``crop_flip`` (default: crop and flip, no colour jitter), a mapping of its
+            parameters, ``"none"``, another preset or a callable.
         seed: head initialization, batches, augmentation and the validation split.
     """
     encoder = encoder if inplace else copy.deepcopy(encoder)
@@ -214,7 +242,7 @@ def finetune_units(
     epochs: int = 10,
     lr: float = 1e-3,
     batch_size: int = 64,
-    augment: dict | bool | None = None,
+    augment: AugmentSpec = "crop_flip",
     val_fraction: float = 0.2,
     seed: int = 0,
     mixed_precision: str = "no",

@@ -9,10 +9,32 @@ from torch import nn
 
 from memprune.encoders import input_size
 from memprune.errors import ConfigError, SiteError
-from memprune.sites import Site, find_sites, trace
+from memprune.registry import Registry
+from memprune.sites import OUTPUT, Site, find_sites, is_conv, is_linear, is_norm, trace
 
-STRATEGIES = ("top", "last", "first", "random", "all")
-BY = ("delta", "layermem")
+#: ``by``: the per-layer value ``top`` ranks by.
+BY = Registry("layer ranking", {"delta": "delta", "layermem": "layer_mem"})
+
+
+def _top(values: torch.Tensor, k: int, seed: int) -> list[int]:
+    return torch.sort(values, descending=True, stable=True).indices[:k].tolist()
+
+
+def _random(values: torch.Tensor, k: int, seed: int) -> list[int]:
+    return torch.randperm(len(values), generator=torch.Generator().manual_seed(seed))[:k].tolist()
+
+
+#: ``strategy`` -> positions of the chosen layers, given the layers' values, k and a seed.
+STRATEGIES = Registry(
+    "layer strategy",
+    {
+        "top": _top,
+        "last": lambda values, k, seed: list(range(len(values) - k, len(values))),
+        "first": lambda values, k, seed: list(range(k)),
+        "random": _random,
+        "all": lambda values, k, seed: list(range(len(values))),
+    },
+)
 
 
 @dataclass
@@ -111,13 +133,10 @@ def select_layers(
     Returns:
         A :class:`LayerSelection` with the layers in forward order.
     """
-    if by not in BY:
-        raise ConfigError(f"by must be one of {BY}, got {by!r}")
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    layers = [name for name in result.layers if name != "output"]
-    keep = torch.tensor([name != "output" for name in result.layers])
-    values = (result.delta() if by == "delta" else result.layer_mem())[keep]
+    choose = STRATEGIES[strategy]
+    layers = [name for name in result.layers if name != OUTPUT]
+    keep = torch.tensor([name != OUTPUT for name in result.layers])
+    values = getattr(result, BY[by])()[keep]
     if strategy == "all":
         k = len(layers)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(layers):
@@ -125,18 +144,7 @@ def select_layers(
             f"k must be an int in [1, {len(layers)}] (the encoder's {len(layers)} layers), got"
             f" {k!r}"
         )
-    if strategy == "top":
-        chosen = torch.sort(values, descending=True, stable=True).indices[:k].tolist()
-    elif strategy == "last":
-        chosen = list(range(len(layers) - k, len(layers)))
-    elif strategy == "first":
-        chosen = list(range(k))
-    elif strategy == "random":
-        g = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(len(layers), generator=g)[:k].tolist()
-    else:
-        chosen = list(range(len(layers)))
-    picked = [layers[i] for i in sorted(chosen)]
+    picked = [layers[i] for i in sorted(choose(values, k, seed))]
     selection = LayerSelection(
         picked, strategy, by, k, {n: float(v) for n, v in zip(layers, values)}
     )
@@ -150,8 +158,6 @@ def unit_parameters(encoder: nn.Module, units: dict[str, list[int]], size=None):
     belong to the chosen units). A unit's parameters are its row in the module producing it
     (``Site.source``: a norm's weight and bias, an ``fc1`` row) and, when that is a norm, the
     output row of the conv / linear right before it."""
-    from memprune.sites import _CONV, _LINEAR, _NORM
-
     found, tr = _sites_and_trace(encoder, "units", size)
     sites: dict[str, Site] = {s.name: s for s in found}
     unknown = [n for n in units if n not in sites]
@@ -170,11 +176,11 @@ def unit_parameters(encoder: nn.Module, units: dict[str, list[int]], size=None):
         if len(idx) and (idx.min() < 0 or idx.max() >= site.n_units):
             raise ConfigError(f"unit indices of {name!r} must be in [0, {site.n_units})")
         owners = [site.source]
-        if isinstance(modules[site.source], _NORM):
+        if is_norm(modules[site.source]):
             start = tr.events.index(("enter", site.source))
             before = next(
                 (n for kind, n in reversed(tr.events[:start])
-                 if kind == "enter" and isinstance(modules[n], _CONV + _LINEAR)),
+                 if kind == "enter" and (is_conv(modules[n]) or is_linear(modules[n]))),
                 None,
             )  # fmt: skip
             if before is not None:

@@ -9,17 +9,73 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from memprune._dist import rank_world, shard
+from memprune._dist import process_state, rank_world, shard
+from memprune._io import package_versions
+from memprune.data import dataset_name, describe_augment
 from memprune.encoders import evaluating, normalization, resolve_device
 from memprune.errors import ConfigError
 from memprune.hooks import capture
 from memprune.sites import Site
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How a pass over the data runs, never what it computes: any values give the same result.
+
+    Attributes:
+        chunk_size: points per forward pass (each with all its views).
+        device: default: the launcher's device, else the encoder's accelerator, else CUDA if
+            available, else CPU.
+        num_workers: DataLoader workers making the views (views do not depend on it).
+        progress: progress bar; None shows it on a TTY only.
+    """
+
+    chunk_size: int = 32
+    device: str | torch.device | None = None
+    num_workers: int = 0
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+            raise ConfigError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
+
+
+def score_meta(kind: str, encoder: nn.Module, dataset: Dataset, sites: Sequence[Site],
+               **options) -> dict:  # fmt: skip
+    """JSON-able record of how a score was made: model, data, options, sites, versions."""
+    cfg = getattr(encoder, "pretrained_cfg", None) or {}
+    if "augment" in options:
+        options["augment"] = describe_augment(options["augment"])
+    normalize = options.get("normalize")
+    if not (isinstance(normalize, str) or normalize is None):
+        options["normalize"] = [list(v) for v in normalize]
+    return {
+        "kind": kind,
+        "model": cfg.get("architecture", type(encoder).__name__),
+        "data": dataset_name(dataset),
+        "n_points": len(dataset),
+        **options,
+        "sites": {
+            s.name: {
+                "module": s.module,
+                "role": s.role,
+                "units": s.n_units,
+                "source": s.source,
+                "shape": list(s.shape),
+            }
+            for s in sites
+        },
+        "versions": package_versions(),
+    }
 
 
 def resolve_normalize(
@@ -56,8 +112,6 @@ def encoder_device(encoder: nn.Module, device: str | torch.device | None) -> tor
         return resolve_device(device)
     _, world = rank_world()
     if world > 1:
-        from memprune._dist import process_state
-
         return process_state().device
     param = next(encoder.parameters(), None)
     if param is not None and param.device.type != "cpu":
@@ -75,39 +129,35 @@ def view_batches(
     encoders: Sequence[nn.Module],
     views: Dataset,
     sites: Sequence[Sequence[Site]],
+    compute: Compute = Compute(),
     *,
-    batch_size: int,
     normalize,
     signed: str = "abs",
     representation: str = "flatten",
     reduce: Sequence | None = None,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    progress: bool | None = None,
     desc: str = "scoring",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]]:
     """Push this process's shard of ``views`` (items ``(views [K, 3, H, W], label, index)``)
-    through every encoder, one forward pass per batch per encoder, and yield
+    through every encoder, one forward pass per chunk per encoder, and yield
     ``(indices [B], labels [B], [captured of encoder 0, captured of encoder 1, ...])``.
 
     Captured values are what the reducers return for the ``B*K`` images (``reduce[e]``: one
     callable or a dict per site, None for the default unit/layer reducers). Encoders run in
-    eval mode under ``inference_mode``, are moved to ``device`` and get their modes back.
+    eval mode under ``inference_mode``, are moved to the device and get their modes back.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
     rank, world = rank_world()
     loader = DataLoader(
         Subset(views, shard(len(views), rank, world)),
-        batch_size=batch_size,
-        num_workers=num_workers,
+        batch_size=compute.chunk_size,
+        num_workers=compute.num_workers,
     )
-    device = encoder_device(encoders[0], device)
+    device = encoder_device(encoders[0], compute.device)
     norms = []
     for encoder in encoders:
         encoder.to(device)
         norms.append(Normalizer(resolve_normalize(encoder, normalize), device))
     reduce = list(reduce) if reduce is not None else [None] * len(encoders)
+    progress = compute.progress
     disable = True if rank != 0 else (None if progress is None else not progress)  # None: TTY only
     bar = tqdm(loader, desc=desc, unit="batch", disable=disable, leave=False)
     with ExitStack() as stack:
