@@ -235,16 +235,11 @@ def _key_values(pairs: list[str] | None, flag: str = "--timm") -> dict:
     return out
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    """SimCLR (or supervised) training of one encoder, or of the pair f / g."""
-    from memprune._dist import rank_world
-    from memprune.encoders import load_encoder
+def _check_pretrain(args: argparse.Namespace, out: Path) -> None:
+    """Refuse bad training options and a --resume without a run to continue, before any work."""
     from memprune.errors import ConfigError
-    from memprune.report import open_output, read_marker
-    from memprune.train import pretrain_pair, pretrain_simclr, train_supervised
+    from memprune.report import read_marker
 
-    rank, _ = rank_world()
-    out = Path(args.out)
     _positive(args, "epochs", "batch_size")
     if not args.supervised and args.batch_size < 2:
         raise ConfigError(
@@ -260,6 +255,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 f"--resume: {out} holds no run of `memprune pretrain` to continue;"
                 " drop --resume to start a new run there"
             )
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """SimCLR (or supervised) training of one encoder, or of the pair f / g."""
+    from memprune._dist import rank_world
+    from memprune.encoders import load_encoder
+    from memprune.report import open_output
+    from memprune.train import pretrain_pair, pretrain_simclr, train_supervised
+
+    rank, _ = rank_world()
+    out = Path(args.out)
+    _check_pretrain(args, out)
     data = _dataset(args)
     load_encoder(args.model, img_size=args.img_size, **_key_values(args.timm))  # a bad name fails
     if rank == 0:  # validated: from here on files are written (training resumes from them)

@@ -14,7 +14,7 @@ from tests.conftest import tiny_resnet
 torch.set_num_threads(1)
 assert rank_world()[1] == 2
 data = Subset(memprune.load_dataset("digits"), range(37))
-out = extract_features(tiny_resnet(), data, batch_size=5, device="cpu")
+out = extract_features(tiny_resnet(), data, chunk_size=5, device="cpu")
 assert len(out.indices) == 37  # every process holds all rows after the gather
 if torch.distributed.get_rank() == 0:
     save_file({"features": out.features, "labels": out.labels, "indices": out.indices},

@@ -15,7 +15,7 @@ assert rank_world()[1] == 2
 f = memprune.load_encoder("resnet18", checkpoint=f"{out}/f.safetensors", **TINY_RESNET)
 g = memprune.load_encoder("resnet18", checkpoint=f"{out}/g.safetensors", **TINY_RESNET)
 data = Subset(memprune.load_dataset("digits"), range(128))
-result = memprune.layer_mem(f, g, data, list(range(25)), n_views=2, batch_size=4, device="cpu")
+result = memprune.layer_mem(f, g, data, list(range(25)), n_pairs=2, chunk_size=4, device="cpu")
 if torch.distributed.get_rank() == 0:
     result.save(f"{out}/layermem")
 torch.distributed.destroy_process_group()

@@ -15,10 +15,10 @@ assert world == 2 and len(shard(45, rank, world)) == (23 if rank == 0 else 22)
 torch.set_num_threads(1)
 data = Subset(memprune.load_dataset("digits"), list(range(0, 45)))
 results = {
-    rest: memprune.unit_mem(tiny_resnet(), data, n_views=3, batch_size=4, rest=rest, device="cpu")
+    rest: memprune.unit_mem(tiny_resnet(), data, n_views=3, chunk_size=4, rest=rest, device="cpu")
     for rest in ("mean", "median")
 }
-classes = memprune.class_mem(tiny_resnet(), data, batch_size=4, device="cpu")
+classes = memprune.class_mem(tiny_resnet(), data, chunk_size=4, device="cpu")
 if torch.distributed.get_rank() == 0:
     for rest, result in results.items():
         result.save(f"{out}/unitmem_{rest}")

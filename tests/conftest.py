@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,20 @@ def same_tensors(a, b) -> bool:
 
     x, y = load_file(str(a)), load_file(str(b))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: ResNet-18's layer sites (without the output), for planted LayerMem results.
+LAYERS = ["maxpool", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1",
+          "layer4.0", "layer4.1"]  # fmt: skip
+
+
+def planted_layermem(values):
+    """A LayerMemResult whose LayerMem per layer is ``values`` (then the output's)."""
+    v = torch.tensor([*values, values[-1]], dtype=torch.float64)
+    loss_f = torch.ones(4, len(v), dtype=torch.float64)
+    loss_g = loss_f * (1 + v) / (1 - v)  # (g - f) / (g + f) = v
+    from memprune.scores import LayerMemResult
+
+    return LayerMemResult([*LAYERS, "output"], torch.arange(4), loss_f, loss_g, {})

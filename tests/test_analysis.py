@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 import memprune
-from memprune import cka, cka_from_features, learnedness
+from memprune import cka, learnedness
 from memprune.data import ImageDataset
 from memprune.errors import ConfigError
-from memprune.scores import CKAResult
+from memprune.scores import CKAResult, cka_from_features
 
 from .conftest import tiny_resnet, tiny_vit
 
@@ -21,37 +21,37 @@ def test_cka_invariances_and_independence():
     q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g))
     before = x.clone()
     assert cka_from_features(x, x @ q).item() == pytest.approx(1.0, abs=1e-10)
-    assert cka_from_features(x, 3.0 * x, batch_size=100).item() == pytest.approx(1.0, abs=1e-10)
+    assert cka_from_features(x, 3.0 * x, minibatch=100).item() == pytest.approx(1.0, abs=1e-10)
     noise = torch.randn(400, 40, generator=g)
-    assert abs(cka_from_features(x, noise, batch_size=100).item()) < 0.05
+    assert abs(cka_from_features(x, noise, minibatch=100).item()) < 0.05
     assert torch.equal(x, before)  # the caller's features are untouched
     # minibatch estimate close to the full-data one on related features
     w = torch.randn(12, 20, generator=g)
     y = torch.tanh(x[:, :12] @ w) + 0.3 * torch.randn(400, 20, generator=g)
-    full, mini = cka_from_features(x, y), cka_from_features(x, y, batch_size=100)
+    full, mini = cka_from_features(x, y), cka_from_features(x, y, minibatch=100)
     assert full.item() > 0.3 and mini.item() == pytest.approx(full.item(), abs=0.05)
-    with pytest.raises(ConfigError, match="batch_size must be in"):
-        cka_from_features(x, y, batch_size=3)
+    with pytest.raises(ConfigError, match="minibatch must be in"):
+        cka_from_features(x, y, minibatch=3)
 
 
 def test_cka_between_encoders_and_within_one(digits, tmp_path):
     data = torch.utils.data.Subset(digits, range(96))
     a = tiny_resnet(img_size=32)
-    within = cka(data, a, batch_size=32, invariance=False, progress=False)
+    within = cka(data, a, minibatch=32, invariance=False, progress=False)
     assert within.matrix.shape == (9, 9)
     assert torch.allclose(within.matrix.diagonal(), torch.ones(9, dtype=torch.float64))
     assert torch.allclose(within.matrix, within.matrix.T)
     # an encoder and its exact copy agree layer for layer; views and labels are per layer
-    across = cka(data, a, tiny_resnet(img_size=32), batch_size=32, progress=False)
+    across = cka(data, a, tiny_resnet(img_size=32), minibatch=32, progress=False)
     assert torch.allclose(across.matrix, within.matrix)
     assert across.labels_a.shape == (9,) and ((across.labels_a > 0) & (across.labels_a < 1)).all()
     assert across.invariance_a.shape == (9,) and (across.invariance_a <= 1 + 1e-9).all()
     across.save(tmp_path / "cka")
     back = CKAResult.load(tmp_path / "cka")
     assert torch.equal(back.matrix, across.matrix) and back.layers_b == across.layers_b
-    pooled = cka(data, a, batch_size=32, invariance=False, representation="pool", progress=False)
+    pooled = cka(data, a, minibatch=32, invariance=False, representation="pool", progress=False)
     assert not torch.allclose(pooled.matrix, within.matrix)  # the representation is used
-    vit = cka(data, tiny_vit(), batch_size=32, invariance=False, progress=False)
+    vit = cka(data, tiny_vit(), minibatch=32, invariance=False, progress=False)
     assert vit.layers_a == ["blocks.0:after_attn", "blocks.0:after_mlp", "blocks.1:after_attn",
                             "blocks.1:after_mlp"]  # fmt: skip
 
@@ -77,7 +77,7 @@ def _hard_views(image, generator):
 def test_learnedness_on_a_planted_case():
     data = _planted()
     encoder = nn.Flatten()
-    r = learnedness([encoder, encoder], data, probe_size=64, n_views=2, batch_size=16,
+    r = learnedness([encoder, encoder], data, probe_size=64, n_pairs=2, group_size=16,
                     runs=[[encoder, encoder]], augment=_hard_views)  # fmt: skip
     assert r.learned.shape == (2, 2, 64, 4)
     points = r.points()[-1]
@@ -140,7 +140,7 @@ def test_learnedness_from_kept_epoch_checkpoints(tmp_path, digits):
     tiny = {"channels": [8, 16, 32, 64], "img_size": 32}
     pretrain_simclr("resnet18", digits, list(range(64)), epochs=2, batch_size=32, out_dir=run,
                     keep_checkpoints=True, progress=False, **tiny)  # fmt: skip
-    r = learnedness(run, digits, probe_size=40, n_views=2, batch_size=16)
+    r = learnedness(run, digits, probe_size=40, n_pairs=2, group_size=16)
     assert r.checkpoints == ["epoch_000", "epoch_001"]
     assert r.learned.shape == (2, 1, 32, 4)  # probe rounded down to full batches
     assert ((r.curve() >= 0) & (r.curve() <= 1)).all()

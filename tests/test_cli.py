@@ -8,7 +8,7 @@ from .conftest import kill_when, same_tensors, unfinished
 
 
 def test_sites_command_prints_table(capsys):
-    assert main(["sites", "--views", "2", "--batch-size", "3"]) == 0
+    assert main(["sites", "--views", "2", "--points", "3"]) == 0
     out = capsys.readouterr().out
     assert "layer1.0.act1  units   conv   64     64x8x8" in out
     assert "6 points" not in out and "3 points x 2 views" in out
@@ -22,7 +22,7 @@ def test_cli_errors_are_one_line(capsys):
 
 
 def test_score_units_and_classes_write_results(tmp_path, capsys):
-    from memprune import UnitMemResult
+    from memprune import ClassMemResult, UnitMemResult
 
     out = tmp_path / "units"
     args = ["--views", "2", "--max-points", "40", "--sites", "layer4.*", "--out", str(out)]
@@ -57,7 +57,7 @@ def test_score_units_and_classes_write_results(tmp_path, capsys):
     assert (out / "summary.csv").read_text() == (tmp_path / "cut/summary.csv").read_text()
     assert not unfinished(tmp_path / "cut")
     assert main(["score", "classes", "--max-points", "60", "--out", str(tmp_path / "c")]) == 0
-    assert UnitMemResult.load(tmp_path / "c" / "classmem").kind == "classmem"
+    assert ClassMemResult.load(tmp_path / "c" / "classmem").kind == "classmem"
 
 
 def test_pretrain_pair_then_score_layers(tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_pretrain_pair_then_score_layers(tmp_path, capsys):
     assert main(args) == 2  # an existing run is not overwritten
     assert "--force" in capsys.readouterr().err
     out = tmp_path / "layers"
-    cmd = ["score", "layers", "--f", str(run / "f"), "--g", str(run / "g"), "--views", "2",
+    cmd = ["score", "layers", "--f", str(run / "f"), "--g", str(run / "g"), "--pairs", "2",
            "--top-k", "5", "--out", str(out)]  # fmt: skip
     assert main(cmd) == 0
     for name in (
@@ -182,8 +182,7 @@ def _without_latency(report: dict) -> dict:
 def test_finetune_command_compares_strategies(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from .conftest import tiny_resnet
-    from .test_tuning import planted_layermem
+    from .conftest import planted_layermem, tiny_resnet
 
     weights = tmp_path / "f.safetensors"
     save_file(tiny_resnet(img_size=32).state_dict(), str(weights))

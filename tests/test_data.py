@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from memprune import MultiView, Splits, load_dataset, make_splits
-from memprune.data import SimCLRAugment, view_generator
+from memprune import Splits, load_dataset, make_splits
+from memprune.data import MultiView, SimCLRAugment, view_generator
 from memprune.errors import ConfigError, DataError, DatasetNotFoundError
 
 
@@ -60,10 +60,10 @@ def test_multiview_none_and_callable(digits):
     assert torch.equal(flip[3][0][0], digits[3][0].flip(-1))
     with pytest.raises(ConfigError, match="n_views"):
         MultiView(digits, 0)
-    with pytest.raises(ConfigError, match="unknown augment 'simclar'"):
+    with pytest.raises(ConfigError, match="unknown augmentation 'simclar'"):
         MultiView(digits, 2, augment="simclar")
     with pytest.raises(ConfigError, match="scale"):
-        MultiView(digits, 2, scale=(0.5, 2.0))
+        MultiView(digits, 2, {"scale": (0.5, 2.0)})
 
 
 def test_unknown_and_missing_datasets(tmp_path):

@@ -3,8 +3,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from memprune import load_encoder, normalization
-from memprune.encoders import input_size
+from memprune import load_encoder
+from memprune.encoders import input_size, normalization
 from memprune.errors import CheckpointError, EncoderError
 
 from .conftest import TINY_RESNET, tiny_resnet, tiny_vit

@@ -111,7 +111,7 @@ def c_views_huge(tmp):
 
 
 def c_batch_zero(tmp):
-    return [*_units(tmp), "--batch-size", "0"], "--batch-size must be an integer >= 1"
+    return [*_units(tmp), "--chunk-size", "0"], "--chunk-size must be an integer >= 1"
 
 
 def c_max_points_negative(tmp):

@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memprune import capture, find_sites
+from memprune import find_sites
 from memprune.errors import SiteError
+from memprune.hooks import capture
 
 
 def test_resnet_units_equal_own_forward_with_residuals(resnet):

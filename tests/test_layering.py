@@ -17,8 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memprune"
 #: ``_io``, ``_table``, ``_dist`` are the package's private foundation: every layer may use
 #: their public names.
 LAYERS = [
-    "errors", "registry", "_io", "_table", "_dist", "results", "data", "checkpoints", "encoders", "sites", "hooks",
-    "stats", "engine", "scores", "probe", "train", "pruning", "tuning", "report", "recipes", "cli",
+    "errors", "registry", "_io", "_table", "_dist", "results", "data", "checkpoints", "encoders",
+    "sites", "hooks", "stats", "engine", "scores", "probe", "train", "pruning", "tuning",
+    "report", "recipes", "cli",
 ]  # fmt: skip
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
@@ -89,7 +90,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt) :] + [nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()

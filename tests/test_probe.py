@@ -11,8 +11,7 @@ from memprune import knn_probe, linear_probe
 from memprune.errors import ConfigError
 from memprune.probe import LinearProbe, extract_features, knn_accuracy
 
-from .conftest import tiny_resnet
-from .test_unitmem import ROOT
+from .conftest import ROOT, tiny_resnet
 
 
 class Relabeled(Dataset):
@@ -58,10 +57,10 @@ def test_test_labels_never_choose_hyperparameters(digits):
     train, test = Subset(digits, range(300)), Subset(digits, range(300, 400))
     true = linear_probe(model, train, test)
     noise = linear_probe(model, train, Relabeled(test))
-    assert true["C"] == noise["C"] and true["val_scores"] == noise["val_scores"]
-    assert true["accuracy"] != noise["accuracy"]
+    assert true.choice == noise.choice and true.val_scores == noise.val_scores
+    assert true.accuracy != noise.accuracy
     k_true, k_noise = knn_probe(model, train, test), knn_probe(model, train, Relabeled(test))
-    assert k_true["k"] == k_noise["k"] and k_true["val_scores"] == k_noise["val_scores"]
+    assert k_true.choice == k_noise.choice and k_true.val_scores == k_noise.val_scores
 
 
 def test_cache_hits_and_invalidation(tmp_path, digits):
@@ -121,7 +120,7 @@ def test_extraction_two_processes_equal_one(tmp_path, digits):
     from safetensors.torch import load_file
 
     two = load_file(str(tmp_path / "features.safetensors"))
-    one = extract_features(tiny_resnet(), Subset(digits, range(37)), batch_size=5, device="cpu")
+    one = extract_features(tiny_resnet(), Subset(digits, range(37)), chunk_size=5, device="cpu")
     assert torch.equal(two["indices"], one.indices) and torch.equal(two["labels"], one.labels)
     torch.testing.assert_close(two["features"], one.features)
 

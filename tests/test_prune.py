@@ -7,8 +7,10 @@ import torch
 import torch_pruning as tp
 
 import memprune
-from memprune import UnitMemImportance, UnitMemResult, find_sites, load_pruned, prune, save_pruned
+from memprune import UnitMemResult, find_sites, load_pruned, prune, save_pruned
+from memprune.encoders import normalization
 from memprune.errors import ConfigError, SiteError
+from memprune.pruning import UnitMemImportance
 
 from .conftest import tiny_resnet, tiny_vit
 
@@ -158,7 +160,7 @@ def test_pruned_model_runs_and_save_load_is_exact(tmp_path, name, kw):
     with torch.no_grad():
         y = pruned(x)
         assert torch.equal(loaded(x), y) and torch.equal(via_encoder(x), y)
-    assert memprune.normalization(loaded) == memprune.normalization(model)
+    assert normalization(loaded) == normalization(model)
     with pytest.raises(ConfigError, match="already holds"):
         save_pruned(pruned, tmp_path / "p")
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "encoder.pretrain.epochs=2", "encoder.pretrain.batch_size=64", "encoder.supervised.epochs=1",
     "scores.unitmem.views=2", "scores.unitmem.max_points=300", "scores.classmem.views=1",
-    "scores.sslmem.views=2", "scores.layermem.views=2", "actions.prune.ratios=[0.5]",
+    "scores.sslmem.pairs=2", "scores.layermem.pairs=2", "actions.prune.ratios=[0.5]",
     "actions.prune.strategies=[lowest,random]", "actions.prune.latency_batch=null",
     "actions.finetune.epochs=1", "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
     "actions.finetune.strategies=[top,last]", "evaluation.knn=false",

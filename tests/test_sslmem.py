@@ -10,24 +10,23 @@ from memprune import LayerMemResult, layer_mem, load_dataset, ssl_mem
 from memprune.errors import ConfigError
 from memprune.train import pretrain_pair
 
-from .conftest import TINY_RESNET, MemoryEncoder, noise_views, tiny_resnet, tiny_vit
-from .test_unitmem import ROOT
+from .conftest import ROOT, TINY_RESNET, MemoryEncoder, noise_views, tiny_resnet, tiny_vit
 
 
 def test_encoder_against_itself_scores_zero(digits):
     model = tiny_resnet()
     data = Subset(digits, range(12))
-    result = layer_mem(model, model, data, n_views=2, batch_size=5)
+    result = layer_mem(model, model, data, n_pairs=2, chunk_size=5)
     assert result.layers[-1] == "output" and result.layers[0] == "maxpool"
     assert torch.equal(result.loss_f, result.loss_g) and (result.loss_f > 0).all()
     assert torch.count_nonzero(result.layer_mem()) == 0 and torch.count_nonzero(result.delta()) == 0
-    point = ssl_mem(model, model, data, n_views=2, pair="clean")
+    point = ssl_mem(model, model, data, n_pairs=2, pair="clean")
     assert torch.count_nonzero(point.score) == 0 and point.indices.tolist() == list(range(12))
 
 
 def test_vit_layers_have_attention_and_mlp_rows(digits):
     data = Subset(digits, range(6))
-    result = layer_mem(tiny_vit(), tiny_vit(), data, n_views=1, representation="cls")
+    result = layer_mem(tiny_vit(), tiny_vit(), data, n_pairs=1, representation="cls")
     assert result.layers == [
         "blocks.0:after_attn",
         "blocks.0:after_mlp",
@@ -35,14 +34,14 @@ def test_vit_layers_have_attention_and_mlp_rows(digits):
         "blocks.1:after_mlp",
         "output",
     ]
-    rows = result.table()
+    rows = result.to_rows()
     assert [r["layer"] for r in rows] == result.layers and "dLayerMem" in rows[0]
 
 
 def test_different_architectures_are_refused(digits):
     with pytest.raises(ConfigError, match="same architecture"):
-        layer_mem(tiny_resnet(), tiny_vit(), Subset(digits, range(4)), n_views=1)
-    with pytest.raises(ConfigError, match="pair must be one of"):
+        layer_mem(tiny_resnet(), tiny_vit(), Subset(digits, range(4)), n_pairs=1)
+    with pytest.raises(ConfigError, match="unknown view pairing .both.: use one of views, clean"):
         ssl_mem(tiny_resnet(), tiny_resnet(), Subset(digits, range(4)), pair="both")
 
 
@@ -60,11 +59,11 @@ def pair(tmp_path_factory, digits):
 
 def test_scores_tables_and_consistency(pair):
     f, g, splits, data = pair
-    point = ssl_mem(f, g, data, splits.candidate, n_views=2)
+    point = ssl_mem(f, g, data, splits.candidate, n_pairs=2)
     assert point.indices.tolist() == splits.candidate
     assert (point.score.abs() <= 1).all() and point.score.abs().sum() > 0
     torch.testing.assert_close(point.raw, point.loss_g - point.loss_f)
-    result = layer_mem(f, g, data, splits.candidate, n_views=2, top_k=10)
+    result = layer_mem(f, g, data, splits.candidate, n_pairs=2, top_k=10)
     # the output row of layer_mem is ssl_mem at the output, from the same views
     torch.testing.assert_close(result.sslmem[:, -1].float(), point.score)
     ranked = result.ranked()
@@ -83,7 +82,7 @@ def test_planted_memory_pair_has_the_known_answer(digits):
     candidates, extras = list(range(0, 24, 2)), list(range(1, 24, 2))
     keys = lambda idx: torch.stack([digits[i][0] for i in idx])  # noqa: E731
     f, g = MemoryEncoder(keys(candidates)), MemoryEncoder(keys(extras))
-    views = dict(n_views=4, augment=noise_views, batch_size=5)
+    views = dict(n_pairs=4, augment=noise_views, chunk_size=5)
     cand = ssl_mem(f, g, digits, candidates, **views)
     extra = ssl_mem(f, g, digits, extras, **views)
     assert cand.score.min() > 0.5, cand.score  # f aligns the views of its own points
@@ -115,7 +114,7 @@ def test_training_memorizes_on_the_toy_data(tmp_path):
         f, g, splits = pretrain_pair("resnet18", toy, tmp_path, seed=0, split_seed=0,
                                      augment=toy.augment, **TOY_PAIR)  # fmt: skip
         means = {
-            part: ssl_mem(f.encoder, g.encoder, toy, getattr(splits, part), n_views=4,
+            part: ssl_mem(f.encoder, g.encoder, toy, getattr(splits, part), n_pairs=4,
                           augment=toy.augment, progress=False).score.mean().item()
             for part in ("candidate", "extra")
         }  # fmt: skip
@@ -127,7 +126,7 @@ def test_training_memorizes_on_the_toy_data(tmp_path):
 
 def test_layermem_save_load(tmp_path, pair):
     f, g, splits, data = pair
-    result = layer_mem(f, g, data, splits.candidate[:10], n_views=1)
+    result = layer_mem(f, g, data, splits.candidate[:10], n_pairs=1)
     result.save(tmp_path / "layermem")
     loaded = LayerMemResult.load(tmp_path / "layermem")
     assert loaded.layers == result.layers and loaded.meta == result.meta
@@ -150,7 +149,7 @@ def test_layermem_two_processes_equal_one(tmp_path, pair):
            str(ROOT / "tests" / "_mp_layermem.py"), str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = layer_mem(f, g, data, list(range(25)), n_views=2, batch_size=4, device="cpu")
+    one = layer_mem(f, g, data, list(range(25)), n_pairs=2, chunk_size=4, device="cpu")
     two = LayerMemResult.load(tmp_path / "layermem")
     assert torch.equal(two.indices, one.indices)
     torch.testing.assert_close(two.sslmem, one.sslmem, atol=1e-6, rtol=1e-5)

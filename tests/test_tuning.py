@@ -3,22 +3,11 @@ import torch
 from torch.utils.data import Subset
 
 import memprune
-from memprune import LayerMemResult, finetune, finetune_units, select_layers
+from memprune import finetune, finetune_units, select_layers
 from memprune.errors import ConfigError, SiteError
 from memprune.tuning import layer_modules
 
-from .conftest import tiny_resnet
-
-LAYERS = ["maxpool", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1",
-          "layer4.0", "layer4.1"]  # fmt: skip
-
-
-def planted_layermem(values):
-    """A LayerMemResult whose LayerMem per layer is ``values`` (then the output's)."""
-    v = torch.tensor([*values, values[-1]], dtype=torch.float64)
-    loss_f = torch.ones(4, len(v), dtype=torch.float64)
-    loss_g = loss_f * (1 + v) / (1 - v)  # (g - f) / (g + f) = v
-    return LayerMemResult([*LAYERS, "output"], torch.arange(4), loss_f, loss_g, {})
+from .conftest import LAYERS, planted_layermem, tiny_resnet
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,20 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from memprune import UnitMemResult, capture, class_mem, find_sites, unit_mem
+from memprune import UnitMemResult, class_mem, find_sites, unit_mem
 from memprune.data import ImageDataset, MultiView
-from memprune.errors import ConfigError, SiteError
 from memprune.engine import Normalizer, resolve_normalize
+from memprune.errors import ConfigError, SiteError
+from memprune.hooks import capture
 from memprune.stats import MeanRestState, unitmem_reference
 
-from .conftest import tiny_resnet, tiny_vit
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, tiny_resnet, tiny_vit
 
 
 class Planted(nn.Module):
@@ -100,7 +98,7 @@ def test_streaming_equals_brute_force(make, rest, digits):
     model = make()
     data = Subset(digits, list(range(11)))  # odd N: median of an even number of rest values
     acts, indices = reference_activations(model, data, n_views=3)
-    result = unit_mem(model, data, n_views=3, batch_size=4, rest=rest)
+    result = unit_mem(model, data, n_views=3, chunk_size=4, rest=rest)
     assert list(result.sites) == list(acts)
     for name, a in acts.items():
         ref = unitmem_reference(a, indices, rest=rest)
@@ -120,14 +118,14 @@ def test_median_even_count_is_mean_of_middle_values():
     assert unitmem_reference(acts, torch.arange(4), rest="median")["mu_rest"].item() == 2.0
 
 
-def test_batch_size_and_order_do_not_matter(digits):
+def test_chunk_size_and_order_do_not_matter(digits):
     model = tiny_resnet()
     data = Subset(digits, list(range(20)))
     shuffled = Subset(
         digits, torch.randperm(20, generator=torch.Generator().manual_seed(1)).tolist()
     )
-    a = unit_mem(model, data, n_views=2, batch_size=3)
-    b = unit_mem(model, shuffled, n_views=2, batch_size=20)
+    a = unit_mem(model, data, n_views=2, chunk_size=3)
+    b = unit_mem(model, shuffled, n_views=2, chunk_size=20)
     for name in a.sites:
         torch.testing.assert_close(a[name]["score"], b[name]["score"], atol=1e-5, rtol=1e-4)
         live = ~a[name]["dead"]
@@ -166,7 +164,7 @@ def test_bad_input(digits):
         unit_mem(model, digits, n_views=0)
     with pytest.raises(SiteError, match="'layer9.*' matches no units site"):
         unit_mem(model, digits, sites=["layer9.*"])
-    with pytest.raises(ConfigError, match="rest must be one of"):
+    with pytest.raises(ConfigError, match="unknown rest statistic .max.: use one of mean, median"):
         unit_mem(model, digits, rest="max")
     with pytest.warns(UserWarning, match="signed='raw'"):
         unit_mem(
@@ -192,13 +190,13 @@ def test_two_processes_equal_one(tmp_path, digits):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = Subset(digits, list(range(0, 45)))
     for rest in ("mean", "median"):  # one launch scores both
-        one = unit_mem(tiny_resnet(), data, n_views=3, batch_size=4, rest=rest, device="cpu")
+        one = unit_mem(tiny_resnet(), data, n_views=3, chunk_size=4, rest=rest, device="cpu")
         two = UnitMemResult.load(tmp_path / f"unitmem_{rest}")
         for name in one.sites:
             torch.testing.assert_close(two[name]["score"], one[name]["score"], atol=1e-5,
                                        rtol=1e-4)  # fmt: skip
             alive = ~one[name]["dead"]
             assert torch.equal(two[name]["argmax"][alive], one[name]["argmax"][alive]), rest
-    classes = class_mem(tiny_resnet(), data, batch_size=4, device="cpu")
+    classes = class_mem(tiny_resnet(), data, chunk_size=4, device="cpu")
     for name, s in UnitMemResult.load(tmp_path / "classmem").sites.items():
         torch.testing.assert_close(s["score"], classes[name]["score"], atol=1e-5, rtol=1e-4)

@@ -41,6 +41,40 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _prune_lines(p: dict) -> list[str]:
+    out, rows = [], p["rows"]
+    base = next(r for r in rows if r["strategy"] == "none")
+    for ratio in sorted({r["ratio"] for r in rows if r["strategy"] != "none"}):
+        at = [r for r in rows if r["ratio"] == ratio and r["strategy"] != "none"]
+        best = max(at, key=lambda r: r["accuracy"])
+        by = {r["strategy"]: r["accuracy"] for r in at}
+        vs = ""
+        if "lowest" in by and "random" in by:
+            vs = f"; lowest − random {100 * (by['lowest'] - by['random']):+.1f} points"
+        lat = f", latency ×{best['latency_ratio']:.2f}" if "latency_ratio" in best else ""
+        out.append(
+            f"Pruning {_pct(ratio)} of units: best {best['strategy']}"
+            f" {_pct(best['accuracy'])} (unpruned {_pct(base['accuracy'])}), parameters"
+            f" ×{best['params_ratio']:.2f}, MACs ×{best['macs_ratio']:.2f}{lat}{vs}."
+        )
+    return out
+
+
+def _finetune_lines(f: dict) -> list[str]:
+    out, rows = [], f["rows"]
+    for k in sorted({r["k"] for r in rows if r["strategy"] not in ("linear probe", "all")}):
+        at = {r["strategy"]: r for r in rows if r["k"] == k}
+        best = max(at.values(), key=lambda r: r["mean"])
+        vs = ""
+        if "top" in at and "last" in at:
+            vs = f"; top − last {100 * (at['top']['mean'] - at['last']['mean']):+.1f} points"
+        out.append(
+            f"Fine-tuning k={k} on {f['data']}: best {best['strategy']}"
+            f" {_pct(best['mean'])} ± {_pct(best['std'])}{vs}."
+        )
+    return out
+
+
 def headlines(m: dict) -> list[str]:
     """One sentence per finding, each computed from the stage metrics."""
     out = []
@@ -81,33 +115,9 @@ def headlines(m: dict) -> list[str]:
         ]
         out.append("Mean unit scores, " + "; ".join(parts) + ".")
     if p := m.get("prune"):
-        rows = p["rows"]
-        base = next(r for r in rows if r["strategy"] == "none")
-        for ratio in sorted({r["ratio"] for r in rows if r["strategy"] != "none"}):
-            at = [r for r in rows if r["ratio"] == ratio and r["strategy"] != "none"]
-            best = max(at, key=lambda r: r["accuracy"])
-            by = {r["strategy"]: r["accuracy"] for r in at}
-            vs = ""
-            if "lowest" in by and "random" in by:
-                vs = f"; lowest − random {100 * (by['lowest'] - by['random']):+.1f} points"
-            lat = f", latency ×{best['latency_ratio']:.2f}" if "latency_ratio" in best else ""
-            out.append(
-                f"Pruning {_pct(ratio)} of units: best {best['strategy']}"
-                f" {_pct(best['accuracy'])} (unpruned {_pct(base['accuracy'])}), parameters"
-                f" ×{best['params_ratio']:.2f}, MACs ×{best['macs_ratio']:.2f}{lat}{vs}."
-            )
+        out += _prune_lines(p)
     if f := m.get("finetune"):
-        rows = f["rows"]
-        for k in sorted({r["k"] for r in rows if r["strategy"] not in ("linear probe", "all")}):
-            at = {r["strategy"]: r for r in rows if r["k"] == k}
-            best = max(at.values(), key=lambda r: r["mean"])
-            vs = ""
-            if "top" in at and "last" in at:
-                vs = f"; top − last {100 * (at['top']['mean'] - at['last']['mean']):+.1f} points"
-            out.append(
-                f"Fine-tuning k={k} on {f['data']}: best {best['strategy']}"
-                f" {_pct(best['mean'])} ± {_pct(best['std'])}{vs}."
-            )
+        out += _finetune_lines(f)
     return out
 
 

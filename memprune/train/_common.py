@@ -117,6 +117,24 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
     return batches[rank::world]
 
 
+def _resume(last: Path, config: dict, net, opt, sched) -> tuple[int, list[float]]:
+    """Load the state of ``last`` into the net, optimizer and schedule (refusing a checkpoint
+    written with other settings); the epoch to start at and the loss history so far."""
+    ckpt = load_checkpoint(last)
+    if ckpt["config"] != config:
+        changed = sorted(
+            k for k in {*config, *ckpt["config"]} if config.get(k) != ckpt["config"].get(k)
+        )
+        raise ConfigError(
+            f"{last} was written with other settings ({', '.join(changed)}): use a new out_dir,"
+            " or resume=False to start over"
+        )
+    net.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    return ckpt["epoch"] + 1, list(ckpt["history"])
+
+
 def run_training(
     *,
     net: nn.Module,
@@ -163,19 +181,7 @@ def run_training(
     start, history = 0, []
     last = None if out_dir is None else out_dir / LAST
     if last is not None and resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        if ckpt["config"] != config:
-            changed = sorted(
-                k for k in {*config, *ckpt["config"]} if config.get(k) != ckpt["config"].get(k)
-            )
-            raise ConfigError(
-                f"{last} was written with other settings ({', '.join(changed)}): use a new out_dir,"
-                " or resume=False to start over"
-            )
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start, history = ckpt["epoch"] + 1, list(ckpt["history"])
+        start, history = _resume(last, config, net, opt, sched)
     model, opt = accelerator.prepare(net, opt)
     norm = Normalizer(resolve_normalize(encoder, "auto"), accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -202,19 +208,13 @@ def run_training(
         sched.step()
         history.append(float(accelerator.reduce(torch.stack(losses).mean(), "mean")))
         if accelerator.is_main_process and last is not None:
-            state = {
-                "model": accelerator.unwrap_model(model).state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "config": config,
-            }
+            state = {"model": accelerator.unwrap_model(model).state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch, "history": history, "config": config}  # fmt: skip
             save_checkpoint(last, state)
             if keep_checkpoints:
-                write_safetensors(
-                    out_dir / f"checkpoints/epoch_{epoch:03d}.safetensors", encoder.state_dict()
-                )
+                path = out_dir / f"checkpoints/epoch_{epoch:03d}.safetensors"
+                write_safetensors(path, encoder.state_dict())
         accelerator.wait_for_everyone()
         if callback is not None:
             callback(epoch, history)
