@@ -200,3 +200,38 @@ def test_two_processes_equal_one(tmp_path, digits):
     classes = class_mem(tiny_resnet(), data, chunk_size=4, device="cpu")
     for name, s in UnitMemResult.load(tmp_path / "classmem").sites.items():
         torch.testing.assert_close(s["score"], classes[name]["score"], atol=1e-5, rtol=1e-4)
+
+
+def test_unitmem_metric_from_your_own_loop_equals_the_function(digits):
+    """A user's own loop feeding UnitMem.update gives exactly unit_mem's scores; two metrics
+    over halves merge into the one-shot result; a result of one kind refuses to load as
+    another."""
+    from memprune import UnitMem
+    from memprune.encoders import normalization
+
+    model, data = tiny_resnet(), Subset(digits, range(24))
+    sites = find_sites(model, "units")
+    expected = unit_mem(model, data, n_views=1, augment="none", progress=False)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in normalization(model))
+    whole, halves = UnitMem(sites), [UnitMem(sites), UnitMem(sites)]
+    with torch.inference_mode(), capture(model, sites) as acts:
+        for i, (x, _, index) in enumerate(torch.utils.data.DataLoader(data, batch_size=5)):
+            model((x - mean) / std)
+            whole.update(acts, index)
+            halves[i % 2].update(acts, index)
+    for got in (whole.compute(), halves[0].merge(halves[1]).compute()):
+        for name in expected.sites:
+            for key in ("score", "argmax", "dead"):
+                assert torch.equal(got[name][key], expected[name][key]), (name, key)
+    whole.reset()
+    assert whole.state.count == 0
+
+
+def test_load_refuses_another_kind(tmp_path, digits):
+    from memprune import ClassMemResult, load_result
+
+    result = unit_mem(tiny_resnet(), Subset(digits, range(6)), n_views=1, progress=False)
+    result.save(tmp_path / "u")
+    with pytest.raises(ConfigError, match="holds a unitmem result, not classmem"):
+        ClassMemResult.load(tmp_path / "u")
+    assert isinstance(load_result(tmp_path / "u"), UnitMemResult)
