@@ -22,8 +22,8 @@ from _common import Stop, describe, make_model, random_data, side_by_side, timed
 from torch.utils.data import DataLoader
 
 import memprune
-from memprune.hooks import capture, layer_reducer
 from memprune.engine import Normalizer, resolve_normalize
+from memprune.hooks import capture, layer_reducer
 from memprune.scores.sslmem import PairedViews
 from memprune.sites import output_site
 
@@ -54,7 +54,7 @@ def bare(f, g, data, n_views, batch_size, device) -> float:
 
 
 def scored(f, g, data, n_views, batch_size, device) -> float:
-    kw = dict(n_views=n_views, batch_size=batch_size, augment="none", device=device, progress=False)
+    kw = dict(n_pairs=n_views, chunk_size=batch_size, augment="none", device=device, progress=False)
     return timed(lambda: memprune.layer_mem(f, g, data, **kw), device)
 
 

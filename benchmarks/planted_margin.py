@@ -45,7 +45,7 @@ def paired_difference(seed: int, out_dir: str, toy: dict = TOY, pair: dict = PAI
     f, g, splits = pretrain_pair("resnet18", toy, out_dir, seed=seed, split_seed=seed,
                                  augment=toy.augment, **pair)  # fmt: skip
     means = [
-        ssl_mem(f.encoder, g.encoder, toy, getattr(splits, part), n_views=views,
+        ssl_mem(f.encoder, g.encoder, toy, getattr(splits, part), n_pairs=views,
                 augment=toy.augment, seed=seed, progress=False).score.mean().item()
         for part in ("candidate", "extra")
     ]  # fmt: skip

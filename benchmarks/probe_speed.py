@@ -20,8 +20,8 @@ from _common import describe, make_model, random_data, side_by_side, timed
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from memprune.probe import LinearProbe, extract_features
 from memprune.engine import Normalizer, resolve_normalize
+from memprune.probe import LinearProbe, extract_features
 
 
 def bare(model, data, batch_size, device) -> float:
@@ -37,7 +37,7 @@ def bare(model, data, batch_size, device) -> float:
 
 
 def extracted(model, data, batch_size, device) -> float:
-    kw = dict(batch_size=batch_size, device=device, progress=False)
+    kw = dict(chunk_size=batch_size, device=device, progress=False)
     return timed(lambda: extract_features(model, data, **kw), device)
 
 

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 
 import memprune
 from memprune.data import MultiView
-from memprune.hooks import capture
 from memprune.engine import Normalizer, resolve_normalize
+from memprune.hooks import capture
 
 
 def bare_forward(model, data, n_views, batch_size, device) -> float:
@@ -51,7 +51,7 @@ def scored(model, data, n_views, batch_size, device, **kw) -> float:
             model,
             data,
             n_views=n_views,
-            batch_size=batch_size,
+            chunk_size=batch_size,
             augment="none",
             device=device,
             progress=False,
@@ -118,7 +118,7 @@ def peak_memory_child(key: str, n: int, n_views: int, rest: str, device: str) ->
         model,
         data,
         n_views=n_views,
-        batch_size=64,
+        chunk_size=64,
         augment="none",
         rest=rest,
         device=dev,
