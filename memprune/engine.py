@@ -43,9 +43,8 @@ class Compute:
     progress: bool | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
-            raise ConfigError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
-        if self.chunk_size < 1:
+        size = self.chunk_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from memprune import UnitMemResult, class_mem, find_sites, unit_mem
+from memprune import ClassMemResult, UnitMemResult, class_mem, find_sites, unit_mem
 from memprune.data import ImageDataset, MultiView
 from memprune.engine import Normalizer, resolve_normalize
 from memprune.errors import ConfigError, SiteError
@@ -198,7 +198,7 @@ def test_two_processes_equal_one(tmp_path, digits):
             alive = ~one[name]["dead"]
             assert torch.equal(two[name]["argmax"][alive], one[name]["argmax"][alive]), rest
     classes = class_mem(tiny_resnet(), data, chunk_size=4, device="cpu")
-    for name, s in UnitMemResult.load(tmp_path / "classmem").sites.items():
+    for name, s in ClassMemResult.load(tmp_path / "classmem").sites.items():
         torch.testing.assert_close(s["score"], classes[name]["score"], atol=1e-5, rtol=1e-4)
 
 

@@ -200,10 +200,9 @@ def _magnitude(graph, model: nn.Module, group: Group) -> torch.Tensor:
 
 def _by_score(sign: float):
     def importance(graph, model, group, ctx) -> torch.Tensor:
-        fresh = ctx["step"] > 1 and ctx["rescore"] is not None
-        s = group.unit_scores(ctx["scores"].scores()) if fresh else ctx["base"][group.name][
-            ctx["origin"][group.name]]  # fmt: skip
-        return sign * s
+        if ctx["step"] > 1 and ctx["rescore"] is not None:  # fresh scores of the pruned model
+            return sign * group.unit_scores(ctx["scores"].scores())
+        return sign * ctx["base"][group.name][ctx["origin"][group.name]]  # initial scores
 
     return importance
 

@@ -43,6 +43,8 @@ class FinetuneResult(Result):
     layers: list[str]
     trained: list[str]
     meta: dict = field(default_factory=dict)
+    #: the head's weights, filled by :meth:`load` (a loaded result has no modules)
+    head_state: dict = field(default_factory=dict, repr=False)
 
     def to_rows(self) -> list[dict]:
         """One row per epoch: training loss and validation accuracy (the best one marked)."""
@@ -69,9 +71,8 @@ class FinetuneResult(Result):
     def _build(cls, t, fields, meta):
         """Scores, curves and the head's weights (as tensors); ``encoder`` and ``head`` are
         None: a saved result does not rebuild models."""
-        result = cls(encoder=None, head=None, meta=meta, **fields)
-        result.head_state = {k.removeprefix("head."): v for k, v in t.items()}
-        return result
+        head = {k.removeprefix("head."): v for k, v in t.items()}
+        return cls(encoder=None, head=None, meta=meta, head_state=head, **fields)
 
 
 def split_validation(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
