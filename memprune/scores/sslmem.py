@@ -82,10 +82,13 @@ def _layer_sites(f: nn.Module, g: nn.Module, dataset: Dataset, layers) -> list[S
     else:
         sites = find_sites(f, "layers", include=patterns, input_size=size)
         g_sites = find_sites(g, "layers", include=patterns, input_size=size)
-    if [(s.name, s.shape) for s in sites] != [(s.name, s.shape) for s in g_sites]:
+    f_layout = [(s.name, tuple(s.shape)) for s in sites]
+    g_layout = [(s.name, tuple(s.shape)) for s in g_sites]
+    if f_layout != g_layout:
+        diff = [(a, b) for a, b in zip(f_layout, g_layout) if a != b] or [(len(sites), len(g_sites))]
         raise ConfigError(
-            "f and g must have the same architecture: their layer sites differ"
-            f" ({len(sites)} vs {len(g_sites)} sites); score encoders made with the same recipe"
+            "f and g must have the same architecture: their layer sites differ (first"
+            f" difference, f vs g: {diff[0]}); score encoders made with the same recipe"
         )
     f_shapes = {k: v.shape for k, v in f.state_dict().items()}
     g_shapes = {k: v.shape for k, v in g.state_dict().items()}
