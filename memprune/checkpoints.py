@@ -6,16 +6,24 @@ Three layouts are understood (:func:`checkpoint_kind`):
   training record) beside ``encoder.safetensors``;
 * ``pruned``: a pruned encoder, ``pruned.json`` (the base model and every resized module's
   structural sizes) beside ``encoder.safetensors``;
-* ``weights``: a bare ``.safetensors`` file or a torch state dict read with
-  ``weights_only=True`` (nested dicts unwrapped, wrapper prefixes stripped).
+* ``timm``: a directory as a timm hub download leaves it, ``model.safetensors`` or
+  ``pytorch_model.bin`` with (or without) its ``config.json``;
+* ``weights``: a ``.safetensors`` file or a torch file read with ``weights_only=True``, as
+  people's training scripts write them: a bare state dict, or a checkpoint of DINO, MoCo v3,
+  MAE, solo-learn or lightly, a torchvision ResNet (:func:`read_checkpoint`,
+  :func:`load_state`).
 
 This module only reads and checks files; :func:`memprune.load_encoder` builds the model.
 """
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
 import os
 import pickle
+import warnings
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,12 +31,19 @@ import torch
 from torch import nn
 
 from memprune._io import read_json
-from memprune.errors import CheckpointError, ConfigError
+from memprune.errors import CheckpointError, CheckpointWarning, ConfigError
 
-#: Prefixes that wrappers (DDP, SSL frameworks) put in front of a backbone's keys.
-STRIP_PREFIXES = ("module.", "encoder.", "backbone.")
 #: Keys under which training scripts nest a state dict.
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "encoder", "backbone")
+#: Whole models side by side in one checkpoint (DINO); the first is read unless told otherwise.
+ENTRIES = ("teacher", "student")
+#: Key components (shell patterns) of parts that only training uses: classifier and SSL heads,
+#: projectors, predictors, MAE's decoder and mask token, momentum encoders, prototypes, queues.
+HEAD_PARTS = ("head", "heads", "fc", "classifier", "projector", "projection*", "proj_head",
+              "predictor", "prediction*", "decoder*", "mask_token", "momentum*", "*_momentum",
+              "prototypes", "last_layer", "queue*")  # fmt: skip
+#: Weight files of a timm hub download, in timm's order of preference.
+TIMM_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
 #: A training run's files (written by memprune.train).
 CARD, WEIGHTS, CARD_FORMAT = "card.json", "encoder.safetensors", "memprune-encoder/1"
@@ -37,7 +52,7 @@ SPEC, PRUNED_FORMAT = "pruned.json", "memprune-pruned/1"
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-    """``pruned``, ``run`` or ``weights``: what ``path`` holds (see the module docstring)."""
+    """``pruned``, ``run``, ``timm`` or ``weights``: what ``path`` holds (module docstring)."""
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(
             f"checkpoint must be a path (str or os.PathLike), got {type(path).__name__} {path!r}"
@@ -45,6 +60,13 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     path = Path(path)
     if (path / SPEC).is_file():
         return "pruned"
+    timm_files = ("config.json", *TIMM_FILES)
+    if (
+        path.is_dir()
+        and not (path / CARD).is_file()
+        and any((path / f).is_file() for f in timm_files)
+    ):
+        return "timm"
     if path.is_dir() or path.suffix == ".json":
         return "run"
     return "weights"
@@ -114,8 +136,35 @@ def restore_pruned(model: nn.Module, path: str | os.PathLike, spec: dict) -> nn.
     return model
 
 
-def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read a state dict of tensors from a safetensors or torch file, without unpickling code."""
+def _unwrap(obj, path: Path, entry: str | None):
+    """The state dict inside a training script's checkpoint: ``entry`` (or DINO's ``teacher``)
+    when the checkpoint holds whole models side by side, then the usual nesting keys."""
+    if entry is not None:
+        if not isinstance(obj, Mapping) or not isinstance(obj.get(entry), Mapping):
+            found = [k for k, v in obj.items() if isinstance(v, Mapping)] if isinstance(
+                obj, Mapping) else []  # fmt: skip
+            raise CheckpointError(
+                f"{path} has no entry {entry!r}; its entries holding weights: {found or 'none'}"
+            )
+        obj = obj[entry]
+    elif isinstance(obj, Mapping) and all(isinstance(obj.get(e), Mapping) for e in ENTRIES):
+        obj = obj[ENTRIES[0]]  # DINO: the teacher is the encoder people evaluate
+    for key in NESTED_KEYS:
+        while isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    return obj
+
+
+def read_checkpoint(
+    path: str | os.PathLike, trust_pickle: bool = False, entry: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a state dict of tensors from a safetensors or torch file, without unpickling code.
+
+    A torch file may nest the state dict (``state_dict``, ``model``, ...: MoCo v3, MAE,
+    Lightning/solo-learn) or hold several models (DINO's ``teacher`` and ``student``: the
+    teacher unless ``entry`` names another); ``argparse.Namespace`` (the ``args`` DINO and MAE
+    save) is the one non-tensor class allowed, since it only holds plain values.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -142,7 +191,8 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
             " pass a .safetensors file, a torch state dict (.pt/.pth) or a memprune run"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust_pickle:
             raise CheckpointError(
@@ -159,28 +209,55 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
         ) from err
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
-    for key in NESTED_KEYS:
-        while isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
+    obj = _unwrap(obj, path, entry)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return dict(obj)
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
-    """Strip a wrapper prefix wherever that makes the key one the model has."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in STRIP_PREFIXES:
-            if any(k.startswith(prefix) and k not in wanted for k in state):
-                new = {}
-                for k, v in state.items():
-                    short = k[len(prefix) :]
-                    new[short if k.startswith(prefix) and k not in wanted else k] = v
-                if len(new) == len(state) and new != state:
-                    state, changed = new, True
-    return state
+def read_timm_dir(path: str | os.PathLike) -> tuple[str | None, dict, dict, Path]:
+    """What a timm hub download (or ``timm``'s ``save_for_hf``) left in a directory: the model
+    name, its arguments and pretrained config (from ``config.json``, read by timm; None, {}, {}
+    without one) and the weights file (timm's order of preference)."""
+    from timm.models._hub import load_model_config_from_path
+
+    path = Path(path)
+    weights = next((path / f for f in TIMM_FILES if (path / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(
+            f"{path} holds a timm config.json but no weights ({' or '.join(TIMM_FILES)})"
+        )
+    if not (path / "config.json").is_file():
+        return None, {}, {}, weights
+    cfg, name, args = load_model_config_from_path(path)
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    args.pop("num_classes", None)
+    return name, args, cfg, weights
+
+
+def _best_prefix(keys: list[str], own: set[str]) -> str:
+    """The key prefix (ending at a dot, maybe empty) whose removal makes most keys the
+    model's own: ``module.base_encoder.`` (MoCo v3), ``backbone.`` (DINO, solo-learn,
+    lightly), ``module.backbone.`` (DINO's student)."""
+    candidates = {""}
+    for key in keys:
+        parts = key.split(".")
+        candidates.update(".".join(parts[:i]) + "." for i in range(1, min(len(parts), 4)))
+
+    def hits(prefix):  # fmt: skip
+        return sum(k.startswith(prefix) and k[len(prefix) :] in own for k in keys)
+
+    return max(sorted(candidates, key=len), key=hits)
+
+
+def _head_part(key: str, classifiers: tuple[str, ...]) -> str | None:
+    """The prefix of ``key`` up to its first component naming a training-only part (a head,
+    projector, predictor, decoder, momentum copy, or the model's own ``classifiers``)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if any(fnmatch.fnmatchcase(part, pattern) for pattern in HEAD_PARTS):
+            return ".".join(parts[: i + 1])
+    return next((c for c in classifiers if key.startswith(c + ".")), None)
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:
@@ -188,21 +265,48 @@ def _listing(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state") -> None:
-    """Load ``state`` into ``model`` strictly, after unwrapping; errors list every mismatch."""
+def load_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str = "state",
+    strict: bool = True,
+) -> None:
+    """Load ``state`` into ``model``: the backbone's keys are found under the prefix that
+    matches the model best, training-only parts (heads, projectors, predictors, decoders,
+    momentum copies; :data:`HEAD_PARTS`) are dropped and listed in one warning, and any other
+    missing, unexpected or mis-shaped key is an error that lists them all (``strict=False``: a
+    warning, and the matching tensors are loaded)."""
     own = model.state_dict()
-    state = _strip_prefixes(dict(state), set(own))
+    keys = list(state)
+    prefix = _best_prefix(keys, set(own))
+    matched = {k[len(prefix) :]: state[k] for k in keys if k.startswith(prefix)
+               and k[len(prefix) :] in own}  # fmt: skip
+    if not matched:
+        raise CheckpointError(
+            f"{source} holds no weights of a {type(model).__name__} (its keys: {_listing(keys, 4)};"
+            f" the model's: {_listing(list(own), 4)}): pass the model name the checkpoint was"
+            " trained as, and its arguments"
+        )
+    rest = [k for k in keys if not (k.startswith(prefix) and k[len(prefix) :] in own)]
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    state = {
-        k: v for k, v in state.items() if k in own or not any(k.startswith(h + ".") for h in heads)
-    }
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    heads = {k: _head_part(k, classifiers) for k in rest}
+    dropped = [k for k in rest if heads[k]]
+    if dropped:
+        counts = Counter(heads[k] for k in dropped)
+        parts = [f"{part} ({n})" for part, n in sorted(counts.items())]
+        warnings.warn(
+            f"{source}: dropped {len(dropped)} keys of training-only parts (not the encoder):"
+            f" {_listing(parts, 6)}",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    missing = sorted(set(own) - set(matched))
+    unexpected = sorted(k for k in rest if not heads[k])
     shapes = sorted(
-        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in matched.items()
+        if v.shape != own[k].shape
     )
     if missing or unexpected or shapes:
         parts = []
@@ -212,15 +316,19 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
             parts.append(f"unexpected keys: {_listing(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches: {_listing(shapes)}")
-        raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: "
-            + "; ".join(parts)
-            + ". Check the model name and its arguments (e.g. img_size)."
-        )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        message = f"{source} does not fit {type(model).__name__}: " + "; ".join(parts)
+        if strict:
+            raise CheckpointError(
+                message + ". Check the model name and its arguments (e.g. img_size), or pass"
+                " strict=False to load the matching tensors only"
+            )
+        warnings.warn(message + " (strict=False: the matching tensors are loaded)",
+                      CheckpointWarning, stacklevel=3)  # fmt: skip
+        matched = {k: v for k, v in matched.items() if v.shape == own[k].shape}
+    bad = [k for k, v in matched.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(
             f"{source} holds NaN or inf values in {len(bad)} tensors ({_listing(bad, 3)}):"
             " the training that wrote it diverged; use an earlier checkpoint"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(matched, strict=strict)

@@ -20,6 +20,7 @@ from memprune.checkpoints import (
     read_card,
     read_checkpoint,
     read_pruned_spec,
+    read_timm_dir,
     restore_pruned,
 )
 from memprune.errors import ConfigError, EncoderError
@@ -78,7 +79,7 @@ def _create(name: str, pretrained: bool, img_size: int | None, kwargs: dict) -> 
         ) from err
 
 
-def _from_pruned(path, name, img_size, pretrained, trust_pickle, timm_kwargs) -> nn.Module:
+def _from_pruned(path, name, img_size, options, timm_kwargs) -> nn.Module:
     spec = read_pruned_spec(path)
     size = spec.get("img_size")
     if (name not in (None, spec.get("model"))) or timm_kwargs or img_size not in (None, size):
@@ -91,28 +92,45 @@ def _from_pruned(path, name, img_size, pretrained, trust_pickle, timm_kwargs) ->
     return restore_pruned(base, path, spec).eval()
 
 
-def _from_run(path, name, img_size, pretrained, trust_pickle, timm_kwargs) -> nn.Module:
+def _from_run(path, name, img_size, options, timm_kwargs) -> nn.Module:
     card, weights = read_card(path)
     if name is not None and name != card["model"]:
         raise EncoderError(f"{path} holds a {card['model']!r} encoder, not {name!r}")
     img_size = img_size if img_size is not None else card.get("img_size")
     timm_kwargs = {**card.get("timm_kwargs", {}), **timm_kwargs}
-    return _from_weights(weights, card["model"], img_size, pretrained, trust_pickle, timm_kwargs)
+    return _from_weights(weights, card["model"], img_size, options, timm_kwargs)
 
 
-def _from_weights(path, name, img_size, pretrained, trust_pickle, timm_kwargs) -> nn.Module:
+def _from_timm(path, name, img_size, options, timm_kwargs) -> nn.Module:
+    saved, args, cfg, weights = read_timm_dir(path)
+    if name is None and saved is None:
+        raise EncoderError(
+            f"{path} has timm weights but no config.json naming the model: pass its timm name"
+        )
+    if name is not None and saved is not None and name != saved:
+        raise EncoderError(f"{path} holds a {saved!r} (its config.json), not {name!r}")
+    model = _from_weights(weights, name or saved, img_size, options, {**args, **timm_kwargs})
+    keep = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+    model.pretrained_cfg = {**model.pretrained_cfg, **{k: cfg[k] for k in keep if k in cfg}}
+    if img_size is None and cfg.get("input_size"):
+        model.pretrained_cfg["input_size"] = tuple(cfg["input_size"])
+    return model
+
+
+def _from_weights(path, name, img_size, options, timm_kwargs) -> nn.Module:
     if name is None:
         raise EncoderError(
             "load_encoder needs a timm model name, or checkpoint=RUN_DIR of a memprune run"
         )
-    model = create_encoder(name, pretrained, img_size, **timm_kwargs)
+    model = create_encoder(name, options["pretrained"], img_size, **timm_kwargs)
     if path is not None:
-        load_state(model, read_checkpoint(path, trust_pickle=trust_pickle), source=str(path))
+        state = read_checkpoint(path, options["trust_pickle"], options["entry"])
+        load_state(model, state, source=str(path), strict=options["strict"])
     return model.eval()
 
 
 #: What a checkpoint path holds (:func:`memprune.checkpoints.checkpoint_kind`) -> its loader.
-LOADERS = {"pruned": _from_pruned, "run": _from_run, "weights": _from_weights}
+LOADERS = {"pruned": _from_pruned, "run": _from_run, "timm": _from_timm, "weights": _from_weights}
 
 
 def load_encoder(
@@ -121,6 +139,8 @@ def load_encoder(
     pretrained: bool = False,
     img_size: int | None = None,
     trust_pickle: bool = False,
+    entry: str | None = None,
+    strict: bool = True,
     **timm_kwargs,
 ) -> nn.Module:
     """Create a timm encoder (``num_classes=0``) in eval mode, optionally loading weights.
@@ -128,21 +148,35 @@ def load_encoder(
     Args:
         name: a timm model name (``timm.list_models()``), e.g. ``resnet18``,
             ``vit_tiny_patch16_224``; may be omitted when ``checkpoint`` records it.
-        checkpoint: a memprune training run (its directory or ``card.json``: the model name,
-            image size and timm arguments come from the card), a pruned encoder's directory
-            (:func:`memprune.save_pruned`), a ``.safetensors`` file, or a
-            torch file read with ``weights_only=True``.
-            Nested state dicts (``state_dict``, ``model``, ...) are unwrapped, the prefixes
-            ``module.``, ``encoder.``, ``backbone.`` stripped and the classifier's keys dropped
-            (the encoder has none). Any other missing, unexpected or mis-shaped key is an error
-            that lists them.
+        checkpoint: what people have on disk:
+
+            * a memprune training run (its directory or ``card.json``: the model name, image
+              size and timm arguments come from the card), or a pruned encoder's directory
+              (:func:`memprune.save_pruned`);
+            * a timm hub download: a directory with ``model.safetensors`` or
+              ``pytorch_model.bin`` and (optionally) ``config.json``, which names the model,
+              its arguments and normalization, so timm's pretrained weights work offline;
+            * a ``.safetensors`` file or a torch file read with ``weights_only=True``: a state
+              dict, or the checkpoint of DINO (``teacher``/``student``), MoCo v3
+              (``state_dict``, ``module.base_encoder.``), MAE (``model``), solo-learn / lightly
+              (``backbone.``), a torchvision ResNet (same keys as timm's).
+
+            The backbone's keys are found under the prefix that fits the model best; the keys
+            of training-only parts (heads, projectors, predictors, decoders, momentum
+            encoders) are dropped and listed in one :class:`~memprune.errors.CheckpointWarning`;
+            any other missing, unexpected or mis-shaped key is an error that lists them.
         pretrained: load timm's pretrained weights (needs internet).
         img_size: input resolution (see :func:`create_encoder`).
         trust_pickle: allow a checkpoint holding pickled Python objects (it can run code).
+        entry: which model of a checkpoint holding several (DINO: ``teacher``, the default,
+            or ``student``).
+        strict: False loads the tensors that fit and warns about the rest instead of failing.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``channels=(8, 16, 32, 64)``).
     """
+    options = {"pretrained": pretrained, "trust_pickle": trust_pickle, "entry": entry,
+               "strict": strict}  # fmt: skip
     loader = _from_weights if checkpoint is None else LOADERS[checkpoint_kind(checkpoint)]
-    return loader(checkpoint, name, img_size, pretrained, trust_pickle, timm_kwargs)
+    return loader(checkpoint, name, img_size, options, timm_kwargs)
 
 
 def normalization(

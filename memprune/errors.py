@@ -31,5 +31,9 @@ class CheckpointError(EncoderError):
     """A checkpoint cannot be read or does not fit the encoder."""
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint was loaded with parts left out (training-only heads, or ``strict=False``)."""
+
+
 class SiteError(MemPruneError, ValueError):
     """Unit or layer sites cannot be found or captured."""

@@ -45,14 +45,14 @@ def test_checkpoint_round_trips(tmp_path, resnet):
 def test_checkpoint_mismatch_lists_keys(tmp_path, resnet):
     state = dict(resnet.state_dict())
     state.pop("conv1.weight")
-    state["projector.0.weight"] = torch.zeros(3, 3)
+    state["layer9.extra.weight"] = torch.zeros(3, 3)  # neither the encoder's nor a head's
     state["bn1.bias"] = torch.zeros(5)
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError) as err:
         load_encoder("resnet18", checkpoint=tmp_path / "bad.pt", **TINY_RESNET)
     msg = str(err.value)
     assert "missing keys: conv1.weight" in msg
-    assert "unexpected keys: projector.0.weight" in msg
+    assert "unexpected keys: layer9.extra.weight" in msg
     assert "bn1.bias (5,) vs model (64,)" in msg
 
 

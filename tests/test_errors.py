@@ -83,7 +83,7 @@ def c_pickled_module(tmp):
 def c_other_architecture(tmp):
     vit = memprune.load_encoder("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
     path = _weights(tmp / "vit.safetensors", vit)
-    return _units(tmp, "--checkpoint", str(path)), "does not fit"
+    return _units(tmp, "--checkpoint", str(path)), "holds no weights of a ResNet"
 
 
 def c_other_width(tmp):

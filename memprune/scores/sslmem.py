@@ -85,7 +85,9 @@ def _layer_sites(f: nn.Module, g: nn.Module, dataset: Dataset, layers) -> list[S
     f_layout = [(s.name, tuple(s.shape)) for s in sites]
     g_layout = [(s.name, tuple(s.shape)) for s in g_sites]
     if f_layout != g_layout:
-        diff = [(a, b) for a, b in zip(f_layout, g_layout) if a != b] or [(len(sites), len(g_sites))]
+        diff = [(a, b) for a, b in zip(f_layout, g_layout) if a != b] or [
+            (len(sites), len(g_sites))
+        ]
         raise ConfigError(
             "f and g must have the same architecture: their layer sites differ (first"
             f" difference, f vs g: {diff[0]}); score encoders made with the same recipe"

@@ -1,0 +1,164 @@
+"""Checkpoints as people have them: each layout is built from a timm model's own state dict
+(renamed, wrapped, with the training-only parts its framework adds) and must load into an
+encoder whose outputs equal the original's."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from memprune import CheckpointError, EncoderError, load_encoder
+from memprune.errors import CheckpointWarning
+
+from .conftest import TINY_RESNET, tiny_resnet, tiny_vit
+
+VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+
+
+def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The model with every float tensor redrawn (so teacher and student differ)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t) * 0.1 + (1.0 if t.ndim == 1 else 0.0))
+    return model
+
+
+def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, size=32) -> None:
+    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def _wrap(state: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _head(prefix: str, dim: int = 64) -> dict:
+    return {f"{prefix}.0.weight": torch.randn(dim, dim), f"{prefix}.0.bias": torch.randn(dim)}
+
+
+def test_timm_hub_directory_loads_offline_with_and_without_config(tmp_path):
+    from timm.models._hub import save_for_hf
+
+    model = _randomized(tiny_resnet(), 1)
+    for safe, file in [(True, "model.safetensors"), (False, "pytorch_model.bin")]:
+        d = tmp_path / file
+        save_for_hf(model, str(d), safe_serialization=safe)
+        assert (d / file).is_file() and (d / "config.json").is_file()
+        loaded = load_encoder(checkpoint=d)  # name and channels come from config.json
+        _same_outputs(model, loaded)
+        assert loaded.pretrained_cfg["mean"] == list(model.pretrained_cfg["mean"])
+        (d / "config.json").unlink()  # weights alone: the name must be given
+        with pytest.raises(EncoderError, match="no config.json"):
+            load_encoder(checkpoint=d)
+        _same_outputs(model, load_encoder("resnet18", checkpoint=d, **TINY_RESNET))
+
+
+def test_dino_teacher_by_default_student_on_request(tmp_path):
+    teacher, student = _randomized(tiny_vit(), 1), _randomized(tiny_vit(), 2)
+    ckpt = {
+        "teacher": {**_wrap(teacher.state_dict(), "backbone."), **_head("head.mlp", 32),
+                    "head.last_layer.weight": torch.randn(10, 32)},
+        "student": {**_wrap(student.state_dict(), "module.backbone."),
+                    **_head("module.head.mlp", 32)},
+        "epoch": 3,
+        "args": argparse.Namespace(arch="vit_tiny", out_dim=10),  # DINO saves its args
+        "dino_loss": {"center": torch.zeros(1, 10)},
+    }  # fmt: skip
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    with pytest.warns(CheckpointWarning, match=r"dropped 3 keys .*: head \(3\)$"):
+        got = load_encoder("vit_tiny_patch16_224", checkpoint=tmp_path / "checkpoint.pth", **VIT)
+    _same_outputs(teacher, got)
+    with pytest.warns(CheckpointWarning, match=r"module\.head \(2\)"):
+        got = load_encoder("vit_tiny_patch16_224", checkpoint=tmp_path / "checkpoint.pth",
+                           entry="student", **VIT)  # fmt: skip
+    _same_outputs(student, got)
+    with pytest.raises(CheckpointError, match="no entry 'ema'.*teacher.*student"):
+        load_encoder("vit_tiny_patch16_224", checkpoint=tmp_path / "checkpoint.pth",
+                     entry="ema", **VIT)  # fmt: skip
+
+
+def test_mocov3_base_encoder_without_projector_predictor_momentum(tmp_path):
+    model = _randomized(tiny_resnet(), 3)
+    state = {
+        **_wrap(model.state_dict(), "module.base_encoder."),
+        **_head("module.base_encoder.fc"),  # MoCo v3 puts its projector in the ResNet's fc
+        **_wrap(_randomized(tiny_resnet(), 4).state_dict(), "module.momentum_encoder."),
+        **_head("module.predictor"),
+    }
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": state,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}},
+               tmp_path / "moco.pth.tar")  # fmt: skip
+    with pytest.warns(CheckpointWarning) as record:
+        got = load_encoder("resnet18", checkpoint=tmp_path / "moco.pth.tar", **TINY_RESNET)
+    _same_outputs(model, got)
+    line = str(record[0].message)
+    assert "module.base_encoder.fc" in line and "module.momentum_encoder" in line
+    assert "module.predictor" in line and "\n" not in line
+
+
+def test_mae_model_without_decoder(tmp_path):
+    model = _randomized(tiny_vit(), 5)
+    decoder = {
+        "decoder_embed.weight": torch.randn(16, 32),
+        "decoder_norm.weight": torch.ones(16),
+        "decoder_pos_embed": torch.randn(1, 17, 16),
+        **_head("decoder_blocks.0.mlp.fc1", 16),
+    }
+    state = {**model.state_dict(), "mask_token": torch.zeros(1, 1, 16), **decoder}
+    torch.save({"model": state, "args": argparse.Namespace(model="mae_vit")}, tmp_path / "mae.pth")
+    with pytest.warns(CheckpointWarning, match="decoder_embed"):
+        got = load_encoder("vit_tiny_patch16_224", checkpoint=tmp_path / "mae.pth", **VIT)
+    _same_outputs(model, got)
+
+
+@pytest.mark.parametrize("framework", ["solo-learn", "lightly"])
+def test_solo_learn_and_lightly_backbone(tmp_path, framework):
+    model = _randomized(tiny_resnet(), 6)
+    state = _wrap(model.state_dict(), "backbone.")
+    if framework == "solo-learn":  # a Lightning checkpoint
+        state |= {**_head("projector"), **_wrap(model.state_dict(), "momentum_backbone."),
+                  "classifier.weight": torch.randn(10, 64)}  # fmt: skip
+        obj = {"state_dict": state, "epoch": 9, "hyper_parameters": {"method": "byol"}}
+    else:  # model.state_dict() of a lightly model
+        obj = {**state, **_head("projection_head.layers"), **_head("prediction_head.layers")}
+    torch.save(obj, tmp_path / "ckpt.pt")
+    with pytest.warns(CheckpointWarning):
+        got = load_encoder("resnet18", checkpoint=tmp_path / "ckpt.pt", **TINY_RESNET)
+    _same_outputs(model, got)
+
+
+def test_torchvision_resnet_into_timm(tmp_path):
+    import torchvision
+
+    tv = _randomized(torchvision.models.resnet18(), 7)
+    torch.save(tv.state_dict(), tmp_path / "resnet18.pth")
+    with pytest.warns(CheckpointWarning, match="fc"):
+        got = load_encoder("resnet18", checkpoint=tmp_path / "resnet18.pth")
+    tv.fc = torch.nn.Identity()
+    _same_outputs(tv, got, size=64)
+
+
+def test_bad_layouts_are_errors_and_strict_false_reports(tmp_path):
+    model = _randomized(tiny_resnet(), 8)
+    torch.save(_wrap(model.state_dict(), "net."), tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="no weights of a VisionTransformer"):  # other model
+        load_encoder("vit_tiny_patch16_224", checkpoint=tmp_path / "other.pth", **VIT)
+    state = model.state_dict()
+    state.pop("layer1.0.conv1.weight")
+    state["layer9.extra.weight"] = torch.zeros(3)  # neither the encoder's nor a head's
+    torch.save(state, tmp_path / "broken.pth")
+    expected = r"missing keys: layer1\.0\.conv1\.weight.*unexpected keys: layer9\.extra\.weight"
+    with pytest.raises(CheckpointError, match=expected):
+        load_encoder("resnet18", checkpoint=tmp_path / "broken.pth", **TINY_RESNET)
+    with pytest.warns(CheckpointWarning, match="strict=False"):
+        got = load_encoder("resnet18", checkpoint=tmp_path / "broken.pth", strict=False,
+                           **TINY_RESNET)  # fmt: skip
+    assert torch.equal(got.layer4[0].conv1.weight, model.layer4[0].conv1.weight)
+    with pytest.raises(CheckpointError, match="shape mismatches"):  # another width
+        load_encoder("resnet18", checkpoint=tmp_path / "broken.pth",
+                     channels=(16, 16, 32, 64))  # fmt: skip
