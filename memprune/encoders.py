@@ -8,6 +8,7 @@ feature), returned in ``eval()`` mode (docs/method.md §0). Weights are read wit
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from contextlib import contextmanager
 
@@ -177,6 +178,16 @@ def load_encoder(
                "strict": strict}  # fmt: skip
     loader = _from_weights if checkpoint is None else LOADERS[checkpoint_kind(checkpoint)]
     return loader(checkpoint, name, img_size, options, timm_kwargs)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def normalization(

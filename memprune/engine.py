@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from memprune._dist import process_state, rank_world, shard
 from memprune._io import package_versions
 from memprune.data import dataset_name, describe_augment
-from memprune.encoders import evaluating, normalization, resolve_device
+from memprune.encoders import evaluating, normalization, resolve_device, weights_hash
 from memprune.errors import ConfigError
 from memprune.hooks import capture
 from memprune.sites import Site
@@ -60,6 +60,7 @@ def score_meta(kind: str, encoder: nn.Module, dataset: Dataset, sites: Sequence[
     return {
         "kind": kind,
         "model": cfg.get("architecture", type(encoder).__name__),
+        "weights": weights_hash(encoder)[:16],
         "data": dataset_name(dataset),
         "n_points": len(dataset),
         **options,

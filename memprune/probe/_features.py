@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from memprune._dist import gather_by_index, rank_world
 from memprune._io import write_safetensors
 from memprune.data import MultiView, dataset_name
-from memprune.encoders import feature_dim
+from memprune.encoders import feature_dim, weights_hash
 from memprune.engine import Compute, image_size, resolve_normalize, view_batches
 from memprune.errors import ConfigError
 from memprune.sites import output_site
@@ -34,16 +34,6 @@ class Features:
     features: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
-
-
-def weights_hash(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def data_fingerprint(dataset: Dataset) -> dict:

@@ -3,13 +3,14 @@
 * metrics (``update`` / ``merge`` / ``compute`` / ``reset`` / ``sync``): :class:`UnitMem`,
   :class:`ClassMem`, :class:`LayerMem`, :class:`CKA`;
 * functions over an encoder and a data set: :func:`unit_mem`, :func:`class_mem`,
-  :func:`ssl_mem`, :func:`layer_mem`, :func:`cka`, :func:`cka_from_features`,
-  :func:`learnedness`;
+  :func:`ssl_mem`, :func:`layer_mem`, :func:`member_gap` (one encoder, no reference),
+  :func:`cka`, :func:`cka_from_features`, :func:`learnedness`;
 * results (``kind``, ``meta``, ``to_rows``, ``save`` / ``load``).
 """
 
 from memprune.scores.cka import CKA, CKAResult, cka, cka_from_features
 from memprune.scores.learnedness import LearnednessResult, learnedness
+from memprune.scores.membership import AlignmentLoss, MemberGapResult, member_gap
 from memprune.scores.sslmem import (
     PAIRS,
     LayerMem,
@@ -31,12 +32,14 @@ from memprune.scores.unitmem import (
 __all__ = [
     "CKA",
     "PAIRS",
+    "AlignmentLoss",
     "CKAResult",
     "ClassMem",
     "ClassMemResult",
     "LayerMem",
     "LayerMemResult",
     "LearnednessResult",
+    "MemberGapResult",
     "PairedViews",
     "SSLMemResult",
     "UnitMem",
@@ -46,6 +49,7 @@ __all__ = [
     "class_mem",
     "layer_mem",
     "learnedness",
+    "member_gap",
     "ssl_mem",
     "unit_mem",
 ]

@@ -253,6 +253,8 @@ class LayerMemResult(Result):
     """
 
     kind = "layermem"
+    #: the per-layer values :func:`memprune.select_layers` can rank by (``by=``)
+    rankings = ("delta", "layermem")
     layers: list[str]
     indices: torch.Tensor
     loss_f: torch.Tensor
@@ -279,6 +281,10 @@ class LayerMemResult(Result):
         """ΔLayerMem per layer ``[L]``; the first layer's is its LayerMem."""
         lm = self.layer_mem(rows)
         return torch.cat([lm[:1], lm[1:] - lm[:-1]])
+
+    def ranking(self, by: str) -> torch.Tensor:
+        """The value of every layer ``[L]`` under ranking ``by`` (``delta`` or ``layermem``)."""
+        return {"delta": self.delta, "layermem": self.layer_mem}[by]()
 
     def ranked(self) -> dict[str, torch.Tensor]:
         """Row positions of the top-k and least-k points by output-layer SSLMem. k is

@@ -1,19 +1,23 @@
 """Selective fine-tuning of the layers (or units) that memorize most (docs/method.md §10).
 
-* :func:`select_layers`: top-k by ΔLayerMem / LayerMem, or the last-k, first-k, random-k
-  and all-layers baselines, with the parameters each layer owns.
+* :func:`select_layers`: top-k by a layer ranking (ΔLayerMem / LayerMem with a reference
+  encoder; member gap / AUC, UnitMem profile or Auto-RGN from one encoder), or the last-k,
+  first-k, random-k and all-layers baselines, with the parameters each layer owns.
+* :func:`unitmem_profile`, :func:`auto_rgn`: single-encoder layer rankings.
 * :func:`finetune`: train the chosen layers plus a linear head, everything else frozen.
 * :func:`finetune_units`: gradient masks, so only chosen units of a layer change.
 """
 
 from memprune.tuning._compare import compare_finetuning
 from memprune.tuning._finetune import FinetuneResult, accuracy, finetune, finetune_units
+from memprune.tuning._rankings import LayerValues, auto_rgn, unitmem_profile
 from memprune.tuning._select import (
     BY,
     STRATEGIES,
     LayerSelection,
     layer_modules,
     layer_parameters,
+    ranking_values,
     select_layers,
 )
 
@@ -22,11 +26,15 @@ __all__ = [
     "STRATEGIES",
     "FinetuneResult",
     "LayerSelection",
+    "LayerValues",
     "accuracy",
+    "auto_rgn",
     "compare_finetuning",
     "finetune",
     "finetune_units",
     "layer_modules",
     "layer_parameters",
+    "ranking_values",
     "select_layers",
+    "unitmem_profile",
 ]

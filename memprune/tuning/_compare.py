@@ -1,16 +1,22 @@
-"""Fine-tuning strategies side by side at the same k, epochs and learning rate."""
+"""Fine-tuning rules side by side at the same k, epochs and learning rate."""
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import nn
 from torch.utils.data import Dataset
 
+from memprune.errors import ConfigError
 from memprune.sites import OUTPUT
 from memprune.tuning._finetune import finetune
-from memprune.tuning._select import BY, STRATEGIES, select_layers
+from memprune.tuning._select import (
+    STRATEGIES,
+    check_same_encoder,
+    ranking_values,
+    select_layers,
+)
 
 
 def _row(strategy: str, k: int, accs: list[float], layers: list[str]) -> dict:
@@ -25,48 +31,83 @@ def _row(strategy: str, k: int, accs: list[float], layers: list[str]) -> dict:
     }
 
 
+def _rankings(rankings, by: str | None) -> dict[str, object]:
+    """``{by: result}`` from one ranking result (ranked ``by``) or a mapping; every result must
+    rank the same layers."""
+    if not isinstance(rankings, Mapping):
+        rankings = {ranking_values(rankings, by)[0]: rankings}
+    elif by is not None:
+        raise ConfigError("pass by= only with a single ranking; a mapping names its rankings")
+    if not rankings:
+        raise ConfigError("compare_finetuning needs at least one layer ranking")
+    layers = {}
+    for name, result in rankings.items():
+        ranking_values(result, name)  # the result offers this ranking
+        layers[name] = [n for n in result.layers if n != OUTPUT]
+    first = next(iter(layers.values()))
+    odd = [n for n, ls in layers.items() if ls != first]
+    if odd:
+        raise ConfigError(
+            f"rankings {odd} rank other layers than {next(iter(layers))!r}: compute every"
+            " ranking on the same encoder"
+        )
+    return dict(rankings)
+
+
 def compare_finetuning(
     encoder: nn.Module,
-    layer_scores,
+    rankings,
     train: Dataset,
     test: Dataset,
     ks,
     strategies,
     seeds=(0, 1, 2),
-    by: str = "delta",
+    by: str | None = None,
     baseline: Callable[[nn.Module, int], float] | None = None,
     log=print,
     **budget,
 ) -> tuple[list[dict], list[dict]]:
-    """Fine-tune ``encoder`` with the layers each strategy picks for each k, once per seed,
-    all with the same ``budget`` (arguments of :func:`finetune`: epochs, lr, batch_size,
-    augment, ...); ``all`` runs once per seed with every layer. ``baseline(encoder, seed)``,
-    when given, is the frozen encoder's accuracy without fine-tuning (e.g. a linear probe on
-    the same data): the first row, labelled ``linear probe``.
+    """Fine-tune ``encoder`` with the layers each rule picks for each k, once per seed, all
+    with the same ``budget`` (arguments of :func:`finetune`: epochs, lr, batch_size, augment,
+    ...).
+
+    ``rankings``: one layer ranking (ranked ``by``, default its first) or a mapping from a
+    ranking name to the result providing it, e.g. ``{"delta": layer_mem(...), "gap":
+    member_gap(...), "unitmem": unitmem_profile(...), "rgn": auto_rgn(...)}``. Strategy
+    ``top`` runs once per ranking (rows ``top delta``, ``top gap``, ...); ``last``,
+    ``first``, ``random`` need no ranking and run once; ``all`` runs once per seed with every
+    layer. ``baseline(encoder, seed)``, when given, is the frozen encoder's accuracy without
+    fine-tuning (e.g. a linear probe on the same data): the first row, ``linear probe``.
 
     Returns table rows (mean, standard deviation and per-seed test accuracy) and one record
     per run (layers, accuracy, best epoch, curves).
     """
     for strategy in strategies:  # every name is checked before any training
         STRATEGIES.check(strategy)
-    BY.check(by)
+    rankings = _rankings(rankings, by)
+    for result in rankings.values():
+        check_same_encoder(result, encoder)
     rows, runs = [], []
     if baseline is not None:
         rows.append(_row("linear probe", 0, [baseline(encoder, s) for s in seeds], []))
-    n_layers = sum(1 for name in layer_scores.layers if name != OUTPUT)
-    for strategy in strategies:
+    first = next(iter(rankings))
+    n_layers = sum(1 for name in rankings[first].layers if name != OUTPUT)
+    rules = [(f"top {b}" if s == "top" else s, s, b)
+             for s in strategies for b in (rankings if s == "top" else [first])]  # fmt: skip
+    for rule, strategy, by_name in rules:
         for k in [n_layers] if strategy == "all" else ks:
             accs, layers = [], []
             for seed in seeds:
-                sel = select_layers(layer_scores, k, by=by, strategy=strategy, seed=seed)
+                sel = select_layers(rankings[by_name], k, by=by_name, strategy=strategy,
+                                    seed=seed)  # fmt: skip
                 r = finetune(encoder, sel, train, None, test, seed=seed, **budget)
                 accs.append(r.accuracy)
                 layers = layers or sel.layers
                 runs.append({
-                    "strategy": strategy, "k": k, "seed": seed, "layers": sel.layers,
+                    "strategy": rule, "k": k, "seed": seed, "layers": sel.layers,
                     "accuracy": r.accuracy, "best_epoch": r.best_epoch,
                     "val_accuracy": r.val_accuracy, "train_loss": r.train_loss,
                 })  # fmt: skip
-            rows.append(_row(strategy, k, accs, ["(per seed)"] if strategy == "random" else layers))
-            log(f"{strategy} k={k}: {rows[-1]['mean']:.4f} ± {rows[-1]['std']:.4f}")
+            rows.append(_row(rule, k, accs, ["(per seed)"] if strategy == "random" else layers))
+            log(f"{rule} k={k}: {rows[-1]['mean']:.4f} ± {rows[-1]['std']:.4f}")
     return rows, runs

@@ -7,16 +7,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from memprune.encoders import input_size
+from memprune.encoders import input_size, weights_hash
 from memprune.errors import ConfigError, SiteError
 from memprune.registry import Registry
 from memprune.sites import OUTPUT, Site, find_sites, is_conv, is_linear, is_norm, trace
 
-#: ``by``: the per-layer value ``top`` ranks by.
-BY = Registry("layer ranking", {"delta": "delta", "layermem": "layer_mem"})
+#: ``by``: the per-layer value ``top`` ranks by -> the call whose result provides it.
+BY = Registry(
+    "layer ranking",
+    {
+        "delta": "memprune.layer_mem (ΔLayerMem, needs a reference encoder)",
+        "layermem": "memprune.layer_mem (LayerMem, needs a reference encoder)",
+        "gap": "memprune.scores.member_gap (member gap, one encoder)",
+        "auc": "memprune.scores.member_gap (membership AUC, one encoder)",
+        "unitmem": "memprune.tuning.unitmem_profile (mean UnitMem of the layer's units)",
+        "unitmem_frac": "memprune.tuning.unitmem_profile (fraction of units above 0.5)",
+        "rgn": "memprune.tuning.auto_rgn (Auto-RGN, relative gradient norm)",
+    },
+)
 
 
 def _top(values: torch.Tensor, k: int, seed: int) -> list[int]:
+    values = values.nan_to_num(nan=float("-inf"))  # a layer without a value is never on top
     return torch.sort(values, descending=True, stable=True).indices[:k].tolist()
 
 
@@ -110,33 +122,70 @@ def layer_parameters(encoder: nn.Module, layers: list[str], size=None) -> dict[s
     return out
 
 
+def ranking_values(result, by: str | None = None) -> tuple[str, torch.Tensor]:
+    """``(by, values of the layers [L])`` of a layer ranking result: a
+    :class:`~memprune.LayerMemResult` (``delta``, ``layermem``), a
+    :class:`~memprune.scores.MemberGapResult` (``gap``, ``auc``) or the
+    :class:`~memprune.tuning.LayerValues` of ``unitmem_profile`` / ``auto_rgn``; ``by``
+    defaults to the result's first ranking."""
+    offered = tuple(getattr(result, "rankings", ()))
+    if not offered:
+        raise ConfigError(
+            f"{type(result).__name__} is not a layer ranking: pass the result of layer_mem,"
+            " member_gap, unitmem_profile or auto_rgn"
+        )
+    by = offered[0] if by is None else BY.check(by)
+    if by not in offered:
+        raise ConfigError(
+            f"by={by!r} comes from {BY[by]}; this {type(result).__name__} ranks by"
+            f" {', '.join(offered)}"
+        )
+    return by, result.ranking(by)
+
+
+def check_same_encoder(result, encoder: nn.Module) -> None:
+    """Refuse a ranking computed on an encoder with other weights than ``encoder``."""
+    made_on = (getattr(result, "meta", None) or {}).get("weights")
+    if made_on is not None and made_on != weights_hash(encoder)[: len(made_on)]:
+        raise ConfigError(
+            f"this {type(result).__name__} was computed on an encoder with other weights"
+            f" (weights {made_on}): rank the layers of the encoder you fine-tune"
+        )
+
+
 def select_layers(
     result,
     k: int,
-    by: str = "delta",
+    by: str | None = None,
     strategy: str = "top",
     seed: int = 0,
     encoder: nn.Module | None = None,
 ) -> LayerSelection:
-    """Choose ``k`` layers of a :class:`~memprune.LayerMemResult` to fine-tune.
+    """Choose ``k`` layers of an encoder to fine-tune from a per-layer ranking.
 
     Args:
-        result: LayerMem of the encoder (its ``output`` entry is a read-out of the last layer,
-            not a layer that owns parameters, and is never chosen).
+        result: a layer ranking of the encoder: LayerMem (:func:`memprune.layer_mem`), the
+            member gap (:func:`memprune.scores.member_gap`), the UnitMem profile
+            (:func:`memprune.tuning.unitmem_profile`) or Auto-RGN
+            (:func:`memprune.tuning.auto_rgn`). An ``output`` entry is a read-out of the last
+            layer, not a layer that owns parameters, and is never chosen.
         k: number of layers (ignored by ``all``).
-        by: ``delta`` (ΔLayerMem, default) or ``layermem``: the ranking of ``top``.
-        strategy: ``top`` (the k most memorizing), ``last`` / ``first`` (the last / first k in
-            forward order), ``random`` (k drawn with ``seed``), ``all``.
+        by: the value ``top`` ranks by (:data:`BY`): ``delta`` (ΔLayerMem) or ``layermem``;
+            ``gap`` or ``auc``; ``unitmem`` or ``unitmem_frac``; ``rgn``. Default: the
+            result's first (``delta``, ``gap``, ``unitmem``, ``rgn``).
+        strategy: ``top`` (the k highest values), ``last`` / ``first`` (the last / first k
+            in forward order), ``random`` (k drawn with ``seed``), ``all``.
         seed: seed of ``random``.
-        encoder: when given, the selection's ``parameters`` are filled and the layers checked
-            against it.
+        encoder: when given, the selection's ``parameters`` are filled, the layers checked
+            against it, and a ranking computed on other weights refused.
     Returns:
         A :class:`LayerSelection` with the layers in forward order.
     """
     choose = STRATEGIES[strategy]
+    by, values = ranking_values(result, by)
     layers = [name for name in result.layers if name != OUTPUT]
     keep = torch.tensor([name != OUTPUT for name in result.layers])
-    values = getattr(result, BY[by])()[keep]
+    values = values[keep]
     if strategy == "all":
         k = len(layers)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(layers):
@@ -149,6 +198,7 @@ def select_layers(
         picked, strategy, by, k, {n: float(v) for n, v in zip(layers, values)}
     )
     if encoder is not None:
+        check_same_encoder(result, encoder)
         selection.parameters = layer_parameters(encoder, picked)
     return selection
 
