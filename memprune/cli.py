@@ -97,7 +97,12 @@ def _command(args: argparse.Namespace) -> dict:
     """The command and its arguments, as recorded in (and matched against) an output marker."""
     skip = {"func", "force", "out", "resume"}
     verb = " ".join(v for v in (args.command, getattr(args, "what", None)) if v)
-    return {"verb": verb, "args": {k: v for k, v in sorted(vars(args).items()) if k not in skip}}
+    return {
+        "verb": verb,
+        "args": {
+            k: v for k, v in sorted(vars(args).items()) if k not in skip and not k.startswith("_")
+        },
+    }
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -318,16 +323,94 @@ def _fraction(text: str) -> int | float:
 def _encoder_arg(path: str, args: argparse.Namespace):
     from memprune.encoders import load_encoder
 
-    if Path(path).is_dir() or path.endswith(".json"):
-        return load_encoder(checkpoint=path)
     return load_encoder(
         args.model, checkpoint=path, img_size=args.img_size, **_key_values(args.timm)
     )
 
 
-def cmd_score_layers(args: argparse.Namespace) -> int:
-    """LayerMem / ΔLayerMem of the pair f, g on the candidates."""
+def _points(args, flag: str):
+    """``--members`` / ``--nonmembers SPLIT[:FILE[:PART]]``: a split of ``--data``, restricted
+    to the indices of FILE (a JSON list, or a memprune splits.json and which PART of it)."""
+    from memprune._io import read_json
+    from memprune.data import Splits, load_dataset
+    from memprune.errors import ConfigError
+
+    spec = getattr(args, flag)
+    split, _, rest = spec.partition(":")
+    path, _, part = rest.rpartition(":") if rest.count(":") else (rest, "", "")
+    if split not in ("train", "test"):
+        raise ConfigError(f"--{flag} {spec!r}: write SPLIT[:FILE[:PART]] with SPLIT train or test")
+    loaded = vars(args).setdefault("_loaded", {})  # one data set per split, so that
+    if split not in loaded:  # members and non-members of one split are checked for overlap
+        loaded[split] = load_dataset(args.data, split, root=args.root, img_size=_img_size(args))
+    data = loaded[split]
+    if not path:
+        return data
+    if not Path(path).is_file():
+        raise ConfigError(f"--{flag}: {path} does not exist")
+    raw = read_json(Path(path))
+    if isinstance(raw, dict):
+        if part not in ("shared", "candidate", "extra", "test", "f", "g"):
+            raise ConfigError(f"--{flag} {spec!r}: {path} is a splits file; end with :PART"
+                              " (shared, candidate, extra, test, f or g)")  # fmt: skip
+        splits = Splits.load(path)
+        raw = {"f": splits.f_indices, "g": splits.g_indices}.get(part) or getattr(splits, part)
+    from torch.utils.data import Subset
+
+    return Subset(data, [int(i) for i in raw])
+
+
+def cmd_score_gap(args: argparse.Namespace) -> int:
+    """Member gap and membership AUC per layer of one encoder (no reference encoder)."""
     from memprune._dist import rank_world
+    from memprune._table import write_table
+    from memprune.errors import ConfigError
+    from memprune.report import plot_member_gap
+    from memprune.scores import member_gap
+
+    rank, _ = rank_world()
+    if not (args.members and args.nonmembers) or args.f or args.g:
+        raise ConfigError(
+            "score layers takes either --f and --g (LayerMem), or --encoder with --members and"
+            " --nonmembers (member gap, no reference encoder)"
+        )
+    if rank == 0:
+        _check_out(args)
+    encoder = _encoder_arg(args.encoder, args)
+    result = member_gap(
+        encoder, _points(args, "members"), _points(args, "nonmembers"), n_pairs=args.pairs,
+        layers=args.layers, representation=args.representation, pair=args.pair,
+        n_points=args.n_points, chunk_size=args.chunk_size, seed=args.seed, device=args.device,
+        num_workers=args.workers, augment=_augment(args.augment, "simclr"),
+    )  # fmt: skip
+    if rank != 0:
+        return 0
+    out = _open_out(args)
+    result.meta.update(encoder=str(args.encoder), members=args.members, nonmembers=args.nonmembers)
+    result.save(out / "membergap")
+    printed = write_table(out / "membergap", result.to_rows())
+    plot_member_gap(result, out / "membergap.png")
+    out.finish()
+    print(printed)
+    print(f"\nwrote membergap.safetensors, membergap.json, membergap.md, membergap.csv,"
+          f" membergap.png to {out}")  # fmt: skip
+    return 0
+
+
+def cmd_score_layers(args: argparse.Namespace) -> int:
+    """LayerMem / ΔLayerMem of the pair f, g on the candidates (or, with --encoder, the member
+    gap of one encoder)."""
+    from memprune._dist import rank_world
+
+    if args.encoder:
+        return cmd_score_gap(args)
+    if not (args.f and args.g):
+        from memprune.errors import ConfigError
+
+        raise ConfigError(
+            "score layers needs --f and --g (LayerMem of a pair), or --encoder CKPT --members"
+            " SPLIT[:FILE[:PART]] --nonmembers ... (member gap of one encoder)"
+        )
     from memprune._table import write_table
     from memprune.data import Splits
     from memprune.report import plot_consistency, plot_layer_mem
@@ -580,21 +663,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _layer_scores(args):
-    """LayerMem from ``--layer-scores DIR`` or computed for ``--f`` / ``--g``."""
+    """A layer ranking from ``--layer-scores DIR`` (LayerMem or member gap), or LayerMem
+    computed for ``--f`` / ``--g``; None without either."""
     from memprune.data import Splits, load_dataset
     from memprune.errors import ConfigError
-    from memprune.scores import LayerMemResult, layer_mem
+    from memprune.results import load_any
+    from memprune.scores import layer_mem
 
     if args.layer_scores:
         stem = Path(args.layer_scores)
-        stem = stem / "layermem" if stem.is_dir() else Path(str(stem).removesuffix(".json"))
+        if stem.is_dir():
+            found = [stem / n for n in ("layermem", "membergap") if (stem / f"{n}.json").is_file()]
+            stem = found[0] if found else stem / "layermem"
+        else:
+            stem = Path(str(stem).removesuffix(".json"))
         if not stem.with_suffix(".json").is_file():
             raise ConfigError(
-                f"no LayerMem at {args.layer_scores}: pass the --out of `memprune score layers`"
+                f"no layer scores at {args.layer_scores}: pass the --out of `memprune score"
+                " layers` (with --f/--g, or --encoder)"
             )
-        return LayerMemResult.load(stem)
+        return load_any(stem)
     if not args.g:
-        raise ConfigError("rank layers with --layer-scores DIR, or give --g to compute LayerMem")
+        return None
     f, g = _encoder_arg(args.f, args), _encoder_arg(args.g, args)
     splits = Path(args.f).parent / "splits.json"
     indices = Splits.load(splits).candidate if splits.is_file() else None
@@ -602,12 +692,43 @@ def _layer_scores(args):
     return layer_mem(f, g, data, indices, n_pairs=args.pairs, seed=0)
 
 
+def _finetune_rankings(args, encoder, train) -> dict:
+    """``--by`` name -> the result ranking by it (default: every ranking the given scores
+    offer, then Auto-RGN, which needs only the downstream data)."""
+    from memprune.errors import ConfigError
+    from memprune.scores import UnitMemResult
+    from memprune.tuning import auto_rgn, unitmem_profile
+
+    sources = []
+    if (scores := _layer_scores(args)) is not None:
+        sources.append(scores)
+    if args.unit_scores:
+        stem = Path(args.unit_scores)
+        stem = stem / "unitmem" if stem.is_dir() else Path(str(stem).removesuffix(".json"))
+        sources.append(unitmem_profile(UnitMemResult.load(stem), encoder))
+    offered = {by: result for result in sources for by in result.rankings}
+    wanted = args.by or [*[r.rankings[0] for r in sources], "rgn"]
+    made = {}
+    for by in wanted:
+        if by == "rgn":
+            made[by] = auto_rgn(encoder, train, seed=args.seeds[0])
+        elif by in offered:
+            made[by] = offered[by]
+        else:
+            raise ConfigError(
+                f"--by {by}: no scores rank by it; pass --layer-scores (score layers --out: delta,"
+                " layermem with --f/--g; gap, auc with --encoder), --unit-scores (score units"
+                " --out: unitmem, unitmem_frac), --g, or rank by rgn"
+            )
+    return made
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune the chosen layers by each strategy, k and seed; one comparison table."""
+    """Fine-tune the chosen layers by each rule, k and seed; one comparison table."""
     from memprune.data import load_dataset
     from memprune.probe import linear_probe
     from memprune.report import plot_finetune
-    from memprune.tuning import compare_finetuning
+    from memprune.tuning import compare_finetuning, ranking_values
 
     _positive(args, "pairs", "k", "epochs", "batch_size")
     if not args.lr > 0:
@@ -616,22 +737,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lr must be > 0, got {args.lr}")
     _check_out(args)
     encoder = _encoder_arg(args.f, args)
-    scores = _layer_scores(args)
     train = load_dataset(args.data, "train", root=args.root, img_size=_img_size(args))
     test = load_dataset(args.data, "test", root=args.root, img_size=_img_size(args))
+    rankings = _finetune_rankings(args, encoder, train)
     augment = _augment(args.augment, "crop_flip")
     budget = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, augment=augment)
 
     def baseline(model, seed: int) -> float:
         return linear_probe(model, train, test, seed=seed).accuracy
 
-    rows, runs = compare_finetuning(encoder, scores, train, test, args.k, args.strategy,
-                                    args.seeds, by=args.by, baseline=baseline,
+    rows, runs = compare_finetuning(encoder, rankings, train, test, args.k, args.strategy,
+                                    args.seeds, baseline=baseline,
                                     log=lambda m: print(m, flush=True), **budget)  # fmt: skip
-    values = scores.delta() if args.by == "delta" else scores.layer_mem()
+    values = {by: dict(zip(r.layers, ranking_values(r, by)[1].tolist()))
+              for by, r in rankings.items()}  # fmt: skip
     report = {
-        "f": args.f, "data": args.data, "by": args.by, "seeds": args.seeds, **budget,
-        "layer_values": dict(zip(scores.layers, values.tolist())), "table": rows, "runs": runs,
+        "f": args.f, "data": args.data, "by": list(rankings), "seeds": args.seeds, **budget,
+        "layer_values": values, "table": rows, "runs": runs,
     }  # fmt: skip
     title = f"fine-tuning {args.f} on {args.data} ({args.epochs} epochs, lr {args.lr:g})"
     out = _open_out(args)
@@ -764,11 +886,26 @@ def _build_score_units(score, what: str, views: int, augment: str, helptext: str
 
 
 def _build_score_layers(score) -> None:
-    p = score.add_parser("layers", help="LayerMem / ΔLayerMem of an encoder pair")
-    p.add_argument("--f", required=True,
+    p = score.add_parser("layers", help="LayerMem / ΔLayerMem of an encoder pair, or the member"
+                         " gap of one encoder")  # fmt: skip
+    p.add_argument("--f", default=None,
                    help="encoder trained WITH the candidates: run dir or weights")  # fmt: skip
-    p.add_argument("--g", required=True, help="encoder trained WITHOUT them: run dir or weights")
-    _add_weight_files(p, "--f", "--g")
+    p.add_argument("--g", default=None, help="encoder trained WITHOUT them: run dir or weights")
+    p.add_argument("--encoder", default=None, help="one encoder, no reference: the member gap of"
+                   " --members against --nonmembers (any checkpoint layout)")  # fmt: skip
+    p.add_argument(
+        "--members",
+        default=None,
+        metavar="SPLIT[:FILE[:PART]]",
+        help="points --encoder trained on, e.g. train:runs/x/splits.json:candidate",
+    )
+    p.add_argument(
+        "--nonmembers",
+        default=None,
+        metavar="SPLIT[:FILE[:PART]]",
+        help="points it never saw, e.g. test or train:runs/x/splits.json:extra",
+    )
+    _add_weight_files(p, "--f", "--g", "--encoder")
     _add_data_args(p)
     p.add_argument("--splits", default=None, help="splits.json (default: beside --f, if present)")
     p.add_argument("--part", default="candidate", choices=_registry("data", "PARTS"),
@@ -896,11 +1033,16 @@ def _build_prune(sub) -> None:
 
 def _build_finetune(sub) -> None:
     p = sub.add_parser(
-        "finetune", help="fine-tune the most memorizing layers against last-k, random-k, all"
+        "finetune",
+        help="fine-tune the top layers by each ranking against last-k, first-k,"
+        " random-k, all and the linear probe",
     )
     p.add_argument("--f", required=True, help="the pretrained encoder: run dir or weights")
     p.add_argument("--g", default=None, help="reference encoder, to compute LayerMem")
-    p.add_argument("--layer-scores", default=None, help="LayerMem of f (score layers --out)")
+    p.add_argument("--layer-scores", default=None, help="LayerMem or member gap of f (score"
+                   " layers --out)")  # fmt: skip
+    p.add_argument("--unit-scores", default=None, help="UnitMem of f (score units --out), for"
+                   " the UnitMem profile")  # fmt: skip
     p.add_argument("--score-data", default=DEFAULT_DATA, help="pretraining data (with --g)")
     p.add_argument("--pairs", type=int, default=10, help="view pairs per point (with --g)")
     _add_weight_files(p, "--f", "--g")
@@ -910,8 +1052,9 @@ def _build_finetune(sub) -> None:
     strategies = _registry("tuning", "STRATEGIES")
     p.add_argument("--strategy", nargs="+", default=["top", "last", "random", "all"],
                    choices=strategies, help="layer choices compared at each k")  # fmt: skip
-    p.add_argument("--by", default="delta", choices=_registry("tuning", "BY"),
-                   help="ranking of top")  # fmt: skip
+    p.add_argument("--by", nargs="+", default=None, choices=_registry("tuning", "BY"),
+                   help="rankings `top` uses, one row each (default: every one the given scores"
+                   " offer, and rgn)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=20, help="epochs per run (as the recipes)")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (as the recipes)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (as the recipes)")

@@ -89,6 +89,24 @@ def test_pretrain_pair_then_score_layers(tmp_path, capsys):
     assert result.indices.tolist() == Splits.load(run / "splits.json").candidate
     assert result.layers[0] == "maxpool" and result.layers[-1] == "output"
     assert "LayerMem_top5" in capsys.readouterr().out
+    # one encoder, no reference: the member gap of f's candidates against the extras
+    gap = tmp_path / "gap"
+    splits = run / "splits.json"
+    cmd = ["score", "layers", "--encoder", str(run / "f"), "--members", f"train:{splits}:candidate",
+           "--nonmembers", f"train:{splits}:extra", "--pairs", "2", "--out", str(gap)]  # fmt: skip
+    assert main(cmd) == 0
+    from memprune.scores import MemberGapResult
+
+    r = MemberGapResult.load(gap / "membergap")
+    assert r.member_indices.tolist() == Splits.load(splits).candidate
+    assert r.nonmember_indices.tolist() == Splits.load(splits).extra
+    assert (gap / "membergap.png").is_file() and "auc" in capsys.readouterr().out
+    both = [*cmd[:-1], str(tmp_path / "both"), "--f", str(run / "f")]
+    assert main(both) == 2 and "either --f and --g" in capsys.readouterr().err
+    same = [*cmd[:-1], str(tmp_path / "same")]
+    same[same.index("--nonmembers") + 1] = f"train:{splits}:f"  # f's points include candidates
+    assert main(same) == 2 and "share 16 points" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists() and not (tmp_path / "same").exists()
 
 
 def test_probe_command(tmp_path, capsys):
@@ -191,17 +209,18 @@ def test_finetune_command_compares_strategies(tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["finetune", "--f", str(weights), "--model", "resnet18", "--img-size", "32",
             "--timm", "channels=[8,16,32,64]", "--layer-scores", str(tmp_path / "layers"),
-            "--k", "1", "--strategy", "top", "last", "--epochs", "1", "--seeds", "0",
-            "--out", str(out)]  # fmt: skip
+            "--k", "1", "--strategy", "top", "last", "--by", "delta", "rgn", "--epochs", "1",
+            "--seeds", "0", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     table = [(r["strategy"], r["k"], r["layers"], r["seeds"]) for r in report["table"]]
-    assert table == [("linear probe", 0, "", 1), ("top", 1, "layer3.0", 1),
-                     ("last", 1, "layer4.1", 1)]  # fmt: skip
-    assert len(report["runs"]) == 2 and all(0 <= r["accuracy"] <= 1 for r in report["runs"])
+    assert table[:2] == [("linear probe", 0, "", 1), ("top delta", 1, "layer3.0", 1)]
+    assert [t[0] for t in table[2:]] == ["top rgn", "last"] and table[3][2] == "layer4.1"
+    assert set(report["layer_values"]) == {"delta", "rgn"}
+    assert len(report["runs"]) == 3 and all(0 <= r["accuracy"] <= 1 for r in report["runs"])
     for name in ("comparison.md", "comparison.csv", "comparison.png"):
         assert (out / name).is_file()
-    assert "top k=1" in capsys.readouterr().out
+    assert "top delta k=1" in capsys.readouterr().out
     # kill -9 once the comparison is done and its files are being written, rerun
     cut = tmp_path / "cut"
     kill_when([*args[:-1], str(cut)], lambda: (cut / MARKER).is_file())

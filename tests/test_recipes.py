@@ -11,6 +11,15 @@ from memprune.recipes import _run as runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: The checkpoint recipe, shortened for CI (its checkpoint and splits: a shortened demo run).
+CKPT_TINY = [
+    "scores.unitmem.views=2", "scores.unitmem.max_points=300", "scores.classmem.views=1",
+    "scores.membergap.pairs=2", "scores.membergap.n_boot=100", "actions.prune.ratios=[0.5]",
+    "actions.prune.strategies=[lowest]", "actions.prune.latency_batch=null",
+    "actions.finetune.epochs=1", "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
+    "actions.finetune.strategies=[top,last,first]", "evaluation.knn=false",
+]  # fmt: skip
+
 #: The demo recipe, shortened for CI.
 TINY = [
     "encoder.pretrain.epochs=2", "encoder.pretrain.batch_size=64", "encoder.supervised.epochs=1",
@@ -24,8 +33,8 @@ TINY = [
 
 def test_every_shipped_recipe_validates():
     names = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
-    assert names == ["cifar10-resnet18.yaml", "digits-resnet.yaml", "digits-vit.yaml",
-                     "stl10-vit.yaml"]  # fmt: skip
+    assert names == ["cifar10-resnet18.yaml", "digits-checkpoint.yaml", "digits-resnet.yaml",
+                     "digits-vit.yaml", "stl10-vit.yaml"]  # fmt: skip
     for name in names:
         recipe = load_recipe(ROOT / "recipes" / name)
         assert recipe.name == name.removesuffix(".yaml")
@@ -46,6 +55,16 @@ def test_every_shipped_recipe_validates():
         ({"evaluation": {"linear": "yes"}}, r"evaluation\.linear: expected true or false"),
         ({"encoder": {"pretrain": None, "checkpoint": "w.safetensors"}},
          r"scores\.sslmem: needs the reference encoder g"),
+        ({"actions": {"finetune": {"by": ["delta", "gap"]}}},
+         r"actions\.finetune\.by\[1\]: 'gap' ranks layers by scores\.membergap; enable it"),
+        ({"actions": {"finetune": {"by": "auc"}}, "scores": {"membergap": {"enabled": True}},
+          "encoder": {"pretrain": None, "checkpoint": "w"}, "data": {"members": {}}},
+         r"scores\.sslmem: needs"),
+        ({"encoder": {"pretrain": None, "checkpoint": "w"},
+          "scores": {"sslmem": {"enabled": False}, "layermem": {"enabled": False},
+                     "membergap": {"enabled": True}}},
+         r"data\.members: scores\.membergap needs the points f was trained on"),
+        ({"data": {"members": {"split": "valid"}}}, r"data\.members\.split: 'valid' is not"),
     ],
 )  # fmt: skip
 def test_bad_recipes_name_the_key(data, message):
@@ -139,3 +158,25 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     assert main(["report", str(whole)]) == 0
     assert (whole / "report.md").read_text() == report
     render_report(whole)
+
+    # the loop from one checkpoint, no reference encoder: the shortened demo run's f
+    pretrain = whole / "pretrain"
+    paths = [f"encoder.checkpoint={pretrain / 'f'}", f"data.members.indices={pretrain}/splits.json",
+             f"data.nonmembers.indices={pretrain}/splits.json"]  # fmt: skip
+    ckpt = load_recipe(ROOT / "recipes" / "digits-checkpoint.yaml", [*CKPT_TINY, *paths])
+    run = run_recipe(ckpt, tmp_path / "ckpt", log=lambda m: None)
+    report = (run / "report.md").read_text()
+    for title in ["## Member gap per layer", "Member gap (f alone", "membergap/membergap.png",
+                  "## Layer rankings the fine-tuning rules used", "top gap − last"]:  # fmt: skip
+        assert title in report, title
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"unitmem", "classmem", "membergap", "evaluate", "prune", "finetune"}
+    rules = [r["strategy"] for r in metrics["finetune"]["rows"]]
+    assert rules == ["linear probe", "top gap", "top unitmem", "top rgn", "last", "first"]
+    gap = json.loads((run / "membergap" / "membergap.json").read_text())
+    assert gap["meta"]["n_members"] == gap["meta"]["n_nonmembers"] == 144  # candidates, extras
+    missing = load_recipe(ROOT / "recipes" / "digits-checkpoint.yaml",
+                          [*paths, f"encoder.checkpoint={tmp_path / 'absent'}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="run `memprune run recipes/digits-resnet.yaml`"):
+        run_recipe(missing, tmp_path / "never", log=lambda m: None)
+    assert not (tmp_path / "never").exists()

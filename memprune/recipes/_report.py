@@ -25,6 +25,7 @@ PLOTS = {
         ("layermem.png", "LayerMem and ΔLayerMem per layer"),
         ("consistency.png", "agreement of per-point SSLMem between layers"),
     ],
+    "membergap": [("membergap.png", "member gap and membership AUC per layer (f alone)")],
     "prune": [("tradeoff.png", "linear-probe accuracy against parameters, MACs and latency")],
     "finetune": [("comparison.png", "fine-tuning strategies at the same budget")],
 }
@@ -32,9 +33,12 @@ TABLES = {
     "evaluate": ("probes.md", "Probes (test accuracy)"),
     "unitmem": ("summary.md", "UnitMem per site (f)"),
     "layermem": ("layermem.md", "LayerMem per layer"),
+    "membergap": ("membergap.md", "Member gap per layer (reference-free)"),
     "prune": ("comparison.md", "Pruning"),
     "finetune": ("comparison.md", "Fine-tuning (test accuracy over seeds)"),
 }
+#: Extra tables after the main ones.
+MORE_TABLES = {"finetune": ("rankings.md", "Layer rankings the fine-tuning rules used")}
 
 
 def _pct(x: float) -> str:
@@ -60,14 +64,28 @@ def _prune_lines(p: dict) -> list[str]:
     return out
 
 
+def _spread(a: dict, b: dict) -> str:
+    """Whether two rows' mean difference exceeds their seed-to-seed spread (std of the mean)."""
+    se = ((a["std"] ** 2) / a["seeds"] + (b["std"] ** 2) / b["seeds"]) ** 0.5
+    if a["seeds"] < 2 or b["seeds"] < 2:
+        return "one seed: no spread"
+    return "beyond" if abs(a["mean"] - b["mean"]) > 2 * se else f"within 2 SE of {100 * se:.1f}"
+
+
 def _finetune_lines(f: dict) -> list[str]:
     out, rows = [], f["rows"]
     for k in sorted({r["k"] for r in rows if r["strategy"] not in ("linear probe", "all")}):
         at = {r["strategy"]: r for r in rows if r["k"] == k}
         best = max(at.values(), key=lambda r: r["mean"])
         vs = ""
-        if "top" in at and "last" in at:
-            vs = f"; top − last {100 * (at['top']['mean'] - at['last']['mean']):+.1f} points"
+        tops = [s for s in at if s == "top" or s.startswith("top ")]
+        if "last" in at and tops:
+            last = at["last"]
+            vs = "; " + ", ".join(
+                f"{s} − last {100 * (at[s]['mean'] - last['mean']):+.1f} points"
+                f" ({_spread(at[s], last)})"
+                for s in tops
+            )
         out.append(
             f"Fine-tuning k={k} on {f['data']}: best {best['strategy']}"
             f" {_pct(best['mean'])} ± {_pct(best['std'])}{vs}."
@@ -99,6 +117,18 @@ def headlines(m: dict) -> list[str]:
         out.append(
             f"LayerMem: ΔLayerMem is largest at {lm['top_delta_layer']} ({lm['top_delta']:+.4f});"
             f" LayerMem at the output {lm['output_layermem']:+.4f}."
+        )
+    if g := m.get("membergap"):
+        verdict = (
+            "f tells its training points from unseen ones at the output"
+            if g["output_gap_lo"] > 0 else "no member gap at the output beyond the interval"
+        )  # fmt: skip
+        out.append(
+            f"Member gap (f alone, {g['n_members']} members vs {g['n_nonmembers']}"
+            f" non-members): {g['output_gap']:+.4f} at the output (95% interval"
+            f" {g['output_gap_lo']:+.4f} to {g['output_gap_hi']:+.4f}, AUC"
+            f" {g['output_auc']:.3f}); largest at {g['top_gap_layer']} ({g['top_gap']:+.4f}):"
+            f" {verdict}."
         )
     if u := m.get("unitmem"):
         out.append(
@@ -167,6 +197,10 @@ def render_report(run: str | os.PathLike) -> Path:
         "",
     ]
     for stage, (name, title) in TABLES.items():
+        path = run / stage / name
+        if path.is_file():
+            lines += [f"## {title}", "", path.read_text().rstrip(), ""]
+    for stage, (name, title) in MORE_TABLES.items():
         path = run / stage / name
         if path.is_file():
             lines += [f"## {title}", "", path.read_text().rstrip(), ""]

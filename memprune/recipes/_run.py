@@ -2,8 +2,8 @@
 
 Layout of ``RUN/``: ``recipe.yaml`` (resolved), ``environment.json``, one directory per stage
 (``pretrain/``, ``supervised/``, ``unitmem/``, ``classmem/``, ``sslmem/``, ``layermem/``,
-``evaluate/``, ``prune/``, ``finetune/``) each ending with ``done.json`` (its metrics, written
-last), then ``metrics.json`` / ``metrics.csv`` and ``report.md``.
+``membergap/``, ``evaluate/``, ``prune/``, ``finetune/``) each ending with ``done.json`` (its
+metrics, written last), then ``metrics.json`` / ``metrics.csv`` and ``report.md``.
 
 ``resume``: stages with ``done.json`` are skipped; an unfinished stage's directory is cleared
 and the stage runs again (pretraining continues from its own per-epoch checkpoint, which
@@ -75,14 +75,49 @@ class _Context:
             model = load_encoder(checkpoint=self.run / "supervised")
         else:
             path = enc.checkpoint if which == "f" else enc.reference
-            model = load_encoder(enc.model, checkpoint=path, img_size=enc.img_size, **enc.timm)
+            model = load_encoder(enc.model, checkpoint=path, img_size=enc.img_size,
+                                 entry=enc.entry, strict=enc.strict, **enc.timm)  # fmt: skip
         self._cache[which] = model
         return model
+
+    def points(self, key: str):
+        """``data.members`` or ``data.nonmembers`` as a data set (defaults with a pretrain
+        stage: the candidates, the extras)."""
+        from memprune.data import Splits, seeded_subset
+        from memprune.recipes._schema import PointsCfg
+
+        default = {"members": "candidate", "nonmembers": "extra"}[key]
+        cfg = getattr(self.recipe.data, key) or PointsCfg(part=default)
+        data = self.dataset(self.recipe.data.name, cfg.split)
+        if cfg.indices is not None:
+            raw = read_json(Path(cfg.indices))
+            if isinstance(raw, dict):
+                if cfg.part is None:
+                    raise ConfigError(f"data.{key}.indices: {cfg.indices} is a splits file;"
+                                      f" name its data.{key}.part")  # fmt: skip
+                raw = _part(Splits.load(cfg.indices), cfg.part)
+            idx = [int(i) for i in raw]
+        elif cfg.part is not None:
+            idx = _part(self.splits(), cfg.part)
+        else:
+            idx = None
+        if idx is not None:
+            bad = [i for i in idx if not 0 <= i < len(data)]
+            if bad:
+                raise ConfigError(f"data.{key}: indices {bad[:5]} are outside the"
+                                  f" {cfg.split} split of {len(data)} points")  # fmt: skip
+            data = torch.utils.data.Subset(data, idx)
+        return seeded_subset(data, cfg.n, self.recipe.seed)
 
     def result(self, stage: str, name: str):
         from memprune.results import load_any
 
         return load_any(self.run / stage / name)
+
+
+def _part(splits, part: str) -> list[int]:
+    return list(splits.f_indices if part == "f" else splits.g_indices if part == "g"
+                else getattr(splits, part))  # fmt: skip
 
 
 # ---------------------------------------------------------------- stages
@@ -229,6 +264,29 @@ def _layermem(ctx: _Context, out: Path) -> dict:
             "output_layermem": rows[-1]["LayerMem"], "layers": len(layers)}  # fmt: skip
 
 
+def _membergap(ctx: _Context, out: Path) -> dict:
+    from memprune.report import plot_member_gap
+    from memprune.scores import member_gap
+
+    r, c = ctx.recipe, ctx.recipe.scores.membergap
+    result = member_gap(
+        ctx.encoder("f"), ctx.points("members"), ctx.points("nonmembers"), n_pairs=c.pairs,
+        representation=c.representation, n_boot=c.n_boot, chunk_size=r.scores.chunk_size,
+        seed=r.seed, device=r.device, augment=r.scores.augment,
+    )  # fmt: skip
+    result.save(out / "membergap")
+    plot_member_gap(result, out / "membergap.png")
+    rows = result.to_rows()
+    write_table(out / "membergap", rows)
+    layers = [row for row in rows if row["layer"] != "output"]
+    top = max(layers, key=lambda row: row["gap"])
+    return {"top_gap_layer": top["layer"], "top_gap": top["gap"],
+            "output_gap": rows[-1]["gap"], "output_gap_lo": rows[-1]["gap_lo"],
+            "output_gap_hi": rows[-1]["gap_hi"], "output_auc": rows[-1]["auc"],
+            "n_members": len(result.member_indices),
+            "n_nonmembers": len(result.nonmember_indices)}  # fmt: skip
+
+
 def _evaluate(ctx: _Context, out: Path) -> dict:
     from memprune.probe import knn_probe, linear_probe
 
@@ -274,6 +332,34 @@ def _prune(ctx: _Context, out: Path) -> dict:
     return {"rows": rows}
 
 
+def _rankings(ctx: _Context, train, out: Path) -> dict:
+    """The layer rankings ``top`` fine-tunes by, each from its scores stage (Auto-RGN is
+    computed here, on the fine-tuning data); saved beside the comparison."""
+    from memprune.recipes._schema import finetune_rankings
+    from memprune.tuning import auto_rgn, unitmem_profile
+
+    f, made = ctx.encoder("f"), {}
+    for by in finetune_rankings(ctx.recipe):
+        if by in ("delta", "layermem"):
+            made[by] = ctx.result("layermem", "layermem")
+        elif by in ("gap", "auc"):
+            made[by] = ctx.result("membergap", "membergap")
+        elif by in ("unitmem", "unitmem_frac"):
+            made[by] = made.get("unitmem") or made.get("unitmem_frac") or unitmem_profile(
+                ctx.result("unitmem", "unitmem"), f)  # fmt: skip
+        else:
+            made[by] = auto_rgn(f, train, seed=ctx.recipe.seed, device=ctx.recipe.device)
+    rows = {}
+    for by, result in made.items():
+        from memprune.tuning import ranking_values
+
+        for layer, value in zip(result.layers, ranking_values(result, by)[1].tolist()):
+            if layer != "output":
+                rows.setdefault(layer, {"layer": layer})[by] = value
+    write_table(out / "rankings", list(rows.values()))
+    return made
+
+
 def _finetune(ctx: _Context, out: Path) -> dict:
     from memprune.probe import linear_probe
     from memprune.report import plot_finetune
@@ -286,10 +372,11 @@ def _finetune(ctx: _Context, out: Path) -> dict:
     def baseline(encoder, seed: int) -> float:
         return linear_probe(encoder, train, test, seed=seed).accuracy
 
+    rankings = _rankings(ctx, train, out)
     rows, runs = compare_finetuning(
-        ctx.encoder("f"), ctx.result("layermem", "layermem"), train, test, c.k, c.strategies,
-        c.seeds, by=c.by, baseline=baseline, log=ctx.log,
-        epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, augment=c.augment,
+        ctx.encoder("f"), rankings, train, test, c.k, c.strategies, c.seeds,
+        baseline=baseline, log=ctx.log, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
+        augment=c.augment,
     )  # fmt: skip
     write_json(out / "runs.json", runs)
     write_table(out / "comparison", rows)
@@ -299,7 +386,8 @@ def _finetune(ctx: _Context, out: Path) -> dict:
 
 RUNNERS = {
     "pretrain": _pretrain, "supervised": _supervised, "unitmem": _unitmem,
-    "classmem": _classmem, "sslmem": _sslmem, "layermem": _layermem, "evaluate": _evaluate,
+    "classmem": _classmem, "sslmem": _sslmem, "layermem": _layermem,
+    "membergap": _membergap, "evaluate": _evaluate,
     "prune": _prune, "finetune": _finetune,
 }  # fmt: skip
 
@@ -345,9 +433,20 @@ def _preflight(ctx: _Context) -> None:
     if enc.pretrain is not None:  # the architecture is built by pretraining: check it exists
         load_encoder(enc.model, img_size=enc.img_size, **enc.timm)
     else:
+        for key, path in (("checkpoint", enc.checkpoint), ("reference", enc.reference)):
+            if path is not None and not Path(path).exists():
+                made = f": it is made by {enc.checkpoint_from}; run `memprune run" if (
+                    key == "checkpoint" and enc.checkpoint_from) else ""  # fmt: skip
+                hint = f"{made} {enc.checkpoint_from}` (or `make demo`) first" if made else (
+                    ": check the path")  # fmt: skip
+                raise ConfigError(f"encoder.{key}: {path} does not exist{hint}")
         ctx.encoder("f")
         if enc.reference is not None:
             ctx.encoder("g")
+    if recipe.scores.membergap.enabled and enc.pretrain is None:
+        from memprune.scores.membership import check_disjoint
+
+        check_disjoint(ctx.points("members"), ctx.points("nonmembers"))
 
 
 def _prepare(run: Path, recipe: Recipe, resume: bool, force: bool) -> None:

@@ -45,13 +45,49 @@ class RecipeError(ConfigError):
     """A recipe (or a ``--set`` override) that does not fit the schema."""
 
 
+#: A layer ranking -> the scores stage it needs (None: made by the fine-tuning stage).
+RANKED_BY = {"delta": "layermem", "layermem": "layermem", "gap": "membergap", "auc": "membergap",
+             "unitmem": "unitmem", "unitmem_frac": "unitmem", "rgn": None}  # fmt: skip
+
+
+def finetune_rankings(recipe: Recipe) -> list[str]:
+    """The rankings the fine-tuning stage's ``top`` uses: ``actions.finetune.by``, or every
+    ranking the recipe's scores provide (ΔLayerMem, member gap, UnitMem profile) and Auto-RGN."""
+    by = recipe.actions.finetune.by
+    if by:
+        return list(by)
+    on = [name for name, stage in (("delta", "layermem"), ("gap", "membergap"),
+                                   ("unitmem", "unitmem"))
+          if getattr(recipe.scores, stage).enabled]  # fmt: skip
+    return [*on, "rgn"]
+
+
 def _range(lo=None, hi=None, hi_open=False) -> dict:
     return {"min": lo, "max": hi, "max_open": hi_open}
 
 
+#: ``part`` of a memprune ``splits.json``: its index sets, and f's / g's training points.
+PARTS = ("shared", "candidate", "extra", "test", "f", "g")
+
+
+@dataclass
+class PointsCfg:
+    """Points of the data set: a split, restricted to the indices of a file when given (a JSON
+    list of ints, or a memprune ``splits.json`` with ``part``), then to ``n`` drawn by seed."""
+
+    split: Literal["train", "test"] = "train"
+    indices: str | None = None
+    part: Literal[PARTS] | None = None
+    n: int | None = field(default=None, metadata=_range(2))
+
+
 @dataclass
 class DataCfg:
-    """The data set the encoders are scored on (its train split) and probed on."""
+    """The data set the encoders are scored on (its train split) and probed on.
+
+    ``members`` / ``nonmembers``: the points the encoder was trained on and points of the same
+    distribution it never saw, for the reference-free member gap (default with
+    ``encoder.pretrain``: the candidates and the extras of its split)."""
 
     name: str = "digits"
     root: str | None = None
@@ -61,6 +97,8 @@ class DataCfg:
     extra: int | float = field(default=0.1, metadata=_range(0))
     split_seed: int = 0
     downstream: str | None = "digits-shift"  # fine-tuning data (None: the same data set)
+    members: PointsCfg | None = None
+    nonmembers: PointsCfg | None = None
 
 
 @dataclass
@@ -88,13 +126,19 @@ class SupervisedCfg:
 
 @dataclass
 class EncoderCfg:
-    """The encoder: a timm name, made by ``pretrain`` or loaded from ``checkpoint``
-    (``reference``: the encoder g trained without the candidates, for SSLMem / LayerMem)."""
+    """The encoder: a timm name, made by ``pretrain`` or loaded from ``checkpoint`` (any layout
+    :func:`memprune.load_encoder` reads; ``entry`` picks DINO's teacher or student, ``strict:
+    false`` loads what fits; ``checkpoint_from``: the recipe that makes the checkpoint, named
+    when it is missing); ``reference``: the encoder g trained without the candidates, for
+    SSLMem / LayerMem."""
 
     model: str = "resnet18"
     img_size: int | None = 32
     timm: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    checkpoint_from: str | None = None
+    entry: str | None = None
+    strict: bool = True
     reference: str | None = None
     pretrain: PretrainCfg | None = field(default_factory=PretrainCfg)
     supervised: SupervisedCfg = field(default_factory=SupervisedCfg)
@@ -130,6 +174,17 @@ class LayerMemCfg:
 
 
 @dataclass
+class MemberGapCfg:
+    """Member gap and membership AUC per layer of f alone (``data.members`` vs
+    ``data.nonmembers``): the reference-free layer ranking."""
+
+    enabled: bool = False
+    pairs: int = field(default=10, metadata=_range(1))
+    representation: Representation = "flatten"
+    n_boot: int = field(default=1000, metadata=_range(10))
+
+
+@dataclass
 class ScoresCfg:
     """Scores of f; ``augment`` sets the views of SSLMem and LayerMem (a preset name, or the
     SimCLR preset's parameters); ``chunk_size``: points per forward pass (never changes a
@@ -139,6 +194,7 @@ class ScoresCfg:
     classmem: ClassMemCfg = field(default_factory=ClassMemCfg)
     sslmem: SSLMemCfg = field(default_factory=SSLMemCfg)
     layermem: LayerMemCfg = field(default_factory=LayerMemCfg)
+    membergap: MemberGapCfg = field(default_factory=MemberGapCfg)
     augment: Preset | dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
     chunk_size: int = field(default=32, metadata=_range(1))
 
@@ -161,7 +217,7 @@ class FinetuneCfg:
     strategies: list[LayerStrategy] = field(
         default_factory=lambda: ["top", "last", "random", "all"]
     )
-    by: By = "delta"
+    by: By | list[By] | None = None  # rankings `top` uses (None: every one this run has)
     epochs: int = field(default=20, metadata=_range(1))
     lr: float = field(default=1e-2, metadata=_range(0))
     batch_size: int = field(default=32, metadata=_range(1))
@@ -318,8 +374,31 @@ def validate(data: dict) -> Recipe:
             "scores.sslmem: compares f's candidates with the extras of encoder.pretrain's"
             " split; add encoder.pretrain or set enabled: false"
         )
-    if act.finetune.enabled and not scores.layermem.enabled:
-        raise RecipeError("actions.finetune: ranks layers by LayerMem; enable scores.layermem")
+    if isinstance(act.finetune.by, str):
+        act.finetune.by = [act.finetune.by]
+    if act.finetune.enabled and act.finetune.by:
+        for i, by in enumerate(act.finetune.by):
+            stage = RANKED_BY[by]
+            if stage and not getattr(scores, stage).enabled:
+                raise RecipeError(
+                    f"actions.finetune.by[{i}]: {by!r} ranks layers by scores.{stage}; enable"
+                    f" it, or rank by another of {', '.join(BY)}"
+                )
+    if scores.membergap.enabled and enc.pretrain is None:
+        missing = [k for k in ("members", "nonmembers") if getattr(recipe.data, k) is None]
+        if missing:
+            raise RecipeError(
+                f"data.{missing[0]}: scores.membergap needs the points f was trained on"
+                " (data.members) and points it never saw (data.nonmembers), e.g. {split:"
+                " train} and {split: test}"
+            )
+    for key in ("members", "nonmembers"):
+        points = getattr(recipe.data, key)
+        unresolved = points is not None and points.part is not None and points.indices is None
+        if unresolved and enc.pretrain is None:
+            raise RecipeError(
+                f"data.{key}.part: names a set of a splits.json; give data.{key}.indices"
+            )
     if act.prune.enabled and not scores.unitmem.enabled:
         raise RecipeError("actions.prune: ranks units by UnitMem; enable scores.unitmem")
     if enc.supervised.enabled and enc.pretrain is None:

@@ -8,8 +8,8 @@ from memprune._io import read_json
 from memprune.recipes._schema import Recipe
 
 STAGES = (
-    "pretrain", "supervised", "unitmem", "classmem", "sslmem", "layermem", "evaluate",
-    "prune", "finetune",
+    "pretrain", "supervised", "unitmem", "classmem", "sslmem", "layermem", "membergap",
+    "evaluate", "prune", "finetune",
 )  # fmt: skip
 #: A stage's metrics, written last: its presence marks the stage finished.
 DONE = "done.json"
@@ -22,6 +22,7 @@ def enabled_stages(recipe: Recipe) -> list[str]:
         "pretrain": e.pretrain is not None, "supervised": e.supervised.enabled,
         "unitmem": s.unitmem.enabled, "classmem": s.classmem.enabled,
         "sslmem": s.sslmem.enabled, "layermem": s.layermem.enabled,
+        "membergap": s.membergap.enabled,
         "evaluate": recipe.evaluation.linear or recipe.evaluation.knn,
         "prune": a.prune.enabled, "finetune": a.finetune.enabled,
     }  # fmt: skip

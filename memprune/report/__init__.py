@@ -14,6 +14,7 @@ from memprune.report.plots import (
     plot_finetune,
     plot_layer_mem,
     plot_learnedness,
+    plot_member_gap,
     plot_prune_tradeoff,
     plot_unit_scores,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "plot_finetune",
     "plot_layer_mem",
     "plot_learnedness",
+    "plot_member_gap",
     "plot_prune_tradeoff",
     "plot_unit_scores",
     "read_marker",

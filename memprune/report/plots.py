@@ -71,8 +71,33 @@ def plot_layer_mem(result, path: str | os.PathLike) -> Path:
         ax.legend(fontsize=8)
     axes[1].set_xticks(list(x), names, rotation=70, ha="right", fontsize=7)
     meta = result.meta
-    axes[0].set_title(f"LayerMem per layer ({meta.get('n_points')} points, {meta.get('n_views')}"
+    axes[0].set_title(f"LayerMem per layer ({meta.get('n_points')} points, {meta.get('n_pairs')}"
                       f" view pairs, {meta.get('representation')})", fontsize=9)  # fmt: skip
+    return save_figure(fig, path)
+
+
+def plot_member_gap(result, path: str | os.PathLike) -> Path:
+    """Member gap per layer with its bootstrap interval, and the membership AUC."""
+    rows = result.table()
+    names = [r["layer"] for r in rows]
+    x = list(range(len(names)))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(names) + 2), 6), sharex=True)
+    gap = [r["gap"] for r in rows]
+    err = [
+        [g - r["gap_lo"] for g, r in zip(gap, rows)],
+        [r["gap_hi"] - g for g, r in zip(gap, rows)],
+    ]
+    axes[0].errorbar(x, gap, yerr=err, fmt="o-", ms=3, capsize=3)
+    axes[0].axhline(0, color="grey", lw=0.5)
+    axes[0].set_ylabel("member gap")
+    axes[1].plot(x, [r["auc"] for r in rows], "o-", ms=3, color="C1")
+    axes[1].axhline(0.5, color="grey", lw=0.5)
+    axes[1].set_ylabel("membership AUC")
+    axes[1].set_xticks(x, names, rotation=70, ha="right", fontsize=7)
+    meta = result.meta
+    axes[0].set_title(f"members ({meta.get('n_members')}) vs non-members"
+                      f" ({meta.get('n_nonmembers')}), {meta.get('n_pairs')} view pairs,"
+                      f" {int(100 * result.level)}% bootstrap interval", fontsize=9)  # fmt: skip
     return save_figure(fig, path)
 
 
