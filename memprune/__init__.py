@@ -6,11 +6,12 @@ The root exports the workflow; lower-level pieces live in their subpackages
 
 * load: :func:`load_dataset`, :func:`make_splits`, :func:`load_encoder`, :func:`find_sites`
 * score: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`, :func:`cka`,
-  :func:`learnedness`; streaming: :class:`UnitMem`, :class:`ClassMem`, :class:`LayerMem`,
-  :class:`CKA`
+  :func:`learnedness`, :func:`member_gap` (one encoder, no reference); streaming:
+  :class:`UnitMem`, :class:`ClassMem`, :class:`LayerMem`, :class:`CKA`
 * make encoders: :func:`pretrain_simclr`, :func:`pretrain_pair`, :func:`train_supervised`
-* act: :func:`prune`, :func:`save_pruned`, :func:`load_pruned`, :func:`select_layers`,
-  :func:`finetune`, :func:`finetune_units`
+* act: :func:`prune`, :func:`save_pruned`, :func:`load_pruned`, :func:`select_layers` (by
+  LayerMem, the member gap, :func:`unitmem_profile` or :func:`auto_rgn`), :func:`finetune`,
+  :func:`finetune_units`
 * evaluate: :func:`linear_probe`, :func:`knn_probe`, :class:`LinearProbe`
 * run: :func:`load_recipe`, :func:`run_recipe`
 * results (``kind``, ``meta``, ``to_rows()``, ``save`` / ``load``; :func:`load_result` reads
@@ -28,6 +29,7 @@ _EXPORTS = {
     "CKA": "memprune.scores",
     "CKAResult": "memprune.scores",
     "CheckpointError": "memprune.errors",
+    "CheckpointWarning": "memprune.errors",
     "ClassMem": "memprune.scores",
     "ClassMemResult": "memprune.scores",
     "ConfigError": "memprune.errors",
@@ -38,9 +40,11 @@ _EXPORTS = {
     "LayerMem": "memprune.scores",
     "LayerMemResult": "memprune.scores",
     "LayerSelection": "memprune.tuning",
+    "LayerValues": "memprune.tuning",
     "LearnednessResult": "memprune.scores",
     "LinearProbe": "memprune.probe",
     "MemPruneError": "memprune.errors",
+    "MemberGapResult": "memprune.scores",
     "ProbeResult": "memprune.probe",
     "PruneResult": "memprune.pruning",
     "RecipeError": "memprune.recipes",
@@ -50,6 +54,7 @@ _EXPORTS = {
     "TrainResult": "memprune.train",
     "UnitMem": "memprune.scores",
     "UnitMemResult": "memprune.scores",
+    "auto_rgn": "memprune.tuning",
     "cka": "memprune.scores",
     "class_mem": "memprune.scores",
     "find_sites": "memprune.sites",
@@ -65,6 +70,7 @@ _EXPORTS = {
     "load_recipe": "memprune.recipes",
     "load_result": "memprune.results",
     "make_splits": "memprune.data",
+    "member_gap": "memprune.scores",
     "pretrain_pair": "memprune.train",
     "pretrain_simclr": "memprune.train",
     "prune": "memprune.pruning",
@@ -74,6 +80,7 @@ _EXPORTS = {
     "ssl_mem": "memprune.scores",
     "train_supervised": "memprune.train",
     "unit_mem": "memprune.scores",
+    "unitmem_profile": "memprune.tuning",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,6 +88,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from memprune.encoders import load_encoder
     from memprune.errors import (
         CheckpointError,
+        CheckpointWarning,
         ConfigError,
         DataError,
         DatasetNotFoundError,
@@ -100,6 +108,7 @@ if TYPE_CHECKING:  # pragma: no cover
         LayerMem,
         LayerMemResult,
         LearnednessResult,
+        MemberGapResult,
         SSLMemResult,
         UnitMem,
         UnitMemResult,
@@ -107,6 +116,7 @@ if TYPE_CHECKING:  # pragma: no cover
         class_mem,
         layer_mem,
         learnedness,
+        member_gap,
         ssl_mem,
         unit_mem,
     )
@@ -115,9 +125,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from memprune.tuning import (
         FinetuneResult,
         LayerSelection,
+        LayerValues,
+        auto_rgn,
         finetune,
         finetune_units,
         select_layers,
+        unitmem_profile,
     )
 
 
@@ -141,6 +154,7 @@ __all__ = [
     "CKA",
     "CKAResult",
     "CheckpointError",
+    "CheckpointWarning",
     "ClassMem",
     "ClassMemResult",
     "ConfigError",
@@ -151,9 +165,11 @@ __all__ = [
     "LayerMem",
     "LayerMemResult",
     "LayerSelection",
+    "LayerValues",
     "LearnednessResult",
     "LinearProbe",
     "MemPruneError",
+    "MemberGapResult",
     "ProbeResult",
     "PruneResult",
     "RecipeError",
@@ -163,6 +179,7 @@ __all__ = [
     "TrainResult",
     "UnitMem",
     "UnitMemResult",
+    "auto_rgn",
     "cka",
     "class_mem",
     "find_sites",
@@ -178,6 +195,7 @@ __all__ = [
     "load_recipe",
     "load_result",
     "make_splits",
+    "member_gap",
     "pretrain_pair",
     "pretrain_simclr",
     "prune",
@@ -187,4 +205,5 @@ __all__ = [
     "ssl_mem",
     "train_supervised",
     "unit_mem",
+    "unitmem_profile",
 ]

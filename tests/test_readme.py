@@ -30,10 +30,11 @@ SMALLER = {
         1,
     ),
     "proj_dim=64,": ("proj_dim=64, channels=TINY,", 1),
-    "n_views=10": ("n_views=2", 3),
+    "n_views=10": ("n_views=2", 4),
     "epochs=30": ("epochs=1", 1),
-    "epochs=20": ("epochs=1", 1),
-    "n_pairs=10": ("n_pairs=2", 1),
+    "epochs=20": ("epochs=1", 2),
+    "seeds=[0, 1, 2]": ("seeds=[0]", 1),
+    "n_pairs=10": ("n_pairs=2", 2),
     'keep_checkpoints=True, out_dir="runs/s"': (
         'keep_checkpoints=True, out_dir="runs/s", epochs=2, channels=TINY',
         1,
@@ -70,7 +71,7 @@ def readme_blocks() -> list[str]:
 
 def test_readme_has_python_examples():
     blocks = readme_blocks()
-    assert len(blocks) >= 7, "README python blocks not found: did the fences change?"
+    assert len(blocks) >= 8, "README python blocks not found: did the fences change?"
     source = "\n".join(blocks)
     for old, (_, count) in SMALLER.items():
         assert source.count(old) == count, f"README budget {old!r}: update SMALLER"
@@ -113,3 +114,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     )
     assert 0.0 <= namespace["k"].accuracy <= 1.0
     assert torch.is_tensor(namespace["feats"].features)
+    strategies = [r["strategy"] for r in namespace["rows"]]
+    assert strategies == ["linear probe", "top gap", "top unitmem", "top rgn", "last", "first",
+                          "random", "all"]  # fmt: skip
