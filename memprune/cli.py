@@ -27,6 +27,18 @@ def _add_model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                    f" {DEFAULT_IMG_SIZE}, or the checkpoint directory's)")  # fmt: skip
     p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (unsafe)")
     p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    _add_checkpoint_options(p)
+
+
+def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--entry", default=None, help="which model of a checkpoint holding several"
+                   " (DINO: teacher, the default, or student)")  # fmt: skip
+    p.add_argument(
+        "--no-strict",
+        dest="strict",
+        action="store_false",
+        help="load the tensors that fit a checkpoint and warn about the rest",
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +68,8 @@ def _encoder(args):
         checkpoint=ckpt,
         img_size=args.img_size if recorded else (args.img_size or DEFAULT_IMG_SIZE),
         trust_pickle=args.trust_pickle,
+        entry=args.entry,
+        strict=args.strict,
         **_key_values(args.timm),
     )
 
@@ -323,9 +337,8 @@ def _fraction(text: str) -> int | float:
 def _encoder_arg(path: str, args: argparse.Namespace):
     from memprune.encoders import load_encoder
 
-    return load_encoder(
-        args.model, checkpoint=path, img_size=args.img_size, **_key_values(args.timm)
-    )
+    return load_encoder(args.model, checkpoint=path, img_size=args.img_size, entry=args.entry,
+                        strict=args.strict, **_key_values(args.timm))  # fmt: skip
 
 
 def _points(args, flag: str):
@@ -845,6 +858,7 @@ def _add_weight_files(p, *flags: str) -> None:
                    " weight files")  # fmt: skip
     p.add_argument("--img-size", type=int, default=None, help="input size for plain weight files")
     p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    _add_checkpoint_options(p)
 
 
 def _registry(module: str, name: str) -> tuple[str, ...]:
