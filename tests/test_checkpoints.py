@@ -162,3 +162,11 @@ def test_bad_layouts_are_errors_and_strict_false_reports(tmp_path):
     with pytest.raises(CheckpointError, match="shape mismatches"):  # another width
         load_encoder("resnet18", checkpoint=tmp_path / "broken.pth",
                      channels=(16, 16, 32, 64))  # fmt: skip
+
+
+def test_another_image_size_is_an_error_naming_the_position_embedding(tmp_path):
+    torch.save(tiny_vit().state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(CheckpointError, match=r"shape mismatches: pos_embed .*img_size"):
+        load_encoder(
+            "vit_tiny_patch16_224", checkpoint=tmp_path / "vit.pth", **{**VIT, "img_size": 64}
+        )
