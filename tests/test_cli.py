@@ -209,18 +209,21 @@ def test_finetune_command_compares_strategies(tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["finetune", "--f", str(weights), "--model", "resnet18", "--img-size", "32",
             "--timm", "channels=[8,16,32,64]", "--layer-scores", str(tmp_path / "layers"),
-            "--k", "1", "--strategy", "top", "last", "--by", "delta", "rgn", "--epochs", "1",
+            "--k", "1", "--strategy", "top", "last", "--by", "delta", "--epochs", "1",
             "--seeds", "0", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     table = [(r["strategy"], r["k"], r["layers"], r["seeds"]) for r in report["table"]]
-    assert table[:2] == [("linear probe", 0, "", 1), ("top delta", 1, "layer3.0", 1)]
-    assert [t[0] for t in table[2:]] == ["top rgn", "last"] and table[3][2] == "layer4.1"
-    assert set(report["layer_values"]) == {"delta", "rgn"}
-    assert len(report["runs"]) == 3 and all(0 <= r["accuracy"] <= 1 for r in report["runs"])
+    assert table == [("linear probe", 0, "", 1), ("top delta", 1, "layer3.0", 1),
+                     ("last", 1, "layer4.1", 1)]  # fmt: skip
+    assert set(report["layer_values"]) == {"delta"}
+    assert len(report["runs"]) == 2 and all(0 <= r["accuracy"] <= 1 for r in report["runs"])
     for name in ("comparison.md", "comparison.csv", "comparison.png"):
         assert (out / name).is_file()
     assert "top delta k=1" in capsys.readouterr().out
+    gap = [*args[:-1], str(tmp_path / "gap")]
+    gap[gap.index("--by") + 1] = "gap"  # LayerMem scores offer delta and layermem, not gap
+    assert main(gap) == 2 and "--by gap: no scores rank by it" in capsys.readouterr().err
     # kill -9 once the comparison is done and its files are being written, rerun
     cut = tmp_path / "cut"
     kill_when([*args[:-1], str(cut)], lambda: (cut / MARKER).is_file())
