@@ -5,7 +5,7 @@ from torch import nn
 
 from memprune import load_encoder
 from memprune.encoders import input_size, normalization
-from memprune.errors import CheckpointError, EncoderError
+from memprune.errors import CheckpointError, CheckpointWarning, EncoderError
 
 from .conftest import TINY_RESNET, tiny_resnet, tiny_vit
 
@@ -38,7 +38,8 @@ def test_checkpoint_round_trips(tmp_path, resnet):
     wrapped = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
     wrapped["state_dict"]["module.fc.weight"] = torch.zeros(10, 64)
     torch.save(wrapped, tmp_path / "w.pt")
-    other = load_encoder("resnet18", checkpoint=tmp_path / "w.pt", **TINY_RESNET)
+    with pytest.warns(CheckpointWarning, match=r"module\.fc \(1\)"):
+        other = load_encoder("resnet18", checkpoint=tmp_path / "w.pt", **TINY_RESNET)
     assert _same_outputs(resnet, other)
 
 

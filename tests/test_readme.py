@@ -17,7 +17,7 @@ from .conftest import ROOT, TINY_RESNET
 #: Budget substitutions: text in the README -> text run here, with how often it must occur.
 SMALLER = {
     'shift_train = memprune.load_dataset("digits-shift", "train")': (
-        'shift_train = seeded_subset(memprune.load_dataset("digits-shift", "train"), 300, 0)',
+        'shift_train = seeded_subset(memprune.load_dataset("digits-shift", "train"), 200, 0)',
         1,
     ),
     'data = memprune.load_dataset("digits", "train")': (
@@ -32,7 +32,7 @@ SMALLER = {
     "proj_dim=64,": ("proj_dim=64, channels=TINY,", 1),
     "n_views=10": ("n_views=2", 4),
     "epochs=30": ("epochs=1", 1),
-    "epochs=20": ("epochs=1", 2),
+    "epochs=20": ("epochs=1", 3),
     "seeds=[0, 1, 2]": ("seeds=[0]", 1),
     "n_pairs=10": ("n_pairs=2", 2),
     'keep_checkpoints=True, out_dir="runs/s"': (
