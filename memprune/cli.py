@@ -1027,7 +1027,8 @@ def _build_prune(sub) -> None:
     p.add_argument("--scores", default=None, help="UnitMem of this encoder (score units --out)")
     p.add_argument("--ratio", type=float, nargs="+", default=[0.2, 0.5], help="fractions removed")
     strategies = _registry("pruning", "STRATEGIES")
-    p.add_argument("--strategy", nargs="+", default=list(strategies), choices=strategies,
+    default = list(_registry("pruning", "DEFAULT_STRATEGIES"))
+    p.add_argument("--strategy", nargs="+", default=default, choices=strategies,
                    help="which units go first")  # fmt: skip
     p.add_argument("--scope", default="layer", choices=_registry("pruning", "SCOPES"),
                    help="the ratio per layer, or one global ranking")  # fmt: skip

@@ -233,3 +233,25 @@ def test_bad_input_is_refused_clearly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prune(model, ratio=0.0, strategy="random", **FAST)  # a no-op is allowed and quiet
+
+
+def test_the_fields_criteria_remove_the_units_they_rank_last():
+    """Planted answers: network slimming removes the units whose BatchNorm scale is smallest;
+    a unit with all-zero weights in every coupled layer goes first by magnitude and LAMP."""
+    model = tiny_resnet()
+    bn, conv, nxt = model.layer1[0].bn1, model.layer1[0].conv1, model.layer1[0].conv2
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.8, 0.1, 0.7, 0.2, 0.6, 0.3, 0.5, 0.4]))
+    _, report = prune(model, ratio=0.5, strategy="bnscale", **FAST)
+    assert group(report, "layer1.0.bn1")["removed"] == [1, 3, 5, 7]  # |gamma| 0.1 .. 0.4
+    with torch.no_grad():
+        conv.weight[6].zero_(), bn.weight[6].zero_(), bn.bias[6].zero_(), nxt.weight[:, 6].zero_()
+    for strategy in ("magnitude", "lamp"):
+        _, report = prune(model, ratio=0.125, strategy=strategy, **FAST)
+        assert group(report, "layer1.0.bn1")["removed"] == [6], strategy
+    with pytest.raises(
+        ConfigError, match="'bnscale' finds nothing to score.*use magnitude or lamp"
+    ):
+        prune(tiny_vit(), ratio=0.5, strategy="bnscale", **FAST)
+    pruned, _ = prune(tiny_vit(), ratio=0.5, strategy="lamp", **FAST)
+    assert pruned.blocks[0].mlp.fc1.out_features == 64

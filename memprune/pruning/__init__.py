@@ -1,7 +1,8 @@
 """Structured pruning of units ranked by UnitMem (docs/method.md §9).
 
 * :func:`prune`: remove units for real (torch-pruning's dependency graph), by ``lowest`` /
-  ``highest`` UnitMem, ``random`` or ``magnitude``, per layer or globally, with a report of
+  ``highest`` UnitMem, ``random``, or torch-pruning's ``magnitude`` / ``lamp`` / ``bnscale``
+  criteria, per layer or globally, with a report of
   parameters, MACs and latency before and after.
 * :class:`UnitMemImportance`: UnitMem as a torch-pruning ``Importance`` for your own loop.
 * :func:`save_pruned` / :func:`load_pruned`: safetensors weights + a structure spec.
@@ -10,6 +11,7 @@
 from memprune.pruning._compare import compare_pruning
 from memprune.pruning._importance import SCORE_STRATEGIES, UnitMemImportance
 from memprune.pruning._prune import (
+    DEFAULT_STRATEGIES,
     SCOPES,
     STRATEGIES,
     PruneResult,
@@ -20,6 +22,7 @@ from memprune.pruning._prune import (
 from memprune.pruning._save import load_pruned, save_pruned
 
 __all__ = [
+    "DEFAULT_STRATEGIES",
     "SCOPES",
     "SCORE_STRATEGIES",
     "STRATEGIES",

@@ -187,15 +187,25 @@ def _seed(seed: int, step: int, name: str) -> int:
     return (seed * 1_000_003 + step * 10_007 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _magnitude(graph, model: nn.Module, group: Group) -> torch.Tensor:
-    """L2 weight norm of each unit over its whole dependency group (torch-pruning's
-    ``GroupMagnitudeImportance``), averaged over a head's channels."""
-    root = dict(model.named_modules())[group.root]
-    fn = tp.prune_linear_in_channels if group.kind == HEADS else out_fn(graph, root)
-    n = group.width * group.head_dim
-    full = graph.get_pruning_group(root, fn, list(range(n)))
-    imp = tp.importance.GroupMagnitudeImportance(p=2)(full)
-    return imp.float().cpu().view(group.width, group.head_dim).mean(dim=1)
+def _group_importance(name: str, make: Callable[[], tp.importance.Importance]):
+    """A strategy from a torch-pruning ``Importance``, computed over each unit's whole
+    dependency group (every coupled conv, norm and linear) and averaged over a head's
+    channels."""
+
+    def importance(graph, model, group: Group, ctx) -> torch.Tensor:
+        root = dict(model.named_modules())[group.root]
+        fn = tp.prune_linear_in_channels if group.kind == HEADS else out_fn(graph, root)
+        full = graph.get_pruning_group(root, fn, list(range(group.width * group.head_dim)))
+        imp = make()(full)
+        if imp is None:
+            raise ConfigError(
+                f"strategy {name!r} finds nothing to score in group {group.name} (network"
+                " slimming needs a BatchNorm after each pruned conv; ViTs have none): use"
+                " magnitude or lamp for this encoder"
+            )
+        return imp.float().cpu().view(group.width, group.head_dim).mean(dim=1)
+
+    return importance
 
 
 def _by_score(sign: float):
@@ -216,8 +226,16 @@ def _random(graph, model, group, ctx) -> torch.Tensor:
 STRATEGIES = Registry(
     "pruning strategy",
     {"lowest": _by_score(1.0), "highest": _by_score(-1.0), "random": _random,
-     "magnitude": lambda graph, model, group, ctx: _magnitude(graph, model, group)},
+     # torch-pruning's criteria: L2 norm of the group's weights; LAMP (Lee et al. 2021), the
+     # magnitude normalized by the norms of the larger weights of its layer; network slimming
+     # (Liu et al. 2017), the |scale| of the BatchNorm that follows each conv
+     "magnitude": _group_importance("magnitude",
+                                    lambda: tp.importance.GroupMagnitudeImportance(p=2)),
+     "lamp": _group_importance("lamp", lambda: tp.importance.LAMPImportance(p=2)),
+     "bnscale": _group_importance("bnscale", tp.importance.BNScaleImportance)},
 )  # fmt: skip
+#: The strategies compared when none are named: UnitMem both ways against the baselines.
+DEFAULT_STRATEGIES = ("lowest", "highest", "random", "magnitude")
 #: ``scope``: the ratio in every group, or one ranking over all groups.
 SCOPES = Registry("pruning scope", {"layer": "per group", "global": "over all groups"})
 
@@ -301,8 +319,10 @@ def prune(
         ratio: fraction in [0, 1) of each group's units to remove (of all units for
             ``scope="global"``); counts are floored and every group keeps at least one unit.
         strategy: ``lowest`` (least memorizing first), ``highest`` (most memorizing first),
-            ``random`` (seeded per group) or ``magnitude`` (L2 weight norm of the unit's whole
-            group, torch-pruning's ``GroupMagnitudeImportance``).
+            ``random`` (seeded per group), or one of torch-pruning's criteria over the unit's
+            whole group: ``magnitude`` (L2 weight norm, ``GroupMagnitudeImportance``),
+            ``lamp`` (``LAMPImportance``) or ``bnscale`` (network slimming's BatchNorm scale,
+            ``BNScaleImportance``; CNNs only).
         scope: ``layer`` (the ratio in every group) or ``global`` (one ranking over all groups,
             at most ``max_layer_ratio`` of any group; magnitudes are normalized per group by
             torch-pruning, UnitMem is comparable across layers as it is).

@@ -22,6 +22,7 @@ from memprune.data import AUGMENTS
 from memprune.errors import ConfigError
 from memprune.hooks import REPRESENTATIONS, SIGNED
 from memprune.probe import BACKENDS
+from memprune.pruning import DEFAULT_STRATEGIES as DEFAULT_PRUNE
 from memprune.pruning import SCOPES
 from memprune.pruning import STRATEGIES as PRUNE_STRATEGIES
 from memprune.stats import RESTS
@@ -203,7 +204,7 @@ class ScoresCfg:
 class PruneCfg:
     enabled: bool = True
     ratios: list[float] = field(default_factory=lambda: [0.2, 0.5], metadata=_range(0, 1, True))
-    strategies: list[PruneStrategy] = field(default_factory=lambda: list(PRUNE_STRATEGIES))
+    strategies: list[PruneStrategy] = field(default_factory=lambda: list(DEFAULT_PRUNE))
     scope: Scope = "layer"
     max_layer_ratio: float | None = field(default=None, metadata=_range(0, 1))
     heads: bool = False
