@@ -618,16 +618,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from memprune.data import load_dataset, seeded_subset
     from memprune.encoders import resolve_device
     from memprune.probe import linear_probe
-    from memprune.pruning import SCORE_STRATEGIES, check_options, compare_pruning
+    from memprune.pruning import SCORE_STRATEGIES, check_options, compare_pruning, ssl_gradients
     from memprune.report import plot_prune_tradeoff, plot_unit_scores
     from memprune.scores import unit_mem
 
     _positive(args, "views", "chunk_size", "max_points", "iterative_steps")
     for strategy in args.strategy:  # validate the whole sweep before any work or any file
         for ratio in args.ratio:
-            # scores=True: UnitMem is computed below when a strategy needs it
+            # scores=True, gradients: UnitMem and the SSL gradients are made below when needed
             check_options(ratio, strategy, args.scope, args.max_layer_ratio, args.iterative_steps,
-                          scores=True)  # fmt: skip
+                          scores=True, gradients=print)  # fmt: skip
     _check_out(args)
     device = resolve_device(args.device)
     model = _encoder(args).to(device)
@@ -662,8 +662,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         iterative_steps=args.iterative_steps,
         latency_batch=args.latency_batch,
     )
+    # taylor: the gradient of the SimCLR loss on the training data (no labels needed)
+    grads = ssl_gradients(train, seed=args.seed) if "taylor" in args.strategy else None
     rows, reports = compare_pruning(model, scores, evaluate, args.ratio, args.strategy,
-                                    out / "models", overwrite=out.overwrite,
+                                    out / "models", overwrite=out.overwrite, gradients=grads,
                                     log=lambda m: print(m, flush=True), **options)  # fmt: skip
     report = {
         "model": _model_name(args, model), "checkpoint": args.checkpoint, "data": args.data,

@@ -255,3 +255,27 @@ def test_the_fields_criteria_remove_the_units_they_rank_last():
         prune(tiny_vit(), ratio=0.5, strategy="bnscale", **FAST)
     pruned, _ = prune(tiny_vit(), ratio=0.5, strategy="lamp", **FAST)
     assert pruned.blocks[0].mlp.fc1.out_features == 64
+
+
+def test_taylor_ranks_by_weight_times_gradient(digits):
+    """A unit zeroed in every coupled layer has weight x gradient 0 and goes first; the
+    gradients are accumulated on the pruned copy only and cleared after."""
+    from torch.utils.data import Subset
+
+    from memprune.pruning import head_gradients, ssl_gradients
+
+    model = tiny_resnet()  # (random norm statistics would leave some units dead: also 0)
+    bn, conv, nxt = model.layer1[0].bn1, model.layer1[0].conv1, model.layer1[0].conv2
+    with torch.no_grad():
+        for m in model.modules():  # timm zero-inits each block's last scale: no gradient flows
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+        conv.weight[2].zero_(), bn.weight[2].zero_(), bn.bias[2].zero_(), nxt.weight[:, 2].zero_()
+    data = Subset(digits, range(48))
+    for grads in (ssl_gradients(data, batch_size=16), head_gradients(data)):
+        pruned, report = prune(model, ratio=0.125, strategy="taylor", gradients=grads, **FAST)
+        assert group(report, "layer1.0.bn1")["removed"] == [2]
+        assert all(p.grad is None for p in pruned.parameters())
+        assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ConfigError, match="'taylor' ranks units by .weight x gradient"):
+        prune(model, ratio=0.5, strategy="taylor", **FAST)

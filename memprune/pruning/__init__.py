@@ -1,17 +1,20 @@
 """Structured pruning of units ranked by UnitMem (docs/method.md §9).
 
 * :func:`prune`: remove units for real (torch-pruning's dependency graph), by ``lowest`` /
-  ``highest`` UnitMem, ``random``, or torch-pruning's ``magnitude`` / ``lamp`` / ``bnscale``
-  criteria, per layer or globally, with a report of
+  ``highest`` UnitMem, ``random``, or torch-pruning's ``magnitude`` / ``lamp`` / ``bnscale`` /
+  ``taylor`` criteria (gradients from :func:`ssl_gradients` / :func:`head_gradients`), per
+  layer or globally, with a report of
   parameters, MACs and latency before and after.
 * :class:`UnitMemImportance`: UnitMem as a torch-pruning ``Importance`` for your own loop.
 * :func:`save_pruned` / :func:`load_pruned`: safetensors weights + a structure spec.
 """
 
 from memprune.pruning._compare import compare_pruning
+from memprune.pruning._gradients import head_gradients, ssl_gradients
 from memprune.pruning._importance import SCORE_STRATEGIES, UnitMemImportance
 from memprune.pruning._prune import (
     DEFAULT_STRATEGIES,
+    GRADIENT_STRATEGIES,
     SCOPES,
     STRATEGIES,
     PruneResult,
@@ -23,6 +26,7 @@ from memprune.pruning._save import load_pruned, save_pruned
 
 __all__ = [
     "DEFAULT_STRATEGIES",
+    "GRADIENT_STRATEGIES",
     "SCOPES",
     "SCORE_STRATEGIES",
     "STRATEGIES",
@@ -30,8 +34,10 @@ __all__ = [
     "UnitMemImportance",
     "check_options",
     "compare_pruning",
+    "head_gradients",
     "load_pruned",
     "measure_latency",
     "prune",
     "save_pruned",
+    "ssl_gradients",
 ]

@@ -30,7 +30,7 @@ def compare_pruning(
     Returns table rows (the unpruned encoder first, as strategy ``none``) and one full record
     per run (the :class:`PruneResult` with its accuracy).
     """
-    keys = ("scope", "max_layer_ratio", "iterative_steps", "rescore")
+    keys = ("scope", "max_layer_ratio", "iterative_steps", "rescore", "gradients")
     for strategy in strategies:  # the whole sweep is validated before any work
         for ratio in ratios:
             check_options(ratio, strategy, scores=scores, **{k: options[k] for k in keys

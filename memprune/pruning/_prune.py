@@ -126,6 +126,7 @@ def check_options(
     iterative_steps: int = 1,
     scores=None,
     rescore=None,
+    gradients=None,
 ) -> None:
     """Refuse bad pruning options with a message naming the value and the valid ones (the
     checks :func:`prune` runs first; call it to validate a whole sweep before any work)."""
@@ -146,6 +147,11 @@ def check_options(
         )
     if rescore is not None and not callable(rescore):
         raise ConfigError("rescore must be a callable model -> UnitMemResult")
+    if strategy in GRADIENT_STRATEGIES and not callable(gradients):
+        raise ConfigError(
+            f"strategy {strategy!r} ranks units by |weight x gradient| of a loss: pass"
+            " gradients=memprune.pruning.ssl_gradients(data) (no labels) or head_gradients(data)"
+        )
 
 
 def _architecture(model: nn.Module) -> str:
@@ -232,8 +238,13 @@ STRATEGIES = Registry(
      "magnitude": _group_importance("magnitude",
                                     lambda: tp.importance.GroupMagnitudeImportance(p=2)),
      "lamp": _group_importance("lamp", lambda: tp.importance.LAMPImportance(p=2)),
-     "bnscale": _group_importance("bnscale", tp.importance.BNScaleImportance)},
+     "bnscale": _group_importance("bnscale", tp.importance.BNScaleImportance),
+     # first-order Taylor (Molchanov et al. 2019): |weight x gradient| of a loss, from the
+     # ``gradients`` callable (memprune.pruning.ssl_gradients / head_gradients)
+     "taylor": _group_importance("taylor", tp.importance.GroupTaylorImportance)},
 )  # fmt: skip
+#: Strategies that need the gradient of a loss (``prune(..., gradients=...)``).
+GRADIENT_STRATEGIES = ("taylor",)
 #: The strategies compared when none are named: UnitMem both ways against the baselines.
 DEFAULT_STRATEGIES = ("lowest", "highest", "random", "magnitude")
 #: ``scope``: the ratio in every group, or one ranking over all groups.
@@ -304,6 +315,7 @@ def prune(
     latency_time: float = 0.5,
     inplace: bool = False,
     baseline_latency_s: float | None = None,
+    gradients: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, PruneResult]:
     """Remove ``ratio`` of the units of ``encoder`` for real (docs/method.md §9).
 
@@ -321,8 +333,9 @@ def prune(
         strategy: ``lowest`` (least memorizing first), ``highest`` (most memorizing first),
             ``random`` (seeded per group), or one of torch-pruning's criteria over the unit's
             whole group: ``magnitude`` (L2 weight norm, ``GroupMagnitudeImportance``),
-            ``lamp`` (``LAMPImportance``) or ``bnscale`` (network slimming's BatchNorm scale,
-            ``BNScaleImportance``; CNNs only).
+            ``lamp`` (``LAMPImportance``), ``bnscale`` (network slimming's BatchNorm scale,
+            ``BNScaleImportance``; CNNs only) or ``taylor`` (``GroupTaylorImportance`` of the
+            loss of ``gradients``).
         scope: ``layer`` (the ratio in every group) or ``global`` (one ranking over all groups,
             at most ``max_layer_ratio`` of any group; magnitudes are normalized per group by
             torch-pruning, UnitMem is comparable across layers as it is).
@@ -342,11 +355,15 @@ def prune(
         inplace: prune ``encoder`` itself instead of a copy.
         baseline_latency_s: the unpruned encoder's latency, when already measured (a sweep
             measures it once, so that every row's ratio has the same denominator).
+        gradients: for ``taylor``: ``fn(model)`` accumulating a loss's gradient in the
+            model's parameters (:func:`ssl_gradients`, :func:`head_gradients`); run on the
+            current model before each step and cleared after.
 
     Returns:
         The pruned encoder (eval mode) and a :class:`PruneResult`.
     """
-    check_options(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore)
+    check_options(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore,
+                  gradients)  # fmt: skip
     model = (encoder if inplace else copy.deepcopy(encoder)).eval()
     if example_input is None:
         param = next(model.parameters())
@@ -368,7 +385,12 @@ def prune(
         sites = _step_sites(model, sites, ctx, strategy, tuple(example_input.shape[1:]))
         graph, groups = build_groups(model, sites, example_input, heads)
         todo = _start_groups(groups, ctx, strategy, keep_output_width)
+        if strategy in GRADIENT_STRATEGIES:
+            model.zero_grad(set_to_none=True)
+            with evaluating(model), torch.enable_grad():
+                gradients(model)
         imps = {g.name: STRATEGIES[strategy](graph, model, g, ctx) for g in todo}
+        model.zero_grad(set_to_none=True)
         fraction = ratio * step / iterative_steps
         plan = _plan(todo, imps, fraction, scope, max_layer_ratio, ctx["initial"])
         _remove(graph, model, todo, plan, ctx)

@@ -311,7 +311,7 @@ def _evaluate(ctx: _Context, out: Path) -> dict:
 
 def _prune(ctx: _Context, out: Path) -> dict:
     from memprune.probe import linear_probe
-    from memprune.pruning import compare_pruning
+    from memprune.pruning import compare_pruning, ssl_gradients
     from memprune.report import plot_prune_tradeoff
 
     r, p = ctx.recipe, ctx.recipe.actions.prune
@@ -320,9 +320,10 @@ def _prune(ctx: _Context, out: Path) -> dict:
         return linear_probe(model, ctx.train, ctx.test, seed=r.seed, device=r.device,
                             backend=r.evaluation.backend).accuracy  # fmt: skip
 
+    grads = ssl_gradients(ctx.train, seed=r.seed) if "taylor" in p.strategies else None
     rows, runs = compare_pruning(
         ctx.encoder("f"), ctx.result("unitmem", "unitmem"), evaluate, p.ratios,
-        p.strategies, out / "models", log=ctx.log, scope=p.scope,
+        p.strategies, out / "models", log=ctx.log, scope=p.scope, gradients=grads,
         max_layer_ratio=p.max_layer_ratio, heads=p.heads, seed=r.seed,
         latency_batch=p.latency_batch,
     )  # fmt: skip
