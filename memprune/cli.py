@@ -344,8 +344,9 @@ def _encoder_arg(path: str, args: argparse.Namespace):
 def _points(args, flag: str):
     """``--members`` / ``--nonmembers SPLIT[:FILE[:PART]]``: a split of ``--data``, restricted
     to the indices of FILE (a JSON list, or a memprune splits.json and which PART of it)."""
-    from memprune._io import read_json
-    from memprune.data import Splits, load_dataset
+    from torch.utils.data import Subset
+
+    from memprune.data import load_dataset, read_indices
     from memprune.errors import ConfigError
 
     spec = getattr(args, flag)
@@ -359,18 +360,10 @@ def _points(args, flag: str):
     data = loaded[split]
     if not path:
         return data
-    if not Path(path).is_file():
-        raise ConfigError(f"--{flag}: {path} does not exist")
-    raw = read_json(Path(path))
-    if isinstance(raw, dict):
-        if part not in ("shared", "candidate", "extra", "test", "f", "g"):
-            raise ConfigError(f"--{flag} {spec!r}: {path} is a splits file; end with :PART"
-                              " (shared, candidate, extra, test, f or g)")  # fmt: skip
-        splits = Splits.load(path)
-        raw = {"f": splits.f_indices, "g": splits.g_indices}.get(part) or getattr(splits, part)
-    from torch.utils.data import Subset
-
-    return Subset(data, [int(i) for i in raw])
+    try:
+        return Subset(data, read_indices(path, part or None))
+    except ConfigError as err:
+        raise ConfigError(f"--{flag} {spec!r}: {err}") from None
 
 
 def cmd_score_gap(args: argparse.Namespace) -> int:

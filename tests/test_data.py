@@ -138,3 +138,20 @@ def test_folder_classes_are_mapped_by_name_across_splits(tmp_path):
     assert sorted(train[i][1] for i in range(len(train))) == [0, 1, 2]
     assert sorted(test[i][1] for i in range(len(test))) == [0, 2]
     assert train.classes == test.classes == ["a", "b", "c"]
+
+
+def test_read_indices_from_a_list_or_a_splits_file(tmp_path):
+    import json
+
+    from memprune.data import make_splits, read_indices
+
+    splits = make_splits(40, 10, 5, 5, 0, seed=1)
+    splits.save(tmp_path / "splits.json")
+    assert read_indices(tmp_path / "splits.json", "f") == splits.f_indices
+    assert read_indices(tmp_path / "splits.json", "extra") == splits.extra
+    (tmp_path / "list.json").write_text(json.dumps([3, 1, 2]))
+    assert read_indices(tmp_path / "list.json") == [3, 1, 2]
+    with pytest.raises(ConfigError, match="is a splits file: name which of shared"):
+        read_indices(tmp_path / "splits.json")
+    with pytest.raises(ConfigError, match="not 'h'"):
+        read_indices(tmp_path / "splits.json", "h")

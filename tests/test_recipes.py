@@ -35,6 +35,10 @@ def test_every_shipped_recipe_validates():
     names = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
     assert names == ["cifar10-resnet18.yaml", "digits-checkpoint.yaml", "digits-resnet.yaml",
                      "digits-vit.yaml", "stl10-vit.yaml"]  # fmt: skip
+    from memprune.recipes._schema import RANKED_BY
+    from memprune.tuning import BY
+
+    assert set(RANKED_BY) == set(BY)  # every layer ranking knows the stage it needs
     for name in names:
         recipe = load_recipe(ROOT / "recipes" / name)
         assert recipe.name == name.removesuffix(".yaml")
@@ -57,9 +61,9 @@ def test_every_shipped_recipe_validates():
          r"scores\.sslmem: needs the reference encoder g"),
         ({"actions": {"finetune": {"by": ["delta", "gap"]}}},
          r"actions\.finetune\.by\[1\]: 'gap' ranks layers by scores\.membergap; enable it"),
-        ({"actions": {"finetune": {"by": "auc"}}, "scores": {"membergap": {"enabled": True}},
-          "encoder": {"pretrain": None, "checkpoint": "w"}, "data": {"members": {}}},
-         r"scores\.sslmem: needs"),
+        ({"encoder": {"pretrain": None, "checkpoint": "w"}, "data": {"members": {"part": "f"}},
+          "scores": {"sslmem": {"enabled": False}, "layermem": {"enabled": False}}},
+         r"data\.members\.part: names a set of a splits\.json; give data\.members\.indices"),
         ({"encoder": {"pretrain": None, "checkpoint": "w"},
           "scores": {"sslmem": {"enabled": False}, "layermem": {"enabled": False},
                      "membergap": {"enabled": True}}},

@@ -134,7 +134,6 @@ def test_compare_finetuning_runs_every_rule_at_the_same_budget():
     test = Subset(memprune.load_dataset("digits-shift", "test"), range(0, 360, 6))
     f = tiny_resnet()
     delta = planted_layermem([0.1, 0.15, 0.4, 0.45, 0.5, 0.9, 0.95, 0.96, 0.97])
-    delta.meta = {}  # planted: made on no encoder
     values = torch.linspace(0, 1, len(LAYERS), dtype=torch.float64)
     flat = LayerValues(LAYERS, {"unitmem": values, "rgn": values.flip(0)}, torch.ones(9), {})
     rows, runs = compare_finetuning(

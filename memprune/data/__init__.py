@@ -22,13 +22,14 @@ from memprune.data._datasets import (
     native_size,
     seeded_subset,
 )
-from memprune.data._splits import PARTS, Splits, make_splits
+from memprune.data._splits import PARTS, SETS, Splits, make_splits, read_indices
 
 __all__ = [
     "AUGMENTS",
     "BUILTIN",
     "CROP_FLIP",
     "PARTS",
+    "SETS",
     "AugmentSpec",
     "ImageDataset",
     "IndexedDataset",
@@ -44,6 +45,7 @@ __all__ = [
     "make_augment",
     "make_splits",
     "native_size",
+    "read_indices",
     "seeded_subset",
     "view_generator",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -14,6 +15,8 @@ from memprune._io import read_json, write_json
 from memprune.errors import ConfigError
 
 PARTS = ("shared", "candidate", "extra", "test")
+#: Every index set a splits file names: its parts, and the training sets of f and g.
+SETS = (*PARTS, "f", "g")
 
 
 def _count(value: int | float, n: int, name: str) -> int:
@@ -63,16 +66,42 @@ class Splits:
         """Training set of g: shared ∪ extra."""
         return sorted(self.shared + self.extra)
 
+    def indices(self, name: str) -> list[int]:
+        """The index set ``name`` (one of :data:`SETS`)."""
+        if name not in SETS:
+            raise ConfigError(f"a splits file holds {', '.join(SETS)}, not {name!r}")
+        return {"f": self.f_indices, "g": self.g_indices}[name] if name in ("f", "g") else (
+            list(getattr(self, name)))  # fmt: skip
+
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Splits:
-        data = read_json(path)
+        return cls._from_dict(read_json(path), path)
+
+    @classmethod
+    def _from_dict(cls, data: dict, path) -> Splits:
         unknown = set(data) - {"n", "seed", *PARTS}
         if unknown or "n" not in data:
             raise ConfigError(f"{path} is not a memprune splits file (keys {sorted(data)})")
         return cls(**{k: v if k in ("n", "seed") else [int(i) for i in v] for k, v in data.items()})
+
+
+def read_indices(path: str | os.PathLike, part: str | None = None) -> list[int]:
+    """Indices from a JSON file: a list of ints, or a memprune splits file and which of its
+    :data:`SETS` (``part``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"index file {path} does not exist")
+    raw = read_json(path)
+    if isinstance(raw, dict):
+        if part is None:
+            raise ConfigError(f"{path} is a splits file: name which of {', '.join(SETS)} to use")
+        return Splits._from_dict(raw, path).indices(part)
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path} holds neither a list of indices nor a splits file")
+    return [int(i) for i in raw]
 
 
 def make_splits(

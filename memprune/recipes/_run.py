@@ -83,22 +83,19 @@ class _Context:
     def points(self, key: str):
         """``data.members`` or ``data.nonmembers`` as a data set (defaults with a pretrain
         stage: the candidates, the extras)."""
-        from memprune.data import Splits, seeded_subset
+        from memprune.data import read_indices, seeded_subset
         from memprune.recipes._schema import PointsCfg
 
         default = {"members": "candidate", "nonmembers": "extra"}[key]
         cfg = getattr(self.recipe.data, key) or PointsCfg(part=default)
         data = self.dataset(self.recipe.data.name, cfg.split)
         if cfg.indices is not None:
-            raw = read_json(Path(cfg.indices))
-            if isinstance(raw, dict):
-                if cfg.part is None:
-                    raise ConfigError(f"data.{key}.indices: {cfg.indices} is a splits file;"
-                                      f" name its data.{key}.part")  # fmt: skip
-                raw = _part(Splits.load(cfg.indices), cfg.part)
-            idx = [int(i) for i in raw]
+            try:
+                idx = read_indices(cfg.indices, cfg.part)
+            except ConfigError as err:
+                raise ConfigError(f"data.{key}.indices: {err}") from None
         elif cfg.part is not None:
-            idx = _part(self.splits(), cfg.part)
+            idx = self.splits().indices(cfg.part)
         else:
             idx = None
         if idx is not None:
@@ -113,11 +110,6 @@ class _Context:
         from memprune.results import load_any
 
         return load_any(self.run / stage / name)
-
-
-def _part(splits, part: str) -> list[int]:
-    return list(splits.f_indices if part == "f" else splits.g_indices if part == "g"
-                else getattr(splits, part))  # fmt: skip
 
 
 # ---------------------------------------------------------------- stages
@@ -337,7 +329,7 @@ def _rankings(ctx: _Context, train, out: Path) -> dict:
     """The layer rankings ``top`` fine-tunes by, each from its scores stage (Auto-RGN is
     computed here, on the fine-tuning data); saved beside the comparison."""
     from memprune.recipes._schema import finetune_rankings
-    from memprune.tuning import auto_rgn, unitmem_profile
+    from memprune.tuning import auto_rgn, ranking_values, unitmem_profile
 
     f, made = ctx.encoder("f"), {}
     for by in finetune_rankings(ctx.recipe):
@@ -352,8 +344,6 @@ def _rankings(ctx: _Context, train, out: Path) -> dict:
             made[by] = auto_rgn(f, train, seed=ctx.recipe.seed, device=ctx.recipe.device)
     rows = {}
     for by, result in made.items():
-        from memprune.tuning import ranking_values
-
         for layer, value in zip(result.layers, ranking_values(result, by)[1].tolist()):
             if layer != "output":
                 rows.setdefault(layer, {"layer": layer})[by] = value

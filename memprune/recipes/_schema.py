@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from memprune.data import AUGMENTS
+from memprune.data import AUGMENTS, SETS
 from memprune.errors import ConfigError
 from memprune.hooks import REPRESENTATIONS, SIGNED
 from memprune.probe import BACKENDS
@@ -67,10 +67,6 @@ def _range(lo=None, hi=None, hi_open=False) -> dict:
     return {"min": lo, "max": hi, "max_open": hi_open}
 
 
-#: ``part`` of a memprune ``splits.json``: its index sets, and f's / g's training points.
-PARTS = ("shared", "candidate", "extra", "test", "f", "g")
-
-
 @dataclass
 class PointsCfg:
     """Points of the data set: a split, restricted to the indices of a file when given (a JSON
@@ -78,7 +74,7 @@ class PointsCfg:
 
     split: Literal["train", "test"] = "train"
     indices: str | None = None
-    part: Literal[PARTS] | None = None
+    part: Literal[SETS] | None = None
     n: int | None = field(default=None, metadata=_range(2))
 
 

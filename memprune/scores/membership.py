@@ -241,7 +241,7 @@ def member_gap(
     mem = seeded_subset(_points(members, member_indices, "members"), n_points, seed)
     non = seeded_subset(_points(nonmembers, nonmember_indices, "non-members"), n_points, seed)
     check_disjoint(mem, non)
-    sites = _layer_sites(encoder, encoder, mem, layers)
+    sites = _layer_sites(encoder, None, mem, layers)
     compute = Compute(chunk_size, device, num_workers, progress)
     losses = [
         alignment_losses(encoder, PairedViews(d, n_pairs, pair, augment, seed), sites,

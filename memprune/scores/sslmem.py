@@ -72,16 +72,20 @@ def pair_distance(site: Site, representation: str):
     return reduce
 
 
-def _layer_sites(f: nn.Module, g: nn.Module, dataset: Dataset, layers) -> list[Site]:
-    """The layer sites of f (equal to g's, else an error), then the ``output`` site."""
+def _layer_sites(f: nn.Module, g: nn.Module | None, dataset: Dataset, layers) -> list[Site]:
+    """The layer sites of f (equal to g's, else an error; no check without g), then the
+    ``output`` site."""
     size = image_size(dataset)
     patterns = [layers] if isinstance(layers, str) else layers
     patterns = None if patterns is None else [p for p in patterns if p != OUTPUT]
-    if patterns == []:  # only the output
-        sites, g_sites = [], []
-    else:
-        sites = find_sites(f, "layers", include=patterns, input_size=size)
-        g_sites = find_sites(g, "layers", include=patterns, input_size=size)
+    sites = [] if patterns == [] else find_sites(f, "layers", include=patterns, input_size=size)
+    if g is not None:
+        _check_same_architecture(f, g, sites, patterns, size)
+    return [*sites, output_site(feature_dim(f, size))]
+
+
+def _check_same_architecture(f, g, sites, patterns, size) -> None:
+    g_sites = [] if patterns == [] else find_sites(g, "layers", include=patterns, input_size=size)
     f_layout = [(s.name, tuple(s.shape)) for s in sites]
     g_layout = [(s.name, tuple(s.shape)) for s in g_sites]
     if f_layout != g_layout:
@@ -101,7 +105,6 @@ def _layer_sites(f: nn.Module, g: nn.Module, dataset: Dataset, layers) -> list[S
         raise ConfigError(
             f"f and g must have the same architecture; their weights differ at {diff[:5]}"
         )
-    return [*sites, output_site(feature_dim(f, size))]
 
 
 def normalized_gap(lf: torch.Tensor, lg: torch.Tensor) -> torch.Tensor:

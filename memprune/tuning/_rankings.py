@@ -155,23 +155,18 @@ def auto_rgn(
         z = (model(norm(images.to(device))) - mean.to(device)) / std.to(device)
         loss = F.cross_entropy(head(z), labels.to(device), reduction="sum") / len(train)
         loss.backward()
-    owner = layer_parameters(model, list(layer_modules(model)))
-    layers = list(dict.fromkeys(owner.values()))
+    layers = list(layer_modules(model))
     params = dict(model.named_parameters())
-    grad2 = dict.fromkeys(layers, 0.0)
-    theta2 = dict.fromkeys(layers, 0.0)
-    counts = dict.fromkeys(layers, 0)
-    for name, layer in owner.items():
+    grad2, theta2, counts = (dict.fromkeys(layers, 0) for _ in range(3))
+    for name, layer in layer_parameters(model, layers).items():
         p = params[name]
         grad2[layer] += 0.0 if p.grad is None else float(p.grad.double().square().sum())
         theta2[layer] += float(p.detach().double().square().sum())
         counts[layer] += p.numel()
-    all_layers = list(layer_modules(model))
     rgn = torch.tensor(
-        [(grad2[n] / theta2[n]) ** 0.5 if theta2.get(n) else float("nan") for n in all_layers],
+        [(grad2[n] / theta2[n]) ** 0.5 if theta2[n] else float("nan") for n in layers],
         dtype=torch.float64,
     )
     meta = {"kind": "auto_rgn", "weights": weights_hash(encoder)[:16], "batch_size": batch_size,
             "head_steps": head_steps, "seed": seed, "n_train": len(train)}  # fmt: skip
-    return LayerValues(all_layers, {"rgn": rgn},
-                       torch.tensor([counts.get(n, 0) for n in all_layers]), meta)  # fmt: skip
+    return LayerValues(layers, {"rgn": rgn}, torch.tensor([counts[n] for n in layers]), meta)
