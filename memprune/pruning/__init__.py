@@ -6,6 +6,7 @@
   layer or globally, with a report of
   parameters, MACs and latency before and after.
 * :class:`UnitMemImportance`: UnitMem as a torch-pruning ``Importance`` for your own loop.
+* :func:`recover`: a short distillation (or supervised / SimCLR) training of a pruned encoder.
 * :func:`save_pruned` / :func:`load_pruned`: safetensors weights + a structure spec.
 """
 
@@ -22,11 +23,14 @@ from memprune.pruning._prune import (
     measure_latency,
     prune,
 )
+from memprune.pruning._recover import DISTILL_LOSSES, RECOVERY, recover
 from memprune.pruning._save import load_pruned, save_pruned
 
 __all__ = [
     "DEFAULT_STRATEGIES",
+    "DISTILL_LOSSES",
     "GRADIENT_STRATEGIES",
+    "RECOVERY",
     "SCOPES",
     "SCORE_STRATEGIES",
     "STRATEGIES",
@@ -38,6 +42,7 @@ __all__ = [
     "load_pruned",
     "measure_latency",
     "prune",
+    "recover",
     "save_pruned",
     "ssl_gradients",
 ]

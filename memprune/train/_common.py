@@ -76,7 +76,7 @@ class TrainResult:
     """A trained encoder (eval mode), where it was saved, and the per-epoch mean loss."""
 
     encoder: nn.Module
-    path: Path
+    path: Path | None
     history: list[float] = field(default_factory=list)
 
 
@@ -156,6 +156,7 @@ def run_training(
     callback: Callback | None = None,
     desc: str = "train",
     set_mode: Callable[[nn.Module], None] | None = None,
+    max_steps: int | None = None,
 ) -> list[float]:
     """Train ``net`` (encoder + head) with AdamW and a per-epoch cosine schedule.
 
@@ -165,16 +166,27 @@ def run_training(
     ``resume`` a run continues from ``checkpoints/last.pt`` when its config matches.
     ``out_dir=None`` keeps no checkpoints (no resume). Only parameters with ``requires_grad``
     are optimized; ``set_mode(net)`` replaces ``net.train()`` at the start of every epoch (to
-    keep frozen norms in eval mode). Returns the per-epoch mean loss.
+    keep frozen norms in eval mode). ``max_steps`` (optimizer steps per process) replaces
+    ``epochs`` as the budget: as many epochs as it takes, the last one cut short (the cosine
+    schedule spans those epochs). Returns the per-epoch mean loss.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if max_steps is not None:
+        per_epoch = len(epoch_batches(len(epoch_data(0)), batch_size, seed, 0, rank, world))
+        if max_steps < 1 or per_epoch < 1:
+            raise ConfigError(
+                f"need max_steps >= 1 and at least one full batch per process; got max_steps="
+                f"{max_steps}, {per_epoch} batches of {batch_size} per epoch"
+            )
+        epochs = -(-max_steps // per_epoch)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ConfigError(
             f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
         )
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -184,10 +196,11 @@ def run_training(
         start, history = _resume(last, config, net, opt, sched)
     model, opt = accelerator.prepare(net, opt)
     norm = Normalizer(resolve_normalize(encoder, "auto"), accelerator.device)
-    rank, world = accelerator.process_index, accelerator.num_processes
     for epoch in range(start, epochs):
         data = epoch_data(epoch)
         batches = epoch_batches(len(data), batch_size, seed, epoch, rank, world)
+        if max_steps is not None:
+            batches = batches[: max_steps - epoch * len(batches)]
         loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers)
         if set_mode is None:
             model.train()
