@@ -12,14 +12,26 @@ from typing import Any
 import torch
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename."""
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (mkstemp's 0600 would
+    hide every result from the other users of a shared machine)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp"
+) -> Path:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename (``suffix``
+    ends the temporary name, for writers that insist on an extension)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -209,15 +209,22 @@ def test_global_scope_respects_the_layer_cap():
 
 def test_iterative_pruning_rescores_the_shrunken_model():
     model = tiny_resnet()
-    calls = []
+    calls, trained = [], []
 
     def rescore(m):
         calls.append(m.layer2[0].conv1.out_channels)
         return planted(m, seed=len(calls))
 
-    _, stepped = prune(model, planted(model), 0.5, iterative_steps=2, rescore=rescore, **FAST)
+    def between(m):  # the prune-recover loop: a recovery runs on the shrunken encoder
+        trained.append(m.layer2[0].conv1.out_channels)
+        with torch.no_grad():
+            m.layer2[0].bn1.bias.add_(1.0)
+
+    _, stepped = prune(model, planted(model), 0.5, iterative_steps=3, rescore=rescore,
+                       between_steps=between, **FAST)  # fmt: skip
     _, once = prune(model, planted(model), 0.5, **FAST)
-    assert calls == [12]  # called once, between the steps, on the half-pruned encoder
+    # called between the steps only, each after the step's units are gone, rescoring after it
+    assert trained == [14, 11] and calls == [14, 11]
     assert [g["after"] for g in stepped.groups] == [g["after"] for g in once.groups]
     # without rescore, the first scores follow the surviving units: same as one step
     _, follow = prune(model, planted(model), 0.5, iterative_steps=2, **FAST)
@@ -269,9 +276,11 @@ def test_the_fields_criteria_remove_the_units_they_rank_last():
     assert pruned.blocks[0].mlp.fc1.out_features == 64
 
 
-def test_taylor_ranks_by_weight_times_gradient(digits):
-    """A unit zeroed in every coupled layer has weight x gradient 0 and goes first; the
-    gradients are accumulated on the pruned copy only and cleared after."""
+@pytest.mark.parametrize("strategy", ["taylor", "hessian"])
+def test_gradient_criteria_rank_by_weight_and_gradient(digits, strategy):
+    """A unit zeroed in every coupled layer has weight x gradient (Taylor) and weight² x
+    squared gradient (Hessian) 0 and goes first; the gradients are accumulated on the pruned
+    copy only and cleared after."""
     from torch.utils.data import Subset
 
     from memprune.pruning import head_gradients, ssl_gradients
@@ -285,9 +294,20 @@ def test_taylor_ranks_by_weight_times_gradient(digits):
         conv.weight[2].zero_(), bn.weight[2].zero_(), bn.bias[2].zero_(), nxt.weight[:, 2].zero_()
     data = Subset(digits, range(48))
     for grads in (ssl_gradients(data, batch_size=16), head_gradients(data)):
-        pruned, report = prune(model, ratio=0.125, strategy="taylor", gradients=grads, **FAST)
+        pruned, report = prune(model, ratio=0.125, strategy=strategy, gradients=grads, **FAST)
         assert group(report, "layer1.0.bn1")["removed"] == [2]
         assert all(p.grad is None for p in pruned.parameters())
         assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(ConfigError, match="'taylor' ranks units by .weight x gradient"):
-        prune(model, ratio=0.5, strategy="taylor", **FAST)
+    with pytest.raises(ConfigError, match=f"'{strategy}' ranks units by the gradient"):
+        prune(model, ratio=0.5, strategy=strategy, **FAST)
+
+    def whole(model):  # a plain function: the whole loss's gradient at once
+        for _ in ssl_gradients(data, batch_size=16)(model):
+            pass
+
+    if strategy == "taylor":
+        _, report = prune(model, ratio=0.125, strategy=strategy, gradients=whole, **FAST)
+        assert group(report, "layer1.0.bn1")["removed"] == [2]
+    else:
+        with pytest.raises(ConfigError, match="generator yielding after each backward"):
+            prune(model, ratio=0.125, strategy=strategy, gradients=whole, **FAST)

@@ -10,7 +10,7 @@
 * :func:`save_pruned` / :func:`load_pruned`: safetensors weights + a structure spec.
 """
 
-from memprune.pruning._compare import compare_pruning
+from memprune.pruning._compare import COSTS, compare_pruning, mark_pareto
 from memprune.pruning._gradients import head_gradients, ssl_gradients
 from memprune.pruning._importance import SCORE_STRATEGIES, UnitMemImportance
 from memprune.pruning._prune import (
@@ -23,10 +23,11 @@ from memprune.pruning._prune import (
     measure_latency,
     prune,
 )
-from memprune.pruning._recover import DISTILL_LOSSES, RECOVERY, recover
+from memprune.pruning._recover import DISTILL_LOSSES, RECOVERY, recover, recovery
 from memprune.pruning._save import load_pruned, save_pruned
 
 __all__ = [
+    "COSTS",
     "DEFAULT_STRATEGIES",
     "DISTILL_LOSSES",
     "GRADIENT_STRATEGIES",
@@ -40,9 +41,11 @@ __all__ = [
     "compare_pruning",
     "head_gradients",
     "load_pruned",
+    "mark_pareto",
     "measure_latency",
     "prune",
     "recover",
+    "recovery",
     "save_pruned",
     "ssl_gradients",
 ]

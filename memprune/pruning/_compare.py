@@ -1,15 +1,58 @@
-"""Every pruning strategy and ratio side by side, each pruned encoder evaluated."""
+"""Every pruning strategy, ratio and schedule side by side, with and without recovery, over
+seeds: the accuracy-cost table, its Pareto fronts, and what it says (docs/method.md §9b)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from memprune.pruning._prune import check_options, prune
+from memprune.encoders import input_size
+from memprune.errors import ConfigError
+from memprune.pruning._export import export_encoder, exported_module
+from memprune.pruning._prune import check_options, measure_latency, prune
 from memprune.pruning._save import save_pruned
+
+#: The costs a Pareto front is drawn against: row key -> label.
+COSTS = {"params": "parameters", "macs": "MACs", "latency_ms": "latency"}
+NONE = "none"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cost_row(reports, base) -> dict:
+    """Costs of one setting: means over its pruned models (equal widths in ``layer`` scope)."""
+    row = {"params": round(statistics.fmean(r.params[1] for r in reports))}
+    row["params_ratio"] = row["params"] / base.params[0]
+    row["macs"] = round(statistics.fmean(r.macs[1] for r in reports))
+    row["macs_ratio"] = row["macs"] / base.macs[0]
+    if base.latency_s is not None:
+        row["latency_ms"] = 1e3 * statistics.fmean(r.latency_s[1] for r in reports)
+        row["latency_ratio"] = row["latency_ms"] / (1e3 * base.latency_s[0])
+    return row
+
+
+def mark_pareto(rows: list[dict], key: str = "accuracy") -> list[dict]:
+    """Set each row's ``pareto`` to the costs (of :data:`COSTS` the rows have) against which
+    it is Pareto-optimal: no other row costs at most as much with at least its ``key``, one of
+    the two strictly."""
+    costs = [c for c in COSTS if all(c in r for r in rows)]
+    for r in rows:
+        front = []
+        for c in costs:
+            beaten = any(
+                o[c] <= r[c] and o[key] >= r[key] and (o[c] < r[c] or o[key] > r[key]) for o in rows
+            )
+            if not beaten:
+                front.append(c)
+        r["pareto"] = ",".join(front)
+    return rows
 
 
 def compare_pruning(
@@ -21,41 +64,145 @@ def compare_pruning(
     models_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     log=print,
+    *,
+    recover: Callable[[nn.Module, int], nn.Module] | None = None,
+    seeds: Sequence[int] = (0,),
+    schedules: Sequence[int] = (1,),
+    export: bool = False,
+    onnx: bool = False,
     **options,
 ) -> tuple[list[dict], list[dict]]:
-    """Prune ``encoder`` by each strategy at each ratio (``options``: arguments of
-    :func:`prune`), save each pruned encoder under ``models_dir/STRATEGY_RATIO`` and score it
-    with ``evaluate(model) -> accuracy`` (e.g. a linear probe retrained on its features).
+    """Prune ``encoder`` by each strategy at each ratio and schedule (``options``: arguments
+    of :func:`prune`), score each pruned encoder with ``evaluate(model) -> accuracy`` (e.g. a
+    linear probe retrained on its features), and, with ``recover(model, seed) -> model``
+    (:func:`recovery`), score it again after recovery.
 
-    Returns table rows (the unpruned encoder first, as strategy ``none``) and one full record
-    per run (the :class:`PruneResult` with its accuracy).
+    Randomness enters through ``random`` pruning and through recovery: those run once per
+    seed of ``seeds``; a deterministic pruning without recovery runs once. ``schedules`` are
+    numbers of steps (``1``: one shot; ``N``: ``iterative_steps=N`` with the recovery between
+    steps, when there is one, and ``rescore`` from ``options``); every schedule reaches the
+    same final widths. Pruned (and recovered) encoders are saved under ``models_dir``; with
+    ``export`` each pruned one is also exported there (:func:`export_encoder`, ``onnx`` too)
+    and its exported program's latency measured (``latency_export_ms``).
+
+    Returns table rows, one per (strategy, ratio, steps, recovery), the unpruned encoder
+    first (strategy ``none``), with the accuracy's mean, ``std`` over seeds and ``seeds``, the
+    costs (means over seeds) and ``pareto`` (:func:`mark_pareto`); and one record per
+    evaluated encoder (its :class:`PruneResult`, seed and accuracy).
     """
-    keys = ("scope", "max_layer_ratio", "iterative_steps", "rescore", "gradients")
+    keys = ("scope", "max_layer_ratio", "rescore", "gradients")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    if export and models_dir is None:
+        raise ConfigError("export=True writes beside the saved encoders: pass models_dir")
+    if recover is not None and not callable(recover):
+        raise ConfigError("recover must be a callable (model, seed) -> model: see recovery()")
     for strategy in strategies:  # the whole sweep is validated before any work
         for ratio in ratios:
-            check_options(ratio, strategy, scores=scores, **{k: options[k] for k in keys
-                                                             if k in options})  # fmt: skip
-    rows, runs = [], []
-    baseline = None  # the unpruned latency, measured once: every row's ratio shares it
+            for steps in schedules:
+                check_options(ratio, strategy, iterative_steps=steps, scores=scores,
+                              **{k: options[k] for k in keys if k in options})  # fmt: skip
+    method = getattr(recover, "method", "recovered") if recover is not None else None
+    rows = []
+    sweep = _Sweep(encoder, scores, evaluate, recover, method, models_dir, overwrite, log, options)
+    sweep.export = {"onnx": onnx} if export else None
     for strategy in strategies:
         for ratio in ratios:
-            pruned, report = prune(encoder, scores, ratio, strategy, **options,
-                                   baseline_latency_s=baseline)  # fmt: skip
-            if report.latency_s is not None:
-                baseline = report.latency_s[0]
-            name = f"{strategy}_{ratio:g}"
-            if models_dir is not None:
-                save_pruned(pruned, Path(models_dir) / name, overwrite=overwrite)
-            accuracy = evaluate(pruned)
-            if not rows:  # the unpruned encoder, measured once
-                base = evaluate(encoder)
-                row = {"strategy": "none", "ratio": 0.0, "params": report.params[0],
-                       "params_ratio": 1.0, "macs": round(report.macs[0])}  # fmt: skip
-                row["macs_ratio"] = 1.0
-                if report.latency_s is not None:
-                    row.update(latency_ms=1e3 * report.latency_s[0], latency_ratio=1.0)
-                rows.append({**row, "accuracy": base})
-            rows.append({**report.row(), "accuracy": accuracy})
-            runs.append({"model_dir": f"models/{name}", "accuracy": accuracy, **report.to_dict()})
-            log(f"{name}: accuracy {accuracy:.4f}, params {report.params[1]}")
-    return rows, runs
+            for steps in schedules:
+                setting = dict(strategy=strategy, ratio=float(ratio), steps=steps)
+                before, after, reports = sweep.run(setting, seeds)
+                if not rows:  # the unpruned encoder, measured once
+                    rows.append(sweep.unpruned(reports[0]))
+                cost = _cost_row(reports, _Base(rows[0]))
+                if sweep.export is not None and reports[0].latency_s is not None:
+                    cost["latency_export_ms"] = 1e3 * statistics.fmean(sweep.exported)
+                    sweep.exported = []
+                for label, accs in ((NONE, before), (method, after)):
+                    if accs:
+                        mean, std = _mean_std(accs)
+                        rows.append({**setting, "recovery": label, **cost, "accuracy": mean,
+                                     "std": std, "seeds": len(accs)})  # fmt: skip
+    return mark_pareto(rows), sweep.runs
+
+
+class _Sweep:
+    """Runs one setting of the sweep, saving and evaluating each encoder it makes."""
+
+    def __init__(self, encoder, scores, evaluate, recover, method, models_dir, overwrite, log,
+                 options):  # fmt: skip
+        self.encoder, self.scores, self.evaluate = encoder, scores, evaluate
+        self.recover, self.method, self.options = recover, method, options
+        self.models_dir, self.overwrite, self.log = models_dir, overwrite, log
+        self.baseline, self.runs, self.export, self.exported = None, [], None, []
+
+    def run(self, setting: dict, seeds) -> tuple[list[float], list[float], list]:
+        """Accuracies before and after recovery, and the pruning reports, of one setting."""
+        strategy, steps = setting["strategy"], setting["steps"]
+        per_seed = strategy == "random" or (self.recover is not None and steps > 1)
+        before, after, reports = [], [], []
+        for seed in seeds if per_seed else seeds[:1]:
+            pruned, report = prune(self.encoder, self.scores, setting["ratio"], strategy,
+                                   seed=seed, iterative_steps=steps,
+                                   between_steps=self._between(steps, seed),
+                                   baseline_latency_s=self.baseline, **self.options)  # fmt: skip
+            if self.baseline is None and report.latency_s is not None:
+                self.baseline = report.latency_s[0]
+            name = f"{strategy}_{setting['ratio']:g}" + (f"_x{steps}" if steps > 1 else "")
+            name += f"_s{seed}" if per_seed else ""
+            before.append(self._score(pruned, name, setting, NONE, seed, report))
+            if self.export is not None:
+                self._export(pruned, name, report)
+            reports.append(report)
+            if self.recover is not None:
+                for s in [seed] if per_seed else seeds:
+                    rec = f"{name}_{self.method}" + ("" if per_seed else f"_s{s}")
+                    after.append(self._score(self.recover(pruned, s), rec, setting, self.method, s))
+        return before, after, reports
+
+    def _between(self, steps: int, seed: int):
+        if self.recover is None or steps == 1:
+            return None
+
+        def between(model: nn.Module) -> None:  # the prune-recover loop, in place
+            model.load_state_dict(self.recover(model, seed).state_dict())
+
+        return between
+
+    def _score(self, model, name, setting, recovery, seed, report=None) -> float:
+        if self.models_dir is not None:
+            save_pruned(model, Path(self.models_dir) / name, overwrite=self.overwrite)
+        accuracy = self.evaluate(model)
+        record = {"model_dir": f"models/{name}", **setting, "recovery": recovery, "seed": seed,
+                  "accuracy": accuracy}  # fmt: skip
+        self.runs.append(record if report is None else {**record, **report.to_dict()})
+        self.log(f"{name}: accuracy {accuracy:.4f}")
+        return accuracy
+
+    def _export(self, model: nn.Module, name: str, report) -> None:
+        """Export beside the saved encoder; time the exported program like the eager one."""
+        where = Path(self.models_dir) / name
+        self.runs[-1]["export"] = export_encoder(model, where, **self.export)
+        if report.latency_s is not None:
+            batch = self.options.get("latency_batch", 64)
+            x = torch.randn(batch, *input_size(model), generator=torch.Generator().manual_seed(0))
+            x = x.to(next(model.parameters()).device)
+            program = exported_module(where)
+            seconds = measure_latency(program, x, self.options.get("latency_time", 0.5))
+            self.runs[-1]["export"]["latency_s"] = seconds
+            self.exported.append(seconds)
+
+    def unpruned(self, report) -> dict:
+        row = {"strategy": NONE, "ratio": 0.0, "steps": 0, "recovery": NONE,
+               "params": report.params[0], "params_ratio": 1.0, "macs": round(report.macs[0]),
+               "macs_ratio": 1.0}  # fmt: skip
+        if report.latency_s is not None:
+            row.update(latency_ms=1e3 * report.latency_s[0], latency_ratio=1.0)
+        return {**row, "accuracy": self.evaluate(self.encoder), "std": 0.0, "seeds": 1}
+
+
+class _Base:
+    """The unpruned row's costs, in the shape :func:`_cost_row` reads."""
+
+    def __init__(self, row: dict):
+        self.params, self.macs = (row["params"], 0), (row["macs"], 0)
+        self.latency_s = (row["latency_ms"] / 1e3, 0) if "latency_ms" in row else None

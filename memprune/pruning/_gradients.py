@@ -1,5 +1,7 @@
-"""Gradients for the gradient-based pruning criteria (Taylor): callables ``model -> None``
-that accumulate a loss's gradient in the model's parameters.
+"""Gradients for the gradient-based pruning criteria (Taylor, Hessian): callables
+``model -> generator`` that accumulate a loss's gradient in the model's parameters, yielding
+after each batch's backward (the Hessian criterion squares each batch's gradient; exhausting
+the generator leaves the whole loss's gradient).
 
 * :func:`ssl_gradients`: no labels; the SimCLR loss (NT-Xent) of two views per point on the
   encoder's output features (the projection head that trained the encoder is not part of it).
@@ -12,7 +14,7 @@ gradient is that of the eval-mode network, which is the network that gets pruned
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +39,13 @@ def ssl_gradients(
     augment="simclr",
     temperature: float = 0.5,
     seed: int = 0,
-) -> Callable[[nn.Module], None]:
+) -> Callable[[nn.Module], Iterator[None]]:
     """The NT-Xent gradient over ``n_points`` of ``data`` (seeded), two views each."""
     if batch_size < 2:
         raise ConfigError(f"batch_size must be >= 2 (NT-Xent contrasts a batch), got {batch_size}")
     views = MultiView(seeded_subset(data, n_points, seed), 2, augment, seed)
 
-    def accumulate(model: nn.Module) -> None:
+    def accumulate(model: nn.Module) -> Iterator[None]:
         device, n = _device(model), len(views)
         norm = Normalizer(resolve_normalize(model, "auto"), device)
         for batch, _, _ in DataLoader(views, batch_size=batch_size):
@@ -52,6 +54,7 @@ def ssl_gradients(
             x = norm(batch.to(device).flatten(0, 1)).view(*batch.shape)
             loss = nt_xent(model(x[:, 0]), model(x[:, 1]), temperature) * len(batch) / n
             loss.backward()
+            yield
 
     return accumulate
 
@@ -60,7 +63,7 @@ def head_gradients(data: Dataset, batch_size: int = 128, seed: int = 0):
     """The cross-entropy gradient of a linear probe (torch backend, C chosen on a seeded
     validation split) fitted on the model's frozen features of ``data``."""
 
-    def accumulate(model: nn.Module) -> None:
+    def accumulate(model: nn.Module) -> Iterator[None]:
         device = _device(model)
         feats = extract_features(model, data, device=device, progress=False)
         probe = LinearProbe("torch", seed=seed).fit(feats.features, feats.labels)
@@ -73,5 +76,6 @@ def head_gradients(data: Dataset, batch_size: int = 128, seed: int = 0):
             target = torch.searchsorted(classes, labels.to(device))
             loss = F.cross_entropy(z @ coef + bias, target, reduction="sum") / len(data)
             loss.backward()
+            yield
 
     return accumulate

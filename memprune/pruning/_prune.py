@@ -7,6 +7,7 @@ import math
 import warnings
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -99,7 +100,9 @@ def measure_latency(model: nn.Module, batch: torch.Tensor, min_run_time: float =
     _quiet_cpp_extension()
     from torch.utils import benchmark  # imported late: it loads torch's C++ extension tools
 
-    with evaluating(model), torch.inference_mode():
+    # an exported program runs as exported (eval mode) and refuses .eval()
+    mode = nullcontext() if isinstance(model, torch.fx.GraphModule) else evaluating(model)
+    with mode, torch.inference_mode():
         model(batch)
         timer = benchmark.Timer(
             "model(x)", globals={"model": model, "x": batch}, num_threads=torch.get_num_threads()
@@ -127,6 +130,7 @@ def check_options(
     scores=None,
     rescore=None,
     gradients=None,
+    between_steps=None,
 ) -> None:
     """Refuse bad pruning options with a message naming the value and the valid ones (the
     checks :func:`prune` runs first; call it to validate a whole sweep before any work)."""
@@ -147,9 +151,11 @@ def check_options(
         )
     if rescore is not None and not callable(rescore):
         raise ConfigError("rescore must be a callable model -> UnitMemResult")
+    if between_steps is not None and not callable(between_steps):
+        raise ConfigError("between_steps must be a callable model -> None (e.g. a recovery)")
     if strategy in GRADIENT_STRATEGIES and not callable(gradients):
         raise ConfigError(
-            f"strategy {strategy!r} ranks units by |weight x gradient| of a loss: pass"
+            f"strategy {strategy!r} ranks units by the gradient of a loss: pass"
             " gradients=memprune.pruning.ssl_gradients(data) (no labels) or head_gradients(data)"
         )
 
@@ -241,10 +247,13 @@ STRATEGIES = Registry(
      "bnscale": _group_importance("bnscale", tp.importance.BNScaleImportance),
      # first-order Taylor (Molchanov et al. 2019): |weight x gradient| of a loss, from the
      # ``gradients`` callable (memprune.pruning.ssl_gradients / head_gradients)
-     "taylor": _group_importance("taylor", tp.importance.GroupTaylorImportance)},
+     "taylor": _group_importance("taylor", tp.importance.GroupTaylorImportance),
+     # Optimal Brain Damage (LeCun et al. 1990): weight^2 x the Hessian's diagonal, estimated
+     # by the mean squared gradient of the loss's batches (an empirical Fisher)
+     "hessian": _group_importance("hessian", tp.importance.GroupHessianImportance)},
 )  # fmt: skip
 #: Strategies that need the gradient of a loss (``prune(..., gradients=...)``).
-GRADIENT_STRATEGIES = ("taylor",)
+GRADIENT_STRATEGIES = ("taylor", "hessian")
 #: The strategies compared when none are named: UnitMem both ways against the baselines.
 DEFAULT_STRATEGIES = ("lowest", "highest", "random", "magnitude")
 #: ``scope``: the ratio in every group, or one ranking over all groups.
@@ -315,7 +324,8 @@ def prune(
     latency_time: float = 0.5,
     inplace: bool = False,
     baseline_latency_s: float | None = None,
-    gradients: Callable[[nn.Module], None] | None = None,
+    gradients: Callable[[nn.Module], object] | None = None,
+    between_steps: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, PruneResult]:
     """Remove ``ratio`` of the units of ``encoder`` for real (docs/method.md §9).
 
@@ -334,8 +344,11 @@ def prune(
             ``random`` (seeded per group), or one of torch-pruning's criteria over the unit's
             whole group: ``magnitude`` (L2 weight norm, ``GroupMagnitudeImportance``),
             ``lamp`` (``LAMPImportance``), ``bnscale`` (network slimming's BatchNorm scale,
-            ``BNScaleImportance``; CNNs only) or ``taylor`` (``GroupTaylorImportance`` of the
-            loss of ``gradients``).
+            ``BNScaleImportance``; CNNs only), ``taylor`` (``GroupTaylorImportance`` of the
+            loss of ``gradients``) or ``hessian`` (Optimal Brain Damage,
+            ``GroupHessianImportance``: weight² x the mean squared batch gradient of that
+            loss; torch-pruning's own per-sample accumulation is not used, it keys its
+            running sums inconsistently and keeps only the last sample).
         scope: ``layer`` (the ratio in every group) or ``global`` (one ranking over all groups,
             at most ``max_layer_ratio`` of any group; magnitudes are normalized per group by
             torch-pruning, UnitMem is comparable across layers as it is).
@@ -355,15 +368,19 @@ def prune(
         inplace: prune ``encoder`` itself instead of a copy.
         baseline_latency_s: the unpruned encoder's latency, when already measured (a sweep
             measures it once, so that every row's ratio has the same denominator).
-        gradients: for ``taylor``: ``fn(model)`` accumulating a loss's gradient in the
-            model's parameters (:func:`ssl_gradients`, :func:`head_gradients`); run on the
+        gradients: for ``taylor`` and ``hessian``: ``fn(model)`` accumulating a loss's
+            gradient in the model's parameters (:func:`ssl_gradients`, :func:`head_gradients`),
+            as a generator that yields after each batch's ``backward`` (``hessian`` squares
+            each batch's gradient; ``taylor`` may also take a plain function); run on the
             current model before each step and cleared after.
+        between_steps: ``fn(model)`` run on the shrunken encoder after every step but the
+            last (the prune-recover loop: train it in place, e.g. with :func:`recover`).
 
     Returns:
         The pruned encoder (eval mode) and a :class:`PruneResult`.
     """
     check_options(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore,
-                  gradients)  # fmt: skip
+                  gradients, between_steps)  # fmt: skip
     model = (encoder if inplace else copy.deepcopy(encoder)).eval()
     if example_input is None:
         param = next(model.parameters())
@@ -386,19 +403,46 @@ def prune(
         graph, groups = build_groups(model, sites, example_input, heads)
         todo = _start_groups(groups, ctx, strategy, keep_output_width)
         if strategy in GRADIENT_STRATEGIES:
-            model.zero_grad(set_to_none=True)
-            with evaluating(model), torch.enable_grad():
-                gradients(model)
+            _gradients(model, gradients, squared=strategy == "hessian")
         imps = {g.name: STRATEGIES[strategy](graph, model, g, ctx) for g in todo}
         model.zero_grad(set_to_none=True)
         fraction = ratio * step / iterative_steps
         plan = _plan(todo, imps, fraction, scope, max_layer_ratio, ctx["initial"])
         _remove(graph, model, todo, plan, ctx)
+        if between_steps is not None and step < iterative_steps:
+            between_steps(model)
+            model.eval()
     after = _measure(model, example_input, latency_batch, latency_time)
     options = dict(strategy=strategy, ratio=float(ratio), scope=scope,
                    iterative_steps=iterative_steps, batch_size=latency_batch,
                    device=str(example_input.device))  # fmt: skip
     return model, _report(before, after, ctx, keep_output_width, options)
+
+
+def _gradients(model: nn.Module, gradients, squared: bool) -> None:
+    """Leave in each parameter's ``.grad`` the loss's gradient, or (``squared``) the mean over
+    batches of its square, in eval mode (no norm statistic moves)."""
+    model.zero_grad(set_to_none=True)
+    with evaluating(model), torch.enable_grad():
+        batches = gradients(model)
+        if not squared:
+            for _ in batches or ():
+                pass
+            return
+        if batches is None:
+            raise ConfigError(
+                "strategy 'hessian' needs each batch's gradient: gradients(model) must be a"
+                " generator yielding after each backward (as ssl_gradients / head_gradients are)"
+            )
+        total, n = {}, 0
+        for _ in batches:
+            for p in model.parameters():
+                if p.grad is not None:
+                    total[p] = total.get(p, 0) + p.grad.detach() ** 2
+            model.zero_grad(set_to_none=True)
+            n += 1
+        for p, sq in total.items():
+            p.grad = sq / n
 
 
 def _step_sites(model, sites, ctx, strategy: str, size) -> list[Site]:

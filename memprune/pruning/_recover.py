@@ -255,3 +255,19 @@ def recover(
         save_pruned(student, out, overwrite=True)
         write_json(out / RECOVERY_FILE, {**config, "history": history})
     return TrainResult(student, out, history)
+
+
+def recovery(data: Dataset, teacher: nn.Module | None = None, method: str = "distill", **options):
+    """``fn(pruned, seed) -> recovered encoder``: :func:`recover` with these settings, for
+    :func:`compare_pruning` (``fn.method`` names the method in its table)."""
+    _check(teacher, data, method, options.get("epochs", 5), options.get("steps"),
+           options.get("sites", ()), options.get("loss", "cosine"))  # fmt: skip
+    bad = sorted(set(options) & {"seed", "inplace", "out_dir", "resume"})
+    if bad:
+        raise ConfigError(f"recovery() sets {bad} itself per run; leave them out")
+
+    def fn(pruned: nn.Module, seed: int) -> nn.Module:
+        return recover(pruned, teacher, data=data, method=method, seed=seed, **options).encoder
+
+    fn.method = method
+    return fn

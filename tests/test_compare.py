@@ -1,0 +1,96 @@
+import copy
+import importlib.util
+import os
+import stat
+
+import pytest
+import torch
+
+from memprune.errors import ConfigError
+from memprune.pruning import compare_pruning, mark_pareto
+from memprune.pruning._export import export_encoder, exported_module
+
+from .conftest import tiny_resnet, tiny_vit
+from .test_prune import planted
+
+
+def test_pareto_front_is_the_set_no_other_point_dominates():
+    rows = [
+        {"params": 100, "macs": 10, "accuracy": 0.9},  # the largest and best: on both fronts
+        {"params": 50, "macs": 20, "accuracy": 0.8},  # beaten on MACs by the first
+        {"params": 50, "macs": 6, "accuracy": 0.7},  # same params as the second, worse
+        {"params": 20, "macs": 5, "accuracy": 0.7},  # dominates the third on both
+        {"params": 20, "macs": 5, "accuracy": 0.7},  # a tie is not dominated
+    ]
+    front = [r["pareto"] for r in mark_pareto(rows)]
+    assert front == ["params,macs", "params", "", "params,macs", "params,macs"]
+
+
+class _Counted:
+    """evaluate / recover with known answers: accuracy = 0.5 + the recovery's seed / 100."""
+
+    def __init__(self):
+        self.recovered = []
+
+    def evaluate(self, model):
+        return 0.5 + getattr(model, "bonus", 0.0)
+
+    def recover(self, model, seed):
+        self.recovered.append((seed, model.layer2[0].conv1.out_channels))
+        out = copy.deepcopy(model)
+        out.bonus = seed / 100
+        return out
+
+
+def test_sweep_runs_seeds_only_where_randomness_enters(tmp_path):
+    model = tiny_resnet()
+    fake = _Counted()
+    fake.recover.__func__.method = "distill"
+    rows, runs = compare_pruning(
+        model, planted(model), fake.evaluate, [0.5], ["lowest", "random"], tmp_path,
+        recover=fake.recover, seeds=[0, 1, 2], schedules=[1, 2], log=lambda m: None,
+        latency_batch=None,
+    )  # fmt: skip
+    by = {(r["strategy"], r["steps"], r["recovery"]): r for r in rows}
+    assert rows[0]["strategy"] == "none" and rows[0]["accuracy"] == 0.5
+    # deterministic one-shot pruning runs once; its recovery once per seed
+    assert by["lowest", 1, "none"]["seeds"] == 1 and by["lowest", 1, "none"]["std"] == 0
+    rec = by["lowest", 1, "distill"]
+    assert rec["seeds"] == 3 and rec["accuracy"] == pytest.approx(0.51)
+    assert rec["std"] == pytest.approx(0.01)
+    # random pruning and iterative schedules with recovery: once per seed
+    assert by["random", 1, "none"]["seeds"] == 3 and by["lowest", 2, "none"]["seeds"] == 3
+    # a two-step schedule recovers between the steps (at 12 of 16 units) and after
+    # (at 8), and ends at the one-shot widths
+    assert fake.recovered.count((0, 12)) == 2  # lowest x2 and random x2, seed 0
+    assert by["lowest", 2, "distill"]["params"] == by["lowest", 1, "none"]["params"]
+    assert len(rows) == 1 + 2 * 2 * 2
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert "lowest_0.5" in saved and "lowest_0.5_distill_s2" in saved
+    assert "random_0.5_x2_s1" in saved and "random_0.5_x2_s1_distill" in saved
+    assert len(runs) == len(saved)
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        compare_pruning(model, None, fake.evaluate, [0.5], ["random"], seeds=[1, 1])
+    with pytest.raises(ConfigError, match="pass models_dir"):
+        compare_pruning(model, None, fake.evaluate, [0.5], ["random"], export=True)
+
+
+@pytest.mark.parametrize("make", [tiny_resnet, tiny_vit])
+def test_exported_program_matches_the_eager_pruned_encoder(tmp_path, make):
+    from memprune import prune
+
+    model = make()
+    pruned, _ = prune(model, ratio=0.5, strategy="magnitude", latency_batch=None,
+                      keep_output_width=make is tiny_resnet)  # fmt: skip
+    out = export_encoder(pruned, tmp_path / "e")
+    assert out["max_abs_diff"] <= 1e-4
+    program = exported_module(tmp_path / "e")
+    x = torch.randn(5, *pruned.pretrained_cfg["input_size"])  # another batch size
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), pruned.eval()(x), atol=1e-5, rtol=1e-5)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(out["program"]).st_mode) == 0o666 & ~mask  # as open() makes
+    if importlib.util.find_spec("onnx") is None:
+        with pytest.raises(ConfigError, match=r"memprune\[onnx\]"):
+            export_encoder(pruned, tmp_path / "o", onnx=True)
