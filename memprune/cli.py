@@ -611,16 +611,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from memprune.data import load_dataset, seeded_subset
     from memprune.encoders import resolve_device
     from memprune.probe import linear_probe
-    from memprune.pruning import SCORE_STRATEGIES, check_options, compare_pruning, ssl_gradients
+    from memprune.pruning import (
+        GRADIENT_STRATEGIES,
+        SCORE_STRATEGIES,
+        check_options,
+        compare_pruning,
+        prune_verdicts,
+        recovery,
+        ssl_gradients,
+    )
     from memprune.report import plot_prune_tradeoff, plot_unit_scores
     from memprune.scores import unit_mem
 
-    _positive(args, "views", "chunk_size", "max_points", "iterative_steps")
+    _positive(args, "views", "chunk_size", "max_points", "recover_epochs", "recover_steps")
     for strategy in args.strategy:  # validate the whole sweep before any work or any file
         for ratio in args.ratio:
-            # scores=True, gradients: UnitMem and the SSL gradients are made below when needed
-            check_options(ratio, strategy, args.scope, args.max_layer_ratio, args.iterative_steps,
-                          scores=True, gradients=print)  # fmt: skip
+            for steps in args.iterative_steps:
+                # scores=True, gradients: UnitMem and the SSL gradients are made below if needed
+                check_options(ratio, strategy, args.scope, args.max_layer_ratio, steps,
+                              scores=True, gradients=print)  # fmt: skip
+    if args.onnx and not args.export:
+        from memprune.errors import ConfigError
+
+        raise ConfigError("--onnx exports beside the torch.export program: add --export")
     _check_out(args)
     device = resolve_device(args.device)
     model = _encoder(args).to(device)
@@ -651,18 +664,42 @@ def cmd_prune(args: argparse.Namespace) -> int:
         max_layer_ratio=args.max_layer_ratio,
         heads=args.heads,
         keep_output_width=not args.prune_output_width,
-        seed=args.seed,
-        iterative_steps=args.iterative_steps,
+        seeds=args.seeds or [args.seed],
+        schedules=args.iterative_steps,
         latency_batch=args.latency_batch,
+        export=args.export,
+        onnx=args.onnx,
     )
-    # taylor: the gradient of the SimCLR loss on the training data (no labels needed)
-    grads = ssl_gradients(train, seed=args.seed) if "taylor" in args.strategy else None
+    # taylor, hessian: the gradient of the SimCLR loss on the training data (no labels needed)
+    grads = None
+    if any(s in GRADIENT_STRATEGIES for s in args.strategy):
+        grads = ssl_gradients(train, seed=args.seed)
+    recover = None
+    if args.recover:
+        recover = recovery(train, model, args.recover, epochs=args.recover_epochs,
+                           steps=args.recover_steps, lr=args.recover_lr, progress=False,
+                           augment=_augment(args.recover_augment, "simclr" if args.recover
+                                            == "simclr" else "crop_flip"))  # fmt: skip
+        options["recovery"] = {"method": args.recover, "epochs": args.recover_epochs,
+                               "steps": args.recover_steps, "lr": args.recover_lr}  # fmt: skip
+
+    def rescore(m):  # iterative schedules rescore UnitMem on the shrunken encoder
+        return unit_mem(m, seeded_subset(train, args.max_points, args.seed), n_views=args.views,
+                        chunk_size=args.chunk_size, seed=args.seed, device=device,
+                        progress=False)  # fmt: skip
+
+    iterative = max(args.iterative_steps) > 1 and scores is not None and not args.scores
+    sweep = {k: v for k, v in options.items() if k != "recovery"}
     rows, reports = compare_pruning(model, scores, evaluate, args.ratio, args.strategy,
                                     out / "models", overwrite=out.overwrite, gradients=grads,
-                                    log=lambda m: print(m, flush=True), **options)  # fmt: skip
+                                    recover=recover, rescore=rescore if iterative else None,
+                                    log=lambda m: print(m, flush=True), **sweep)  # fmt: skip
+    verdicts = prune_verdicts(rows)
+    print("\n".join(verdicts))
     report = {
         "model": _model_name(args, model), "checkpoint": args.checkpoint, "data": args.data,
-        "probe": args.backend, "options": options, "table": rows, "runs": reports,
+        "probe": args.backend, "options": options, "table": rows, "verdicts": verdicts,
+        "runs": reports,
     }  # fmt: skip
     title = f"pruning {_model_name(args, model)} ({args.scope} scope), linear probe on {args.data}"
     plot_prune_tradeoff(rows, out / "tradeoff.png", title)
@@ -1020,7 +1057,8 @@ def _build_prune(sub) -> None:
     p.add_argument("--data", default=DEFAULT_DATA, help="data set with train and test splits")
     p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
     p.add_argument("--scores", default=None, help="UnitMem of this encoder (score units --out)")
-    p.add_argument("--ratio", type=float, nargs="+", default=[0.2, 0.5], help="fractions removed")
+    p.add_argument("--ratio", "--ratios", dest="ratio", type=float, nargs="+", default=[0.2, 0.5],
+                   help="fractions of units removed")  # fmt: skip
     strategies = _registry("pruning", "STRATEGIES")
     default = list(_registry("pruning", "DEFAULT_STRATEGIES"))
     p.add_argument("--strategy", nargs="+", default=default, choices=strategies,
@@ -1030,7 +1068,43 @@ def _build_prune(sub) -> None:
     p.add_argument("--max-layer-ratio", type=float, default=None, help="cap per layer (global)")
     p.add_argument("--heads", action="store_true", help="also prune ViT attention heads")
     p.add_argument("--prune-output-width", action="store_true", help="prune the feature width too")
-    p.add_argument("--iterative-steps", type=int, default=1, help="prune in this many steps")
+    p.add_argument(
+        "--iterative-steps",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="schedules: prune in this many steps (1: one shot; several compared)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of random pruning and recovery (default: --seed)",
+    )
+    p.add_argument(
+        "--recover",
+        default=None,
+        choices=_registry("pruning", "RECOVERY"),
+        help="recover every pruned encoder: distill from the unpruned one, supervised"
+        " on the labels, or simclr",
+    )
+    p.add_argument("--recover-epochs", type=int, default=3, help="recovery epochs")
+    p.add_argument("--recover-steps", type=int, default=None, help="recovery steps (not epochs)")
+    p.add_argument("--recover-lr", type=float, default=1e-3, help="recovery learning rate")
+    p.add_argument(
+        "--recover-augment",
+        nargs="+",
+        default=None,
+        metavar="PRESET|KEY=VALUE",
+        help="recovery views (default: the method's)",
+    )
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="also write each pruned encoder as a torch.export program (encoder.pt2)",
+    )
+    p.add_argument("--onnx", action="store_true", help="with --export: also ONNX (needs onnx)")
     p.add_argument("--views", type=int, default=10, help="views per point for UnitMem")
     p.add_argument("--max-points", type=int, default=None, help="score a seeded subset")
     p.add_argument("--latency-batch", type=int, default=64, help="batch for latency (0: skip)")
@@ -1077,7 +1151,7 @@ def _build_finetune(sub) -> None:
 def _build_run(sub) -> None:
     p = sub.add_parser("run", help="run a YAML recipe: data -> scores -> actions -> report")
     p.add_argument("recipe", help="recipe file (see recipes/)")
-    p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
                    help="override recipe keys, e.g. actions.prune.ratios=[0.5]")  # fmt: skip
     p.add_argument("--out", default=None, help="run directory (default: runs/NAME)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")

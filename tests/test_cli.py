@@ -160,11 +160,34 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
     pruned = load_encoder(checkpoint=out / "models" / "lowest_0.5")
     assert pruned.layer2[0].conv1.out_channels == 8
     # saved scores are reused: the same units go
+    # ... and recovered over two seeds, exported beside the safetensors
     again = tmp_path / "again"
-    reuse = [*tiny, "--strategy", "lowest", "--scores", str(out), "--latency-batch", "0"]
+    reuse = [
+        *tiny,
+        "--strategy",
+        "lowest",
+        "--scores",
+        str(out),
+        "--latency-batch",
+        "0",
+        "--recover",
+        "distill",
+        "--recover-steps",
+        "2",
+        "--seeds",
+        "0",
+        "1",
+        "--export",
+    ]
     assert main(["prune", *reuse, "--out", str(again)]) == 0
-    rerun = json.loads((again / "report.json").read_text())["runs"][0]
+    report2 = json.loads((again / "report.json").read_text())
+    rerun = report2["runs"][0]
     assert rerun["groups"] == lowest["groups"] and "latency_ms" not in rerun
+    recovered = report2["table"][-1]
+    assert (recovered["recovery"], recovered["seeds"]) == ("distill", 2)
+    assert (again / "models/lowest_0.5/encoder.pt2").is_file()
+    assert (again / "models/lowest_0.5_distill_s1/encoder.safetensors").is_file()
+    assert any("lowest + distill" in line for line in report2["verdicts"])
     # a pruned encoder is probed like any other
     probe = [
         "probe",
@@ -192,7 +215,7 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
 
 def _without_latency(report: dict) -> dict:
     """A pruning report without its measured latencies (the rest is deterministic)."""
-    drop = ("latency_ms", "latency_ratio", "latency_s")
+    drop = ("latency_ms", "latency_ratio", "latency_s", "pareto")  # the front depends on latency
     strip = lambda row: {k: v for k, v in row.items() if k not in drop}  # noqa: E731
     return {key: [strip(r) for r in report[key]] for key in ("table", "runs")}
 

@@ -26,15 +26,16 @@ TINY = [
     "scores.unitmem.views=2", "scores.unitmem.max_points=300", "scores.classmem.views=1",
     "scores.sslmem.pairs=2", "scores.layermem.pairs=2", "actions.prune.ratios=[0.5]",
     "actions.prune.strategies=[lowest,random]", "actions.prune.latency_batch=null",
-    "actions.finetune.epochs=1", "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
+    "actions.prune.seeds=[0]", "actions.prune.recover.steps=2", "actions.finetune.epochs=1",
+    "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
     "actions.finetune.strategies=[top,last]", "evaluation.knn=false",
 ]  # fmt: skip
 
 
 def test_every_shipped_recipe_validates():
     names = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
-    assert names == ["cifar10-resnet18.yaml", "digits-checkpoint.yaml", "digits-resnet.yaml",
-                     "digits-vit.yaml", "stl10-vit.yaml"]  # fmt: skip
+    assert names == ["cifar10-resnet18.yaml", "digits-checkpoint.yaml", "digits-pruning.yaml",
+                     "digits-resnet.yaml", "digits-vit.yaml", "stl10-vit.yaml"]  # fmt: skip
     from memprune.recipes._schema import RANKED_BY
     from memprune.tuning import BY
 
@@ -54,6 +55,8 @@ def test_every_shipped_recipe_validates():
         ({"actions": {"prune": {"strategies": ["lowest", "smallest"]}}},
          r"strategies\[1\]: 'smallest' is not allowed; use one of 'lowest'"),
         ({"scores": {"unitmem": {"views": 0}}}, r"scores\.unitmem\.views: 0 is below the minimum"),
+        ({"actions": {"prune": {"recover": {"method": "finetune"}}}},
+         r"actions\.prune\.recover\.method: 'finetune' is not allowed; use one of 'distill'"),
         ({"encoder": {"pretrain": None}}, r"encoder: give encoder\.pretrain .* or"),
         ({"encoder": {"img_size": True}}, r"encoder\.img_size: expected int"),
         ({"evaluation": {"linear": "yes"}}, r"evaluation\.linear: expected true or false"),

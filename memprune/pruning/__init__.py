@@ -10,7 +10,8 @@
 * :func:`save_pruned` / :func:`load_pruned`: safetensors weights + a structure spec.
 """
 
-from memprune.pruning._compare import COSTS, compare_pruning, mark_pareto
+from memprune.pruning._compare import COSTS, compare_pruning, mark_pareto, prune_verdicts
+from memprune.pruning._export import export_encoder, exported_module
 from memprune.pruning._gradients import head_gradients, ssl_gradients
 from memprune.pruning._importance import SCORE_STRATEGIES, UnitMemImportance
 from memprune.pruning._prune import (
@@ -39,11 +40,14 @@ __all__ = [
     "UnitMemImportance",
     "check_options",
     "compare_pruning",
+    "export_encoder",
+    "exported_module",
     "head_gradients",
     "load_pruned",
     "mark_pareto",
     "measure_latency",
     "prune",
+    "prune_verdicts",
     "recover",
     "recovery",
     "save_pruned",

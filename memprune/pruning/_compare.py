@@ -148,14 +148,15 @@ class _Sweep:
             if self.baseline is None and report.latency_s is not None:
                 self.baseline = report.latency_s[0]
             name = f"{strategy}_{setting['ratio']:g}" + (f"_x{steps}" if steps > 1 else "")
-            name += f"_s{seed}" if per_seed else ""
+            many = len(seeds) > 1  # a seed suffix only where seeds differ
+            name += f"_s{seed}" if per_seed and many else ""
             before.append(self._score(pruned, name, setting, NONE, seed, report))
             if self.export is not None:
                 self._export(pruned, name, report)
             reports.append(report)
             if self.recover is not None:
                 for s in [seed] if per_seed else seeds:
-                    rec = f"{name}_{self.method}" + ("" if per_seed else f"_s{s}")
+                    rec = f"{name}_{self.method}" + ("" if per_seed or not many else f"_s{s}")
                     after.append(self._score(self.recover(pruned, s), rec, setting, self.method, s))
         return before, after, reports
 
@@ -206,3 +207,57 @@ class _Base:
     def __init__(self, row: dict):
         self.params, self.macs = (row["params"], 0), (row["macs"], 0)
         self.latency_s = (row["latency_ms"] / 1e3, 0) if "latency_ms" in row else None
+
+
+def _label(row: dict) -> str:
+    name = row["strategy"] + (f" x{row['steps']}" if row.get("steps", 1) > 1 else "")
+    return name + ("" if row.get("recovery", NONE) == NONE else f" + {row['recovery']}")
+
+
+def _margin(best: dict, second: dict) -> str:
+    """Whether the winner's lead exceeds the seed-to-seed spread: twice the standard error of
+    the difference of the two means (from the seeds where randomness enters)."""
+    se = (best["std"] ** 2 / best["seeds"] + second["std"] ** 2 / second["seeds"]) ** 0.5
+    lead = best["accuracy"] - second["accuracy"]
+    if best["seeds"] < 2 and second["seeds"] < 2:
+        return "both deterministic: no seed spread to compare with"
+    verdict = "beyond" if lead > 2 * se else "within"
+    return f"{verdict} the seed spread (2 SE = {200 * se:.1f} points)"
+
+
+def prune_verdicts(rows: list[dict], tolerance: float = 0.01) -> list[str]:
+    """What a :func:`compare_pruning` table says, in sentences: per criterion (with and
+    without recovery), the smallest encoder within ``tolerance`` of the unpruned accuracy;
+    per ratio, one-shot schedule and recovery, which criterion wins, by how much over the
+    runner-up, and whether that exceeds the seed spread."""
+    base = next(r for r in rows if r["strategy"] == NONE)
+    pruned = [r for r in rows if r["strategy"] != NONE]
+    lines = []
+    for label in dict.fromkeys(_label(r) for r in pruned):
+        ok = [r for r in pruned if _label(r) == label and
+              r["accuracy"] >= base["accuracy"] - tolerance]  # fmt: skip
+        if ok:
+            r = min(ok, key=lambda r: (r["params"], -r["accuracy"]))
+            lines.append(
+                f"{label}: smallest within {100 * tolerance:g} point(s) of the unpruned"
+                f" {100 * base['accuracy']:.1f}%: {100 * r['ratio']:g}% of units removed,"
+                f" {100 * r['params_ratio']:.0f}% of the parameters, {100 * r['macs_ratio']:.0f}%"
+                f" of the MACs, accuracy {100 * r['accuracy']:.1f}%"
+            )
+        else:
+            lines.append(f"{label}: no ratio stays within {100 * tolerance:g} point(s)")
+    for ratio in sorted({r["ratio"] for r in pruned}):
+        for rec in dict.fromkeys(r["recovery"] for r in pruned):
+            at = sorted((r for r in pruned if r["ratio"] == ratio and r["recovery"] == rec
+                         and r.get("steps", 1) == 1), key=lambda r: -r["accuracy"])  # fmt: skip
+            if len(at) < 2:
+                continue
+            best, second = at[0], at[1]
+            lead = 100 * (best["accuracy"] - second["accuracy"])
+            rec_text = "without recovery" if rec == NONE else f"after {rec}"
+            lines.append(
+                f"{100 * ratio:g}% removed, {rec_text}: {best['strategy']} wins with"
+                f" {100 * best['accuracy']:.1f}%, {lead:.1f} points over {second['strategy']};"
+                f" {_margin(best, second)}"
+            )
+    return lines

@@ -46,22 +46,9 @@ def _pct(x: float) -> str:
 
 
 def _prune_lines(p: dict) -> list[str]:
-    out, rows = [], p["rows"]
-    base = next(r for r in rows if r["strategy"] == "none")
-    for ratio in sorted({r["ratio"] for r in rows if r["strategy"] != "none"}):
-        at = [r for r in rows if r["ratio"] == ratio and r["strategy"] != "none"]
-        best = max(at, key=lambda r: r["accuracy"])
-        by = {r["strategy"]: r["accuracy"] for r in at}
-        vs = ""
-        if "lowest" in by and "random" in by:
-            vs = f"; lowest − random {100 * (by['lowest'] - by['random']):+.1f} points"
-        lat = f", latency ×{best['latency_ratio']:.2f}" if "latency_ratio" in best else ""
-        out.append(
-            f"Pruning {_pct(ratio)} of units: best {best['strategy']}"
-            f" {_pct(best['accuracy'])} (unpruned {_pct(base['accuracy'])}), parameters"
-            f" ×{best['params_ratio']:.2f}, MACs ×{best['macs_ratio']:.2f}{lat}{vs}."
-        )
-    return out
+    from memprune.pruning import prune_verdicts
+
+    return [f"Pruning, {line}." for line in prune_verdicts(p["rows"])]
 
 
 def _spread(a: dict, b: dict) -> str:

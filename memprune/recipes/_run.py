@@ -12,6 +12,7 @@ gives the same weights as an uninterrupted run). ``force``: the stages are clear
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -303,20 +304,45 @@ def _evaluate(ctx: _Context, out: Path) -> dict:
 
 def _prune(ctx: _Context, out: Path) -> dict:
     from memprune.probe import linear_probe
-    from memprune.pruning import compare_pruning, ssl_gradients
+    from memprune.pruning import (
+        GRADIENT_STRATEGIES,
+        SCORE_STRATEGIES,
+        compare_pruning,
+        recovery,
+        ssl_gradients,
+    )
     from memprune.report import plot_prune_tradeoff
+    from memprune.scores import unit_mem
 
     r, p = ctx.recipe, ctx.recipe.actions.prune
+    f = ctx.encoder("f")
 
     def evaluate(model) -> float:
         return linear_probe(model, ctx.train, ctx.test, seed=r.seed, device=r.device,
                             backend=r.evaluation.backend).accuracy  # fmt: skip
 
-    grads = ssl_gradients(ctx.train, seed=r.seed) if "taylor" in p.strategies else None
+    def rescore(model):  # UnitMem of the shrunken encoder, as the scores stage computes it
+        c = r.scores.unitmem
+        return unit_mem(model, _scored_points(ctx, c.max_points), n_views=c.views, rest=c.rest,
+                        signed=c.signed, chunk_size=r.scores.chunk_size, seed=r.seed,
+                        device=r.device, progress=False)  # fmt: skip
+
+    grads = None
+    if any(s in GRADIENT_STRATEGIES for s in p.strategies):
+        grads = ssl_gradients(ctx.train, seed=r.seed)
+    recover = None
+    if p.recover is not None:
+        options = dataclasses.asdict(p.recover)
+        method = options.pop("method")
+        precision = r.encoder.pretrain.mixed_precision if r.encoder.pretrain else "no"
+        recover = recovery(ctx.train, f, method, progress=False, mixed_precision=precision,
+                           **options)  # fmt: skip
+    iterative = max(p.schedules) > 1 and any(s in SCORE_STRATEGIES for s in p.strategies)
     rows, runs = compare_pruning(
-        ctx.encoder("f"), ctx.result("unitmem", "unitmem"), evaluate, p.ratios,
-        p.strategies, out / "models", log=ctx.log, scope=p.scope, gradients=grads,
-        max_layer_ratio=p.max_layer_ratio, heads=p.heads, seed=r.seed,
+        f, ctx.result("unitmem", "unitmem"), evaluate, p.ratios, p.strategies, out / "models",
+        log=ctx.log, recover=recover, seeds=p.seeds, schedules=p.schedules, export=p.export,
+        scope=p.scope, gradients=grads, rescore=rescore if iterative else None,
+        max_layer_ratio=p.max_layer_ratio, heads=p.heads, keep_output_width=p.keep_output_width,
         latency_batch=p.latency_batch,
     )  # fmt: skip
     write_json(out / "runs.json", runs)

@@ -23,7 +23,7 @@ from memprune.errors import ConfigError
 from memprune.hooks import REPRESENTATIONS, SIGNED
 from memprune.probe import BACKENDS
 from memprune.pruning import DEFAULT_STRATEGIES as DEFAULT_PRUNE
-from memprune.pruning import SCOPES
+from memprune.pruning import DISTILL_LOSSES, RECOVERY, SCOPES
 from memprune.pruning import STRATEGIES as PRUNE_STRATEGIES
 from memprune.stats import RESTS
 from memprune.train import MIXED_PRECISION
@@ -40,6 +40,7 @@ Rest, Signed, Representation = _names(RESTS), _names(SIGNED), _names(REPRESENTAT
 Precision, Backend, Scope = _names(MIXED_PRECISION), _names(BACKENDS), _names(SCOPES)
 PruneStrategy, LayerStrategy, By = _names(PRUNE_STRATEGIES), _names(LAYER_STRATEGIES), _names(BY)
 Preset = _names(AUGMENTS)
+Recovery, DistillLoss = _names(RECOVERY), _names(DISTILL_LOSSES)
 
 
 class RecipeError(ConfigError):
@@ -197,6 +198,21 @@ class ScoresCfg:
 
 
 @dataclass
+class RecoverCfg:
+    """A short training of every pruned encoder (memprune.pruning.recover): ``distill`` from f
+    on the training split, ``supervised`` on its labels, or ``simclr``."""
+
+    method: Recovery = "distill"
+    epochs: int = field(default=3, metadata=_range(1))
+    steps: int | None = field(default=None, metadata=_range(1))  # replaces epochs when set
+    lr: float = field(default=1e-3, metadata=_range(0))
+    batch_size: int = field(default=64, metadata=_range(2))
+    loss: DistillLoss = "cosine"
+    sites: list[str] = field(default_factory=list)
+    augment: Preset | dict[str, Any] | None = None  # None: the method's default
+
+
+@dataclass
 class PruneCfg:
     enabled: bool = True
     ratios: list[float] = field(default_factory=lambda: [0.2, 0.5], metadata=_range(0, 1, True))
@@ -204,7 +220,12 @@ class PruneCfg:
     scope: Scope = "layer"
     max_layer_ratio: float | None = field(default=None, metadata=_range(0, 1))
     heads: bool = False
+    keep_output_width: bool = True
     latency_batch: int | None = 64
+    seeds: list[int] = field(default_factory=lambda: [0])  # random pruning, recovery
+    schedules: list[int] = field(default_factory=lambda: [1], metadata=_range(1))
+    recover: RecoverCfg | None = None
+    export: bool = False
 
 
 @dataclass

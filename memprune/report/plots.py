@@ -148,28 +148,44 @@ def plot_confusion(
 
 
 def plot_prune_tradeoff(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Linear-probe accuracy against parameters, MACs and latency, one line per strategy over
-    its ratios; the unpruned encoder (strategy ``none``) as a star."""
+    """Linear-probe accuracy (mean ± std over seeds) against parameters, MACs and latency: one
+    line per strategy over its ratios (dashed after recovery, dotted for iterative schedules),
+    the unpruned encoder as a star, Pareto-optimal points (row ``pareto``) ringed in black."""
     axes_keys = [("params", "parameters"), ("macs", "MACs"), ("latency_ms", "latency (ms)")]
     axes_keys = [(k, label) for k, label in axes_keys if all(k in r for r in rows)]
     from matplotlib.ticker import EngFormatter, MaxNLocator
 
-    fig, axes = plt.subplots(1, len(axes_keys), figsize=(4.2 * len(axes_keys), 3.8), sharey=True,
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(4.2 * len(axes_keys), 4.2), sharey=True,
                              layout="constrained")  # fmt: skip
     axes = [axes] if len(axes_keys) == 1 else list(axes)
-    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-    for ax, (key, label) in zip(axes, axes_keys):
-        for strategy in strategies:
-            pts = sorted((r[key], r["accuracy"]) for r in rows if r["strategy"] == strategy)
-            xs, ys = zip(*pts)
-            style = {"marker": "*", "ms": 12, "ls": ""} if strategy == "none" else {"marker": "o"}
-            ax.plot(xs, ys, label=strategy, **style)
+
+    def key(r: dict) -> tuple:
+        return r["strategy"], r.get("steps", 1), r.get("recovery", "none")
+
+    keys = list(dict.fromkeys(key(r) for r in rows))
+    colors = {s: f"C{i}" for i, s in enumerate(dict.fromkeys(k[0] for k in keys))}
+    for ax, (cost, label) in zip(axes, axes_keys):
+        for strategy, steps, recovery in keys:
+            pts = sorted((r[cost], r["accuracy"], r.get("std", 0.0), cost in r.get("pareto", ""))
+                         for r in rows if key(r) == (strategy, steps, recovery))  # fmt: skip
+            xs, ys, es, front = zip(*pts)
+            name = strategy + (f" x{steps}" if steps > 1 else "")
+            name += "" if recovery == "none" else f" + {recovery}"
+            if strategy == "none":
+                ax.plot(xs, ys, "k*", ms=12, ls="", label=name)
+            else:
+                ls = ":" if steps > 1 else "--" if recovery != "none" else "-"
+                ax.errorbar(xs, ys, yerr=es, color=colors[strategy], ls=ls, marker="o", ms=4,
+                            capsize=2, label=name)  # fmt: skip
+            ringed = [(x, y) for x, y, f in zip(xs, ys, front) if f]
+            if ringed:
+                ax.plot(*zip(*ringed), "o", ms=10, mfc="none", mec="k", mew=1.2)
         ax.set_xlabel(label)
         ax.xaxis.set_major_locator(MaxNLocator(4))  # few, short labels: 1.2M, not 1200000
         ax.xaxis.set_major_formatter(EngFormatter(places=1, sep=""))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("linear-probe test accuracy")
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("linear-probe test accuracy (ringed: Pareto-optimal)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
