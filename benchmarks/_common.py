@@ -14,6 +14,11 @@ MODELS = {
     "vit_tiny@32": ("vit_tiny_patch16_224", 32, {"patch_size": 4}),  # 8x8 patches + cls = 65 tokens
     "resnet50@224": ("resnet50", 224, {}),
     "vit_small@224": ("vit_small_patch16_224", 224, {}),
+    # one small member of each timm family the pruning supports
+    "mobilenetv3_small_050@64": ("mobilenetv3_small_050", 64, {}),
+    "efficientnet_b0@64": ("efficientnet_b0", 64, {}),
+    "convnext_atto@64": ("convnext_atto", 64, {}),
+    "regnetx_002@64": ("regnetx_002", 64, {}),
 }
 
 
