@@ -9,9 +9,9 @@ The root exports the workflow; lower-level pieces live in their subpackages
   :func:`learnedness`, :func:`member_gap` (one encoder, no reference); streaming:
   :class:`UnitMem`, :class:`ClassMem`, :class:`LayerMem`, :class:`CKA`
 * make encoders: :func:`pretrain_simclr`, :func:`pretrain_pair`, :func:`train_supervised`
-* act: :func:`prune`, :func:`save_pruned`, :func:`load_pruned`, :func:`select_layers` (by
-  LayerMem, the member gap, :func:`unitmem_profile` or :func:`auto_rgn`), :func:`finetune`,
-  :func:`finetune_units`
+* act: :func:`prune`, :func:`recover`, :func:`save_pruned`, :func:`load_pruned`,
+  :func:`select_layers` (by LayerMem, the member gap, :func:`unitmem_profile` or
+  :func:`auto_rgn`), :func:`finetune`, :func:`finetune_units`
 * evaluate: :func:`linear_probe`, :func:`knn_probe`, :class:`LinearProbe`
 * run: :func:`load_recipe`, :func:`run_recipe`
 * results (``kind``, ``meta``, ``to_rows()``, ``save`` / ``load``; :func:`load_result` reads
@@ -74,6 +74,7 @@ _EXPORTS = {
     "pretrain_pair": "memprune.train",
     "pretrain_simclr": "memprune.train",
     "prune": "memprune.pruning",
+    "recover": "memprune.pruning",
     "run_recipe": "memprune.recipes",
     "save_pruned": "memprune.pruning",
     "select_layers": "memprune.tuning",
@@ -97,7 +98,7 @@ if TYPE_CHECKING:  # pragma: no cover
         SiteError,
     )
     from memprune.probe import LinearProbe, ProbeResult, knn_probe, linear_probe
-    from memprune.pruning import PruneResult, load_pruned, prune, save_pruned
+    from memprune.pruning import PruneResult, load_pruned, prune, recover, save_pruned
     from memprune.recipes import RecipeError, load_recipe, run_recipe
     from memprune.results import load_any as load_result
     from memprune.scores import (
@@ -199,6 +200,7 @@ __all__ = [
     "pretrain_pair",
     "pretrain_simclr",
     "prune",
+    "recover",
     "run_recipe",
     "save_pruned",
     "select_layers",
