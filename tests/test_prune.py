@@ -149,7 +149,7 @@ def test_output_width_kept_unless_asked():
         ("mobilenetv3_small_050", {}),
         ("efficientnet_b0", {}),
         ("convnext_atto", {}),
-        ("regnetx_002", {}),  # its grouped convolutions are left alone (with a warning)
+        ("regnetx_002", {}),  # grouped convolutions: whole conv groups
         ("vit_tiny_patch16_224", dict(patch_size=8, depth=2, embed_dim=32, num_heads=2)),
     ],
 )
@@ -159,10 +159,11 @@ def test_pruned_model_runs_and_save_load_is_exact(tmp_path, name, kw, ratio):
     model = memprune.load_encoder(name, img_size=32, **kw)
     vit = "vit" in name
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*groups left unpruned", UserWarning)
+        warnings.simplefilter("error", UserWarning)  # every group of every family is pruned
         pruned, report = prune(model, ratio=ratio, strategy="magnitude", heads=vit,
                                keep_output_width=not vit, **FAST)  # fmt: skip
     assert report.params[1] < report.params[0]
+    assert all(g["pruned"] or g["output"] for g in report.groups)
     if vit:
         assert pruned.blocks[0].mlp.fc1.in_features < model.blocks[0].mlp.fc1.in_features
     save_pruned(pruned, tmp_path / "p")
@@ -175,6 +176,31 @@ def test_pruned_model_runs_and_save_load_is_exact(tmp_path, name, kw, ratio):
     assert normalization(loaded) == normalization(model)
     with pytest.raises(ConfigError, match="already holds"):
         save_pruned(pruned, tmp_path / "p")
+
+
+def test_grouped_convolutions_lose_whole_groups_ranked_by_their_mean_score():
+    torch.manual_seed(0)
+    model = memprune.load_encoder("regnetx_002", img_size=32)
+    scores = planted(model)
+    conv = model.s1.b1.conv2.conv  # 24 channels in 3 groups of 8, in and out
+    for site in ("s1.b1.conv1.bn.act", "s1.b1.conv2.bn.act"):  # both sides of the conv
+        score = scores.sites[site]["score"]
+        score[:] = torch.linspace(0.5, 1.0, 24)
+        score[8:16] = 0.1  # the middle group has the lowest mean...
+        score[0] = 0.0  # ...though the single lowest unit sits in the first
+    pruned, report = prune(model, scores, ratio=0.5, strategy="lowest", **FAST)
+    g = group(report, "s1.b1.conv2.conv")
+    assert (g["kind"], g["before"], g["after"], g["removed"]) == ("convgroups", 3, 2, [1])
+    assert g["sites"] == ["s1.b1.conv1.bn.act", "s1.b1.conv2.bn.act"]
+    small = pruned.s1.b1.conv2.conv
+    keep = torch.cat([torch.arange(0, 8), torch.arange(16, 24)])
+    assert (small.groups, small.in_channels, small.out_channels) == (2, 16, 16)
+    assert torch.equal(small.weight, conv.weight[keep])  # each kept group's slice, whole
+    assert pruned.s1.b1.conv1.conv.out_channels == 16 and pruned.s1.b1.conv3.conv.in_channels == 16
+    assert type(small) is torch.nn.Conv2d and type(conv) is torch.nn.Conv2d  # marks undone
+    a = torch.randn(2, 24, 16, 16)
+    with torch.no_grad():  # the kept groups compute what they computed before
+        torch.testing.assert_close(small(a[:, keep]), conv(a)[:, keep])
 
 
 def test_unitmem_importance_in_a_plain_metapruner_loop():

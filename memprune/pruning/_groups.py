@@ -9,11 +9,18 @@ downsample feeding them) form one :class:`Group`, scored by the mean of their un
 
 Attention heads (``heads`` groups) are the input channels of ``attn.proj`` taken ``head_dim``
 at a time; the graph maps them back to the query, key and value rows of ``attn.qkv``.
+
+A grouped convolution (``1 < groups < in_channels``, RegNet's 3x3) ties its input and output
+channels group by group, so its units go a whole convolution group at a time (``convgroups``
+groups): the channels feeding the group (``root``, ``head_dim`` per group) and those it
+produces (``partner``, ``partner_dim`` per group), scored by the mean of all their units.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +30,54 @@ from torch import nn
 from memprune.errors import SiteError
 from memprune.sites import Site, trace, weight_modules
 
-UNITS, HEADS = "units", "heads"
+UNITS, HEADS, CONV_GROUPS = "units", "heads", "convgroups"
+KINDS = (UNITS, HEADS, CONV_GROUPS)
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels
+
+
+class _GroupedConvPruner(tp.pruner.function.ConvPruner):
+    """Whole groups of a grouped convolution: torch-pruning's conv pruner keeps the first
+    input channels of every group, which is right for none of them once a group goes. Its
+    output rows go by the conv pruner; its input channels must be whole groups, which lowers
+    ``groups`` and leaves each group's weight slice as it is."""
+
+    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        width = layer.weight.shape[1]  # input channels per group
+        gone = {int(i) // width for i in idxs}
+        if len(idxs) != len(gone) * width:
+            raise SiteError(
+                f"a grouped convolution loses whole groups of {width} input channels, not"
+                f" {len(idxs)} channels of {len(gone)} groups"
+            )
+        layer.in_channels -= len(idxs)
+        layer.groups -= len(gone)
+        return layer
+
+
+_GROUPED = _GroupedConvPruner()
+
+
+class _GroupedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` under another name while a model is pruned, so that torch-pruning (which
+    takes customized pruners per type: per instance, 1.6 fails while tracing) gives grouped
+    convolutions :class:`_GroupedConvPruner` and every other convolution its own."""
+
+
+@contextmanager
+def grouped_convs(model: nn.Module) -> Iterator[None]:
+    """Mark the grouped ``nn.Conv2d`` of ``model`` as :class:`_GroupedConv2d` inside the block
+    (the class only: weights and forward are untouched); restored on exit, also on error."""
+    marked = [m for m in model.modules() if type(m) is nn.Conv2d and _is_grouped(m)]
+    for m in marked:
+        m.__class__ = _GroupedConv2d
+    try:
+        yield
+    finally:
+        for m in marked:
+            m.__class__ = nn.Conv2d
 
 
 @dataclass
@@ -37,8 +91,11 @@ class Group:
         width: current number of units (heads for ``heads`` groups).
         sites: site name -> ``(site unit index, root index)`` pairs as two long tensors.
         output: the channels reach the encoder's output (pooled feature width).
-        head_dim: channels per head (1 for ``units`` groups).
+        head_dim: channels per head (``convgroups``: root channels per conv group; 1 for
+            ``units`` groups).
         blocked: why the group cannot be pruned ('' when it can).
+        partner: ``convgroups`` only: the module producing the grouped conv's output
+            channels, with ``partner_dim`` channels per conv group and ``partner_sites``.
     """
 
     name: str
@@ -49,37 +106,54 @@ class Group:
     output: bool = False
     head_dim: int = 1
     blocked: str = ""
+    partner: str = ""
+    partner_dim: int = 0
+    partner_sites: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def unit_scores(self, site_scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-unit (per-head) score: the mean over the group's scored sites (and a head's
-        ``head_dim`` units)."""
-        total = torch.zeros(self.width * self.head_dim)
-        count = torch.zeros(self.width * self.head_dim)
-        for site, (idx, root_idx) in self.sites.items():
+    def _per_channel(self, sites, dim: int, site_scores) -> torch.Tensor:
+        total, count = torch.zeros(self.width * dim), torch.zeros(self.width * dim)
+        for site, (idx, root_idx) in sites.items():
             if site in site_scores:
                 total[root_idx] += site_scores[site].float()[idx]
                 count[root_idx] += 1
         if (count == 0).any():
-            raise SiteError(
-                f"group {self.name!r} has units without scores (sites {list(self.sites)})"
-            )
-        per = total / count
-        return per.view(self.width, self.head_dim).mean(dim=1)
+            raise SiteError(f"group {self.name!r} has units without scores (sites {list(sites)})")
+        return total / count
 
-    def channels(self, units: torch.Tensor) -> list[int]:
-        """Root channel indices of ``units`` (heads expand to their ``head_dim`` channels)."""
-        units = units.long()
-        if self.kind == HEADS:
-            units = (units[:, None] * self.head_dim + torch.arange(self.head_dim)).flatten()
+    def unit_scores(self, site_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-unit (per-head, per-conv-group) score: the mean over the group's scored sites
+        (and over a head's or a conv group's channels)."""
+        per = self._per_channel(self.sites, self.head_dim, site_scores)
+        if self.kind != CONV_GROUPS:
+            return per.view(self.width, self.head_dim).mean(dim=1)
+        out = self._per_channel(self.partner_sites, self.partner_dim, site_scores)
+        return self.merge(per, out)
+
+    def merge(self, root: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+        """Per-channel values of a ``convgroups`` group's two sides -> one per conv group."""
+        total = root.view(self.width, -1).sum(1) + partner.view(self.width, -1).sum(1)
+        return total / (self.head_dim + self.partner_dim)
+
+    def channels(self, units: torch.Tensor, dim: int | None = None) -> list[int]:
+        """Root channel indices of ``units`` (heads and conv groups expand to their ``dim``
+        channels, ``head_dim`` by default)."""
+        units, dim = units.long(), dim or self.head_dim
+        if self.kind != UNITS:
+            units = (units[:, None] * dim + torch.arange(dim)).flatten()
         return sorted(units.tolist())
 
 
 def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's graph of ``model`` traced on ``example`` (ViT class tokens and position
-    embeddings are picked up as unwrapped parameters, pruned along their last dimension)."""
+    embeddings are picked up as unwrapped parameters, pruned along their last dimension;
+    grouped convolutions get :class:`_GroupedConvPruner`)."""
+    grouped = any(isinstance(m, _GroupedConv2d) for m in model.modules())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example,
+            customized_pruners={_GroupedConv2d: _GROUPED} if grouped else None,
+        )  # fmt: skip
 
 
 def out_fn(graph: tp.DependencyGraph, module: nn.Module):
@@ -156,17 +230,52 @@ def build_groups(
             and graph.is_out_channel_pruning_fn(it.dep.handler)
         )
         g.sites[site.name] = (torch.tensor(item.idxs), torch.tensor(item.root_idxs))
-    return graph, list(groups.values())
+    return graph, _merge_grouped(graph, groups, full_groups, modules)
 
 
 def _grouped_conv(group) -> str:
-    """Grouped (not depthwise) convolutions need the same channels removed in every group,
-    which a unit ranking does not give; such groups are left alone."""
+    """The grouped convolution a group reaches ('' for none): its channels go a whole conv
+    group at a time, or not at all."""
     for it in group:
-        mod = it.dep.target.module
-        if isinstance(mod, nn.Conv2d) and 1 < mod.groups < mod.in_channels:
-            return f"grouped convolution {it.dep.target._name} (groups={mod.groups})"
+        if _is_grouped(it.dep.target.module):
+            return f"grouped convolution {it.dep.target._name}"
     return ""
+
+
+def _merge_grouped(graph, groups: dict, full_groups: dict, modules) -> list[Group]:
+    """Each grouped convolution's two unit groups (the channels entering it, those leaving it)
+    become one ``convgroups`` group; where that mapping is not one to one, both stay blocked."""
+    merged, used = {}, set()
+    for name, conv in modules.items():
+        if not isinstance(conv, _GroupedConv2d):
+            continue
+        sides = {}
+        for members, full in full_groups.items():
+            for it in full:
+                if it.dep.target._name != name:
+                    continue
+                side = "out" if graph.is_out_channel_pruning_fn(it.dep.handler) else "in"
+                sides.setdefault(side, []).append(members)
+        ins, outs = sides.get("in", []), sides.get("out", [])
+        if len(ins) != 1 or len(outs) != 1 or ins[0] == outs[0] or {*ins, *outs} & used:
+            continue
+        a, b = groups[ins[0]], groups[outs[0]]
+        if a.output or b.output or a.width % conv.groups or b.width % conv.groups:
+            continue
+        used |= {ins[0], outs[0]}
+        merged[ins[0]] = Group(
+            name, CONV_GROUPS, a.root, conv.groups, a.sites, head_dim=a.width // conv.groups,
+            partner=b.root, partner_dim=b.width // conv.groups, partner_sites=b.sites,
+        )  # fmt: skip
+    out = []
+    for members, g in groups.items():
+        if members in merged:
+            out.append(merged[members])
+        elif members not in used:
+            if g.blocked:
+                g.blocked += " (its input and output channels are not one group each)"
+            out.append(g)
+    return out
 
 
 def _head_group(site: Site, modules: dict[str, nn.Module]) -> Group:
@@ -189,10 +298,15 @@ def prune_group(graph: tp.DependencyGraph, model: nn.Module, group: Group, units
     modules = dict(model.named_modules())
     root = modules[group.root]
     fn = tp.prune_linear_in_channels if group.kind == HEADS else out_fn(graph, root)
-    pg = graph.get_pruning_group(root, fn, group.channels(units))
-    if not graph.check_pruning_group(pg):
+    parts = [(root, fn, group.channels(units))]
+    if group.kind == CONV_GROUPS:  # the conv's output rows, then its input channels
+        partner = modules[group.partner]
+        parts.insert(0, (partner, out_fn(graph, partner), group.channels(units, group.partner_dim)))
+    pgs = [graph.get_pruning_group(m, f, idx) for m, f, idx in parts]
+    if not all(graph.check_pruning_group(pg) for pg in pgs):
         raise SiteError(f"torch-pruning refuses to remove {len(units)} units of {group.name!r}")
-    pg.prune()
+    for pg in pgs:
+        pg.prune()
     if group.kind == HEADS:  # timm attention reshapes by these attributes
         attn = modules[group.name]
         attn.num_heads -= len(units)

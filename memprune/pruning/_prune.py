@@ -16,7 +16,16 @@ from torch import nn
 
 from memprune.encoders import evaluating, input_size
 from memprune.errors import ConfigError, SiteError
-from memprune.pruning._groups import HEADS, UNITS, Group, build_groups, out_fn, prune_group
+from memprune.pruning._groups import (
+    CONV_GROUPS,
+    HEADS,
+    KINDS,
+    Group,
+    build_groups,
+    grouped_convs,
+    out_fn,
+    prune_group,
+)
 from memprune.pruning._importance import SCORE_STRATEGIES
 from memprune.registry import Registry
 from memprune.results import Result
@@ -33,7 +42,8 @@ class PruneResult(Result):
     (``torch.utils.benchmark``; None when not measured). ``groups`` has one entry per group of
     coupled units: ``name``, ``kind`` (units / heads), ``sites``, ``before``, ``after``,
     ``removed`` (original unit indices), ``output`` (reaches the output width), ``pruned`` and
-    ``blocked`` (why it was left alone: grouped convolutions are not supported).
+    ``blocked`` (why it was left alone). ``kind`` is ``units``, ``heads`` or ``convgroups``
+    (a grouped convolution's groups: ``before`` / ``after`` count groups).
     """
 
     kind = "prune"
@@ -204,18 +214,23 @@ def _group_importance(name: str, make: Callable[[], tp.importance.Importance]):
     dependency group (every coupled conv, norm and linear) and averaged over a head's
     channels."""
 
-    def importance(graph, model, group: Group, ctx) -> torch.Tensor:
-        root = dict(model.named_modules())[group.root]
+    def side(graph, model, group: Group, root_name: str, dim: int) -> torch.Tensor:
+        root = dict(model.named_modules())[root_name]
         fn = tp.prune_linear_in_channels if group.kind == HEADS else out_fn(graph, root)
-        full = graph.get_pruning_group(root, fn, list(range(group.width * group.head_dim)))
-        imp = make()(full)
+        imp = make()(graph.get_pruning_group(root, fn, list(range(group.width * dim))))
         if imp is None:
             raise ConfigError(
                 f"strategy {name!r} finds nothing to score in group {group.name} (network"
                 " slimming needs a BatchNorm after each pruned conv; ViTs have none): use"
                 " magnitude or lamp for this encoder"
             )
-        return imp.float().cpu().view(group.width, group.head_dim).mean(dim=1)
+        return imp.float().cpu()
+
+    def importance(graph, model, group: Group, ctx) -> torch.Tensor:
+        imp = side(graph, model, group, group.root, group.head_dim)
+        if group.kind == CONV_GROUPS:  # both sides of each conv group
+            return group.merge(imp, side(graph, model, group, group.partner, group.partner_dim))
+        return imp.view(group.width, group.head_dim).mean(dim=1)
 
     return importance
 
@@ -271,7 +286,7 @@ def _plan(groups, imps, fraction, scope, max_layer_ratio, initial) -> dict[str, 
             n = min(math.floor(fraction * initial[g.name] + 1e-9) - gone[g.name], g.width - 1)
             plan[g.name] = torch.sort(imps[g.name], stable=True).indices[: max(n, 0)]
         return plan
-    for kind in (UNITS, HEADS):
+    for kind in KINDS:
         pool = [g for g in groups if g.kind == kind]
         if not pool:
             continue
@@ -400,15 +415,16 @@ def prune(
     for step in range(1, iterative_steps + 1):
         ctx["step"] = step
         sites = _step_sites(model, sites, ctx, strategy, tuple(example_input.shape[1:]))
-        graph, groups = build_groups(model, sites, example_input, heads)
-        todo = _start_groups(groups, ctx, strategy, keep_output_width)
-        if strategy in GRADIENT_STRATEGIES:
-            _gradients(model, gradients, squared=strategy == "hessian")
-        imps = {g.name: STRATEGIES[strategy](graph, model, g, ctx) for g in todo}
-        model.zero_grad(set_to_none=True)
-        fraction = ratio * step / iterative_steps
-        plan = _plan(todo, imps, fraction, scope, max_layer_ratio, ctx["initial"])
-        _remove(graph, model, todo, plan, ctx)
+        with grouped_convs(model):
+            graph, groups = build_groups(model, sites, example_input, heads)
+            todo = _start_groups(groups, ctx, strategy, keep_output_width)
+            if strategy in GRADIENT_STRATEGIES:
+                _gradients(model, gradients, squared=strategy == "hessian")
+            imps = {g.name: STRATEGIES[strategy](graph, model, g, ctx) for g in todo}
+            model.zero_grad(set_to_none=True)
+            fraction = ratio * step / iterative_steps
+            plan = _plan(todo, imps, fraction, scope, max_layer_ratio, ctx["initial"])
+            _remove(graph, model, todo, plan, ctx)
         if between_steps is not None and step < iterative_steps:
             between_steps(model)
             model.eval()
@@ -489,8 +505,9 @@ def _report(before, after, ctx: dict, keep_output_width: bool, options: dict) ->
     (params0, macs0, lat0), (params1, macs1, lat1) = before, after
     groups = [
         {
-            "name": name, "kind": g.kind, "sites": list(g.sites), "before": ctx["initial"][name],
-            "after": len(ctx["origin"][name]), "removed": sorted(ctx["removed"][name]),
+            "name": name, "kind": g.kind, "sites": [*g.sites, *g.partner_sites],
+            "before": ctx["initial"][name], "after": len(ctx["origin"][name]),
+            "removed": sorted(ctx["removed"][name]),
             "output": g.output, "pruned": not (keep_output_width and g.output) and not g.blocked,
             "blocked": g.blocked,
         }
