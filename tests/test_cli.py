@@ -278,7 +278,7 @@ def test_every_option_has_help_and_its_default_once():
                 continue
             assert action.help, (prefix, action.option_strings)
             if action.default not in (None, False):
-                found = re.search(rf"\n  {re.escape(action.option_strings[-1])}[ \n]", "\n" + text)
+                found = re.search(rf"\n  {re.escape(action.option_strings[0])}[ \n]", "\n" + text)
                 block = ("\n" + text)[found.end() :].split("\n  -", 1)[0]
                 assert block.count("default") == 1, (prefix, action.option_strings, block)
 
