@@ -94,3 +94,37 @@ def test_exported_program_matches_the_eager_pruned_encoder(tmp_path, make):
     if importlib.util.find_spec("onnx") is None:
         with pytest.raises(ConfigError, match=r"memprune\[onnx\]"):
             export_encoder(pruned, tmp_path / "o", onnx=True)
+
+
+def test_verdicts_name_the_winner_its_lead_and_the_spread():
+    from memprune.pruning import prune_verdicts
+
+    def row(strategy, ratio, accuracy, std=0.0, seeds=1, recovery="none", params=50):
+        return {"strategy": strategy, "ratio": ratio, "steps": 1, "recovery": recovery,
+                "accuracy": accuracy, "std": std, "seeds": seeds, "params": params,
+                "params_ratio": params / 100, "macs_ratio": params / 100}  # fmt: skip
+
+    rows = [
+        row("none", 0.0, 0.90, params=100),
+        row("lowest", 0.5, 0.895), row("magnitude", 0.5, 0.85),
+        row("lowest", 0.5, 0.88, 0.01, 3, "distill"), row("random", 0.5, 0.80, 0.01, 3, "distill"),
+        row("lowest", 0.7, 0.70, params=30), row("magnitude", 0.7, 0.70, params=30),
+        row("random", 0.7, 0.86, 0.05, 3, "distill", 30), row("lowest", 0.7, 0.84, 0.05, 3,
+                                                              "distill", 30),
+    ]  # fmt: skip
+    text = "\n".join(prune_verdicts(rows))
+    assert "lowest: smallest within 1 point(s) of the unpruned 90.0%: 50% of units" in text
+    assert "magnitude: no ratio stays within 1 point(s)" in text
+    assert (
+        "50% removed, without recovery: lowest wins with 89.5%, 4.5 points over magnitude;"
+        " both deterministic" in text
+    )
+    assert (
+        "50% removed, after distill: lowest wins with 88.0%, 8.0 points over random; beyond" in text
+    )
+    assert "70% removed, without recovery: lowest, magnitude tie at 70.0%" in text
+    # a 2-point lead with std 5 over 3 seeds each: 2 SE = 8.2 points
+    assert (
+        "70% removed, after distill: random wins with 86.0%, 2.0 points over lowest; within"
+        " the seed spread (2 SE = 8.2 points)" in text
+    )

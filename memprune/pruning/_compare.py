@@ -3,6 +3,7 @@ seeds: the accuracy-cost table, its Pareto fronts, and what it says (docs/method
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from memprune.encoders import input_size
 from memprune.errors import ConfigError
 from memprune.pruning._export import export_encoder, exported_module
 from memprune.pruning._prune import check_options, measure_latency, prune
-from memprune.pruning._save import save_pruned
+from memprune.pruning._save import _structure, save_pruned
 
 #: The costs a Pareto front is drawn against: row key -> label.
 COSTS = {"params": "parameters", "macs": "MACs", "latency_ms": "latency"}
@@ -133,7 +134,23 @@ class _Sweep:
         self.encoder, self.scores, self.evaluate = encoder, scores, evaluate
         self.recover, self.method, self.options = recover, method, options
         self.models_dir, self.overwrite, self.log = models_dir, overwrite, log
-        self.baseline, self.runs, self.export, self.exported = None, [], None, []
+        self.runs, self.export, self.exported = [], None, []
+        # latency: measured here, once per distinct architecture (at one ratio every
+        # layer-scope criterion gives the same widths: one timing, not noise between them)
+        self.batch = options.pop("latency_batch", 64)
+        self.time = options.pop("latency_time", 0.5)
+        self.latency: dict[str, float] = {}
+
+    def _latency(self, model: nn.Module) -> float | None:
+        if not self.batch:
+            return None
+        key = json.dumps(_structure(model), sort_keys=True)
+        if key not in self.latency:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(self.batch, *input_size(model), generator=g)
+            self.latency[key] = measure_latency(model, x.to(next(model.parameters()).device),
+                                                self.time)  # fmt: skip
+        return self.latency[key]
 
     def run(self, setting: dict, seeds) -> tuple[list[float], list[float], list]:
         """Accuracies before and after recovery, and the pruning reports, of one setting."""
@@ -142,11 +159,12 @@ class _Sweep:
         before, after, reports = [], [], []
         for seed in seeds if per_seed else seeds[:1]:
             pruned, report = prune(self.encoder, self.scores, setting["ratio"], strategy,
-                                   seed=seed, iterative_steps=steps,
+                                   seed=seed, iterative_steps=steps, latency_batch=None,
                                    between_steps=self._between(steps, seed),
-                                   baseline_latency_s=self.baseline, **self.options)  # fmt: skip
-            if self.baseline is None and report.latency_s is not None:
-                self.baseline = report.latency_s[0]
+                                   **self.options)  # fmt: skip
+            if self.batch:
+                report.latency_s = (self._latency(self.encoder), self._latency(pruned))
+                report.batch_size = self.batch
             name = f"{strategy}_{setting['ratio']:g}" + (f"_x{steps}" if steps > 1 else "")
             many = len(seeds) > 1  # a seed suffix only where seeds differ
             name += f"_s{seed}" if per_seed and many else ""
@@ -184,11 +202,11 @@ class _Sweep:
         where = Path(self.models_dir) / name
         self.runs[-1]["export"] = export_encoder(model, where, **self.export)
         if report.latency_s is not None:
-            batch = self.options.get("latency_batch", 64)
-            x = torch.randn(batch, *input_size(model), generator=torch.Generator().manual_seed(0))
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(self.batch, *input_size(model), generator=g)
             x = x.to(next(model.parameters()).device)
             program = exported_module(where)
-            seconds = measure_latency(program, x, self.options.get("latency_time", 0.5))
+            seconds = measure_latency(program, x, self.time)
             self.runs[-1]["export"]["latency_s"] = seconds
             self.exported.append(seconds)
 
@@ -255,6 +273,11 @@ def prune_verdicts(rows: list[dict], tolerance: float = 0.01) -> list[str]:
             best, second = at[0], at[1]
             lead = 100 * (best["accuracy"] - second["accuracy"])
             rec_text = "without recovery" if rec == NONE else f"after {rec}"
+            tied = [r["strategy"] for r in at if r["accuracy"] == best["accuracy"]]
+            if len(tied) > 1:
+                lines.append(f"{100 * ratio:g}% removed, {rec_text}: {', '.join(tied)} tie at"
+                             f" {100 * best['accuracy']:.1f}%")  # fmt: skip
+                continue
             lines.append(
                 f"{100 * ratio:g}% removed, {rec_text}: {best['strategy']} wins with"
                 f" {100 * best['accuracy']:.1f}%, {lead:.1f} points over {second['strategy']};"
