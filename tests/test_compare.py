@@ -128,3 +128,14 @@ def test_verdicts_name_the_winner_its_lead_and_the_spread():
         "70% removed, after distill: random wins with 86.0%, 2.0 points over lowest; within"
         " the seed spread (2 SE = 8.2 points)" in text
     )
+
+
+def test_sweep_exports_and_times_every_program_beside_the_eager_one(tmp_path):
+    model = tiny_resnet(img_size=32)
+    rows, runs = compare_pruning(
+        model, None, lambda m: 0.5, [0.5], ["magnitude"], tmp_path, export=True,
+        latency_batch=4, latency_time=0.02, log=lambda m: None,
+    )  # fmt: skip
+    assert all(r["latency_export_ms"] > 0 and r["latency_ms"] > 0 for r in rows)
+    assert runs[0]["export"]["program"] == "models/magnitude_0.5/encoder.pt2"
+    assert (tmp_path / "magnitude_0.5" / "encoder.pt2").is_file()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def compare_pruning(
                 before, after, reports = sweep.run(setting, seeds)
                 if not rows:  # the unpruned encoder, measured once
                     rows.append(sweep.unpruned(reports[0]))
+                    if sweep.export is not None and reports[0].latency_s is not None:
+                        rows[0]["latency_export_ms"] = sweep.unpruned_export_ms()
                 cost = _cost_row(reports, _Base(rows[0]))
                 if sweep.export is not None and reports[0].latency_s is not None:
                     cost["latency_export_ms"] = 1e3 * statistics.fmean(sweep.exported)
@@ -200,15 +203,25 @@ class _Sweep:
     def _export(self, model: nn.Module, name: str, report) -> None:
         """Export beside the saved encoder; time the exported program like the eager one."""
         where = Path(self.models_dir) / name
-        self.runs[-1]["export"] = export_encoder(model, where, **self.export)
+        info = export_encoder(model, where, **self.export)
+        info.update(program=f"models/{name}/{Path(info['program']).name}",
+                    onnx=info["onnx"] and f"models/{name}/{Path(info['onnx']).name}")  # fmt: skip
+        self.runs[-1]["export"] = info
         if report.latency_s is not None:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(self.batch, *input_size(model), generator=g)
-            x = x.to(next(model.parameters()).device)
-            program = exported_module(where)
-            seconds = measure_latency(program, x, self.time)
-            self.runs[-1]["export"]["latency_s"] = seconds
-            self.exported.append(seconds)
+            info["latency_s"] = self._program_latency(model, where)
+            self.exported.append(info["latency_s"])
+
+    def _program_latency(self, model: nn.Module, where: Path) -> float:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.batch, *input_size(model), generator=g)
+        return measure_latency(exported_module(where), x.to(next(model.parameters()).device),
+                               self.time)  # fmt: skip
+
+    def unpruned_export_ms(self) -> float:
+        """The unpruned encoder's exported program, timed the same way (not saved)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            export_encoder(self.encoder, tmp)
+            return 1e3 * self._program_latency(self.encoder, Path(tmp))
 
     def unpruned(self, report) -> dict:
         row = {"strategy": NONE, "ratio": 0.0, "steps": 0, "recovery": NONE,
