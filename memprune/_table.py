@@ -50,3 +50,11 @@ def write_table(stem, rows: Sequence[dict]) -> str:
     write_text(stem.with_suffix(".md"), format_table(headers, table, markdown=True) + "\n")
     write_text(stem.with_suffix(".csv"), format_csv(headers, table))
     return format_table(headers, table)
+
+
+def difference_se(std_a: float, n_a: int, std_b: float, n_b: int) -> float | None:
+    """Standard error of the difference of two table rows' means over seeds (``std`` over
+    ``n`` seeds each); None when neither row has two seeds: no spread to compare with."""
+    if n_a < 2 and n_b < 2:
+        return None
+    return (std_a**2 / n_a + std_b**2 / n_b) ** 0.5

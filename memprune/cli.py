@@ -87,8 +87,9 @@ def _img_size(args) -> int | None:
     return native_size(args.data, args.img_size or DEFAULT_IMG_SIZE)
 
 
-def _augment(tokens: list[str] | None, default: str):
-    """``--augment PRESET KEY=VALUE ...`` as the library's one spelling of an augmentation."""
+def _augment(tokens: list[str] | None, default: str | None):
+    """``--augment PRESET KEY=VALUE ...`` as the library's one spelling of an augmentation
+    (``default`` None: the library function's own default, also for a mapping's preset)."""
     from memprune.errors import ConfigError
 
     if not tokens:
@@ -97,7 +98,8 @@ def _augment(tokens: list[str] | None, default: str):
     if len(presets) > 1:
         raise ConfigError(f"--augment takes one preset name, got {presets}")
     params = _key_values([t for t in tokens if "=" in t], "--augment")
-    return {"preset": presets[0] if presets else default, **params}
+    preset = presets[0] if presets else default
+    return {**({"preset": preset} if preset else {}), **params}
 
 
 def _dataset(args):
@@ -608,6 +610,8 @@ def _check_scores_match(scores, args: argparse.Namespace) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune by each strategy and ratio; probe every pruned encoder; one comparison table."""
+    from functools import partial
+
     from memprune.data import load_dataset, seeded_subset
     from memprune.encoders import resolve_device
     from memprune.probe import linear_probe
@@ -640,14 +644,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     img_size = _img_size(args)
     train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
     test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
+
+    def score(m, progress=None):  # UnitMem of an encoder (iterative schedules: each step's)
+        return unit_mem(m, seeded_subset(train, args.max_points, args.seed), n_views=args.views,
+                        chunk_size=args.chunk_size, seed=args.seed, device=device,
+                        progress=progress)  # fmt: skip
+
     scores = None
     if args.scores:
         scores = _unit_scores(args.scores)
         _check_scores_match(scores, args)
     elif any(s in SCORE_STRATEGIES for s in args.strategy):
-        scores = unit_mem(model, seeded_subset(train, args.max_points, args.seed),
-                          n_views=args.views, chunk_size=args.chunk_size, seed=args.seed,
-                          device=device)  # fmt: skip
+        scores = score(model)
         scores.meta.update(model=_model_name(args, model), checkpoint=args.checkpoint,
                            data=args.data)  # fmt: skip
     out = _open_out(args)
@@ -678,28 +686,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.recover:
         recover = recovery(train, model, args.recover, epochs=args.recover_epochs,
                            steps=args.recover_steps, lr=args.recover_lr, progress=False,
-                           augment=_augment(args.recover_augment, "simclr" if args.recover
-                                            == "simclr" else "crop_flip"))  # fmt: skip
-        options["recovery"] = {"method": args.recover, "epochs": args.recover_epochs,
-                               "steps": args.recover_steps, "lr": args.recover_lr}  # fmt: skip
-
-    def rescore(m):  # iterative schedules rescore UnitMem on the shrunken encoder
-        return unit_mem(m, seeded_subset(train, args.max_points, args.seed), n_views=args.views,
-                        chunk_size=args.chunk_size, seed=args.seed, device=device,
-                        progress=False)  # fmt: skip
-
+                           augment=_augment(args.recover_augment, None))  # fmt: skip
     iterative = max(args.iterative_steps) > 1 and scores is not None and not args.scores
-    sweep = {k: v for k, v in options.items() if k != "recovery"}
     rows, reports = compare_pruning(model, scores, evaluate, args.ratio, args.strategy,
                                     out / "models", overwrite=out.overwrite, gradients=grads,
-                                    recover=recover, rescore=rescore if iterative else None,
-                                    log=lambda m: print(m, flush=True), **sweep)  # fmt: skip
+                                    recover=recover,
+                                    rescore=partial(score, progress=False) if iterative else None,
+                                    log=lambda m: print(m, flush=True), **options)  # fmt: skip
     verdicts = prune_verdicts(rows)
     print("\n".join(verdicts))
+    recovered = args.recover and {"method": args.recover, "epochs": args.recover_epochs,
+                                  "steps": args.recover_steps, "lr": args.recover_lr}  # fmt: skip
     report = {
         "model": _model_name(args, model), "checkpoint": args.checkpoint, "data": args.data,
-        "probe": args.backend, "options": options, "table": rows, "verdicts": verdicts,
-        "runs": reports,
+        "probe": args.backend, "options": {**options, "recovery": recovered or None},
+        "table": rows, "verdicts": verdicts, "runs": reports,
     }  # fmt: skip
     title = f"pruning {_model_name(args, model)} ({args.scope} scope), linear probe on {args.data}"
     plot_prune_tradeoff(rows, out / "tradeoff.png", title)

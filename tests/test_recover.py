@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,7 +74,7 @@ def test_steps_budget_and_resume_and_saved_encoder_loads(small, tmp_path):
     pruned, _ = prune(teacher, ratio=0.3, strategy="random", **FAST)
     # 128 points / 32 = 4 batches an epoch: 6 steps are one full epoch and half of the next
     out = recover(pruned, teacher, data=small, steps=6, batch_size=32, out_dir=tmp_path / "r",
-                  progress=False)  # fmt: skip
+                  augment={"scale": [0.5, 1.0]}, progress=False)  # fmt: skip
     state = load_checkpoint(tmp_path / "r" / LAST)
     assert len(out.history) == 2
     assert all(s["step"] == 6 for s in state["optimizer"]["state"].values())
@@ -80,9 +82,11 @@ def test_steps_budget_and_resume_and_saved_encoder_loads(small, tmp_path):
     x = _batch(small, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), out.encoder(x))
-    assert (tmp_path / "r" / RECOVERY_FILE).is_file()
+    saved = json.loads((tmp_path / "r" / RECOVERY_FILE).read_text())
+    assert saved["augment"] == {"preset": "crop_flip", "scale": [0.5, 1.0]}  # the method's preset
     again = recover(pruned, teacher, data=small, steps=6, batch_size=32, out_dir=tmp_path / "r",
-                    progress=False)  # fmt: skip  # finished: read back, not retrained
+                    augment={"scale": [0.5, 1.0]}, progress=False)  # fmt: skip
+    # finished: read back, not retrained
     assert same_tensors(again.encoder.state_dict(), out.encoder.state_dict())
 
 

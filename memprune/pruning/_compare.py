@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from memprune._table import difference_se
 from memprune.encoders import input_size
 from memprune.errors import ConfigError
 from memprune.pruning._export import export_encoder, exported_module
@@ -28,15 +29,18 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _cost_row(reports, base) -> dict:
-    """Costs of one setting: means over its pruned models (equal widths in ``layer`` scope)."""
+def _cost_row(reports, exported: list[float], base: dict) -> dict:
+    """Costs of one setting: means over its pruned models (equal widths in ``layer`` scope),
+    and their ratios to the unpruned row ``base``."""
     row = {"params": round(statistics.fmean(r.params[1] for r in reports))}
-    row["params_ratio"] = row["params"] / base.params[0]
+    row["params_ratio"] = row["params"] / base["params"]
     row["macs"] = round(statistics.fmean(r.macs[1] for r in reports))
-    row["macs_ratio"] = row["macs"] / base.macs[0]
-    if base.latency_s is not None:
+    row["macs_ratio"] = row["macs"] / base["macs"]
+    if "latency_ms" in base:
         row["latency_ms"] = 1e3 * statistics.fmean(r.latency_s[1] for r in reports)
-        row["latency_ratio"] = row["latency_ms"] / (1e3 * base.latency_s[0])
+        row["latency_ratio"] = row["latency_ms"] / base["latency_ms"]
+    if exported:
+        row["latency_export_ms"] = 1e3 * statistics.fmean(exported)
     return row
 
 
@@ -72,6 +76,8 @@ def compare_pruning(
     schedules: Sequence[int] = (1,),
     export: bool = False,
     onnx: bool = False,
+    latency_batch: int | None = 64,
+    latency_time: float = 0.5,
     **options,
 ) -> tuple[list[dict], list[dict]]:
     """Prune ``encoder`` by each strategy at each ratio and schedule (``options``: arguments
@@ -85,7 +91,9 @@ def compare_pruning(
     steps, when there is one, and ``rescore`` from ``options``); every schedule reaches the
     same final widths. Pruned (and recovered) encoders are saved under ``models_dir``; with
     ``export`` each pruned one is also exported there (:func:`export_encoder`, ``onnx`` too)
-    and its exported program's latency measured (``latency_export_ms``).
+    and its exported program's latency measured (``latency_export_ms``). Latency: batches of
+    ``latency_batch`` (None: not measured), ``latency_time`` seconds each, once per distinct
+    architecture.
 
     Returns table rows, one per (strategy, ratio, steps, recovery), the unpruned encoder
     first (strategy ``none``), with the accuracy's mean, ``std`` over seeds and ``seeds``, the
@@ -104,24 +112,19 @@ def compare_pruning(
             for steps in schedules:
                 check_options(ratio, strategy, iterative_steps=steps, scores=scores,
                               **{k: options[k] for k in keys if k in options})  # fmt: skip
-    method = getattr(recover, "method", "recovered") if recover is not None else None
+    sweep = _Sweep(encoder, scores, evaluate, recover, options, models_dir=models_dir,
+                   overwrite=overwrite, log=log, export={"onnx": onnx} if export else None,
+                   latency_batch=latency_batch, latency_time=latency_time)  # fmt: skip
     rows = []
-    sweep = _Sweep(encoder, scores, evaluate, recover, method, models_dir, overwrite, log, options)
-    sweep.export = {"onnx": onnx} if export else None
     for strategy in strategies:
         for ratio in ratios:
             for steps in schedules:
                 setting = dict(strategy=strategy, ratio=float(ratio), steps=steps)
-                before, after, reports = sweep.run(setting, seeds)
+                before, after, reports, exported = sweep.run(setting, seeds)
                 if not rows:  # the unpruned encoder, measured once
                     rows.append(sweep.unpruned(reports[0]))
-                    if sweep.export is not None and reports[0].latency_s is not None:
-                        rows[0]["latency_export_ms"] = sweep.unpruned_export_ms()
-                cost = _cost_row(reports, _Base(rows[0]))
-                if sweep.export is not None and reports[0].latency_s is not None:
-                    cost["latency_export_ms"] = 1e3 * statistics.fmean(sweep.exported)
-                    sweep.exported = []
-                for label, accs in ((NONE, before), (method, after)):
+                cost = _cost_row(reports, exported, rows[0])
+                for label, accs in ((NONE, before), (sweep.method, after)):
                     if accs:
                         mean, std = _mean_std(accs)
                         rows.append({**setting, "recovery": label, **cost, "accuracy": mean,
@@ -130,36 +133,41 @@ def compare_pruning(
 
 
 class _Sweep:
-    """Runs one setting of the sweep, saving and evaluating each encoder it makes."""
+    """Runs one setting of the sweep, saving, timing and evaluating each encoder it makes.
 
-    def __init__(self, encoder, scores, evaluate, recover, method, models_dir, overwrite, log,
-                 options):  # fmt: skip
+    Latency is measured here, once per distinct architecture: at one ratio every layer-scope
+    criterion gives the same widths, so they share one timing instead of differing by noise.
+    """
+
+    def __init__(self, encoder, scores, evaluate, recover, options, *, models_dir, overwrite,
+                 log, export, latency_batch, latency_time):  # fmt: skip
         self.encoder, self.scores, self.evaluate = encoder, scores, evaluate
-        self.recover, self.method, self.options = recover, method, options
+        self.recover, self.options = recover, options
+        self.method = getattr(recover, "method", "recovered") if recover is not None else None
         self.models_dir, self.overwrite, self.log = models_dir, overwrite, log
-        self.runs, self.export, self.exported = [], None, []
-        # latency: measured here, once per distinct architecture (at one ratio every
-        # layer-scope criterion gives the same widths: one timing, not noise between them)
-        self.batch = options.pop("latency_batch", 64)
-        self.time = options.pop("latency_time", 0.5)
+        self.export, self.batch, self.time = export, latency_batch, latency_time
+        self.runs: list[dict] = []
         self.latency: dict[str, float] = {}
 
-    def _latency(self, model: nn.Module) -> float | None:
-        if not self.batch:
-            return None
+    def _time(self, model: nn.Module, like: nn.Module) -> float:
+        """Seconds of ``model`` on a seeded batch shaped for ``like``."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.batch, *input_size(like), generator=g)
+        return measure_latency(model, x.to(next(like.parameters()).device), self.time)
+
+    def _latency(self, model: nn.Module) -> float:
         key = json.dumps(_structure(model), sort_keys=True)
         if key not in self.latency:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(self.batch, *input_size(model), generator=g)
-            self.latency[key] = measure_latency(model, x.to(next(model.parameters()).device),
-                                                self.time)  # fmt: skip
+            self.latency[key] = self._time(model, model)
         return self.latency[key]
 
-    def run(self, setting: dict, seeds) -> tuple[list[float], list[float], list]:
-        """Accuracies before and after recovery, and the pruning reports, of one setting."""
+    def run(self, setting: dict, seeds) -> tuple[list[float], list[float], list, list[float]]:
+        """Accuracies before and after recovery, the pruning reports and the exported
+        programs' latencies of one setting."""
         strategy, steps = setting["strategy"], setting["steps"]
         per_seed = strategy == "random" or (self.recover is not None and steps > 1)
-        before, after, reports = [], [], []
+        many = len(seeds) > 1  # a seed suffix only where seeds differ
+        before, after, reports, exported = [], [], [], []
         for seed in seeds if per_seed else seeds[:1]:
             pruned, report = prune(self.encoder, self.scores, setting["ratio"], strategy,
                                    seed=seed, iterative_steps=steps, latency_batch=None,
@@ -169,17 +177,16 @@ class _Sweep:
                 report.latency_s = (self._latency(self.encoder), self._latency(pruned))
                 report.batch_size = self.batch
             name = f"{strategy}_{setting['ratio']:g}" + (f"_x{steps}" if steps > 1 else "")
-            many = len(seeds) > 1  # a seed suffix only where seeds differ
             name += f"_s{seed}" if per_seed and many else ""
             before.append(self._score(pruned, name, setting, NONE, seed, report))
             if self.export is not None:
-                self._export(pruned, name, report)
+                exported += self._export(pruned, name)
             reports.append(report)
             if self.recover is not None:
                 for s in [seed] if per_seed else seeds:
                     rec = f"{name}_{self.method}" + ("" if per_seed or not many else f"_s{s}")
                     after.append(self._score(self.recover(pruned, s), rec, setting, self.method, s))
-        return before, after, reports
+        return before, after, reports, exported
 
     def _between(self, steps: int, seed: int):
         if self.recover is None or steps == 1:
@@ -200,44 +207,31 @@ class _Sweep:
         self.log(f"{name}: accuracy {accuracy:.4f}")
         return accuracy
 
-    def _export(self, model: nn.Module, name: str, report) -> None:
-        """Export beside the saved encoder; time the exported program like the eager one."""
+    def _export(self, model: nn.Module, name: str) -> list[float]:
+        """Export beside the saved encoder; the exported program's latency (timed like the
+        eager one), or nothing when latency is not measured."""
         where = Path(self.models_dir) / name
         info = export_encoder(model, where, **self.export)
         info.update(program=f"models/{name}/{Path(info['program']).name}",
                     onnx=info["onnx"] and f"models/{name}/{Path(info['onnx']).name}")  # fmt: skip
         self.runs[-1]["export"] = info
-        if report.latency_s is not None:
-            info["latency_s"] = self._program_latency(model, where)
-            self.exported.append(info["latency_s"])
-
-    def _program_latency(self, model: nn.Module, where: Path) -> float:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(self.batch, *input_size(model), generator=g)
-        return measure_latency(exported_module(where), x.to(next(model.parameters()).device),
-                               self.time)  # fmt: skip
-
-    def unpruned_export_ms(self) -> float:
-        """The unpruned encoder's exported program, timed the same way (not saved)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            export_encoder(self.encoder, tmp)
-            return 1e3 * self._program_latency(self.encoder, Path(tmp))
+        if not self.batch:
+            return []
+        info["latency_s"] = self._time(exported_module(where), model)
+        return [info["latency_s"]]
 
     def unpruned(self, report) -> dict:
+        """The unpruned encoder's row (its exported program timed too, not saved)."""
         row = {"strategy": NONE, "ratio": 0.0, "steps": 0, "recovery": NONE,
                "params": report.params[0], "params_ratio": 1.0, "macs": round(report.macs[0]),
                "macs_ratio": 1.0}  # fmt: skip
         if report.latency_s is not None:
             row.update(latency_ms=1e3 * report.latency_s[0], latency_ratio=1.0)
+            if self.export is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    export_encoder(self.encoder, tmp)
+                    row["latency_export_ms"] = 1e3 * self._time(exported_module(tmp), self.encoder)
         return {**row, "accuracy": self.evaluate(self.encoder), "std": 0.0, "seeds": 1}
-
-
-class _Base:
-    """The unpruned row's costs, in the shape :func:`_cost_row` reads."""
-
-    def __init__(self, row: dict):
-        self.params, self.macs = (row["params"], 0), (row["macs"], 0)
-        self.latency_s = (row["latency_ms"] / 1e3, 0) if "latency_ms" in row else None
 
 
 def _label(row: dict) -> str:
@@ -248,9 +242,9 @@ def _label(row: dict) -> str:
 def _margin(best: dict, second: dict) -> str:
     """Whether the winner's lead exceeds the seed-to-seed spread: twice the standard error of
     the difference of the two means (from the seeds where randomness enters)."""
-    se = (best["std"] ** 2 / best["seeds"] + second["std"] ** 2 / second["seeds"]) ** 0.5
+    se = difference_se(best["std"], best["seeds"], second["std"], second["seeds"])
     lead = best["accuracy"] - second["accuracy"]
-    if best["seeds"] < 2 and second["seeds"] < 2:
+    if se is None:
         return "both deterministic: no seed spread to compare with"
     verdict = "beyond" if lead > 2 * se else "within"
     return f"{verdict} the seed spread (2 SE = {200 * se:.1f} points)"

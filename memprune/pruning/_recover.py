@@ -16,6 +16,7 @@ encoder's structure and saves with :func:`save_pruned`.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,7 +119,7 @@ class _DistillNet(nn.Module):
         ]
 
 
-def _check(teacher, data, method, epochs, steps, sites, loss) -> None:
+def _check(teacher, data, method, epochs, steps, sites, loss, batch_size) -> None:
     RECOVERY.check(method)
     DISTILL_LOSSES.check(loss)
     if method == "distill" and teacher is None:
@@ -134,6 +135,8 @@ def _check(teacher, data, method, epochs, steps, sites, loss) -> None:
         raise ConfigError(f"epochs must be an int >= 1 (or give steps=), got {epochs!r}")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
+    if len(data) < batch_size:
+        raise ConfigError(f"batch_size {batch_size} exceeds the {len(data)} training points")
 
 
 def _setup(method, student, teacher, data, *, sites, loss, temperature, proj_dim):
@@ -214,12 +217,12 @@ def recover(
         A :class:`~memprune.train.TrainResult`: the recovered encoder (eval mode), its path
         (None without ``out_dir``) and the per-epoch mean loss.
     """
-    _check(teacher, data, method, epochs, steps, sites, loss)
+    _check(teacher, data, method, epochs, steps, sites, loss, batch_size)
     MIXED_PRECISION.check(mixed_precision)
     student = pruned if inplace else copy.deepcopy(pruned)
     student.requires_grad_(True)
-    aug = augment_spec(augment if augment is not None else
-                       ("simclr" if method == "simclr" else "crop_flip"))  # fmt: skip
+    preset = "simclr" if method == "simclr" else "crop_flip"  # a mapping's preset, too
+    aug = augment_spec(preset if augment is None else augment, preset)
     torch.manual_seed(seed)
     net, loss_fn, n_views = _setup(method, student, teacher, data, sites=sites, loss=loss,
                                    temperature=temperature, proj_dim=proj_dim)  # fmt: skip
@@ -227,8 +230,6 @@ def recover(
               "lr": lr, "weight_decay": weight_decay, "augment": describe_augment(aug),
               "loss": loss if method == "distill" else None, "sites": list(sites),
               "seed": seed, "n_train": len(data), "mixed_precision": mixed_precision}  # fmt: skip
-    if len(data) < batch_size:
-        raise ConfigError(f"batch_size {batch_size} exceeds the {len(data)} training points")
 
     def epoch_data(epoch: int) -> Dataset:
         return MultiView(data, n_views, aug, seed=epoch_seed(seed, epoch))
@@ -260,11 +261,13 @@ def recover(
 def recovery(data: Dataset, teacher: nn.Module | None = None, method: str = "distill", **options):
     """``fn(pruned, seed) -> recovered encoder``: :func:`recover` with these settings, for
     :func:`compare_pruning` (``fn.method`` names the method in its table)."""
-    _check(teacher, data, method, options.get("epochs", 5), options.get("steps"),
-           options.get("sites", ()), options.get("loss", "cosine"))  # fmt: skip
     bad = sorted(set(options) & {"seed", "inplace", "out_dir", "resume"})
     if bad:
         raise ConfigError(f"recovery() sets {bad} itself per run; leave them out")
+    given = inspect.signature(recover).bind_partial(data=data, method=method, **options)
+    given.apply_defaults()  # checked now, before a sweep prunes anything
+    a = given.arguments
+    _check(teacher, data, method, a["epochs"], a["steps"], a["sites"], a["loss"], a["batch_size"])
 
     def fn(pruned: nn.Module, seed: int) -> nn.Module:
         return recover(pruned, teacher, data=data, method=method, seed=seed, **options).encoder

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from memprune._io import read_json, write_text
+from memprune._table import difference_se
 from memprune.errors import ConfigError
 from memprune.recipes._schema import load_recipe
 from memprune.recipes._stages import DONE, STAGES, enabled_stages, read_metrics
@@ -52,9 +53,9 @@ def _prune_lines(p: dict) -> list[str]:
 
 
 def _spread(a: dict, b: dict) -> str:
-    """Whether two rows' mean difference exceeds their seed-to-seed spread (std of the mean)."""
-    se = ((a["std"] ** 2) / a["seeds"] + (b["std"] ** 2) / b["seeds"]) ** 0.5
-    if a["seeds"] < 2 or b["seeds"] < 2:
+    """Whether two rows' mean difference exceeds their seed-to-seed spread (2 SE)."""
+    se = difference_se(a["std"], a["seeds"], b["std"], b["seeds"])
+    if se is None:
         return "one seed: no spread"
     return "beyond" if abs(a["mean"] - b["mean"]) > 2 * se else f"within 2 SE of {100 * se:.1f}"
 

@@ -164,15 +164,21 @@ def _unit_summary(result) -> dict:
     }  # fmt: skip
 
 
-def _unitmem(ctx: _Context, out: Path) -> dict:
-    from memprune.report import plot_unit_scores
+def _unit_mem(ctx: _Context, model, progress: bool | None = None):
+    """UnitMem of ``model`` as the recipe's scores stage computes it."""
     from memprune.scores import unit_mem
 
     r, c = ctx.recipe, ctx.recipe.scores.unitmem
-    result = unit_mem(
-        ctx.encoder("f"), _scored_points(ctx, c.max_points), n_views=c.views, rest=c.rest,
-        signed=c.signed, chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device,
+    return unit_mem(
+        model, _scored_points(ctx, c.max_points), n_views=c.views, rest=c.rest, signed=c.signed,
+        chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device, progress=progress,
     )  # fmt: skip
+
+
+def _unitmem(ctx: _Context, out: Path) -> dict:
+    from memprune.report import plot_unit_scores
+
+    result = _unit_mem(ctx, ctx.encoder("f"))
     result.save(out / "unitmem")
     plot_unit_scores(result, out / "unitmem_per_site.png")
     write_table(out / "summary", result.to_rows())
@@ -182,7 +188,7 @@ def _unitmem(ctx: _Context, out: Path) -> dict:
 def _classmem(ctx: _Context, out: Path) -> dict:
     from memprune.report import plot_unit_scores
     from memprune.report.plots import plot_class_vs_unit
-    from memprune.scores import class_mem, unit_mem
+    from memprune.scores import class_mem
 
     r, c, uc = ctx.recipe, ctx.recipe.scores.classmem, ctx.recipe.scores.unitmem
     data = _scored_points(ctx, uc.max_points)
@@ -198,7 +204,7 @@ def _classmem(ctx: _Context, out: Path) -> dict:
         if which == "f":
             um = ctx.result("unitmem", "unitmem")
         else:
-            um = unit_mem(model, data, n_views=uc.views, rest=uc.rest, signed=uc.signed, **opts)
+            um = _unit_mem(ctx, model)
             um.save(out / f"unitmem_{which}")
         u = torch.cat([s["score"] for s in um.sites.values()])
         k = torch.cat([s["score"] for s in cm.sites.values()])
@@ -312,7 +318,6 @@ def _prune(ctx: _Context, out: Path) -> dict:
         ssl_gradients,
     )
     from memprune.report import plot_prune_tradeoff
-    from memprune.scores import unit_mem
 
     r, p = ctx.recipe, ctx.recipe.actions.prune
     f = ctx.encoder("f")
@@ -321,11 +326,8 @@ def _prune(ctx: _Context, out: Path) -> dict:
         return linear_probe(model, ctx.train, ctx.test, seed=r.seed, device=r.device,
                             backend=r.evaluation.backend).accuracy  # fmt: skip
 
-    def rescore(model):  # UnitMem of the shrunken encoder, as the scores stage computes it
-        c = r.scores.unitmem
-        return unit_mem(model, _scored_points(ctx, c.max_points), n_views=c.views, rest=c.rest,
-                        signed=c.signed, chunk_size=r.scores.chunk_size, seed=r.seed,
-                        device=r.device, progress=False)  # fmt: skip
+    def rescore(model):  # UnitMem of the shrunken encoder
+        return _unit_mem(ctx, model, progress=False)
 
     grads = None
     if any(s in GRADIENT_STRATEGIES for s in p.strategies):
