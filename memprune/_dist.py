@@ -4,6 +4,11 @@ Under ``torchrun`` or ``accelerate launch`` every process scores the points at p
 ``rank, rank + world, ...`` (no padding, so no duplicates), and the per-process states are
 gathered with accelerate and merged in rank order. One process is the same code path with a
 world of 1.
+
+Files are written by the main process alone (:func:`memprune._io.atomic_write` asks
+:func:`is_main`); a decision read from the file system that every process must share (is this
+run finished? is this cache filled?) is taken by the main process and broadcast (:func:`agree`),
+so that a file the main process has just written cannot send the processes down different paths.
 """
 
 from __future__ import annotations
@@ -30,6 +35,29 @@ def rank_world() -> tuple[int, int]:
         state = process_state()
         return state.process_index, state.num_processes
     return 0, 1
+
+
+def is_main() -> bool:
+    """Whether this is the main process (rank 0; always true for one process). Reads the
+    launcher's ``RANK`` without starting anything, so file writers can ask it cheaply."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing for one process)."""
+    if rank_world()[1] > 1:
+        process_state().wait_for_everyone()
+
+
+def agree(value):
+    """The main process's ``value`` on every process (a picklable object; one process: itself)."""
+    if rank_world()[1] == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from memprune._dist import is_main
+
 
 def _file_mode() -> int:
     """The mode ``open()`` gives a new file under this process's umask (mkstemp's 0600 would
@@ -24,8 +26,14 @@ def atomic_write(
     path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp"
 ) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename (``suffix``
-    ends the temporary name, for writers that insist on an extension)."""
+    ends the temporary name, for writers that insist on an extension).
+
+    Under a launcher only the main process writes; the others return ``path`` at once (they
+    hold the same results, and one writer per file is what keeps a file whole).
+    """
     path = Path(path)
+    if not is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)

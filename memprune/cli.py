@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from memprune._dist import is_main
 from memprune.errors import MemPruneError
 
 DEFAULT_MODEL = "resnet18"
@@ -816,6 +817,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / recipe.name)
     run = run_recipe(recipe, out, resume=args.resume, force=args.force,
                      log=lambda m: print(m, flush=True))  # fmt: skip
+    if not is_main():  # under a launcher the main process reports
+        return 0
     print("\nheadline findings:")
     for line in headlines(read_metrics(run)):
         print(f"- {line}")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from memprune._dist import gather_by_index, rank_world
+from memprune._dist import agree, gather_by_index
 from memprune._io import write_safetensors
 from memprune.data import MultiView, dataset_name
 from memprune.encoders import feature_dim, weights_hash
@@ -88,7 +88,7 @@ def extract_features(
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"features-{cache_key(encoder, dataset, normalize)}.safetensors"
-        if path.is_file():
+        if agree(path.is_file()):  # the main process decides: it alone writes the cache
             from safetensors.torch import load_file
 
             t = load_file(str(path))
@@ -105,7 +105,7 @@ def extract_features(
         rows_i.append(torch.as_tensor(indices))
     i, x, y = gather_by_index(torch.cat(rows_i).long(), torch.cat(rows_x), torch.cat(rows_y).long())
     out = Features(x, y, i)
-    if path is not None and rank_world()[0] == 0:
+    if path is not None:
         tensors = {"features": out.features, "labels": out.labels, "indices": out.indices}
         write_safetensors(path, tensors)
     return out

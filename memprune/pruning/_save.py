@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from memprune._dist import agree, is_main
 from memprune._io import package_versions, write_json, write_safetensors
 from memprune.checkpoints import PRUNED_FORMAT, SPEC, WEIGHTS, checkpoint_kind
 from memprune.encoders import load_encoder
@@ -56,12 +57,14 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fal
             f"{path} is a file: save_pruned writes a directory (encoder.safetensors and"
             " pruned.json); choose a directory path"
         )
-    if (path / SPEC).exists() or (path / WEIGHTS).exists():
+    # the main process decides (under a launcher it may already have written this very save)
+    if agree((path / SPEC).exists() or (path / WEIGHTS).exists()):
         if not overwrite:
             raise ConfigError(
                 f"{path} already holds an encoder; choose a new directory or overwrite=True"
             )
-        (path / SPEC).unlink(missing_ok=True)
+        if is_main():  # the other processes of a launcher write nothing
+            (path / SPEC).unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     spec = {

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from memprune._dist import barrier, is_main, rank_world
 from memprune._io import package_versions, read_json, write_json, write_text
 from memprune._table import write_table
 from memprune.errors import ConfigError
@@ -433,7 +434,7 @@ def environment(device: str | None) -> dict:
         "versions": package_versions(), "python": platform.python_version(),
         "platform": platform.platform(), "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "git": git,
+        "threads": torch.get_num_threads(), "processes": rank_world()[1], "git": git,
     }  # fmt: skip
 
 
@@ -468,7 +469,9 @@ def _preflight(ctx: _Context) -> None:
         check_disjoint(ctx.points("members"), ctx.points("nonmembers"))
 
 
-def _prepare(run: Path, recipe: Recipe, resume: bool, force: bool) -> None:
+def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
+    """Refuse a run directory the recipe may not use, changing nothing; whether the earlier
+    run's stages must be cleared first (``force``)."""
     saved = run / "recipe.yaml"
     if run.exists() and not run.is_dir():
         raise ConfigError(f"{run} exists and is not a directory: choose a directory as --out")
@@ -477,32 +480,42 @@ def _prepare(run: Path, recipe: Recipe, resume: bool, force: bool) -> None:
             f"--resume: {run} is not a memprune run (no recipe.yaml); drop --resume and choose"
             " a new --out"
         )
-    if run.is_dir() and any(run.iterdir()):
-        if resume and saved.is_file():
-            old = yaml.safe_load(saved.read_text())
-            if old != recipe.to_dict():
-                changed = sorted(k for k in {*old, *recipe.to_dict()}
-                                 if old.get(k) != recipe.to_dict().get(k))  # fmt: skip
-                raise ConfigError(
-                    f"{run} was run with another recipe (sections {', '.join(changed)} differ):"
-                    " use a new --out, or --force to start over"
-                )
-        elif force:
-            if not saved.is_file() and any(run.iterdir()):
-                raise ConfigError(f"{run} is not a memprune run directory; refusing to clear it")
-            for name in (*STAGES, "report.md", "metrics.json", "metrics.csv"):
-                path = run / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-        else:
+    if not (run.is_dir() and any(run.iterdir())):
+        return False
+    if resume and saved.is_file():
+        old = yaml.safe_load(saved.read_text())
+        if old != recipe.to_dict():
+            changed = sorted(k for k in {*old, *recipe.to_dict()}
+                             if old.get(k) != recipe.to_dict().get(k))  # fmt: skip
             raise ConfigError(
-                f"run directory {run} already exists: pass --resume to finish it, --force to"
-                " start over, or choose another --out"
+                f"{run} was run with another recipe (sections {', '.join(changed)} differ):"
+                " use a new --out, or --force to start over"
             )
+        return False
+    if force:
+        if not saved.is_file():
+            raise ConfigError(f"{run} is not a memprune run directory; refusing to clear it")
+        return True
+    raise ConfigError(
+        f"run directory {run} already exists: pass --resume to finish it, --force to"
+        " start over, or choose another --out"
+    )
+
+
+def _start_run(run: Path, recipe: Recipe, clear: bool) -> None:
+    """Clear an earlier run's stages (``clear``) and write the resolved recipe (main process
+    only: the others wait at the next barrier)."""
+    if not is_main():
+        return
+    if clear:
+        for name in (*STAGES, "report.md", "metrics.json", "metrics.csv"):
+            path = run / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     run.mkdir(parents=True, exist_ok=True)
-    write_text(saved, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    write_text(run / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 def run_recipe(
@@ -512,12 +525,24 @@ def run_recipe(
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run every enabled stage of ``recipe`` into ``out`` and write ``report.md``."""
+    """Run every enabled stage of ``recipe`` into ``out`` and write ``report.md``.
+
+    Under ``torchrun`` / ``accelerate launch`` every process runs every stage (training with
+    DDP, scoring and feature extraction sharded by data index and merged exactly); the main
+    process alone writes files and logs, and a stage's ``done.json`` is written only once
+    every process has finished the stage. Resuming reads the same ``done.json`` files, so a
+    run may be resumed with another number of processes.
+    """
     run = Path(out)
+    if not is_main():
+        log = _quiet
     ctx = _Context(recipe, run, log)
     _preflight(ctx)
-    _prepare(run, recipe, resume, force)
+    clear = _check_run(run, recipe, resume, force)
+    barrier()  # every process has checked the directory before the main one changes it
+    _start_run(run, recipe, clear)
     write_json(run / "environment.json", environment(recipe.device))
+    barrier()
     stages = enabled_stages(recipe)
     metrics = {}
     for i, name in enumerate(stages, 1):
@@ -527,20 +552,29 @@ def run_recipe(
             metrics[name] = read_json(done)
             log(f"[{i}/{len(stages)}] {name}: done earlier, skipped")
             continue
-        if stage_dir.exists() and name not in ("pretrain", "supervised"):
+        if stage_dir.exists() and name not in ("pretrain", "supervised") and is_main():
             shutil.rmtree(stage_dir)  # an interrupted stage restarts cleanly
+        barrier()
         stage_dir.mkdir(parents=True, exist_ok=True)
         log(f"[{i}/{len(stages)}] {name} ...")
         start = time.perf_counter()
         result = RUNNERS[name](ctx, stage_dir)
+        barrier()  # done.json only once every process has finished the stage
         result["seconds"] = round(time.perf_counter() - start, 1)
         write_json(done, result)
+        barrier()
         metrics[name] = result
         log(f"[{i}/{len(stages)}] {name}: {result['seconds']} s")
     write_json(run / "metrics.json", metrics)
     write_text(run / "metrics.csv", _metrics_csv(metrics))
-    render_report(run)
+    if is_main():
+        render_report(run)
+    barrier()  # the run is whole before any process reads it back
     return run
+
+
+def _quiet(message: str) -> None:
+    """The log of every process but the main one."""
 
 
 def _flatten(prefix: str, value, out: list) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from memprune._dist import agree
 from memprune._io import atomic_write, package_versions, write_json, write_safetensors
 from memprune.checkpoints import CARD, CARD_FORMAT, WEIGHTS, read_card
 from memprune.encoders import load_encoder
@@ -96,7 +97,7 @@ def write_outputs(out_dir: Path, encoder: nn.Module, card: dict) -> None:
 
 def finished(out_dir: Path, resume: bool) -> TrainResult | None:
     """The finished run in ``out_dir`` (loaded when ``resume``, an error otherwise), or None."""
-    if not (out_dir / CARD).is_file():
+    if not agree((out_dir / CARD).is_file()):  # the main process, which writes it, decides
         return None
     if not resume:
         raise ConfigError(f"{out_dir} already holds a trained encoder: choose another out_dir")
@@ -192,7 +193,7 @@ def run_training(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     start, history = 0, []
     last = None if out_dir is None else out_dir / LAST
-    if last is not None and resume and last.is_file():
+    if last is not None and resume and agree(last.is_file()):
         start, history = _resume(last, config, net, opt, sched)
     model, opt = accelerator.prepare(net, opt)
     norm = Normalizer(resolve_normalize(encoder, "auto"), accelerator.device)
