@@ -222,6 +222,7 @@ def cmd_score_units(args: argparse.Namespace) -> int:
         signed=args.signed,
         augment=_augment(args.augment, "simclr" if args.what == "units" else "none"),
         chunk_size=args.chunk_size,
+        precision=args.precision,
         seed=args.seed,
         device=args.device,
         num_workers=args.workers,
@@ -391,6 +392,7 @@ def cmd_score_gap(args: argparse.Namespace) -> int:
         layers=args.layers, representation=args.representation, pair=args.pair,
         n_points=args.n_points, chunk_size=args.chunk_size, seed=args.seed, device=args.device,
         num_workers=args.workers, augment=_augment(args.augment, "simclr"),
+        precision=args.precision,
     )  # fmt: skip
     if rank != 0:
         return 0
@@ -457,7 +459,7 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
         f, g, data, indices, n_pairs=args.pairs, layers=args.layers,
         representation=args.representation, pair=args.pair, n_points=args.n_points,
         chunk_size=args.chunk_size, seed=args.seed, device=args.device, num_workers=args.workers,
-        top_k=args.top_k, augment=_augment(args.augment, "simclr"),
+        top_k=args.top_k, augment=_augment(args.augment, "simclr"), precision=args.precision,
     )  # fmt: skip
     if rank != 0:
         return 0
@@ -524,9 +526,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     img_size = _img_size(args)
     train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
     test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
-    common = dict(
-        seed=args.seed, chunk_size=args.chunk_size, cache_dir=args.cache_dir, device=args.device
-    )
+    common = dict(seed=args.seed, chunk_size=args.chunk_size, cache_dir=args.cache_dir,
+                  device=args.device, precision=args.precision)  # fmt: skip
     probes = []
     for model in encoders:
         linear = linear_probe(model, train, test, backend=args.backend, **common)
@@ -649,7 +650,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     def score(m, progress=None):  # UnitMem of an encoder (iterative schedules: each step's)
         return unit_mem(m, seeded_subset(train, args.max_points, args.seed), n_views=args.views,
                         chunk_size=args.chunk_size, seed=args.seed, device=device,
-                        progress=progress)  # fmt: skip
+                        progress=progress, precision=args.precision)  # fmt: skip
 
     scores = None
     if args.scores:
@@ -666,7 +667,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     def evaluate(encoder) -> float:
         return linear_probe(encoder, train, test, seed=args.seed, device=device,
-                            backend=args.backend).accuracy  # fmt: skip
+                            backend=args.backend, precision=args.precision).accuracy  # fmt: skip
 
     options = dict(
         scope=args.scope,
@@ -877,8 +878,12 @@ def _add_run(p, seed_help: str, chunk: int | None = 32, workers: bool = True) ->
     if chunk is not None:
         p.add_argument("--chunk-size", type=int, default=chunk,
                        help="points per forward pass (never changes a result)")  # fmt: skip
+        p.add_argument("--precision", default="auto", choices=_registry("engine", "PRECISIONS"),
+                       help="what the encoder computes in: auto = bf16 on a CUDA device that"
+                       " supports it, else fp32 (statistics stay float32)")  # fmt: skip
     if workers:
-        p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+        p.add_argument("--workers", type=int, default=None,
+                       help="DataLoader workers (default: 0 on CPU, several per GPU)")  # fmt: skip
 
 
 def _add_augment(p, default: str, what: str) -> None:
@@ -1029,8 +1034,10 @@ def _build_pretrain(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine schedule)")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
     p.add_argument("--proj-dim", type=int, default=128, help="projection head output width")
-    p.add_argument("--mixed-precision", default="no", choices=_registry("train", "MIXED_PRECISION"),
-                   help="accelerate's mixed precision")  # fmt: skip
+    p.add_argument("--mixed-precision", default="auto",
+                   choices=_registry("train", "MIXED_PRECISION"),
+                   help="accelerate's mixed precision; auto = bf16 on a CUDA device that"
+                   " supports it, else none")  # fmt: skip
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every epoch's encoder")
     p.add_argument("--augment", nargs="+", default=None, metavar="PRESET|KEY=VALUE",
                    help="training views (default: simclr; crop_flip with --supervised), e.g."

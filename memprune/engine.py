@@ -7,8 +7,9 @@ score can average the views of a point before anything else (docs/method.md §2)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,35 +23,113 @@ from memprune.data import dataset_name, describe_augment
 from memprune.encoders import evaluating, normalization, resolve_device, weights_hash
 from memprune.errors import ConfigError
 from memprune.hooks import capture
+from memprune.registry import Registry
 from memprune.sites import Site
+
+#: ``precision``: what the encoders compute in while scoring and extracting features. Every
+#: statistic is accumulated in float32 or float64 whatever the encoder computes in.
+PRECISIONS = Registry("precision", {
+    "auto": "bf16 on a CUDA device that supports it, else fp32",
+    "fp32": "float32 throughout",
+    "bf16": "bfloat16 autocast for the forward pass (also on the CPU, where it is rarely faster)",
+})  # fmt: skip
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: float32, no autocast)."""
+    PRECISIONS.check(precision)
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def loader_options(device: torch.device, num_workers: int | None = None) -> dict:
+    """DataLoader settings chosen by device; ``num_workers`` overrides the worker count.
+
+    CPU: no workers (the views are made by the process that scores them: on a few shared cores
+    workers only add copies and contention). Accelerator: the machine's cores shared among
+    this machine's processes (at most 8 each), pinned memory for asynchronous copies, and 4
+    batches prefetched per worker. Views never depend on these settings.
+    """
+    if num_workers is None:
+        if device.type == "cpu":
+            num_workers = 0
+        else:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            num_workers = max(1, min(8, (os.cpu_count() or 2) // local - 1))
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"num_workers must be an int >= 0 or None, got {num_workers!r}")
+    options = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
+    if num_workers > 0:
+        options["prefetch_factor"] = 4
+    return options
+
+
+def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``model`` runs faster in ``channels_last``: a CNN (it has 2-D convolutions beyond
+    a patch embedding) on CUDA, where cuDNN's NHWC kernels serve bf16 best."""
+    if device.type != "cuda":
+        return False
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return len(convs) > 1
+
+
+@contextmanager
+def fast_layout(model: nn.Module, device: torch.device) -> Iterator[bool]:
+    """``model`` in ``channels_last`` while the block runs when :func:`uses_channels_last`,
+    then back in the default layout (a saved or pruned model sees its usual strides)."""
+    if not uses_channels_last(model, device):
+        yield False
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield True
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 @dataclass(frozen=True)
 class Compute:
-    """How a pass over the data runs, never what it computes: any values give the same result.
+    """How a pass over the data runs. Every field but ``precision`` leaves the result exactly
+    as it is; ``precision="bf16"`` rounds the encoder's activations (the statistics are still
+    accumulated in float32 / float64).
 
     Attributes:
         chunk_size: points per forward pass (each with all its views).
         device: default: the launcher's device, else the encoder's accelerator, else CUDA if
             available, else CPU.
-        num_workers: DataLoader workers making the views (views do not depend on it).
+        num_workers: DataLoader workers making the views (views do not depend on it); None:
+            by device (:func:`loader_options`).
         progress: progress bar; None shows it on a TTY only.
+        precision: ``auto`` (bf16 on a CUDA device that supports it, else fp32), ``fp32`` or
+            ``bf16``.
     """
 
     chunk_size: int = 32
     device: str | torch.device | None = None
-    num_workers: int = 0
+    num_workers: int | None = None
     progress: bool | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         size = self.chunk_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
+        PRECISIONS.check(self.precision)
+
+    def dtype(self, encoder: nn.Module) -> str:
+        """The precision this pass runs ``encoder`` in (``fp32`` / ``bf16``), for metadata."""
+        device = encoder_device(encoder, self.device)
+        return "bf16" if autocast_dtype(self.precision, device) is torch.bfloat16 else "fp32"
 
 
 def score_meta(kind: str, encoder: nn.Module, dataset: Dataset, sites: Sequence[Site],
-               **options) -> dict:  # fmt: skip
-    """JSON-able record of how a score was made: model, data, options, sites, versions."""
+               compute: Compute | None = None, **options) -> dict:  # fmt: skip
+    """JSON-able record of how a score was made: model, data, options, sites, versions, and
+    the precision the encoder ran in (``compute``)."""
+    if compute is not None:
+        options["precision"] = compute.dtype(encoder)
     cfg = getattr(encoder, "pretrained_cfg", None) or {}
     if "augment" in options:
         options["augment"] = describe_augment(options["augment"])
@@ -146,12 +225,13 @@ def view_batches(
     eval mode under ``inference_mode``, are moved to the device and get their modes back.
     """
     rank, world = rank_world()
+    device = encoder_device(encoders[0], compute.device)
     loader = DataLoader(
         Subset(views, shard(len(views), rank, world)),
         batch_size=compute.chunk_size,
-        num_workers=compute.num_workers,
+        **loader_options(device, compute.num_workers),
     )
-    device = encoder_device(encoders[0], compute.device)
+    dtype = autocast_dtype(compute.precision, device)
     norms = []
     for encoder in encoders:
         encoder.to(device)
@@ -162,13 +242,17 @@ def view_batches(
     bar = tqdm(loader, desc=desc, unit="batch", disable=disable, leave=False)
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        acts = []
+        acts, layouts = [], []
         for encoder, encoder_sites, fn in zip(encoders, sites, reduce, strict=True):
             stack.enter_context(evaluating(encoder))
+            layouts.append(stack.enter_context(fast_layout(encoder, device)))
             hooks = capture(encoder, encoder_sites, signed, representation, reduce=fn)
             acts.append(stack.enter_context(hooks))
+        autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype))
         for batch, labels, indices in bar:
             x = batch.to(device, non_blocking=True).flatten(0, 1)  # [B*K, 3, H, W]
-            for encoder, norm in zip(encoders, norms):
-                encoder(norm(x))
+            for encoder, norm, nhwc in zip(encoders, norms, layouts):
+                z = norm(x)
+                with autocast:
+                    encoder(z.contiguous(memory_format=torch.channels_last) if nhwc else z)
             yield indices, labels, [dict(a) for a in acts]

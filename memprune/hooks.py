@@ -49,11 +49,13 @@ def unit_reducer(site: Site, signed: str = "abs") -> Reducer:
     rule = None if site.nonneg else rule
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
-        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        # bf16 / fp16 activations (autocast) are summed in float32 without a float32 copy: the
+        # rule is exact in any float dtype, the mean accumulates in its ``dtype``
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         if rule is not None:
             x = rule(x)
         dims = _other_dims(x, site.channel_axis)
-        return x.mean(dim=dims) if dims else x.clone()  # [B, units]
+        return x.mean(dim=dims, dtype=dtype) if dims else x.to(dtype, copy=True)  # [B, units]
 
     return reduce
 

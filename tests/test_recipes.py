@@ -256,3 +256,18 @@ def test_demo_recipe_on_two_processes_equals_one(tmp_path):
             x, y = load_file(str(f)), load_file(str(one / stage / f.name))
             for k in x:
                 torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_saved_before_a_new_recipe_key_still_resumes(tmp_path):
+    import yaml
+
+    recipe = load_recipe(ROOT / "recipes" / "digits-resnet.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    old = recipe.to_dict()
+    old.pop("precision")  # written by a version without it: it takes its default
+    (run / "recipe.yaml").write_text(yaml.safe_dump(old))
+    assert runner._check_run(run, recipe, resume=True, force=False) is False
+    changed = load_recipe(ROOT / "recipes" / "digits-resnet.yaml", ["precision=bf16"])
+    with pytest.raises(ConfigError, match="sections precision differ"):
+        runner._check_run(run, changed, resume=True, force=False)

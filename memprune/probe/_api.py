@@ -58,12 +58,13 @@ class ProbeResult(Result):
         return cls(confusion=t["confusion"], meta=meta, **fields)
 
 
-def _features(encoder, train, test, normalize, chunk_size, cache_dir, device, progress):
+def _features(encoder, train, test, normalize, chunk_size, cache_dir, device, progress,
+              precision):  # fmt: skip
     start = time.perf_counter()
     if len(train) == 0 or len(test) == 0:
         raise ConfigError(f"empty data set (train {len(train)}, test {len(test)} points)")
     run = dict(normalize=normalize, chunk_size=chunk_size, cache_dir=cache_dir, device=device,
-               progress=progress)  # fmt: skip
+               progress=progress, precision=precision)  # fmt: skip
     tr = extract_features(encoder, train, **run)
     te = extract_features(encoder, test, **run)
     missing = sorted(set(te.labels.tolist()) - set(tr.labels.tolist()))
@@ -104,12 +105,15 @@ def linear_probe(
     cache_dir=None,
     device=None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> ProbeResult:
     """Linear-probe test accuracy of a frozen encoder (docs/method.md §11); the torch backend fits
     on the encoder's device. ``choice`` holds ``C`` (chosen on validation); ``meta`` the
-    backend used. ``chunk_size``: images per extraction pass (never changes the result)."""
+    backend used. ``chunk_size``: images per extraction pass (never changes the result);
+    ``precision``: what the encoder computes in (``auto``: bf16 on a CUDA device that supports
+    it, else fp32; features are stored in float32)."""
     tr, te, t_extract = _features(
-        encoder, train, test, normalize, chunk_size, cache_dir, device, progress
+        encoder, train, test, normalize, chunk_size, cache_dir, device, progress, precision
     )
     param = next(encoder.parameters(), None)
     on = param.device if param is not None and backend != "sklearn" else torch.device("cpu")
@@ -136,11 +140,12 @@ def knn_probe(
     cache_dir=None,
     device=None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> ProbeResult:
     """Weighted-kNN test accuracy of a frozen encoder; ``choice`` holds ``k``. Arguments as
     :func:`linear_probe`."""
     tr, te, t_extract = _features(
-        encoder, train, test, normalize, chunk_size, cache_dir, device, progress
+        encoder, train, test, normalize, chunk_size, cache_dir, device, progress, precision
     )
     start = time.perf_counter()
     out = knn_accuracy(

@@ -55,7 +55,7 @@ def data_fingerprint(dataset: Dataset) -> dict:
     return {"name": dataset_name(dataset), "n": n, "hash": h.hexdigest()}
 
 
-def cache_key(encoder: nn.Module, dataset: Dataset, normalize) -> str:
+def cache_key(encoder: nn.Module, dataset: Dataset, normalize, precision: str = "fp32") -> str:
     spec = {
         "weights": weights_hash(encoder),
         "data": data_fingerprint(dataset),
@@ -63,6 +63,7 @@ def cache_key(encoder: nn.Module, dataset: Dataset, normalize) -> str:
             "normalize": resolve_normalize(encoder, normalize),
             "size": image_size(dataset),
         },
+        **({"precision": precision} if precision != "fp32" else {}),  # fp32 keeps old keys
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -74,8 +75,9 @@ def extract_features(
     chunk_size: int = 256,
     cache_dir: str | os.PathLike | None = None,
     device=None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> Features:
     """Pre-logits features of every image of ``dataset`` (see the module docstring).
 
@@ -87,7 +89,9 @@ def extract_features(
         raise ConfigError("cannot extract features of an empty data set")
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"features-{cache_key(encoder, dataset, normalize)}.safetensors"
+        compute = Compute(chunk_size, device, num_workers, progress, precision)
+        key = cache_key(encoder, dataset, normalize, compute.dtype(encoder))
+        path = Path(cache_dir) / f"features-{key}.safetensors"
         if agree(path.is_file()):  # the main process decides: it alone writes the cache
             from safetensors.torch import load_file
 
@@ -97,7 +101,7 @@ def extract_features(
     views = MultiView(dataset, 1, "none")
     rows_x, rows_y, rows_i = [], [], []
     for indices, labels, (acts,) in view_batches(
-        [encoder], views, [[site]], Compute(chunk_size, device, num_workers, progress),
+        [encoder], views, [[site]], Compute(chunk_size, device, num_workers, progress, precision),
         reduce=[lambda x: x.float()], normalize=normalize, desc="features",
     ):  # fmt: skip
         rows_x.append(acts[site.name].cpu())

@@ -33,12 +33,12 @@ from memprune.errors import ConfigError, SiteError
 from memprune.pruning._save import save_pruned
 from memprune.registry import Registry
 from memprune.train import (
-    MIXED_PRECISION,
     Classifier,
     SimCLRNet,
     TrainResult,
     epoch_seed,
     nt_xent,
+    resolve_mixed_precision,
     run_training,
 )
 
@@ -189,9 +189,9 @@ def recover(
     proj_dim: int = 128,
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
-    mixed_precision: str = "no",
+    mixed_precision: str = "auto",
     resume: bool = True,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
     inplace: bool = False,
 ) -> TrainResult:
@@ -218,7 +218,7 @@ def recover(
         (None without ``out_dir``) and the per-epoch mean loss.
     """
     _check(teacher, data, method, epochs, steps, sites, loss, batch_size)
-    MIXED_PRECISION.check(mixed_precision)
+    mixed_precision = resolve_mixed_precision(mixed_precision)
     student = pruned if inplace else copy.deepcopy(pruned)
     student.requires_grad_(True)
     preset = "simclr" if method == "simclr" else "crop_flip"  # a mapping's preset, too

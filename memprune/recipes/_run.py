@@ -173,6 +173,7 @@ def _unit_mem(ctx: _Context, model, progress: bool | None = None):
     return unit_mem(
         model, _scored_points(ctx, c.max_points), n_views=c.views, rest=c.rest, signed=c.signed,
         chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device, progress=progress,
+        precision=r.precision,
     )  # fmt: skip
 
 
@@ -193,7 +194,7 @@ def _classmem(ctx: _Context, out: Path) -> dict:
 
     r, c, uc = ctx.recipe, ctx.recipe.scores.classmem, ctx.recipe.scores.unitmem
     data = _scored_points(ctx, uc.max_points)
-    opts = dict(chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device)
+    opts = dict(chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device, precision=r.precision)
     # the baseline's UnitMem is made exactly like f's (unitmem stage), so the two compare
     metrics, pairs = {}, {}
     encoders = ["f"] + (["supervised"] if r.encoder.supervised.enabled else [])
@@ -228,7 +229,7 @@ def _sslmem(ctx: _Context, out: Path) -> dict:
         res = ssl_mem(
             ctx.encoder("f"), ctx.encoder("g"), ctx.train, getattr(splits, part),
             n_pairs=c.pairs, chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device,
-            augment=r.scores.augment,
+            augment=r.scores.augment, precision=r.precision,
         )  # fmt: skip
         res.meta["part"] = part
         res.save(out / f"sslmem_{part}")
@@ -252,6 +253,7 @@ def _layermem(ctx: _Context, out: Path) -> dict:
         ctx.encoder("f"), ctx.encoder("g"), ctx.train, splits.candidate if splits else None,
         n_pairs=c.pairs, representation=c.representation, chunk_size=r.scores.chunk_size,
         seed=r.seed, device=r.device, top_k=c.top_k, augment=r.scores.augment,
+        precision=r.precision,
     )  # fmt: skip
     result.save(out / "layermem")
     plot_layer_mem(result, out / "layermem.png")
@@ -272,7 +274,7 @@ def _membergap(ctx: _Context, out: Path) -> dict:
     result = member_gap(
         ctx.encoder("f"), ctx.points("members"), ctx.points("nonmembers"), n_pairs=c.pairs,
         representation=c.representation, n_boot=c.n_boot, chunk_size=r.scores.chunk_size,
-        seed=r.seed, device=r.device, augment=r.scores.augment,
+        seed=r.seed, device=r.device, augment=r.scores.augment, precision=r.precision,
     )  # fmt: skip
     result.save(out / "membergap")
     plot_member_gap(result, out / "membergap.png")
@@ -298,11 +300,11 @@ def _evaluate(ctx: _Context, out: Path) -> dict:
         row = {"encoder": which}
         if e.linear:
             lin = linear_probe(ctx.encoder(which), ctx.train, ctx.test, backend=e.backend,
-                               seed=r.seed, device=r.device)  # fmt: skip
+                               seed=r.seed, device=r.device, precision=r.precision)  # fmt: skip
             row["linear"] = lin.accuracy
         if e.knn:
             row["knn"] = knn_probe(ctx.encoder(which), ctx.train, ctx.test, seed=r.seed,
-                                   device=r.device).accuracy  # fmt: skip
+                                   device=r.device, precision=r.precision).accuracy  # fmt: skip
         rows.append(row)
         metrics[which] = {k: v for k, v in row.items() if k != "encoder"}
     write_table(out / "probes", rows)
@@ -325,7 +327,8 @@ def _prune(ctx: _Context, out: Path) -> dict:
 
     def evaluate(model) -> float:
         return linear_probe(model, ctx.train, ctx.test, seed=r.seed, device=r.device,
-                            backend=r.evaluation.backend).accuracy  # fmt: skip
+                            backend=r.evaluation.backend,
+                            precision=r.precision).accuracy  # fmt: skip
 
     def rescore(model):  # UnitMem of the shrunken encoder
         return _unit_mem(ctx, model, progress=False)
@@ -337,7 +340,7 @@ def _prune(ctx: _Context, out: Path) -> dict:
     if p.recover is not None:
         options = dataclasses.asdict(p.recover)
         method = options.pop("method")
-        precision = r.encoder.pretrain.mixed_precision if r.encoder.pretrain else "no"
+        precision = r.encoder.pretrain.mixed_precision if r.encoder.pretrain else "auto"
         recover = recovery(ctx.train, f, method, progress=False, mixed_precision=precision,
                            **options)  # fmt: skip
     iterative = max(p.schedules) > 1 and any(s in SCORE_STRATEGIES for s in p.strategies)
@@ -390,7 +393,7 @@ def _finetune(ctx: _Context, out: Path) -> dict:
     train, test = ctx.dataset(name, "train"), ctx.dataset(name, "test")
 
     def baseline(encoder, seed: int) -> float:
-        return linear_probe(encoder, train, test, seed=seed).accuracy
+        return linear_probe(encoder, train, test, seed=seed, precision=r.precision).accuracy
 
     rankings = _rankings(ctx, train, out)
     rows, runs = compare_finetuning(
@@ -483,7 +486,7 @@ def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
     if not (run.is_dir() and any(run.iterdir())):
         return False
     if resume and saved.is_file():
-        old = yaml.safe_load(saved.read_text())
+        old = _as_current(yaml.safe_load(saved.read_text()))
         if old != recipe.to_dict():
             changed = sorted(k for k in {*old, *recipe.to_dict()}
                              if old.get(k) != recipe.to_dict().get(k))  # fmt: skip
@@ -500,6 +503,18 @@ def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
         f"run directory {run} already exists: pass --resume to finish it, --force to"
         " start over, or choose another --out"
     )
+
+
+def _as_current(saved: dict) -> dict:
+    """A saved recipe as this version reads it: a key added since it was written takes its
+    default, so an older run can still be resumed. One that no longer validates is compared
+    as it is (and differs)."""
+    from memprune.recipes._schema import validate
+
+    try:
+        return validate(saved).to_dict()
+    except ConfigError:
+        return saved
 
 
 def _start_run(run: Path, recipe: Recipe, clear: bool) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from memprune.data import AUGMENTS, SETS
+from memprune.engine import PRECISIONS
 from memprune.errors import ConfigError
 from memprune.hooks import REPRESENTATIONS, SIGNED
 from memprune.probe import BACKENDS
@@ -39,7 +40,7 @@ def _names(registry) -> Any:
 Rest, Signed, Representation = _names(RESTS), _names(SIGNED), _names(REPRESENTATIONS)
 Precision, Backend, Scope = _names(MIXED_PRECISION), _names(BACKENDS), _names(SCOPES)
 PruneStrategy, LayerStrategy, By = _names(PRUNE_STRATEGIES), _names(LAYER_STRATEGIES), _names(BY)
-Preset = _names(AUGMENTS)
+Preset, ComputePrecision = _names(AUGMENTS), _names(PRECISIONS)
 Recovery, DistillLoss = _names(RECOVERY), _names(DISTILL_LOSSES)
 
 
@@ -109,7 +110,7 @@ class PretrainCfg:
     temperature: float = field(default=0.5, metadata=_range(0))
     proj_dim: int = field(default=64, metadata=_range(1))
     augment: Preset | dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
-    mixed_precision: Precision = "no"
+    mixed_precision: Precision = "auto"
 
 
 @dataclass
@@ -263,6 +264,9 @@ class Recipe:
     name: str = "run"
     seed: int = 0
     device: str | None = None
+    #: what encoders compute in while scoring and extracting features (auto: bf16 on a CUDA
+    #: device that supports it, else fp32); training follows encoder.pretrain.mixed_precision
+    precision: ComputePrecision = "auto"
     data: DataCfg = field(default_factory=DataCfg)
     encoder: EncoderCfg = field(default_factory=EncoderCfg)
     scores: ScoresCfg = field(default_factory=ScoresCfg)

@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from memprune._dist import barrier
 from memprune._io import read_json, write_json
 from memprune.errors import ConfigError
 
@@ -116,7 +115,6 @@ def open_output(path: str | os.PathLike, command: dict, force: bool = False) -> 
     leave the unfinished marker in it. Call it once every input has been validated and just
     before the first output is written, so that a bad input leaves nothing behind."""
     overwrite = check_output(path, command, force)
-    barrier()  # under a launcher: every process has checked before the main one writes
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / MARKER, {"command": _plain(command), "finished": False})

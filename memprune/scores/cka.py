@@ -17,7 +17,7 @@ process sums its minibatches and the sums are merged across processes (:class:`C
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +191,7 @@ def _scan(models, sites, views: MultiView, minibatch: int, compute: Compute, rep
           normalize, metrics: list[CKA], desc: str) -> None:  # fmt: skip
     """Feed ``metrics`` every full minibatch: with one view per image, ``metrics[0]`` gets a
     against b; with two views, ``metrics[i]`` gets model i's view 1 against its view 2."""
-    compute = Compute(minibatch, compute.device, compute.num_workers, compute.progress)
+    compute = replace(compute, chunk_size=minibatch)
     for _, labels, acts in view_batches(models, views, sites, compute, normalize=normalize,
                                         representation=representation, desc=desc):  # fmt: skip
         if len(labels) < minibatch:
@@ -218,8 +218,9 @@ def cka(
     normalize="auto",
     seed: int = 0,
     device=None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> CKAResult:
     """CKA between every layer site of ``model_a`` and of ``model_b`` (a itself when omitted)
     on the un-augmented images of ``dataset``, with the labels per layer, and (``invariance``)
@@ -246,7 +247,7 @@ def cka(
     sa = layers(model_a, layers_a)
     sb = sa if same else layers(model_b, layers_b)
     models, sites = ([model_a], [sa]) if same else ([model_a, model_b], [sa, sb])
-    compute = Compute(minibatch, device, num_workers, progress)
+    compute = Compute(minibatch, device, num_workers, progress, precision)
     na, nb = [x.name for x in sa], [x.name for x in sb]
     n_classes = int(dataset_labels(dataset).max()) + 1
     main = CKA(na, None if same else nb, n_classes)
@@ -262,5 +263,6 @@ def cka(
         result.invariance_b = torch.diagonal(views[-1].compute().matrix).clone()
     result.meta = score_meta("cka", model_a, dataset, [], minibatch=minibatch, seed=seed,
                              representation=representation, augment=augment,
-                             same_model=same, name_a="a", name_b="a" if same else "b")  # fmt: skip
+                             same_model=same, name_a="a", name_b="a" if same else "b",
+                             compute=compute)  # fmt: skip
     return result

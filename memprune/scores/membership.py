@@ -219,8 +219,9 @@ def member_gap(
     level: float = 0.95,
     chunk_size: int = 32,
     device=None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> MemberGapResult:
     """Member gap and membership AUC of every layer site of one encoder (module docstring).
 
@@ -231,7 +232,7 @@ def member_gap(
         n_points: score a seeded random subset of this many points of each set.
         n_boot, level: bootstrap resamples and level of the gap's interval.
         n_pairs, layers, representation, pair, augment, normalize, seed, chunk_size, device,
-            num_workers, progress: as in :func:`memprune.layer_mem`.
+            num_workers, progress, precision: as in :func:`memprune.layer_mem`.
     """
     _check_pairs(n_pairs)
     if not 0 < level < 1:
@@ -242,7 +243,7 @@ def member_gap(
     non = seeded_subset(_points(nonmembers, nonmember_indices, "non-members"), n_points, seed)
     check_disjoint(mem, non)
     sites = _layer_sites(encoder, None, mem, layers)
-    compute = Compute(chunk_size, device, num_workers, progress)
+    compute = Compute(chunk_size, device, num_workers, progress, precision)
     losses = [
         alignment_losses(encoder, PairedViews(d, n_pairs, pair, augment, seed), sites,
                          representation, normalize, compute)
@@ -250,6 +251,6 @@ def member_gap(
     ]  # fmt: skip
     meta = score_meta("membergap", encoder, mem, sites, n_pairs=n_pairs, pair=pair,
                       representation=representation, augment=augment, seed=seed,
-                      n_members=len(mem), n_nonmembers=len(non))  # fmt: skip
+                      n_members=len(mem), n_nonmembers=len(non), compute=compute)  # fmt: skip
     (im, lm), (inn, ln) = losses
     return MemberGapResult([s.name for s in sites], im, lm, inn, ln, meta, n_boot, seed, level)

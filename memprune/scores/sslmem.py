@@ -210,8 +210,9 @@ def ssl_mem(
     seed: int = 0,
     chunk_size: int = 32,
     device=None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> SSLMemResult:
     """SSLMem of every point of ``dataset`` (or ``dataset[indices]``) for f (trained with the
     points) against g (trained without them), at the encoders' output or a layer ``site``.
@@ -229,10 +230,11 @@ def ssl_mem(
     else:
         sites = [s for s in _layer_sites(f, g, data, [site]) if s.name != OUTPUT]
     views = PairedViews(data, n_pairs, pair, augment, seed)
-    compute = Compute(chunk_size, device, num_workers, progress)
+    compute = Compute(chunk_size, device, num_workers, progress, precision)
     r = _losses(f, g, views, sites, representation, normalize, compute, LayerMem([sites[0].name]))
     meta = score_meta("sslmem", f, data, sites, site=sites[0].name, n_pairs=n_pairs, pair=pair,
-                      representation=representation, augment=augment, seed=seed)  # fmt: skip
+                      representation=representation, augment=augment, seed=seed,
+                      compute=compute)  # fmt: skip
     return SSLMemResult(r.indices, r.sslmem[:, 0].float(), r.raw[:, 0].float(),
                         r.loss_f[:, 0].float(), r.loss_g[:, 0].float(), meta)  # fmt: skip
 
@@ -354,8 +356,9 @@ def layer_mem(
     top_k: int = 50,
     chunk_size: int = 32,
     device=None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> LayerMemResult:
     """LayerMem and ΔLayerMem for every layer site of f and g (plus their output).
 
@@ -371,7 +374,8 @@ def layer_mem(
         n_points: score a seeded random subset of this many of the points.
         augment: a preset name, a mapping of its parameters, or a callable.
         top_k: size of the top / least sets by output-layer SSLMem (default 50).
-        chunk_size, device, num_workers, progress: how the pass runs (never what it gives).
+        chunk_size, device, num_workers, progress, precision: how the pass runs
+            (:class:`~memprune.engine.Compute`; only ``precision`` changes values).
 
     Every layer of both encoders comes from one forward pass per view per encoder; under a
     launcher each process scores a shard and per-point losses are gathered by data index.
@@ -382,9 +386,10 @@ def layer_mem(
     _check_pairs(n_pairs)
     sites = _layer_sites(f, g, data, layers)
     views = PairedViews(data, n_pairs, pair, augment, seed)
-    compute = Compute(chunk_size, device, num_workers, progress)
+    compute = Compute(chunk_size, device, num_workers, progress, precision)
     metric = LayerMem([s.name for s in sites], top_k)
     result = _losses(f, g, views, sites, representation, normalize, compute, metric)
     result.meta = score_meta("layermem", f, data, sites, n_pairs=n_pairs, pair=pair,
-                             representation=representation, augment=augment, seed=seed)  # fmt: skip
+                             representation=representation, augment=augment, seed=seed,
+                             compute=compute)  # fmt: skip
     return result

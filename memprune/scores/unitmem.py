@@ -222,8 +222,9 @@ def unit_mem(
     eps: float = 1e-8,
     chunk_size: int = 32,
     device: str | torch.device | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> UnitMemResult:
     """UnitMem of every unit at ``sites`` of ``encoder`` over the points of ``dataset``.
 
@@ -248,13 +249,15 @@ def unit_mem(
         eps: units with ``mu_max + mu_rest <= eps`` are dead and score 0.
         chunk_size, device, num_workers, progress: how the pass runs (:class:`Compute`); they
             never change the scores. A chunk of points holds ``chunk_size * n_views`` images.
+        precision: ``auto`` (bf16 autocast on a CUDA device that supports it, else fp32),
+            ``fp32`` or ``bf16``; the statistics accumulate in float32 either way.
 
     Under ``torchrun`` / ``accelerate launch`` each process scores a shard of the points and
     the states are merged: every process returns the single-process result.
     """
     return _unit_scores(
         UnitMem, "index", encoder, dataset, n_views, sites, rest, signed, augment, normalize,
-        seed, eps, Compute(chunk_size, device, num_workers, progress),
+        seed, eps, Compute(chunk_size, device, num_workers, progress, precision),
     )  # fmt: skip
 
 
@@ -271,8 +274,9 @@ def class_mem(
     eps: float = 1e-8,
     chunk_size: int = 64,
     device: str | torch.device | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> ClassMemResult:
     """ClassMem (class selectivity, Morcos et al. 2018) of every unit at ``sites``.
 
@@ -284,7 +288,7 @@ def class_mem(
     """
     return _unit_scores(
         ClassMem, "label", encoder, dataset, n_views, sites, rest, signed, augment, normalize,
-        seed, eps, Compute(chunk_size, device, num_workers, progress),
+        seed, eps, Compute(chunk_size, device, num_workers, progress, precision),
     )  # fmt: skip
 
 
@@ -308,6 +312,6 @@ def _unit_scores(cls, by, encoder, dataset, n_views, sites, rest, signed, augmen
                    signed=signed, desc=cls.__name__)  # fmt: skip
     result.meta = score_meta(
         result.kind, encoder, dataset, sites, **result.meta, n_views=n_views,
-        signed=signed, augment=augment, normalize=normalize, seed=seed,
+        signed=signed, augment=augment, normalize=normalize, seed=seed, compute=compute,
     )  # fmt: skip
     return result

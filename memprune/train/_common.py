@@ -30,13 +30,25 @@ from memprune._dist import agree
 from memprune._io import atomic_write, package_versions, write_json, write_safetensors
 from memprune.checkpoints import CARD, CARD_FORMAT, WEIGHTS, read_card
 from memprune.encoders import load_encoder
-from memprune.engine import Normalizer, resolve_normalize
+from memprune.engine import Normalizer, loader_options, resolve_normalize, uses_channels_last
 from memprune.errors import ConfigError
 from memprune.registry import Registry
 
 LAST = "checkpoints/last.pt"
-#: ``mixed_precision``: accelerate's modes.
-MIXED_PRECISION = Registry("mixed precision", {"no": "no", "fp16": "fp16", "bf16": "bf16"})
+#: ``mixed_precision``: accelerate's modes, and ``auto``: bf16 on a CUDA device that supports
+#: it, else none (:func:`resolve_mixed_precision`).
+MIXED_PRECISION = Registry(
+    "mixed precision", {"auto": "auto", "no": "no", "fp16": "fp16", "bf16": "bf16"}
+)
+
+
+def resolve_mixed_precision(mixed_precision: str) -> str:
+    """``auto`` made concrete for this machine (what configs and cards record, so a run
+    resumes only with what it really ran in); other modes as they are."""
+    if MIXED_PRECISION.check(mixed_precision) != "auto":
+        return mixed_precision
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if bf16 else "no"
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -149,10 +161,10 @@ def run_training(
     seed: int,
     out_dir: Path | None,
     config: dict,
-    mixed_precision: str = "no",
+    mixed_precision: str = "auto",
     keep_checkpoints: bool = False,
     resume: bool = True,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
     callback: Callback | None = None,
     desc: str = "train",
@@ -174,7 +186,8 @@ def run_training(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
+                              cpu=not torch.cuda.is_available())  # fmt: skip
     rank, world = accelerator.process_index, accelerator.num_processes
     if max_steps is not None:
         per_epoch = len(epoch_batches(len(epoch_data(0)), batch_size, seed, 0, rank, world))
@@ -195,14 +208,18 @@ def run_training(
     last = None if out_dir is None else out_dir / LAST
     if last is not None and resume and agree(last.is_file()):
         start, history = _resume(last, config, net, opt, sched)
+    nhwc = uses_channels_last(net, accelerator.device)
+    if nhwc:  # a CNN on CUDA: cuDNN's NHWC kernels (weights are saved contiguous)
+        net.to(memory_format=torch.channels_last)
     model, opt = accelerator.prepare(net, opt)
     norm = Normalizer(resolve_normalize(encoder, "auto"), accelerator.device)
+    loading = loader_options(accelerator.device, num_workers)
     for epoch in range(start, epochs):
         data = epoch_data(epoch)
         batches = epoch_batches(len(data), batch_size, seed, epoch, rank, world)
         if max_steps is not None:
             batches = batches[: max_steps - epoch * len(batches)]
-        loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers)
+        loader = DataLoader(data, batch_sampler=batches, **loading)
         if set_mode is None:
             model.train()
         else:
@@ -211,7 +228,8 @@ def run_training(
         disable = True if rank else (None if progress is None else not progress)
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=disable, leave=False)
         for views, labels, _ in bar:
-            x = norm(views.to(accelerator.device).flatten(0, 1))  # [B*K, 3, H, W]
+            x = norm(views.to(accelerator.device, non_blocking=True).flatten(0, 1))  # [B*K,3,H,W]
+            x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
             with accelerator.autocast():
                 loss = loss_fn(model, x, labels.to(accelerator.device))
             opt.zero_grad(set_to_none=True)
@@ -232,5 +250,7 @@ def run_training(
         accelerator.wait_for_everyone()
         if callback is not None:
             callback(epoch, history)
+    if nhwc:
+        net.to(memory_format=torch.contiguous_format)
     encoder.eval()
     return history

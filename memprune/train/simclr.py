@@ -22,12 +22,12 @@ from memprune.data import (
 from memprune.encoders import feature_dim, load_encoder
 from memprune.errors import ConfigError
 from memprune.train._common import (
-    MIXED_PRECISION,
     Callback,
     TrainResult,
     check_indices,
     epoch_seed,
     finished,
+    resolve_mixed_precision,
     run_training,
     write_outputs,
 )
@@ -84,10 +84,10 @@ def pretrain_simclr(
     hidden_dim: int | None = None,
     weight_decay: float = 1e-6,
     augment: AugmentSpec = "simclr",
-    mixed_precision: str = "no",
+    mixed_precision: str = "auto",
     keep_checkpoints: bool = False,
     resume: bool = True,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
     callback: Callback | None = None,
     **timm_kwargs,
@@ -122,7 +122,7 @@ def pretrain_simclr(
         "batch_size": batch_size, "lr": lr, "temperature": temperature, "proj_dim": proj_dim,
         "hidden_dim": hidden_dim, "weight_decay": weight_decay,
         "augment": describe_augment(augment), "seed": seed,
-        "mixed_precision": MIXED_PRECISION.check(mixed_precision),
+        "mixed_precision": resolve_mixed_precision(mixed_precision),
     }  # fmt: skip
     torch.manual_seed(seed)
     encoder = load_encoder(model_name, img_size=img_size, **timm_kwargs)

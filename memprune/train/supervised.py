@@ -25,13 +25,13 @@ from memprune.data import (
 )
 from memprune.encoders import feature_dim, load_encoder
 from memprune.train._common import (
-    MIXED_PRECISION,
     Callback,
     TrainResult,
     check_indices,
     derived_seed,
     epoch_seed,
     finished,
+    resolve_mixed_precision,
     run_training,
     write_outputs,
 )
@@ -75,10 +75,10 @@ def train_supervised(
     random_labels: bool = False,
     weight_decay: float = 5e-4,
     augment: AugmentSpec = "crop_flip",
-    mixed_precision: str = "no",
+    mixed_precision: str = "auto",
     keep_checkpoints: bool = False,
     resume: bool = True,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
     callback: Callback | None = None,
     **timm_kwargs,
@@ -107,7 +107,7 @@ def train_supervised(
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "random_labels": random_labels,
         "augment": describe_augment(augment, "crop_flip"), "seed": seed,
-        "mixed_precision": MIXED_PRECISION.check(mixed_precision), "n_classes": n_classes,
+        "mixed_precision": resolve_mixed_precision(mixed_precision), "n_classes": n_classes,
     }  # fmt: skip
     torch.manual_seed(seed)
     encoder = load_encoder(model_name, img_size=img_size, **timm_kwargs)

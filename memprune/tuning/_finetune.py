@@ -199,8 +199,8 @@ def finetune(
     weight_decay: float = 1e-4,
     val_fraction: float = 0.2,
     seed: int = 0,
-    mixed_precision: str = "no",
-    num_workers: int = 0,
+    mixed_precision: str = "auto",
+    num_workers: int | None = None,
     progress: bool | None = None,
     inplace: bool = False,
 ) -> FinetuneResult:
@@ -246,8 +246,8 @@ def finetune_units(
     augment: AugmentSpec = "crop_flip",
     val_fraction: float = 0.2,
     seed: int = 0,
-    mixed_precision: str = "no",
-    num_workers: int = 0,
+    mixed_precision: str = "auto",
+    num_workers: int | None = None,
     progress: bool | None = None,
     inplace: bool = False,
 ) -> FinetuneResult:

@@ -1,0 +1,94 @@
+"""The large case on the CPU: precision, layouts and loader settings chosen by device, and
+the parts of the GPU path that can be checked without a GPU."""
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from memprune.engine import Compute, fast_layout, loader_options, uses_channels_last
+from memprune.errors import ConfigError
+from memprune.hooks import unit_reducer
+from memprune.probe import extract_features
+from memprune.scores import unit_mem
+from memprune.sites import find_sites
+from memprune.train import resolve_mixed_precision
+from tests.conftest import tiny_resnet, tiny_vit
+
+CUDA = torch.device("cuda")  # a device object only: nothing here runs on a GPU
+CPU = torch.device("cpu")
+
+
+def test_auto_precision_is_fp32_on_the_cpu_and_bf16_is_close(digits):
+    data = Subset(digits, range(40))
+    model = tiny_resnet()
+    assert Compute().dtype(model) == "fp32" and resolve_mixed_precision("auto") == "no"
+    auto = unit_mem(model, data, n_views=2, device="cpu")
+    fp32 = unit_mem(model, data, n_views=2, device="cpu", precision="fp32")
+    bf16 = unit_mem(model, data, n_views=2, device="cpu", precision="bf16")
+    assert auto.meta["precision"] == "fp32" and bf16.meta["precision"] == "bf16"
+    for name in auto.sites:  # auto on the CPU is exactly fp32
+        assert torch.equal(auto[name]["score"], fp32[name]["score"])
+    a = torch.cat([fp32[n]["score"] for n in fp32.sites])
+    b = torch.cat([bf16[n]["score"] for n in bf16.sites])
+    assert b.dtype == torch.float32  # statistics stay float32
+    assert (a - b).abs().max() < 0.1 and torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95
+    assert not torch.equal(a, b)  # bf16 really ran
+    with pytest.raises(ConfigError, match="precision"):
+        unit_mem(model, data, precision="fp8")
+
+
+def test_bf16_activations_are_summed_in_float32():
+    site = find_sites(tiny_resnet(), "units")[1]
+    x = torch.rand(3, site.n_units, 50, 50).bfloat16() * 100 + 100  # bf16 sums would round
+    out = unit_reducer(site, "raw")(x)
+    exact = x.double().mean(dim=(2, 3))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=0)
+
+
+def test_loader_options_by_device():
+    assert loader_options(CPU) == {"num_workers": 0, "pin_memory": False}
+    gpu = loader_options(CUDA)
+    assert gpu["pin_memory"] and 1 <= gpu["num_workers"] <= 8 and gpu["prefetch_factor"] == 4
+    assert loader_options(CUDA, 0) == {"num_workers": 0, "pin_memory": True}
+    assert loader_options(CPU, 2)["num_workers"] == 2
+    with pytest.raises(ConfigError, match="num_workers"):
+        loader_options(CPU, -1)
+
+
+def test_channels_last_for_cnns_on_cuda_only_and_undone_after():
+    cnn, vit = tiny_resnet(), tiny_vit()
+    assert uses_channels_last(cnn, CUDA) and not uses_channels_last(cnn, CPU)
+    assert not uses_channels_last(vit, CUDA)  # one conv: the patch embedding
+    conv = cnn.conv1.weight
+    with fast_layout(cnn, CUDA) as nhwc:  # the layout change itself runs on the CPU too
+        assert nhwc and cnn.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not cnn.conv1.weight.is_contiguous()
+    assert cnn.conv1.weight.is_contiguous() and torch.equal(cnn.conv1.weight, conv)
+    with fast_layout(cnn, CPU) as nhwc:
+        assert not nhwc and cnn.conv1.weight.is_contiguous()
+
+
+def test_channels_last_path_gives_the_same_features(digits, monkeypatch):
+    """The scoring loop's NHWC path (weights and inputs in channels_last, as on CUDA) computes
+    what the default layout computes, and leaves the weights as they were."""
+    import memprune.engine as engine
+
+    data = Subset(digits, range(20))
+    model = tiny_resnet()
+    plain = extract_features(model, data, device="cpu").features
+    seen = []
+    real = engine.fast_layout
+
+    @contextlib.contextmanager
+    def spy(m, device):
+        with real(m, CUDA) as nhwc:  # the CUDA decision, on the CPU
+            seen.append(m.conv1.weight.is_contiguous(memory_format=torch.channels_last))
+            yield nhwc
+
+    monkeypatch.setattr(engine, "fast_layout", spy)
+    nhwc = extract_features(model, data, device="cpu").features
+    assert seen == [True] and model.conv1.weight.is_contiguous()
+    torch.testing.assert_close(nhwc, plain, rtol=1e-4, atol=1e-5)
