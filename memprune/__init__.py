@@ -4,7 +4,8 @@ The root exports the workflow; lower-level pieces live in their subpackages
 (:mod:`memprune.hooks` ``capture``, :mod:`memprune.scores` ``cka_from_features``,
 :mod:`memprune.data` ``MultiView``, :mod:`memprune.pruning` ``UnitMemImportance``, ...).
 
-* load: :func:`load_dataset`, :func:`make_splits`, :func:`load_encoder`, :func:`find_sites`
+* load: :func:`load_dataset`, :func:`make_splits`, :func:`load_encoder`, :func:`find_sites`,
+  :func:`eval_transform`
 * score: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`, :func:`cka`,
   :func:`learnedness`, :func:`member_gap` (one encoder, no reference); streaming:
   :class:`UnitMem`, :class:`ClassMem`, :class:`LayerMem`, :class:`CKA`
@@ -58,6 +59,7 @@ _EXPORTS = {
     "cka": "memprune.scores",
     "class_mem": "memprune.scores",
     "find_sites": "memprune.sites",
+    "eval_transform": "memprune.encoders",
     "finetune": "memprune.tuning",
     "finetune_units": "memprune.tuning",
     "knn_probe": "memprune.probe",
@@ -86,7 +88,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from memprune.data import Splits, load_dataset, make_splits
-    from memprune.encoders import load_encoder
+    from memprune.encoders import eval_transform, load_encoder
     from memprune.errors import (
         CheckpointError,
         CheckpointWarning,
@@ -183,6 +185,7 @@ __all__ = [
     "auto_rgn",
     "cka",
     "class_mem",
+    "eval_transform",
     "find_sites",
     "finetune",
     "finetune_units",

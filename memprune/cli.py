@@ -511,7 +511,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from memprune._dist import rank_world
     from memprune._io import write_json
     from memprune._table import write_table
-    from memprune.data import load_dataset
+    from memprune.data import load_dataset, native_size
     from memprune.probe import knn_probe, linear_probe
     from memprune.report import plot_confusion
 
@@ -523,9 +523,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
     encoders = [
         _encoder(argparse.Namespace(**{**vars(args), "checkpoint": c})) for c in checkpoints
     ]  # fmt: skip  (every checkpoint is read before any work)
-    img_size = _img_size(args)
-    train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
-    test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
+    if args.transform == "encoder" and native_size(args.data, 0) is not None:
+        from memprune.encoders import eval_transform
+
+        size = {"transform": eval_transform(encoders[0])}  # the first encoder's preprocessing
+    else:
+        size = {"img_size": _img_size(args)}
+    train = load_dataset(args.data, "train", root=args.root, **size)
+    test = load_dataset(args.data, "test", root=args.root, **size)
     common = dict(seed=args.seed, chunk_size=args.chunk_size, cache_dir=args.cache_dir,
                   device=args.device, precision=args.precision)  # fmt: skip
     probes = []
@@ -1055,6 +1060,9 @@ def _build_probe(sub) -> None:
                    help="linear-probe fit (auto: sklearn on CPU, torch on a GPU)")  # fmt: skip
     p.add_argument("--knn", action="store_true", help="also the weighted kNN probe")
     p.add_argument("--cache-dir", default=None, help="cache extracted features here")
+    p.add_argument("--transform", default="encoder", choices=("encoder", "resize"),
+                   help="torchvision / folder data: the (first) encoder's eval preprocessing"
+                   " from its timm data config, or a resize to --img-size")  # fmt: skip
     _add_out(p)
     _add_run(p, "validation-split seed", chunk=256, workers=False)
     p.set_defaults(func=cmd_probe)

@@ -220,6 +220,22 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return tuple(size) if size else DEFAULT_INPUT_SIZE
 
 
+def eval_transform(model: nn.Module):
+    """The encoder's own eval preprocessing, from timm's data config: resize to the input size
+    over ``crop_pct``, centre crop to the input size, with the model's interpolation (ResNet-50
+    at 224: bicubic resize to 235, crop 224). It ends in a float tensor in ``[0, 1]`` without
+    normalization: memprune normalizes after augmentation, inside scoring. Pass it as
+    ``load_dataset(..., transform=eval_transform(model))``."""
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.transforms import v2
+
+    cfg = resolve_data_config({}, model=model)
+    base = create_transform(cfg["input_size"], is_training=False, normalize=False,
+                            interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"],
+                            crop_mode=cfg.get("crop_mode"))  # fmt: skip
+    return v2.Compose([base, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
 def feature_dim(model: nn.Module, size: tuple[int, ...] | None = None) -> int:
     """Width of the encoder's output, from one dry forward pass at ``size`` (default: its input
     size). timm's ``num_features`` is not always it: a MobileNetV3's output is its

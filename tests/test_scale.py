@@ -92,3 +92,76 @@ def test_channels_last_path_gives_the_same_features(digits, monkeypatch):
     nhwc = extract_features(model, data, device="cpu").features
     assert seen == [True] and model.conv1.weight.is_contiguous()
     torch.testing.assert_close(nhwc, plain, rtol=1e-4, atol=1e-5)
+
+
+def _folder(root, sizes=((300, 400), (220, 180), (500, 260))):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i, (h, w) in enumerate(sizes):
+                pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_folder_data_with_the_encoders_eval_transform(tmp_path):
+    """Images of any size come out as timm's eval preprocessing of the encoder (resize to the
+    input size over crop_pct, bicubic for ResNets, centre crop), in [0, 1] and unnormalized."""
+    import timm.data
+
+    from memprune.data import load_dataset
+    from memprune.encoders import create_encoder, eval_transform
+
+    root = _folder(tmp_path / "imgs")
+    model = create_encoder("resnet18", img_size=64, channels=[8, 16, 32, 64])
+    data = load_dataset(root, "train", transform=eval_transform(model))
+    cfg = timm.data.resolve_data_config({}, model=model)
+    timm_tf = timm.data.create_transform(**cfg, is_training=False)  # normalizes
+    mean, std = (torch.tensor(cfg[k]).view(3, 1, 1) for k in ("mean", "std"))
+    base = data.base
+    for i in range(len(data)):
+        image, label, index = data[i]
+        assert image.shape == (3, 64, 64) and image.min() >= 0 and image.max() <= 1
+        expected = timm_tf(base[i][0]) * std + mean
+        torch.testing.assert_close(image, expected, atol=2e-6, rtol=0)
+    with pytest.raises(ConfigError, match="own size"):
+        load_dataset("digits", transform=eval_transform(model))
+    with pytest.raises(ConfigError, match="not both"):
+        load_dataset(root, img_size=32, transform=eval_transform(model))
+
+
+def test_recipe_loads_folder_data_at_the_encoders_input_size(tmp_path):
+    from memprune.recipes import load_recipe
+    from memprune.recipes._run import _Context
+
+    root = _folder(tmp_path / "imgs")
+    sets = [f"data.name={root}", "encoder.img_size=48", "encoder.model=resnet18"]
+    ctx = _Context(load_recipe(None, sets), tmp_path / "run", print)
+    assert ctx.train[0][0].shape == (3, 48, 48)
+    resized = _Context(load_recipe(None, [*sets, "data.transform=resize"]), tmp_path, print)
+    assert resized.train[0][0].shape == (3, 48, 48)
+    # the eval transform crops a centre square of the resized image; resize keeps more border
+    assert not torch.equal(ctx.train[0][0], resized.train[0][0])
+
+
+def test_simclr_views_at_the_encoders_input_size(tmp_path):
+    import json
+
+    from torch.utils.data import TensorDataset
+
+    from memprune.data import IndexedDataset, MultiView
+    from memprune.train.simclr import pretrain_simclr, view_size
+
+    assert view_size("simclr", 32) == {"preset": "simclr", "size": 32}
+    assert view_size({"scale": [0.3, 1.0]}, 24)["size"] == 24
+    assert view_size({"size": 24}, 32) == {"size": 24}  # explicit: kept
+    assert view_size("none", 32) == "none" and view_size("simclr", None) == "simclr"
+    big = IndexedDataset(TensorDataset(torch.rand(8, 3, 40, 40), torch.zeros(8)))
+    pretrain_simclr("resnet18", big, epochs=1, batch_size=4, img_size=24, out_dir=tmp_path,
+                    channels=[8, 16, 32, 64])  # fmt: skip
+    augment = json.loads((tmp_path / "card.json").read_text())["augment"]
+    assert augment == {"preset": "simclr", "size": 24}
+    assert MultiView(big, 2, augment)[0][0].shape == (2, 3, 24, 24)

@@ -74,13 +74,17 @@ class IndexedDataset(Dataset):
 class _TorchvisionDataset(Dataset):
     """Wraps a torchvision data set of PIL images into ``(image, label, index)`` items."""
 
-    def __init__(self, base: Dataset, labels: torch.Tensor, name: str, img_size: int | None):
+    def __init__(self, base: Dataset, labels: torch.Tensor, name: str, img_size: int | None,
+                 transform: Callable | None = None):  # fmt: skip
         from torchvision.transforms import v2
 
         self.base = base
         self.labels = labels.long()
         self.name = name
         self.classes = [str(c) for c in getattr(base, "classes", sorted(set(labels.tolist())))]
+        if transform is not None:
+            self.to_tensor = transform
+            return
         steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
         if img_size is not None:
             steps += [v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)]
@@ -132,7 +136,7 @@ _TV_FILES = {
 
 
 def _load_torchvision(
-    name: str, split: str, root: str | None, download: bool, img_size: int | None
+    name: str, split: str, root: str | None, download: bool, img_size: int | None, transform
 ) -> Dataset:
     import torchvision.datasets as tvd
 
@@ -160,7 +164,8 @@ def _load_torchvision(
     targets = getattr(base, "targets", None)
     if targets is None:
         targets = base.labels
-    return _TorchvisionDataset(base, torch.as_tensor(np.asarray(targets)), name, img_size)
+    labels = torch.as_tensor(np.asarray(targets))
+    return _TorchvisionDataset(base, labels, name, img_size, transform)
 
 
 def _read_image(path: str):
@@ -174,7 +179,7 @@ def _read_image(path: str):
         raise DataError(f"cannot read image {path}: {err}") from err
 
 
-def _load_folder(path: Path, split: str, img_size: int | None) -> Dataset:
+def _load_folder(path: Path, split: str, img_size: int | None, transform) -> Dataset:
     import torchvision.datasets as tvd
 
     folder = path / split if (path / split).is_dir() else None
@@ -206,7 +211,7 @@ def _load_folder(path: Path, split: str, img_size: int | None) -> Dataset:
         raise DatasetNotFoundError(
             f"no images in ImageFolder layout under {folder} (expected {folder}/CLASS/IMAGE)"
         )
-    return _TorchvisionDataset(base, torch.as_tensor(base.targets), str(path), img_size)
+    return _TorchvisionDataset(base, torch.as_tensor(base.targets), str(path), img_size, transform)
 
 
 BUILTIN = ("digits", "digits-shift", "toy")
@@ -224,6 +229,7 @@ def load_dataset(
     root: str | os.PathLike | None = None,
     download: bool = False,
     img_size: int | None = None,
+    transform: Callable | None = None,
     **options,
 ) -> Dataset:
     """Load a data set whose items are ``(image [3, H, W] in [0, 1], label, index)``.
@@ -245,6 +251,9 @@ def load_dataset(
         download: let torchvision download missing files (needs internet).
         img_size: resize (shorter side) and centre-crop every image to this size; for digits,
             the size it is upsampled to (default 32).
+        transform: for torchvision and folder data, replaces the resize: a callable from a
+            PIL image to a float tensor ``[C, H, W]`` in ``[0, 1]``, such as
+            :func:`memprune.encoders.eval_transform` (the encoder's own eval preprocessing).
     """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
@@ -261,14 +270,18 @@ def load_dataset(
         except TypeError as err:
             raise ConfigError(f"toy options: {err} (size, dim, snr, sigma, redraw, seed)") from err
     if key in BUILTIN:
+        if transform is not None:
+            raise ConfigError(f"{name!r} is made at its own size: pass img_size, not transform")
         return _load_digits(split, img_size, shift=key == "digits-shift")
+    if img_size is not None and transform is not None:
+        raise ConfigError("pass img_size or transform, not both: the transform sets the size")
     if key in _TV_FILES:
         return _load_torchvision(
-            key, split, None if root is None else str(root), download, img_size
+            key, split, None if root is None else str(root), download, img_size, transform
         )
     path = Path(os.fspath(name)).expanduser()
     if path.is_dir():
-        return _load_folder(path, split, img_size)
+        return _load_folder(path, split, img_size, transform)
     close = difflib.get_close_matches(key, available_datasets(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise DatasetNotFoundError(

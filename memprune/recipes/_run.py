@@ -47,8 +47,22 @@ class _Context:
         if key not in self._cache:
             d = self.recipe.data
             size = native_size(name, d.img_size or self.recipe.encoder.img_size)
-            self._cache[key] = load_dataset(name, split, root=d.root, img_size=size)
+            if size is not None and d.transform == "encoder" and d.img_size is None:
+                opts = {"transform": self.transform()}
+            else:
+                opts = {"img_size": size}
+            self._cache[key] = load_dataset(name, split, root=d.root, **opts)
         return self._cache[key]
+
+    def transform(self):
+        """The recipe encoder's eval preprocessing (from its timm data config)."""
+        from memprune.encoders import create_encoder, eval_transform
+
+        if "transform" not in self._cache:
+            enc = self.recipe.encoder
+            model = create_encoder(enc.model, img_size=enc.img_size, **enc.timm)
+            self._cache["transform"] = eval_transform(model)
+        return self._cache["transform"]
 
     @property
     def train(self):

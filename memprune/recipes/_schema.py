@@ -91,6 +91,11 @@ class DataCfg:
     name: str = "digits"
     root: str | None = None
     img_size: int | None = None
+    #: torchvision / folder data: ``encoder`` = the encoder's own eval preprocessing (timm's
+    #: data config: resize, centre crop, interpolation); ``resize`` = resize and centre-crop
+    #: to img_size. An explicit data.img_size always resizes; the built-in data sets come at
+    #: their own size either way.
+    transform: Literal["encoder", "resize"] = "encoder"
     shared: int | float = field(default=0.5, metadata=_range(0))
     candidate: int | float = field(default=0.1, metadata=_range(0))
     extra: int | float = field(default=0.1, metadata=_range(0))

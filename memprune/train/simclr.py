@@ -15,6 +15,7 @@ from memprune.data import (
     AugmentSpec,
     MultiView,
     Splits,
+    augment_spec,
     dataset_name,
     describe_augment,
     make_splits,
@@ -68,6 +69,17 @@ class SimCLRNet(nn.Module):
         return self.head(self.encoder(x))
 
 
+def view_size(augment, img_size: int | None):
+    """``augment`` with its views at the encoder's input size ``img_size``: a preset or
+    mapping that names no ``size`` gets it, so images loaded larger (for random crops) give
+    views the encoder takes. Without ``img_size`` (the model's default), a callable, ``none``
+    or an explicit size, ``augment`` is kept: views then come at the images' own size."""
+    spec = augment_spec(augment)
+    if img_size is None or callable(spec) or spec["preset"] == "none" or spec.get("size"):
+        return augment
+    return {**spec, "size": img_size}
+
+
 def pretrain_simclr(
     model_name: str,
     dataset: Dataset,
@@ -116,6 +128,9 @@ def pretrain_simclr(
         )
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
+    torch.manual_seed(seed)
+    encoder = load_encoder(model_name, img_size=img_size, **timm_kwargs)
+    augment = view_size(augment, img_size)
     config = {
         "method": "simclr", "model": model_name, "img_size": img_size, "timm_kwargs": timm_kwargs,
         "data": dataset_name(dataset), "n_train": len(indices), "epochs": epochs,
@@ -124,8 +139,6 @@ def pretrain_simclr(
         "augment": describe_augment(augment), "seed": seed,
         "mixed_precision": resolve_mixed_precision(mixed_precision),
     }  # fmt: skip
-    torch.manual_seed(seed)
-    encoder = load_encoder(model_name, img_size=img_size, **timm_kwargs)
     net = SimCLRNet(encoder, proj_dim, hidden_dim)
     train = Subset(dataset, indices)
 
