@@ -114,7 +114,8 @@ def test_extraction_two_processes_equal_one(tmp_path, digits):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(28500 + (os.getpid() % 400)),
-           str(ROOT / "tests" / "_mp_features.py"), str(tmp_path)]  # fmt: skip
+           str(ROOT / "tests" / "_mp_features.py"), str(tmp_path),
+           str(tmp_path / "store")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
@@ -123,6 +124,8 @@ def test_extraction_two_processes_equal_one(tmp_path, digits):
     one = extract_features(tiny_resnet(), Subset(digits, range(37)), chunk_size=5, device="cpu")
     assert torch.equal(two["indices"], one.indices) and torch.equal(two["labels"], one.labels)
     torch.testing.assert_close(two["features"], one.features)
+    stored = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "store").iterdir())
+    assert stored == ["features.npy", "indices.npy", "labels.npy"]
 
 
 def _ill_conditioned(n=600, seed=0):

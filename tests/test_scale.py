@@ -2,6 +2,7 @@
 the parts of the GPU path that can be checked without a GPU."""
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,42 @@ def test_simclr_views_at_the_encoders_input_size(tmp_path):
     augment = json.loads((tmp_path / "card.json").read_text())["augment"]
     assert augment == {"preset": "simclr", "size": 24}
     assert MultiView(big, 2, augment)[0][0].shape == (2, 3, 24, 24)
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/scale.py runs end to end on the CPU (tiny: a smoke run, no timing asserted)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "scale.py"), "--models", "resnet18",
+           "--img-size", "32", "--n", "4", "--json", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CPU mode: N=4 points" in proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    for key in ("forward_img_s", "unitmem_ratio", "layermem_ratio", "features_ratio",
+                "simclr_ratio", "views_s"):  # fmt: skip
+        assert row[key] > 0, key
+    assert row["precision"] == "fp32" and row["loader"]["num_workers"] == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_features_on_disk_equal_in_memory_and_stay_memory_mapped(tmp_path, digits):
+    data = Subset(digits, [int(i) for i in torch.randperm(len(digits))[:45]])  # unsorted
+    model = tiny_resnet()
+    ram = extract_features(model, data, chunk_size=8, device="cpu")
+    disk = extract_features(model, data, chunk_size=8, device="cpu", store=tmp_path)
+    assert torch.equal(disk.indices, ram.indices) and torch.equal(disk.labels, ram.labels)
+    torch.testing.assert_close(disk.features, ram.features, rtol=0, atol=0)
+    files = sorted(p.name.split(".", 1)[1] for p in tmp_path.iterdir())
+    assert files == ["features.npy", "indices.npy", "labels.npy"]  # no partial file left
+    (mapped,) = [p for p in tmp_path.iterdir() if p.name.endswith(".features.npy")]
+    assert str(mapped) in Path("/proc/self/maps").read_text()  # the file is mapped, not read
+    again = extract_features(model, data, chunk_size=8, device="cpu", store=tmp_path)
+    assert torch.equal(again.features, disk.features)  # reused: same key, same file

@@ -14,11 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from memprune._dist import agree, gather_by_index
+from memprune._dist import agree, barrier, gather_by_index, is_main, rank_world
 from memprune._io import write_safetensors
 from memprune.data import MultiView, dataset_name
 from memprune.encoders import feature_dim, weights_hash
@@ -78,15 +79,26 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool | None = None,
     precision: str = "auto",
+    store: str | os.PathLike | None = None,
 ) -> Features:
     """Pre-logits features of every image of ``dataset`` (see the module docstring).
 
     With ``cache_dir``, features are stored under a key made of the weights' hash, the data
-    set's fingerprint and the transform (normalization, image size); a later call with the
-    same key reads them back instead of running the encoder.
+    set's fingerprint and the transform (normalization, image size, precision); a later call
+    with the same key reads them back instead of running the encoder.
+
+    ``store``: a directory where the features go to disk as they are made, for data sets
+    whose features do not fit in memory (ImageNet-1k through ResNet-50: 1.28 M x 2048 x 4 B =
+    10.5 GB). Every process writes its rows straight into one ``.npy`` file of ``[N, D]``
+    float32 (disjoint rows, no gather), and the returned ``features`` is that file
+    memory-mapped (copy-on-write: nothing in it can change), so memory stays flat as N grows.
+    A finished store with the same key is reused like the cache.
     """
     if len(dataset) == 0:
         raise ConfigError("cannot extract features of an empty data set")
+    if store is not None:
+        compute = Compute(chunk_size, device, num_workers, progress, precision)
+        return _to_disk(encoder, dataset, normalize, compute, Path(store))
     path = None
     if cache_dir is not None:
         compute = Compute(chunk_size, device, num_workers, progress, precision)
@@ -113,3 +125,67 @@ def extract_features(
         tensors = {"features": out.features, "labels": out.labels, "indices": out.indices}
         write_safetensors(path, tensors)
     return out
+
+
+def _to_disk(encoder, dataset, normalize, compute: Compute, store: Path) -> Features:
+    """:func:`extract_features` with ``store``: rows written into a memory-mapped file."""
+    key = cache_key(encoder, dataset, normalize, compute.dtype(encoder))
+    paths = {
+        name: store / f"features-{key}.{name}.npy" for name in ("features", "labels", "indices")
+    }
+    n, dim = len(dataset), feature_dim(encoder, image_size(dataset))
+    partial = store / f"features-{key}.partial.npy"
+    if not agree(paths["features"].is_file()):
+        if is_main():
+            store.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(partial, "w+", np.float32, (n, dim)).flush()
+        barrier()
+        out = np.load(partial, mmap_mode="r+")  # every process writes its own rows
+        site = output_site(dim)
+        rows_y, rows_i, rows_p = [], [], []
+        rank, world = rank_world()
+        position = rank
+        for indices, labels, (acts,) in view_batches(
+            [encoder], MultiView(dataset, 1, "none"), [[site]], compute,
+            reduce=[lambda x: x.float()], normalize=normalize, desc="features",
+        ):  # fmt: skip
+            rows = acts[site.name].cpu().numpy()
+            at = np.arange(position, position + world * len(rows), world)  # this shard's rows
+            out[at] = rows
+            position += world * len(rows)
+            rows_y.append(torch.as_tensor(labels))
+            rows_i.append(torch.as_tensor(indices))
+            rows_p.append(torch.as_tensor(at))
+        out.flush()
+        del out
+        p, i, y = gather_by_index(
+            torch.cat(rows_p).long(), torch.cat(rows_i).long(), torch.cat(rows_y).long()
+        )  # fmt: skip (by position)
+        barrier()  # every row is on disk
+        if is_main():  # the features file comes last: its presence marks a finished store
+            order = np.argsort(i.numpy(), kind="stable")
+            np.save(paths["labels"], y.numpy()[order])
+            np.save(paths["indices"], i.numpy()[order])
+            _sort_by_index(partial, i.numpy(), paths["features"])
+        barrier()
+    load = {name: np.load(path, mmap_mode="c") for name, path in paths.items()}
+    return Features(*(torch.from_numpy(load[k]) for k in paths))
+
+
+def _sort_by_index(partial: Path, indices: np.ndarray, final: Path, rows: int = 65536) -> None:
+    """``partial`` (rows in data-set order) moved to ``final`` with rows sorted by data index:
+    a rename when they already are (memprune's data sets and Subsets), else a copy made a
+    block of rows at a time."""
+    if np.all(np.diff(indices) > 0):
+        partial.rename(final)
+        return
+    src = np.load(partial, mmap_mode="r")
+    order = np.argsort(indices, kind="stable")
+    tmp = final.with_suffix(".tmp.npy")
+    dst = np.lib.format.open_memmap(tmp, "w+", np.float32, src.shape)
+    for start in range(0, len(order), rows):
+        dst[start : start + rows] = src[order[start : start + rows]]
+    dst.flush()
+    del dst, src
+    tmp.rename(final)
+    partial.unlink()
