@@ -259,15 +259,27 @@ def test_demo_recipe_on_two_processes_equals_one(tmp_path):
 
 
 def test_a_run_saved_before_a_new_recipe_key_still_resumes(tmp_path):
+    """A recipe saved before ``precision`` / ``data.transform`` existed resumes when what runs
+    is the same (on the CPU ``auto`` is fp32; digits ignore the transform), and not otherwise."""
     import yaml
 
     recipe = load_recipe(ROOT / "recipes" / "digits-resnet.yaml")
     run = tmp_path / "run"
     run.mkdir()
     old = recipe.to_dict()
-    old.pop("precision")  # written by a version without it: it takes its default
+    del old["precision"], old["data"]["transform"]
+    old["encoder"]["pretrain"]["mixed_precision"] = "no"  # the old default, written out
     (run / "recipe.yaml").write_text(yaml.safe_dump(old))
     assert runner._check_run(run, recipe, resume=True, force=False) is False
     changed = load_recipe(ROOT / "recipes" / "digits-resnet.yaml", ["precision=bf16"])
     with pytest.raises(ConfigError, match="sections precision differ"):
         runner._check_run(run, changed, resume=True, force=False)
+    # a folder data set resized before: the encoder's eval transform would change the images
+    old["data"]["name"] = str(tmp_path)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(old))
+    folder = load_recipe(ROOT / "recipes" / "digits-resnet.yaml", [f"data.name={tmp_path}"])
+    with pytest.raises(ConfigError, match="sections data differ"):
+        runner._check_run(run, folder, resume=True, force=False)
+    resized = load_recipe(ROOT / "recipes" / "digits-resnet.yaml",
+                          [f"data.name={tmp_path}", "data.transform=resize"])  # fmt: skip
+    assert runner._check_run(run, resized, resume=True, force=False) is False

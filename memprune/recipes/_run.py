@@ -12,6 +12,7 @@ gives the same weights as an uninterrupted run). ``force``: the stages are clear
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import platform
@@ -500,10 +501,10 @@ def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
     if not (run.is_dir() and any(run.iterdir())):
         return False
     if resume and saved.is_file():
-        old = _as_current(yaml.safe_load(saved.read_text()))
-        if old != recipe.to_dict():
-            changed = sorted(k for k in {*old, *recipe.to_dict()}
-                             if old.get(k) != recipe.to_dict().get(k))  # fmt: skip
+        old, new = _effective(_as_current(yaml.safe_load(saved.read_text()))), _effective(
+            recipe.to_dict())  # fmt: skip
+        if old != new:
+            changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
             raise ConfigError(
                 f"{run} was run with another recipe (sections {', '.join(changed)} differ):"
                 " use a new --out, or --force to start over"
@@ -519,16 +520,50 @@ def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
     )
 
 
+#: Keys added to the recipe since the first release, with the value that reproduces what a
+#: recipe written before them did (fp32 scoring; torchvision / folder data resized).
+_LEGACY = {("precision",): "fp32", ("data", "transform"): "resize"}
+
+
 def _as_current(saved: dict) -> dict:
-    """A saved recipe as this version reads it: a key added since it was written takes its
-    default, so an older run can still be resumed. One that no longer validates is compared
-    as it is (and differs)."""
+    """A saved recipe as this version reads it: a key added since it was written takes the
+    value that reproduces what that run did, so an older run can be resumed exactly. One that
+    no longer validates is compared as it is (and differs)."""
     from memprune.recipes._schema import validate
 
+    saved = copy.deepcopy(saved)
+    for keys, value in _LEGACY.items():
+        node = saved
+        for key in keys[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.setdefault(keys[-1], value)
     try:
         return validate(saved).to_dict()
     except ConfigError:
         return saved
+
+
+def _effective(recipe: dict) -> dict:
+    """What a recipe runs on this machine: ``auto`` precisions resolved for its device, and
+    ``data.transform`` dropped where it has no effect (built-in data, an explicit img_size).
+    Two recipes that run the same are the same run."""
+    from memprune.data import native_size
+    from memprune.encoders import resolve_device
+    from memprune.engine import autocast_dtype
+    from memprune.train import resolve_mixed_precision
+
+    out = copy.deepcopy(recipe)
+    if out.get("precision") == "auto":
+        bf16 = autocast_dtype("auto", resolve_device(out.get("device"))) is not None
+        out["precision"] = "bf16" if bf16 else "fp32"
+    pretrain = (out.get("encoder") or {}).get("pretrain")
+    if isinstance(pretrain, dict) and "mixed_precision" in pretrain:
+        pretrain["mixed_precision"] = resolve_mixed_precision(pretrain["mixed_precision"])
+    data = out.get("data") or {}
+    if native_size(str(data.get("name")), 1) is None or data.get("img_size") is not None:
+        data.pop("transform", None)
+    return out
 
 
 def _start_run(run: Path, recipe: Recipe, clear: bool) -> None:
