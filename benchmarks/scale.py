@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import timed
 from torch.utils.data import DataLoader, Dataset
 
 import memprune
@@ -55,19 +56,6 @@ class Synthetic(Dataset):
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(i)
         return torch.rand(3, self.size, self.size, generator=g), i % 10, i
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def bare(model, device, size: int, batch: int, steps: int, backward: bool) -> float:
@@ -137,7 +125,7 @@ def measure(key: str, args, device: torch.device) -> dict:
             progress=False), device)  # fmt: skip
     row["simclr_img_s"] = (n // args.train_batch) * args.train_batch * 2 / t
     row["views_s"], options = views_per_second(data, views, chunk, device)
-    row["loader"] = {k: v for k, v in options.items()}
+    row["loader"] = options
     for what in ("unitmem", "layermem", "features"):
         row[f"{what}_ratio"] = row[f"{what}_img_s"] / row["forward_img_s"]
     row["simclr_ratio"] = row["simclr_img_s"] / row["train_img_s"]

@@ -523,7 +523,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     encoders = [
         _encoder(argparse.Namespace(**{**vars(args), "checkpoint": c})) for c in checkpoints
     ]  # fmt: skip  (every checkpoint is read before any work)
-    if args.transform == "encoder" and native_size(args.data, 0) is not None:
+    built_in = native_size(args.data, 1) is None  # the built-in data come at their own size
+    if args.transform == "encoder" and not built_in:
         from memprune.encoders import eval_transform
 
         size = {"transform": eval_transform(encoders[0])}  # the first encoder's preprocessing

@@ -96,12 +96,11 @@ def extract_features(
     """
     if len(dataset) == 0:
         raise ConfigError("cannot extract features of an empty data set")
+    compute = Compute(chunk_size, device, num_workers, progress, precision)
     if store is not None:
-        compute = Compute(chunk_size, device, num_workers, progress, precision)
         return _to_disk(encoder, dataset, normalize, compute, Path(store))
     path = None
     if cache_dir is not None:
-        compute = Compute(chunk_size, device, num_workers, progress, precision)
         key = cache_key(encoder, dataset, normalize, compute.dtype(encoder))
         path = Path(cache_dir) / f"features-{key}.safetensors"
         if agree(path.is_file()):  # the main process decides: it alone writes the cache
@@ -109,14 +108,9 @@ def extract_features(
 
             t = load_file(str(path))
             return Features(t["features"], t["labels"], t["indices"])
-    site = output_site(feature_dim(encoder, image_size(dataset)))
-    views = MultiView(dataset, 1, "none")
     rows_x, rows_y, rows_i = [], [], []
-    for indices, labels, (acts,) in view_batches(
-        [encoder], views, [[site]], Compute(chunk_size, device, num_workers, progress, precision),
-        reduce=[lambda x: x.float()], normalize=normalize, desc="features",
-    ):  # fmt: skip
-        rows_x.append(acts[site.name].cpu())
+    for indices, labels, rows in _batches(encoder, dataset, normalize, compute):
+        rows_x.append(rows)
         rows_y.append(torch.as_tensor(labels))
         rows_i.append(torch.as_tensor(indices))
     i, x, y = gather_by_index(torch.cat(rows_i).long(), torch.cat(rows_x), torch.cat(rows_y).long())
@@ -125,6 +119,17 @@ def extract_features(
         tensors = {"features": out.features, "labels": out.labels, "indices": out.indices}
         write_safetensors(path, tensors)
     return out
+
+
+def _batches(encoder, dataset, normalize, compute: Compute):
+    """This process's ``(indices, labels, features [B, D] float32 on the CPU)``, in its shard's
+    order (positions ``rank, rank + world, ...``)."""
+    site = output_site(feature_dim(encoder, image_size(dataset)))
+    for indices, labels, (acts,) in view_batches(
+        [encoder], MultiView(dataset, 1, "none"), [[site]], compute,
+        reduce=[lambda x: x.float()], normalize=normalize, desc="features",
+    ):  # fmt: skip
+        yield indices, labels, acts[site.name].cpu()
 
 
 def _to_disk(encoder, dataset, normalize, compute: Compute, store: Path) -> Features:
@@ -141,24 +146,19 @@ def _to_disk(encoder, dataset, normalize, compute: Compute, store: Path) -> Feat
             np.lib.format.open_memmap(partial, "w+", np.float32, (n, dim)).flush()
         barrier()
         out = np.load(partial, mmap_mode="r+")  # every process writes its own rows
-        site = output_site(dim)
         rows_y, rows_i, rows_p = [], [], []
         rank, world = rank_world()
         position = rank
-        for indices, labels, (acts,) in view_batches(
-            [encoder], MultiView(dataset, 1, "none"), [[site]], compute,
-            reduce=[lambda x: x.float()], normalize=normalize, desc="features",
-        ):  # fmt: skip
-            rows = acts[site.name].cpu().numpy()
+        for indices, labels, rows in _batches(encoder, dataset, normalize, compute):
             at = np.arange(position, position + world * len(rows), world)  # this shard's rows
-            out[at] = rows
+            out[at] = rows.numpy()
             position += world * len(rows)
             rows_y.append(torch.as_tensor(labels))
             rows_i.append(torch.as_tensor(indices))
             rows_p.append(torch.as_tensor(at))
         out.flush()
         del out
-        p, i, y = gather_by_index(
+        _, i, y = gather_by_index(
             torch.cat(rows_p).long(), torch.cat(rows_i).long(), torch.cat(rows_y).long()
         )  # fmt: skip (by position)
         barrier()  # every row is on disk

@@ -501,8 +501,8 @@ def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
     if not (run.is_dir() and any(run.iterdir())):
         return False
     if resume and saved.is_file():
-        old, new = _effective(_as_current(yaml.safe_load(saved.read_text()))), _effective(
-            recipe.to_dict())  # fmt: skip
+        old = _effective(_as_current(yaml.safe_load(saved.read_text())))
+        new = _effective(recipe.to_dict())
         if old != new:
             changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
             raise ConfigError(
