@@ -8,8 +8,10 @@ For each model, in one run on one device:
 * UnitMem over every unit site with ``--views`` views per point, LayerMem of a pair,
   feature extraction and one SimCLR epoch, as images per second and as a ratio to that
   ceiling (forward for the scores and the extraction, forward + backward for SimCLR);
-* the views per second the SimCLR augmentation alone makes with the DataLoader settings
-  memprune picks on the device (the CPU side that must keep up with the encoder).
+* the views per second the SimCLR augmentation alone makes, by the DataLoader with the
+  settings memprune picks on the device (the CPU side that must keep up with the encoder)
+  and in batches on the device (what memprune does on CUDA), with the largest pixel
+  difference between the two (the same parameters; interpolation rounding only).
 
 The images are synthetic (drawn per index, so N images never sit in memory together) and
 decoded-image cost is not included: a folder of JPEGs adds the decode to the augmentation.
@@ -28,15 +30,14 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from _common import timed
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import memprune
-from memprune.data import MultiView
+from memprune.data import MultiView, loop_views
 from memprune.engine import autocast_dtype, loader_options, uses_channels_last
 from memprune.probe import extract_features
 
@@ -85,13 +86,30 @@ def bare(model, device, size: int, batch: int, steps: int, backward: bool) -> fl
     return batch * steps / seconds
 
 
-def views_per_second(data, n_views: int, chunk: int, device) -> tuple[float, dict]:
+def views_per_second(data, n_views: int, chunk: int, device, place: str) -> tuple[float, dict]:
+    """Views per second the SimCLR augmentation makes, ready on ``device``: by the DataLoader
+    (``host``) or in batches on the device (``device``), with memprune's loader settings."""
+    views, make = loop_views(MultiView(data, n_views, "simclr"), device, place)
     options = loader_options(device)
-    loader = DataLoader(MultiView(data, n_views, "simclr"), batch_size=chunk, **options)
-    start = time.perf_counter()
-    for _ in loader:
-        pass
-    return len(data) * n_views / (time.perf_counter() - start), options
+    loader = DataLoader(views, batch_size=chunk, **options)
+    seconds = timed(lambda: [make(batch) for batch, _, _ in loader], device)
+    return len(data) * n_views / seconds, options
+
+
+def view_difference(data, n_views: int, chunk: int, device) -> dict:
+    """Largest and mean absolute pixel difference between the same views made on the host
+    and in batches on ``device`` (the same parameters; interpolation rounding only)."""
+    part = Subset(data, range(min(chunk, len(data))))
+    host = torch.cat(
+        [
+            batch.flatten(0, 1)
+            for batch, _, _ in DataLoader(MultiView(part, n_views, "simclr"), batch_size=chunk)
+        ]
+    )
+    views, make = loop_views(MultiView(part, n_views, "simclr"), device, "device")
+    made = torch.cat([make(batch).cpu() for batch, _, _ in DataLoader(views, batch_size=chunk)])
+    diff = (made - host).abs()
+    return {"max": float(diff.max()), "mean": float(diff.mean())}
 
 
 def measure(key: str, args, device: torch.device) -> dict:
@@ -124,7 +142,9 @@ def measure(key: str, args, device: torch.device) -> dict:
             name, data, epochs=1, batch_size=args.train_batch, img_size=size, out_dir=tmp,
             progress=False), device)  # fmt: skip
     row["simclr_img_s"] = (n // args.train_batch) * args.train_batch * 2 / t
-    row["views_s"], options = views_per_second(data, views, chunk, device)
+    row["views_s"], options = views_per_second(data, views, chunk, device, "host")
+    row["device_views_s"], _ = views_per_second(data, views, chunk, device, "device")
+    row["view_difference"] = view_difference(data, views, chunk, device)
     row["loader"] = options
     for what in ("unitmem", "layermem", "features"):
         row[f"{what}_ratio"] = row[f"{what}_img_s"] / row["forward_img_s"]
@@ -171,7 +191,10 @@ def main() -> None:
         print(f"  SimCLR epoch        {row['simclr_img_s']:9.1f} img/s"
               f"  {row['simclr_ratio']:.2f} x fwd+bwd")  # fmt: skip
         print(f"  augmentation alone  {row['views_s']:9.1f} views/s"
-              f"  ({row['loader']['num_workers']} workers)")  # fmt: skip
+              f"  (host: DataLoader, {row['loader']['num_workers']} workers)")  # fmt: skip
+        diff = row["view_difference"]
+        print(f"  augmentation alone  {row['device_views_s']:9.1f} views/s  (batched on {device};"
+              f" pixels within {diff['max']:.1e} of host, mean {diff['mean']:.1e})")  # fmt: skip
         fifty = 50_000 * 10 / row["unitmem_img_s"]
         print(f"  -> 50,000 images x 10 views of UnitMem at this rate: {fifty / 60:.1f} min")
     if args.json:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from memprune._dist import process_state, rank_world, shard
 from memprune._io import package_versions
-from memprune.data import dataset_name, describe_augment
+from memprune.data import VIEW_PLACES, dataset_name, describe_augment, loop_views, view_place
 from memprune.encoders import evaluating, normalization, resolve_device, weights_hash
 from memprune.errors import ConfigError
 from memprune.hooks import capture
@@ -104,6 +104,10 @@ class Compute:
         progress: progress bar; None shows it on a TTY only.
         precision: ``auto`` (bf16 on a CUDA device that supports it, else fp32), ``fp32`` or
             ``bf16``.
+        views: where augmented views are made: ``auto`` (in batches on a CUDA device for the
+            built-in augmentations, else by the DataLoader), ``host`` or ``device``
+            (:data:`memprune.data.VIEW_PLACES`); device views equal host views up to float
+            rounding (docs/scale.md).
     """
 
     chunk_size: int = 32
@@ -111,12 +115,14 @@ class Compute:
     num_workers: int | None = None
     progress: bool | None = None
     precision: str = "auto"
+    views: str = "auto"
 
     def __post_init__(self) -> None:
         size = self.chunk_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
         PRECISIONS.check(self.precision)
+        VIEW_PLACES.check(self.views)
 
     def dtype(self, encoder: nn.Module) -> str:
         """The precision this pass runs ``encoder`` in (``fp32`` / ``bf16``), for metadata."""
@@ -130,6 +136,9 @@ def score_meta(kind: str, encoder: nn.Module, dataset: Dataset, sites: Sequence[
     the precision the encoder ran in (``compute``)."""
     if compute is not None:
         options["precision"] = compute.dtype(encoder)
+        if "augment" in options:
+            device = encoder_device(encoder, compute.device)
+            options["views"] = view_place(compute.views, device, options["augment"])
     cfg = getattr(encoder, "pretrained_cfg", None) or {}
     if "augment" in options:
         options["augment"] = describe_augment(options["augment"])
@@ -216,8 +225,9 @@ def view_batches(
     reduce: Sequence | None = None,
     desc: str = "scoring",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]]:
-    """Push this process's shard of ``views`` (items ``(views [K, 3, H, W], label, index)``)
-    through every encoder, one forward pass per chunk per encoder, and yield
+    """Push this process's shard of ``views`` (a :class:`~memprune.data.MultiView`, or any data
+    set of ``(views [K, 3, H, W], label, index)`` items; views made where ``compute.views``
+    says) through every encoder, one forward pass per chunk per encoder, and yield
     ``(indices [B], labels [B], [captured of encoder 0, captured of encoder 1, ...])``.
 
     Captured values are what the reducers return for the ``B*K`` images (``reduce[e]``: one
@@ -226,6 +236,7 @@ def view_batches(
     """
     rank, world = rank_world()
     device = encoder_device(encoders[0], compute.device)
+    views, make_views = loop_views(views, device, compute.views)
     loader = DataLoader(
         Subset(views, shard(len(views), rank, world)),
         batch_size=compute.chunk_size,
@@ -250,7 +261,7 @@ def view_batches(
             acts.append(stack.enter_context(hooks))
         autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype))
         for batch, labels, indices in bar:
-            x = batch.to(device, non_blocking=True).flatten(0, 1)  # [B*K, 3, H, W]
+            x = make_views(batch)  # [B*K, 3, H, W] on the device
             for encoder, norm, nhwc in zip(encoders, norms, layouts):
                 z = norm(x)
                 with autocast:

@@ -5,7 +5,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from memprune import Splits, load_dataset, make_splits
-from memprune.data import MultiView, SimCLRAugment, view_generator
+from memprune.data import (
+    ImageDataset,
+    MultiView,
+    SimCLRAugment,
+    loop_views,
+    view_generator,
+    view_place,
+)
+from memprune.data._augment import PARAMS
 from memprune.errors import ConfigError, DataError, DatasetNotFoundError
 
 
@@ -64,6 +72,66 @@ def test_multiview_none_and_callable(digits):
         MultiView(digits, 2, augment="simclar")
     with pytest.raises(ConfigError, match="scale"):
         MultiView(digits, 2, {"scale": (0.5, 2.0)})
+
+
+def _both(views: MultiView):
+    """The same views made by the loader (host) and in batches (on the CPU here)."""
+    host = torch.cat([b.flatten(0, 1) for b, _, _ in DataLoader(views, batch_size=7)])
+    deferred, make = loop_views(views, torch.device("cpu"), "device")
+    made = torch.cat([make(b) for b, _, _ in DataLoader(deferred, batch_size=5)])
+    return host, made, deferred
+
+
+@pytest.mark.parametrize(
+    "augment, size, tol",
+    [
+        ("simclr", 32, 1e-4),  # crops enlarged to the image size, every colour operation
+        ({"size": 24}, 40, 1e-4),  # larger images: some crops shrink (antialiased path)
+        ({"preset": "crop_flip"}, 32, 1e-5),  # geometry alone: sampling the crop's own pixels
+    ],
+)
+def test_views_made_in_batches_equal_host_views(augment, size, tol):
+    """Views made on a device from deferred parameters are the loader's views up to float
+    rounding: the same (seed, point, view) draws, every branch (crops shrunk and enlarged,
+    flip, each jitter order, grayscale) taken."""
+    g = torch.Generator().manual_seed(0)
+    data = ImageDataset(torch.rand(24, 3, size, size, generator=g), torch.zeros(24), "r", ["0"])
+    views = MultiView(data, 4, augment, seed=3)
+    host, made, deferred = _both(views)
+    assert made.shape == host.shape
+    assert (made - host).abs().max() < tol
+    (image, params), _, index = deferred[5]
+    assert torch.equal(image, data[5][0])
+    fresh = views.augment.draw(size, size, view_generator(3, index, 2))
+    assert torch.equal(params[2], fresh) and params.shape == (4, len(PARAMS))
+    every = torch.stack([deferred[i][0][1] for i in range(len(data))]).flatten(0, 1)
+    assert every[:, PARAMS.index("flip")].any() and not every[:, PARAMS.index("flip")].all()
+    if views.augment.jitter_p > 0:
+        assert every[:, PARAMS.index("gray")].any() and every[:, PARAMS.index("jitter")].any()
+    if size > views.augment._size(size, size)[0]:
+        assert (every[:, PARAMS.index("height")] > 24).any()  # the antialiased path ran
+
+
+def test_deferred_views_without_augmentation_are_exact(digits):
+    host, made, _ = _both(MultiView(Subset(digits, range(10)), 3, "none"))
+    assert torch.equal(made, host)
+
+
+def test_where_views_are_made():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # cuda: a name only, nothing runs
+    assert view_place("auto", cpu, "simclr") == "host"
+    assert view_place("auto", cuda, "simclr") == "device"
+    assert view_place("auto", cuda, "none") == "device"
+    custom = lambda img, g: img.flip(-1)  # noqa: E731
+    assert view_place("auto", cuda, custom) == "host"  # a plain callable cannot be batched
+    assert view_place("device", cpu, "simclr") == "device"
+    data = ImageDataset(torch.rand(4, 3, 8, 8), torch.zeros(4), "r", ["0"])
+    with pytest.raises(ConfigError, match="views='host'"):
+        loop_views(MultiView(data, 2, custom), cpu, "device")
+    with pytest.raises(ConfigError, match="unknown views 'gpu'"):
+        view_place("gpu", cpu, "simclr")
+    views = MultiView(data, 2)
+    assert loop_views(views, cpu, "auto")[0] is views  # the CPU default: the loader makes them
 
 
 def test_unknown_and_missing_datasets(tmp_path):

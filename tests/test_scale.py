@@ -186,8 +186,9 @@ def test_scale_benchmark_runs_on_the_cpu(tmp_path):
     assert "CPU mode: N=4 points" in proc.stdout
     (row,) = json.loads(out.read_text())["rows"]
     for key in ("forward_img_s", "unitmem_ratio", "layermem_ratio", "features_ratio",
-                "simclr_ratio", "views_s"):  # fmt: skip
+                "simclr_ratio", "views_s", "device_views_s"):  # fmt: skip
         assert row[key] > 0, key
+    assert row["view_difference"]["max"] < 1e-4  # the same views, made in batches
     assert row["precision"] == "fp32" and row["loader"]["num_workers"] == 0
 
 

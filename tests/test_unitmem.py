@@ -132,6 +132,28 @@ def test_chunk_size_and_order_do_not_matter(digits):
         assert torch.equal(a[name]["argmax"][live], b[name]["argmax"][live])
 
 
+def test_views_made_on_the_device_give_the_same_scores(digits, monkeypatch):
+    """UnitMem with the views made in batches (what CUDA does) equals the loader's views'
+    scores up to float rounding; the metadata says where the views were made."""
+    import memprune.engine as engine
+    from memprune.data import loop_views
+
+    model, data = tiny_resnet(), Subset(digits, list(range(20)))
+    host = unit_mem(model, data, n_views=3, chunk_size=4)
+    made_on = []
+
+    def on_device(views, device, _place):
+        made_on.append(device.type)
+        return loop_views(views, device, "device")
+
+    monkeypatch.setattr(engine, "loop_views", on_device)
+    made = unit_mem(model, data, n_views=3, chunk_size=4)
+    assert made_on == ["cpu"] and host.meta["views"] == "host"
+    for name in host.sites:
+        torch.testing.assert_close(made[name]["mu_max"], host[name]["mu_max"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(made[name]["score"], host[name]["score"], atol=1e-4, rtol=1e-3)
+
+
 def test_merge_equals_one_state():
     values, idx = torch.rand(30, 6), torch.randperm(30)
     one = MeanRestState.empty(6)

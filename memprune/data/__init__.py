@@ -3,13 +3,16 @@
 from memprune.data._augment import (
     AUGMENTS,
     CROP_FLIP,
+    VIEW_PLACES,
     AugmentSpec,
     MultiView,
     SimCLRAugment,
     augment_spec,
     describe_augment,
+    loop_views,
     make_augment,
     view_generator,
+    view_place,
 )
 from memprune.data._datasets import (
     BUILTIN,
@@ -30,6 +33,7 @@ __all__ = [
     "CROP_FLIP",
     "PARTS",
     "SETS",
+    "VIEW_PLACES",
     "AugmentSpec",
     "ImageDataset",
     "IndexedDataset",
@@ -42,10 +46,12 @@ __all__ = [
     "dataset_name",
     "describe_augment",
     "load_dataset",
+    "loop_views",
     "make_augment",
     "make_splits",
     "native_size",
     "read_indices",
     "seeded_subset",
     "view_generator",
+    "view_place",
 ]

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from memprune._dist import agree
 from memprune._io import atomic_write, package_versions, write_json, write_safetensors
 from memprune.checkpoints import CARD, CARD_FORMAT, WEIGHTS, read_card
+from memprune.data import loop_views
 from memprune.encoders import load_encoder
 from memprune.engine import Normalizer, loader_options, resolve_normalize, uses_channels_last
 from memprune.errors import ConfigError
@@ -170,6 +171,7 @@ def run_training(
     desc: str = "train",
     set_mode: Callable[[nn.Module], None] | None = None,
     max_steps: int | None = None,
+    views: str = "auto",
 ) -> list[float]:
     """Train ``net`` (encoder + head) with AdamW and a per-epoch cosine schedule.
 
@@ -181,7 +183,9 @@ def run_training(
     are optimized; ``set_mode(net)`` replaces ``net.train()`` at the start of every epoch (to
     keep frozen norms in eval mode). ``max_steps`` (optimizer steps per process) replaces
     ``epochs`` as the budget: as many epochs as it takes, the last one cut short (the cosine
-    schedule spans those epochs). Returns the per-epoch mean loss.
+    schedule spans those epochs). ``views``: where the augmented views are made (``auto``: in
+    batches on a CUDA device for the built-in augmentations; :data:`memprune.data.VIEW_PLACES`).
+    Returns the per-epoch mean loss.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -215,7 +219,7 @@ def run_training(
     norm = Normalizer(resolve_normalize(encoder, "auto"), accelerator.device)
     loading = loader_options(accelerator.device, num_workers)
     for epoch in range(start, epochs):
-        data = epoch_data(epoch)
+        data, make_views = loop_views(epoch_data(epoch), accelerator.device, views)
         batches = epoch_batches(len(data), batch_size, seed, epoch, rank, world)
         if max_steps is not None:
             batches = batches[: max_steps - epoch * len(batches)]
@@ -227,8 +231,8 @@ def run_training(
         losses = []
         disable = True if rank else (None if progress is None else not progress)
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=disable, leave=False)
-        for views, labels, _ in bar:
-            x = norm(views.to(accelerator.device, non_blocking=True).flatten(0, 1))  # [B*K,3,H,W]
+        for batch, labels, _ in bar:
+            x = norm(make_views(batch))  # [B*K, 3, H, W] on the device
             x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
             with accelerator.autocast():
                 loss = loss_fn(model, x, labels.to(accelerator.device))
