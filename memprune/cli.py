@@ -533,7 +533,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     train = load_dataset(args.data, "train", root=args.root, **size)
     test = load_dataset(args.data, "test", root=args.root, **size)
     common = dict(seed=args.seed, chunk_size=args.chunk_size, cache_dir=args.cache_dir,
-                  device=args.device, precision=args.precision)  # fmt: skip
+                  device=args.device, precision=args.precision, store=args.store)  # fmt: skip
     probes = []
     for model in encoders:
         linear = linear_probe(model, train, test, backend=args.backend, **common)
@@ -1061,6 +1061,9 @@ def _build_probe(sub) -> None:
                    help="linear-probe fit (auto: sklearn on CPU, torch on a GPU)")  # fmt: skip
     p.add_argument("--knn", action="store_true", help="also the weighted kNN probe")
     p.add_argument("--cache-dir", default=None, help="cache extracted features here")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="data too large for memory: features memory-mapped on disk in DIR,"
+                   " probes read in chunks of rows (not with --cache-dir)")  # fmt: skip
     p.add_argument("--transform", default="encoder", choices=("encoder", "resize"),
                    help="torchvision / folder data: the (first) encoder's eval preprocessing"
                    " from its timm data config, or a resize to --img-size")  # fmt: skip

@@ -138,6 +138,15 @@ def test_probe_command(tmp_path, capsys):
     alone = json.loads((tmp_path / "one" / "probe.json").read_text())["encoders"][0]
     together = json.loads((tmp_path / "both" / "probe.json").read_text())["encoders"][1]
     assert alone["linear"]["accuracy"] == together["linear"]["accuracy"]
+    # features on disk (--store): read in chunks, the same accuracy (torch backend both ways)
+    disk = [*both, paths[1], "--backend", "torch", "--store", str(tmp_path / "store")]
+    assert main([*disk, "--out", str(tmp_path / "disk")]) == 0
+    assert main([*both, paths[1], "--backend", "torch", "--out", str(tmp_path / "ram")]) == 0
+    on_disk, in_ram = (json.loads((tmp_path / d / "probe.json").read_text())["encoders"][0]
+                       for d in ("disk", "ram"))  # fmt: skip
+    assert on_disk["linear"]["store"] and on_disk["linear"]["C"] == in_ram["linear"]["C"]
+    assert on_disk["linear"]["accuracy"] == in_ram["linear"]["accuracy"]
+    assert len(list((tmp_path / "store").glob("*.features.npy"))) == 2
 
 
 def test_prune_command_compares_strategies(tmp_path, capsys):

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 import torch
@@ -165,3 +166,84 @@ def test_an_unconverged_fit_warns_once(backend):
     ours = [w for w in caught if issubclass(w.category, ProbeConvergenceWarning)]
     assert len(caught) == len(ours) == 1, [str(w.message) for w in caught]
     assert "raise max_iter" in str(ours[0].message) and "max_iter=3" in str(ours[0].message)
+
+
+def test_a_chunked_fit_equals_the_in_memory_fit(tmp_path):
+    """Streaming == one-shot: the same C, validation scores and predictions, weights equal to
+    float summation order, also when the features are a memory-mapped file on disk."""
+    import numpy as np
+
+    x, y = _ill_conditioned()
+    one = LinearProbe("torch", Cs=(0.1, 1.0, 10.0)).fit(x, y)
+    np.save(tmp_path / "x.npy", x.float().numpy())
+    disk = torch.from_numpy(np.load(tmp_path / "x.npy", mmap_mode="c"))
+    for features in (x, disk):
+        many = LinearProbe("torch", Cs=(0.1, 1.0, 10.0), chunk_rows=37).fit(features, y)
+        assert many.C_ == one.C_ and many.val_scores_ == one.val_scores_
+        rel = (many.coef_ - one.coef_).norm() / one.coef_.norm()
+        assert rel < (1e-9 if features is x else 1e-4), rel  # the file holds float32
+        assert torch.equal(many.predict(features), one.predict(x))
+    assert LinearProbe(chunk_rows=37).fit(x[:200], y[:200]).backend_ == "torch"
+    with pytest.raises(ConfigError, match="backend='torch'"):
+        LinearProbe("sklearn", chunk_rows=37).fit(x, y)
+    with pytest.raises(ConfigError, match="chunk_rows must be an int >= 1"):
+        LinearProbe(chunk_rows=0).fit(x, y)
+
+
+def test_a_chunked_knn_search_equals_the_one_shot_search():
+    x, y = load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.as_tensor(x, dtype=torch.float32) + 0.01 * torch.randn(len(x), 64, generator=g)
+    y = torch.as_tensor(y)
+    one = knn_accuracy(x[:1200], y[:1200], x[1200:], y[1200:])
+    many = knn_accuracy(x[:1200], y[:1200], x[1200:], y[1200:], chunk=77)
+    assert many["k"] == one["k"] and many["val_scores"] == one["val_scores"]
+    assert torch.equal(many["predictions"], one["predictions"])
+    assert 0.9 < one["accuracy"] < 1.0
+
+
+def test_probes_on_features_stored_on_disk_equal_in_memory(tmp_path, digits):
+    model = tiny_resnet()
+    train, test = Subset(digits, range(120)), Subset(digits, range(120, 170))
+    for probe in (linear_probe, knn_probe):
+        ram = probe(model, train, test, device="cpu")
+        disk = probe(model, train, test, device="cpu", store=tmp_path / "store")
+        assert disk.accuracy == ram.accuracy and disk.choice == ram.choice
+        assert disk.meta["store"] is True and "store" not in ram.meta
+    assert len(list((tmp_path / "store").glob("*.features.npy"))) == 2  # train and test
+    with pytest.raises(ConfigError, match="not both"):
+        linear_probe(model, train, test, cache_dir=tmp_path / "c", store=tmp_path / "s")
+
+
+class Watched(torch.Tensor):
+    """Features that record what is done to them as a whole: the rows read by indexing, and
+    every other operation (a copy, a conversion, a reduction over all rows)."""
+
+    reads: ClassVar[list[int]] = []
+    whole: ClassVar[list[str]] = []
+    FREE: ClassVar = {"__len__", "__get__", "dim", "size", "__repr__"}  # shape, len(x), ...
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__:
+            cls.reads.append(len(out))
+        elif getattr(func, "__name__", str(func)) not in cls.FREE:
+            cls.whole.append(getattr(func, "__name__", str(func)))
+        return out
+
+
+def test_a_chunked_fit_never_copies_the_features():
+    """Memory stays flat as N grows: with chunk_rows, fitting, validating and predicting
+    touch the features only by reading at most chunk_rows rows at a time (a float64 copy,
+    a standardized copy or a full-matrix reduction would show up here)."""
+    x, y = _ill_conditioned()
+    watched = x.float().as_subclass(Watched)
+    Watched.reads.clear()
+    Watched.whole.clear()
+    probe = LinearProbe(Cs=(1.0, 10.0), chunk_rows=50).fit(watched, y)
+    probe.predict(watched)
+    knn_accuracy(watched, y, watched[:40].as_subclass(Watched), y[:40], chunk=50)
+    assert Watched.whole == [] and 0 < max(Watched.reads) <= 50, (Watched.whole, Watched.reads)
+    assert len(Watched.reads) > 3 * len(x) / 50  # many passes, each a chunk at a time

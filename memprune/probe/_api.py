@@ -58,13 +58,23 @@ class ProbeResult(Result):
         return cls(confusion=t["confusion"], meta=meta, **fields)
 
 
+#: Rows a probe reads at a time from features on disk (``store``): 64 Ki rows of 2048 float64
+#: features are 1 GiB.
+STORE_ROWS = 65536
+
+
 def _features(encoder, train, test, normalize, chunk_size, cache_dir, device, progress,
-              precision):  # fmt: skip
+              precision, store):  # fmt: skip
     start = time.perf_counter()
     if len(train) == 0 or len(test) == 0:
         raise ConfigError(f"empty data set (train {len(train)}, test {len(test)} points)")
+    if store is not None and cache_dir is not None:
+        raise ConfigError(
+            "give cache_dir (features kept in memory, cached as one file) or store (features"
+            " memory-mapped on disk, for data sets too large for memory), not both"
+        )
     run = dict(normalize=normalize, chunk_size=chunk_size, cache_dir=cache_dir, device=device,
-               progress=progress, precision=precision)  # fmt: skip
+               progress=progress, precision=precision, store=store)  # fmt: skip
     tr = extract_features(encoder, train, **run)
     te = extract_features(encoder, test, **run)
     missing = sorted(set(te.labels.tolist()) - set(tr.labels.tolist()))
@@ -106,23 +116,32 @@ def linear_probe(
     device=None,
     progress: bool | None = None,
     precision: str = "auto",
+    store=None,
 ) -> ProbeResult:
     """Linear-probe test accuracy of a frozen encoder (docs/method.md §11); the torch backend fits
     on the encoder's device. ``choice`` holds ``C`` (chosen on validation); ``meta`` the
     backend used. ``chunk_size``: images per extraction pass (never changes the result);
     ``precision``: what the encoder computes in (``auto``: bf16 on a CUDA device that supports
-    it, else fp32; features are stored in float32)."""
+    it, else fp32; features are stored in float32).
+
+    ``store``: a directory for data sets whose features do not fit in memory. The features go
+    to memory-mapped files there (:func:`extract_features`) and the probe reads them
+    :data:`STORE_ROWS` rows at a time (the torch backend; see :class:`LinearProbe`), so memory
+    stays flat as N grows; the accuracy equals the in-memory probe's up to float summation
+    order."""
     tr, te, t_extract = _features(
-        encoder, train, test, normalize, chunk_size, cache_dir, device, progress, precision
+        encoder, train, test, normalize, chunk_size, cache_dir, device, progress, precision, store
     )
     param = next(encoder.parameters(), None)
     on = param.device if param is not None and backend != "sklearn" else torch.device("cpu")
     start = time.perf_counter()
-    probe = LinearProbe(backend, Cs, val_fraction, seed).fit(tr.features.to(on), tr.labels.to(on))
+    chunk = None if store is None else STORE_ROWS
+    probe = LinearProbe(backend, Cs, val_fraction, seed, chunk_rows=chunk, device=on)
+    probe.fit(tr.features, tr.labels)
     t_fit = time.perf_counter() - start
-    pred = probe.predict(te.features.to(on)).cpu()
+    pred = probe.predict(te.features).cpu()
     meta = {"probe": "linear", "backend": probe.backend_, "val_fraction": val_fraction,
-            "seed": seed}  # fmt: skip
+            "seed": seed, **({"store": True} if store is not None else {})}  # fmt: skip
     timings = {"extract_s": t_extract, "fit_s": t_fit}
     return _result(tr, te, pred, {"C": probe.C_}, probe.val_scores_, timings, meta)
 
@@ -141,17 +160,22 @@ def knn_probe(
     device=None,
     progress: bool | None = None,
     precision: str = "auto",
+    store=None,
 ) -> ProbeResult:
-    """Weighted-kNN test accuracy of a frozen encoder; ``choice`` holds ``k``. Arguments as
-    :func:`linear_probe`."""
+    """Weighted-kNN test accuracy of a frozen encoder; ``choice`` holds ``k``. The search runs
+    on the encoder's device. Arguments as :func:`linear_probe` (with ``store``, the train
+    features are searched :data:`STORE_ROWS` rows at a time)."""
     tr, te, t_extract = _features(
-        encoder, train, test, normalize, chunk_size, cache_dir, device, progress, precision
+        encoder, train, test, normalize, chunk_size, cache_dir, device, progress, precision, store
     )
+    param = next(encoder.parameters(), None)
+    on = param.device if param is not None else torch.device("cpu")
     start = time.perf_counter()
     out = knn_accuracy(
-        tr.features, tr.labels, te.features, te.labels, ks, temperature, val_fraction, seed
-    )
+        tr.features, tr.labels, te.features, te.labels, ks, temperature, val_fraction, seed,
+        chunk=None if store is None else STORE_ROWS, device=on,
+    )  # fmt: skip
     meta = {"probe": "knn", "temperature": temperature, "val_fraction": val_fraction,
-            "seed": seed}  # fmt: skip
+            "seed": seed, **({"store": True} if store is not None else {})}  # fmt: skip
     timings = {"extract_s": t_extract, "knn_s": time.perf_counter() - start}
     return _result(tr, te, out["predictions"], {"k": out["k"]}, out["val_scores"], timings, meta)
