@@ -23,8 +23,10 @@ DEMO := runs/digits-resnet
 demo: $(STAMP)
 	$(VENV)/bin/memprune run recipes/digits-resnet.yaml --out $(DEMO) --resume
 
+# Two pytest workers, a test file each at a time (module fixtures are built once), one torch
+# thread each: both cores busy (README, "Tests").
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

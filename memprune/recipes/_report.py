@@ -11,6 +11,7 @@ import yaml
 from memprune._io import read_json, write_text
 from memprune._table import difference_se
 from memprune.errors import ConfigError
+from memprune.recipes._findings import findings_lines
 from memprune.recipes._schema import load_recipe
 from memprune.recipes._stages import DONE, STAGES, enabled_stages, read_metrics
 
@@ -182,6 +183,10 @@ def render_report(run: str | os.PathLike) -> Path:
         "## Headline findings",
         "",
         *[f"- {h}" for h in headlines(metrics)],
+        "",
+        "## The papers' findings, checked on this run",
+        "",
+        *findings_lines(run, metrics),
         "",
     ]
     for stage, (name, title) in TABLES.items():

@@ -1,0 +1,237 @@
+"""The qualitative claims of the LayerMem / UnitMem papers, checked on a run's own numbers.
+
+Each claim is a list of comparisons, each a difference ``d`` with a standard error ``se``
+taken from the run (points, units, blocks or seeds): it *holds* when ``d > 2 se``, *does not
+hold* when ``d < -2 se`` and is *inconclusive* in between. A claim holds when every one of its
+comparisons holds and does not hold when any of them fails; otherwise it is inconclusive. A
+claim whose inputs the run lacks is *not evaluated*, with the reason. Units of one encoder are
+not independent samples, so the unit-level standard errors are optimistic; the section says
+which figure each verdict rests on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memprune._table import difference_se
+
+HOLDS, FAILS, UNSURE, SKIPPED = "holds", "does not hold", "inconclusive", "not evaluated"
+
+
+@dataclass(frozen=True)
+class Finding:
+    claim: str
+    verdict: str
+    figure: str
+
+
+def judge(d: float, se: float | None) -> str:
+    """``holds`` when ``d > 2 se``, ``does not hold`` when ``d < -2 se``, else inconclusive
+    (also without a standard error: no spread to judge by)."""
+    if se is None or not math.isfinite(se):
+        return UNSURE
+    if d > 2 * se:
+        return HOLDS
+    return FAILS if d < -2 * se else UNSURE
+
+
+def combine(verdicts: list[str]) -> str:
+    if verdicts and all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return FAILS if FAILS in verdicts else UNSURE
+
+
+def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+    x = x.double()
+    return float(x.mean()), float(x.std() / math.sqrt(len(x))) if len(x) > 1 else math.nan
+
+
+def _load(path: Path):
+    import memprune.scores  # noqa: F401  (the result classes load_any chooses from)
+    from memprune.results import load_any
+
+    return load_any(path) if path.is_file() else None
+
+
+def layermem_depth(run: Path) -> Finding:
+    claim = ("LayerMem rises with depth but not monotonically, and the largest ΔLayerMem is"
+             " not in the last layer")  # fmt: skip
+    lm = _load(run / "layermem" / "layermem.safetensors")
+    if lm is None:
+        return Finding(claim, SKIPPED, "the run has no layermem stage")
+    layers = [name for name in lm.layers if name != "output"]
+    per_point = lm.sslmem[:, : len(layers)]  # [N, L] SSLMem per point and layer
+    if len(layers) < 3:
+        return Finding(claim, SKIPPED, f"only {len(layers)} layers")
+    rise, rise_se = _mean_se(per_point[:, -1] - per_point[:, 0])
+    steps = [_mean_se(per_point[:, i] - per_point[:, i + 1]) for i in range(len(layers) - 1)]
+    drop = max(range(len(steps)), key=lambda i: steps[i][0] / (steps[i][1] or 1e-12))
+    delta = lm.delta()[: len(layers)]
+    top = int(delta.argmax())
+    deltas = per_point[:, 1:] - per_point[:, :-1]  # per-point ΔLayerMem of layers 2..L
+    by_point = torch.cat([per_point[:, :1], deltas], 1)
+    lead, lead_se = _mean_se(by_point[:, top] - by_point[:, -1])
+    verdicts = [
+        judge(rise, rise_se),
+        judge(*steps[drop]),  # the largest drop between consecutive layers
+        judge(lead, lead_se) if top != len(layers) - 1 else FAILS,
+    ]
+    figure = (
+        f"last − first layer {rise:+.4f} ± {rise_se:.4f}; largest drop {layers[drop]} →"
+        f" {layers[drop + 1]} {steps[drop][0]:+.4f} ± {steps[drop][1]:.4f}; largest ΔLayerMem"
+        f" at {layers[top]} ({float(delta[top]):+.4f}), {lead:+.4f} ± {lead_se:.4f} above"
+        f" the last layer {layers[-1]}"
+    )
+    return Finding(claim, combine(verdicts), figure)
+
+
+def top_vs_least(run: Path) -> Finding:
+    lm = _load(run / "layermem" / "layermem.safetensors")
+    claim = "the most memorized points have higher LayerMem than the least in every layer"
+    if lm is None:
+        return Finding(claim, SKIPPED, "the run has no layermem stage")
+    ranked = lm.ranked()
+    top, least = ranked["top"], ranked["least"]
+    claim = (f"the {len(top)} most memorized points have higher LayerMem than the"
+             f" {len(least)} least in every layer")  # fmt: skip
+    per_point = lm.sslmem
+    layers = [name for name in lm.layers if name != "output"]
+    verdicts, worst = [], None
+    for j, name in enumerate(layers):
+        a, b = per_point[top, j].double(), per_point[least, j].double()
+        d = float(a.mean() - b.mean())
+        se = math.sqrt(float(a.var()) / len(a) + float(b.var()) / len(b))
+        verdicts.append(judge(d, se))
+        if worst is None or d / (se or 1e-12) < worst[1] / (worst[2] or 1e-12):
+            worst = (name, d, se)
+    n_holds = verdicts.count(HOLDS)
+    figure = (
+        f"higher beyond 2 SE in {n_holds} of {len(layers)} layers (points ranked by the"
+        f" output's SSLMem); weakest at {worst[0]}: {worst[1]:+.4f} ± {worst[2]:.4f}"
+    )
+    return Finding(claim, combine(verdicts), figure)
+
+
+def units_vs_classes(run: Path) -> Finding:
+    claim = ("SSL encoders have units that memorize points (UnitMem above ClassMem),"
+             " supervised encoders units that memorize classes (the reverse)")  # fmt: skip
+    stage = run / "classmem"
+    pairs = {
+        "f": (run / "unitmem" / "unitmem.safetensors", stage / "classmem_f.safetensors"),
+        "supervised": (stage / "unitmem_supervised.safetensors",
+                       stage / "classmem_supervised.safetensors"),
+    }  # fmt: skip
+    figures, verdicts = [], []
+    for name, (unit_path, class_path) in pairs.items():
+        unit, cls = _load(unit_path), _load(class_path)
+        if unit is None or cls is None:
+            return Finding(claim, SKIPPED, f"the run has no UnitMem and ClassMem of {name}")
+        sites = [s for s in unit.sites if s in cls.sites]
+        diff = torch.cat([unit[s]["score"] - cls[s]["score"] for s in sites])
+        d, se = _mean_se(diff)
+        verdicts.append(judge(d if name == "f" else -d, se))
+        more = float((diff > 0).double().mean())
+        figures.append(f"{name}: UnitMem − ClassMem {d:+.3f} ± {se:.3f} per unit"
+                       f" ({100 * more:.0f}% of {len(diff)} units higher by UnitMem)")  # fmt: skip
+    return Finding(claim, combine(verdicts), "; ".join(figures))
+
+
+def mlp_vs_attention(run: Path) -> Finding:
+    claim = "in ViTs, the MLP sublayers memorize more than the attention sublayers (UnitMem)"
+    unit = _load(run / "unitmem" / "unitmem.safetensors")
+    if unit is None:
+        return Finding(claim, SKIPPED, "the run has no unitmem stage")
+    roles = {name: info.get("role") for name, info in unit.meta.get("sites", {}).items()}
+    blocks: dict[str, dict[str, list[float]]] = {}
+    for name in unit.sites:
+        kind = roles.get(name)
+        if kind in ("mlp", "attn"):
+            block = name.split(".mlp")[0].split(".attn")[0]
+            blocks.setdefault(block, {}).setdefault(kind, []).append(unit[name]["score"])
+    paired = {b: v for b, v in blocks.items() if "mlp" in v and "attn" in v}
+    if not paired:
+        return Finding(claim, SKIPPED, "the encoder has no attention and MLP unit sites (a CNN)")
+    diff = torch.tensor([
+        float(torch.cat(v["mlp"]).mean() - torch.cat(v["attn"]).mean()) for v in paired.values()
+    ])  # fmt: skip
+    d, se = _mean_se(diff)
+    higher = int((diff > 0).sum())
+    figure = (f"MLP − attention mean UnitMem per block {d:+.3f} ± {se:.3f} over {len(diff)}"
+              f" blocks (MLP higher in {higher})")  # fmt: skip
+    return Finding(claim, judge(d, se), figure)
+
+
+def _row_se(a: dict, b: dict) -> float | None:
+    return difference_se(a["std"], a["seeds"], b["std"], b["seeds"])
+
+
+def pruning_highest(metrics: dict) -> Finding:
+    claim = ("removing the highest-UnitMem units hurts the probe more than removing the lowest"
+             " or random ones")  # fmt: skip
+    rows = (metrics.get("prune") or {}).get("rows")
+    if not rows:
+        return Finding(claim, SKIPPED, "the run has no prune stage")
+    plain = [r for r in rows if r["recovery"] == "none" and r["steps"] <= 1]
+    by = {(r["strategy"], r["ratio"]): r for r in plain}
+    ratios = sorted({r for s, r in by if s == "highest"})
+    if not ratios:
+        return Finding(claim, SKIPPED, "the pruning sweep has no `highest` strategy")
+    verdicts, parts = [], []
+    for ratio in ratios:
+        high = by[("highest", ratio)]
+        for other in ("lowest", "random"):
+            if (other, ratio) in by:
+                o = by[(other, ratio)]
+                d, se = o["accuracy"] - high["accuracy"], _row_se(o, high)
+                verdicts.append(judge(d, se))
+                spread = "one seed each: no spread" if se is None else f"± {100 * se:.1f}"
+                parts.append(f"{other} − highest at {ratio:.0%}: {100 * d:+.1f} points ({spread})")
+    return Finding(claim, combine(verdicts), "; ".join(parts))
+
+
+def finetune_top(metrics: dict) -> Finding:
+    claim = "fine-tuning the top-ΔLayerMem layers beats fine-tuning the last layers at the same k"
+    rows = (metrics.get("finetune") or {}).get("rows")
+    if not rows:
+        return Finding(claim, SKIPPED, "the run has no finetune stage")
+    by = {(r["strategy"], r["k"]): r for r in rows}
+    ks = sorted(k for s, k in by if s == "top delta" and ("last", k) in by)
+    if not ks:
+        return Finding(claim, SKIPPED, "the run compares no `top delta` with `last` at one k")
+    verdicts, parts = [], []
+    for k in ks:
+        top, last = by[("top delta", k)], by[("last", k)]
+        d, se = top["mean"] - last["mean"], _row_se(top, last)
+        verdicts.append(judge(d, se))
+        spread = "no spread" if se is None else f"± {100 * se:.1f}"
+        parts.append(f"k={k}: top − last {100 * d:+.1f} points ({spread}, {top['seeds']} seeds)")
+    return Finding(claim, combine(verdicts), "; ".join(parts))
+
+
+def cka_depth(run: Path) -> Finding:
+    claim = "SSL and supervised encoders agree in early layers and diverge with depth (CKA)"
+    return Finding(claim, SKIPPED, "the run computes no CKA between f and the supervised"
+                   " encoder (`memprune cka` gives it for two checkpoints)")  # fmt: skip
+
+
+def findings(run: str | Path, metrics: dict) -> list[Finding]:
+    """Every claim, checked on the run directory ``run`` and its stage ``metrics``."""
+    run = Path(run)
+    return [
+        layermem_depth(run), top_vs_least(run), units_vs_classes(run), mlp_vs_attention(run),
+        pruning_highest(metrics), finetune_top(metrics), cka_depth(run),
+    ]  # fmt: skip
+
+
+def findings_lines(run: str | Path, metrics: dict) -> list[str]:
+    """The report's section: one line per claim, verdict first, then the figure."""
+    checked = findings(run, metrics)
+    out = [f"- **{f.verdict}**: {f.claim} — {f.figure}." for f in checked]
+    skipped = sum(f.verdict == SKIPPED for f in checked)
+    out += ["", f"A comparison holds when its difference exceeds 2 standard errors; {skipped}"
+            " claims were not evaluated (the reasons are given above)."]  # fmt: skip
+    return out
