@@ -157,7 +157,7 @@ class SimCLRAugment:
         loader does); this is for accelerators.
         """
         n, channels, height, width = images.shape
-        if channels != 3 or n == 0:
+        if channels != 3:  # the per-view path (grayscale images: no colour operations)
             return torch.stack([self.apply(x, p) for x, p in zip(images, params, strict=True)])
         params = params.cpu()
         out_h, out_w = self._size(height, width)

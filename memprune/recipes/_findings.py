@@ -165,8 +165,13 @@ def mlp_vs_attention(run: Path) -> Finding:
     return Finding(claim, judge(d, se), figure)
 
 
-def _row_se(a: dict, b: dict) -> float | None:
-    return difference_se(a["std"], a["seeds"], b["std"], b["seeds"])
+def _seed_gap(a: dict, b: dict, value: str) -> tuple[str, float, str]:
+    """Verdict, difference and spread text of table row ``a`` minus row ``b`` in ``value``
+    (the standard error from their seed spreads)."""
+    d = a[value] - b[value]
+    se = difference_se(a["std"], a["seeds"], b["std"], b["seeds"])
+    spread = "one seed each: no spread" if se is None else f"± {100 * se:.1f}"
+    return judge(d, se), d, spread
 
 
 def pruning_highest(metrics: dict) -> Finding:
@@ -185,10 +190,8 @@ def pruning_highest(metrics: dict) -> Finding:
         high = by[("highest", ratio)]
         for other in ("lowest", "random"):
             if (other, ratio) in by:
-                o = by[(other, ratio)]
-                d, se = o["accuracy"] - high["accuracy"], _row_se(o, high)
-                verdicts.append(judge(d, se))
-                spread = "one seed each: no spread" if se is None else f"± {100 * se:.1f}"
+                verdict, d, spread = _seed_gap(by[(other, ratio)], high, "accuracy")
+                verdicts.append(verdict)
                 parts.append(f"{other} − highest at {ratio:.0%}: {100 * d:+.1f} points ({spread})")
     return Finding(claim, combine(verdicts), "; ".join(parts))
 
@@ -205,9 +208,8 @@ def finetune_top(metrics: dict) -> Finding:
     verdicts, parts = [], []
     for k in ks:
         top, last = by[("top delta", k)], by[("last", k)]
-        d, se = top["mean"] - last["mean"], _row_se(top, last)
-        verdicts.append(judge(d, se))
-        spread = "no spread" if se is None else f"± {100 * se:.1f}"
+        verdict, d, spread = _seed_gap(top, last, "mean")
+        verdicts.append(verdict)
         parts.append(f"k={k}: top − last {100 * d:+.1f} points ({spread}, {top['seeds']} seeds)")
     return Finding(claim, combine(verdicts), "; ".join(parts))
 
