@@ -7,6 +7,7 @@ from memprune.recipes._findings import (
     HOLDS,
     SKIPPED,
     UNSURE,
+    cka_depth,
     combine,
     findings_lines,
     finetune_top,
@@ -141,6 +142,18 @@ def test_pruning_and_finetuning_claims_use_the_seed_spread():
     lost = [ft("top delta", 1, 0.7), ft("last", 1, 0.8)]
     assert finetune_top({"finetune": {"rows": lost}}).verdict == FAILS
     assert finetune_top({}).verdict == SKIPPED
+
+
+def test_cka_claim_from_disjoint_minibatches():
+    layers = {"l1": 0.9, "l2": 0.7, "l3": 0.4}
+    falls = [[0.91, 0.70, 0.42], [0.88, 0.69, 0.38], [0.92, 0.72, 0.41]]
+    found = cka_depth({"cka": {"cka": layers, "folds": falls, "minibatch": 64}})
+    assert found.verdict == HOLDS and "first − last layer +0.500" in found.figure
+    rises = [row[::-1] for row in falls]
+    assert cka_depth({"cka": {"cka": layers, "folds": rises, "minibatch": 64}}).verdict == FAILS
+    noisy = [[0.9, 0.5, 0.4], [0.1, 0.5, 0.9]]  # first − last: +0.5 and −0.8
+    assert cka_depth({"cka": {"cka": layers, "folds": noisy, "minibatch": 64}}).verdict == UNSURE
+    assert cka_depth({}).verdict == SKIPPED
 
 
 def test_the_section_names_every_claim_and_what_was_skipped(tmp_path):

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The checkpoint recipe, shortened for CI (its checkpoint and splits: a shortened demo run).
 CKPT_TINY = [
-    "scores.unitmem.views=2", "scores.unitmem.max_points=200", "scores.classmem.views=1",
-    "scores.membergap.pairs=2", "scores.membergap.n_boot=100", "actions.prune.ratios=[0.5]",
+    "seeds=null", "scores.unitmem.views=2", "scores.unitmem.max_points=200",
+    "scores.classmem.views=1", "scores.membergap.pairs=2", "scores.membergap.n_boot=100",
+    "actions.prune.ratios=[0.5]",
     "actions.prune.strategies=[lowest]", "actions.prune.latency_batch=null",
     "actions.finetune.epochs=1", "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
     "actions.finetune.strategies=[top,last]", "evaluation.knn=false",
@@ -184,7 +185,7 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     rules = [r["strategy"] for r in metrics["finetune"]["rows"]]
     assert rules == ["linear probe", "top gap", "top unitmem", "top rgn", "last"]
     gap = json.loads((run / "membergap" / "membergap.json").read_text())
-    assert gap["meta"]["n_members"] == gap["meta"]["n_nonmembers"] == 144  # candidates, extras
+    assert gap["meta"]["n_members"] == gap["meta"]["n_nonmembers"] == 287  # candidates, extras
     missing = load_recipe(ROOT / "recipes" / "digits-checkpoint.yaml",
                           [*paths, f"encoder.checkpoint={tmp_path / 'absent'}"])  # fmt: skip
     with pytest.raises(ConfigError, match="run `memprune run recipes/digits-resnet.yaml`"):

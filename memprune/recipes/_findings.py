@@ -214,10 +214,22 @@ def finetune_top(metrics: dict) -> Finding:
     return Finding(claim, combine(verdicts), "; ".join(parts))
 
 
-def cka_depth(run: Path) -> Finding:
+def cka_depth(metrics: dict) -> Finding:
     claim = "SSL and supervised encoders agree in early layers and diverge with depth (CKA)"
-    return Finding(claim, SKIPPED, "the run computes no CKA between f and the supervised"
-                   " encoder (`memprune cka` gives it for two checkpoints)")  # fmt: skip
+    c = metrics.get("cka")
+    if not c:
+        return Finding(claim, SKIPPED, "the run has no cka stage (it needs a supervised encoder)")
+    layers, folds = list(c["cka"]), torch.tensor(c["folds"], dtype=torch.float64)
+    if len(layers) < 2:
+        return Finding(claim, SKIPPED, f"only {len(layers)} layer")
+    d = float(folds[:, 0].mean() - folds[:, -1].mean()) if len(folds) else math.nan
+    se = _mean_se(folds[:, 0] - folds[:, -1])[1] if len(folds) else math.nan
+    profile = ", ".join(f"{v:.2f}" for v in c["cka"].values())
+    figure = (
+        f"CKA by depth {profile} ({layers[0]} … {layers[-1]}); first − last layer"
+        f" {d:+.3f} ± {se:.3f} over {len(folds)} disjoint minibatches of {c['minibatch']}"
+    )
+    return Finding(claim, judge(d, se), figure)
 
 
 def findings(run: str | Path, metrics: dict) -> list[Finding]:
@@ -225,7 +237,7 @@ def findings(run: str | Path, metrics: dict) -> list[Finding]:
     run = Path(run)
     return [
         layermem_depth(run), top_vs_least(run), units_vs_classes(run), mlp_vs_attention(run),
-        pruning_highest(metrics), finetune_top(metrics), cka_depth(run),
+        pruning_highest(metrics), finetune_top(metrics), cka_depth(metrics),
     ]  # fmt: skip
 
 

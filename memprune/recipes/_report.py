@@ -28,6 +28,7 @@ PLOTS = {
         ("consistency.png", "agreement of per-point SSLMem between layers"),
     ],
     "membergap": [("membergap.png", "member gap and membership AUC per layer (f alone)")],
+    "cka": [("cka.png", "CKA between f (SSL) and the supervised encoder, layer by layer")],
     "prune": [("tradeoff.png", "linear-probe accuracy against parameters, MACs and latency")],
     "finetune": [("comparison.png", "fine-tuning strategies at the same budget")],
 }
@@ -36,6 +37,7 @@ TABLES = {
     "unitmem": ("summary.md", "UnitMem per site (f)"),
     "layermem": ("layermem.md", "LayerMem per layer"),
     "membergap": ("membergap.md", "Member gap per layer (reference-free)"),
+    "cka": ("cka_by_depth.md", "CKA between f and the supervised encoder at the same depth"),
     "prune": ("comparison.md", "Pruning"),
     "finetune": ("comparison.md", "Fine-tuning (test accuracy over seeds)"),
 }
@@ -156,6 +158,10 @@ def render_report(run: str | os.PathLike) -> Path:
         )
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     env = read_json(run / "environment.json") if (run / "environment.json").is_file() else {}
+    if recipe.get("seeds") is not None:
+        from memprune.recipes._seeds import render_seeds_report
+
+        return render_seeds_report(run, recipe, env)
 
     found = read_metrics(run)
     metrics = {s: found[s] for s in STAGES if s in found}

@@ -304,6 +304,33 @@ def _membergap(ctx: _Context, out: Path) -> dict:
             "n_nonmembers": len(result.nonmember_indices)}  # fmt: skip
 
 
+def _cka(ctx: _Context, out: Path) -> dict:
+    """CKA between f and the supervised encoder at the same depth, on the test split: the
+    whole split's estimate per layer, and one estimate per disjoint minibatch for the spread
+    (the findings' standard error of first-layer minus last-layer CKA)."""
+    from memprune.report import plot_cka
+    from memprune.scores import cka
+
+    r, c = ctx.recipe, ctx.recipe.scores.cka
+    data, m = ctx.test, min(c.minibatch, len(ctx.test))
+    opts = dict(minibatch=m, representation=c.representation, invariance=False, seed=r.seed,
+                device=r.device, precision=r.precision, progress=False)  # fmt: skip
+    f, sup = ctx.encoder("f"), ctx.encoder("supervised")
+    result = cka(data, f, sup, **opts)
+    result.save(out / "cka")
+    plot_cka(result, out / "cka.png", "CKA: f (SSL, rows) vs supervised (columns)")
+    layers = list(result.layers_a)
+    same = torch.diagonal(result.matrix)
+    folds = []
+    for start in range(0, len(data) - m + 1, m):
+        part = torch.utils.data.Subset(data, range(start, start + m))
+        folds.append(torch.diagonal(cka(part, f, sup, **opts).matrix).tolist())
+    rows = [{"layer": name, "cka": float(v)} for name, v in zip(layers, same)]
+    write_table(out / "cka_by_depth", rows)
+    return {"cka": {name: float(v) for name, v in zip(layers, same)}, "folds": folds,
+            "minibatch": m}  # fmt: skip
+
+
 def _evaluate(ctx: _Context, out: Path) -> dict:
     from memprune.probe import knn_probe, linear_probe
 
@@ -425,7 +452,7 @@ def _finetune(ctx: _Context, out: Path) -> dict:
 RUNNERS = {
     "pretrain": _pretrain, "supervised": _supervised, "unitmem": _unitmem,
     "classmem": _classmem, "sslmem": _sslmem, "layermem": _layermem,
-    "membergap": _membergap, "evaluate": _evaluate,
+    "membergap": _membergap, "cka": _cka, "evaluate": _evaluate,
     "prune": _prune, "finetune": _finetune,
 }  # fmt: skip
 
@@ -600,6 +627,8 @@ def run_recipe(
     run = Path(out)
     if not is_main():
         log = _quiet
+    if recipe.seeds is not None:
+        return _run_seeds(recipe, run, resume, force, log)
     ctx = _Context(recipe, run, log)
     _preflight(ctx)
     clear = _check_run(run, recipe, resume, force)
@@ -634,6 +663,29 @@ def run_recipe(
     if is_main():
         render_report(run)
     barrier()  # the run is whole before any process reads it back
+    return run
+
+
+def _run_seeds(recipe: Recipe, run: Path, resume: bool, force: bool, log) -> Path:
+    """``seeds``: one whole run per seed into ``RUN/seed_<s>/``, then the report over seeds
+    (memprune.recipes._seeds). Resuming resumes every seed's run."""
+    from memprune.recipes._seeds import clear_seeds, render_seeds_report, seed_dir, seed_recipe
+
+    _preflight(_Context(seed_recipe(recipe, recipe.seeds[0]), seed_dir(run, recipe.seeds[0]), log))
+    clear = _check_run(run, recipe, resume, force)
+    barrier()
+    if clear and is_main():
+        clear_seeds(run)
+    _start_run(run, recipe, False)
+    env = environment(recipe.device)
+    write_json(run / "environment.json", env)
+    barrier()
+    for i, seed in enumerate(recipe.seeds, 1):
+        log(f"== seed {seed} ({i} of {len(recipe.seeds)}) ==")
+        run_recipe(seed_recipe(recipe, seed), seed_dir(run, seed), resume=True, log=log)
+    if is_main():
+        render_seeds_report(run, recipe.to_dict(), env)
+    barrier()
     return run
 
 

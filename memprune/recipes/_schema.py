@@ -189,6 +189,17 @@ class MemberGapCfg:
 
 
 @dataclass
+class CKACfg:
+    """CKA between f and the supervised encoder, layer by layer, on the test split (when the
+    recipe trains a supervised encoder): ``minibatch`` points per HSIC estimate; the spread
+    comes from disjoint minibatches."""
+
+    enabled: bool = True
+    minibatch: int = field(default=64, metadata=_range(4))
+    representation: Representation = "flatten"
+
+
+@dataclass
 class ScoresCfg:
     """Scores of f; ``augment`` sets the views of SSLMem and LayerMem (a preset name, or the
     SimCLR preset's parameters); ``chunk_size``: points per forward pass (never changes a
@@ -199,6 +210,7 @@ class ScoresCfg:
     sslmem: SSLMemCfg = field(default_factory=SSLMemCfg)
     layermem: LayerMemCfg = field(default_factory=LayerMemCfg)
     membergap: MemberGapCfg = field(default_factory=MemberGapCfg)
+    cka: CKACfg = field(default_factory=CKACfg)
     augment: Preset | dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
     chunk_size: int = field(default=32, metadata=_range(1))
 
@@ -268,6 +280,9 @@ class Recipe:
 
     name: str = "run"
     seed: int = 0
+    #: several seeds: the whole loop once per seed into RUN/seed_<s>/, and a report with
+    #: confidence intervals over them (memprune.recipes._seeds); replaces ``seed``
+    seeds: list[int] | None = None
     device: str | None = None
     #: what encoders compute in while scoring and extracting features (auto: bf16 on a CUDA
     #: device that supports it, else fp32); training follows encoder.pretrain.mixed_precision
@@ -383,6 +398,11 @@ def _build_dataclass(cls, value, path: str):
 def validate(data: dict) -> Recipe:
     """A :class:`Recipe` from a plain mapping, or a RecipeError with the bad key's path."""
     recipe = _build_dataclass(Recipe, data, "")
+    if recipe.seeds is not None:
+        if not recipe.seeds or len(set(recipe.seeds)) != len(recipe.seeds):
+            raise RecipeError(f"seeds: {recipe.seeds!r} must list distinct seeds, e.g. [0, 1, 2]")
+        if any(s < 0 for s in recipe.seeds):
+            raise RecipeError(f"seeds: {recipe.seeds!r} must be >= 0")
     enc, scores, act = recipe.encoder, recipe.scores, recipe.actions
     has_g = enc.pretrain is not None or enc.reference is not None
     if enc.pretrain is None and enc.checkpoint is None:

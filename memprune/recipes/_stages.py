@@ -9,7 +9,7 @@ from memprune.recipes._schema import Recipe
 
 STAGES = (
     "pretrain", "supervised", "unitmem", "classmem", "sslmem", "layermem", "membergap",
-    "evaluate", "prune", "finetune",
+    "cka", "evaluate", "prune", "finetune",
 )  # fmt: skip
 #: A stage's metrics, written last: its presence marks the stage finished.
 DONE = "done.json"
@@ -23,6 +23,7 @@ def enabled_stages(recipe: Recipe) -> list[str]:
         "unitmem": s.unitmem.enabled, "classmem": s.classmem.enabled,
         "sslmem": s.sslmem.enabled, "layermem": s.layermem.enabled,
         "membergap": s.membergap.enabled,
+        "cka": s.cka.enabled and e.supervised.enabled,
         "evaluate": recipe.evaluation.linear or recipe.evaluation.knn,
         "prune": a.prune.enabled, "finetune": a.finetune.enabled,
     }  # fmt: skip

@@ -1,0 +1,269 @@
+"""A recipe run over several seeds: one whole loop per seed, then numbers with intervals.
+
+``seeds: [0, 1, 2]`` runs the recipe once per seed into ``RUN/seed_<s>/``, each an ordinary
+run directory with its own report. Seed ``s`` sets everything a run draws at random: the
+pair's and the supervised encoder's training, the candidate / extra split
+(``data.split_seed + s``), the views the scores and probes see, and the seeds of the actions
+(random pruning, recovery, fine-tuning: ``x + 1000 s`` for each listed ``x``, so no two loops
+share a random draw). Seed 0 is exactly the single-seed run with ``seed: 0``.
+
+``RUN/report.md`` then gives every headline number as mean ± a 95% confidence interval over
+the seeds (Student's t with n - 1 degrees of freedom) and every comparison as the mean paired
+difference (same seed, both sides) with its interval: it *exceeds the spread* when the
+interval excludes zero. The papers' claims are judged in each seed's own run and combined:
+a claim holds over seeds when it holds in every seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from pathlib import Path
+
+from memprune._io import read_json, write_json, write_text
+from memprune.recipes._findings import FAILS, HOLDS, SKIPPED, UNSURE, findings
+from memprune.recipes._schema import Recipe
+from memprune.recipes._stages import STAGES, read_metrics
+
+#: Offset between the action seeds of two loops.
+ACTION_STRIDE = 1000
+
+
+def seed_dir(run: Path, seed: int) -> Path:
+    return Path(run) / f"seed_{seed}"
+
+
+def seed_recipe(recipe: Recipe, seed: int) -> Recipe:
+    """The single-seed recipe of loop ``seed`` (see the module docstring)."""
+    r = dataclasses.replace(recipe, seed=seed, seeds=None)
+    r.data = dataclasses.replace(recipe.data, split_seed=recipe.data.split_seed + seed)
+    prune, tune = recipe.actions.prune, recipe.actions.finetune
+    r.actions = dataclasses.replace(
+        recipe.actions,
+        prune=dataclasses.replace(prune, seeds=[x + ACTION_STRIDE * seed for x in prune.seeds]),
+        finetune=dataclasses.replace(tune, seeds=[x + ACTION_STRIDE * seed for x in tune.seeds]),
+    )
+    return r
+
+
+# ---------------------------------------------------------------- numbers of one loop
+
+
+def _prune_label(row: dict) -> str:
+    rec = "" if row["recovery"] == "none" else f", {row['recovery']}"
+    steps = f", {row['steps']} steps" if row.get("steps", 1) > 1 else ""
+    return f"pruned {row['strategy']} {100 * row['ratio']:g}%{rec}{steps}"
+
+
+def headline_values(m: dict) -> dict[str, float]:
+    """The headline numbers of one run's stage metrics, by label (accuracies in [0, 1])."""
+    out: dict[str, float] = {}
+    for name, vals in (m.get("evaluate") or {}).items():
+        if isinstance(vals, dict):
+            for kind, acc in vals.items():
+                out[f"{kind} probe, {name}"] = acc
+    if s := m.get("sslmem"):
+        out["SSLMem, candidates"] = s["candidate"]["mean"]
+        out["SSLMem, extras"] = s["extra"]["mean"]
+    if u := m.get("unitmem"):
+        out["UnitMem mean, f"] = u["mean"]
+        out["UnitMem > 0.5, f (fraction of units)"] = u["frac>0.5"]
+    for name, vals in (m.get("classmem") or {}).items():
+        if isinstance(vals, dict) and name != "f":
+            out[f"UnitMem mean, {name}"] = vals["unitmem_mean"]
+        if isinstance(vals, dict):
+            out[f"ClassMem mean, {name}"] = vals["classmem_mean"]
+    if lm := m.get("layermem"):
+        out["LayerMem at the output"] = lm["output_layermem"]
+        out["largest ΔLayerMem"] = lm["top_delta"]
+    if g := m.get("membergap"):
+        out["member gap at the output"] = g["output_gap"]
+    for layer, value in ((m.get("cka") or {}).get("cka") or {}).items():
+        out[f"CKA f vs supervised, {layer}"] = value
+    for row in (m.get("prune") or {}).get("rows", []):
+        out["unpruned" if row["strategy"] == "none" else _prune_label(row)] = row["accuracy"]
+    for row in (m.get("finetune") or {}).get("rows", []):
+        k = "" if row["strategy"] in ("linear probe", "all") else f" k={row['k']}"
+        out[f"fine-tuned {row['strategy']}{k}"] = row["mean"]
+    return out
+
+
+def comparisons(labels: list[str]) -> list[tuple[str, str]]:
+    """The pairs ``(a, b)`` whose paired difference ``a - b`` the report tests."""
+    have = set(labels)
+    pairs = [("SSLMem, candidates", "SSLMem, extras"),
+             ("linear probe, f", "linear probe, supervised"),
+             ("knn probe, f", "knn probe, supervised"),
+             ("linear probe, f", "linear probe, g"),
+             ("UnitMem mean, f", "ClassMem mean, f"),
+             ("UnitMem mean, supervised", "ClassMem mean, supervised")]  # fmt: skip
+    for label in labels:
+        if label.startswith("pruned lowest "):
+            for other in ("random", "magnitude", "highest"):
+                pairs.append((label, label.replace("lowest", other, 1)))
+            pairs.append((label.replace("lowest", "random", 1),
+                          label.replace("lowest", "highest", 1)))  # fmt: skip
+        if label.startswith("fine-tuned top"):
+            k = label.rsplit(" ", 1)[1]
+            pairs += [(label, f"fine-tuned {b} {k}") for b in ("last", "random", "first")]
+            pairs.append((label, "fine-tuned all"))
+    return [(a, b) for a, b in pairs if a in have and b in have]
+
+
+# ---------------------------------------------------------------- statistics over seeds
+
+
+def interval(values: list[float], level: float = 0.95) -> tuple[float, float | None]:
+    """Mean and the half-width of its t confidence interval (None with one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    from scipy.stats import t
+
+    sd = statistics.stdev(values)
+    return mean, float(t.ppf(0.5 + level / 2, len(values) - 1)) * sd / math.sqrt(len(values))
+
+
+def _fmt(x: float, pct: bool) -> str:
+    return f"{100 * x:.1f}%" if pct else f"{x:+.4f}"
+
+
+def _is_pct(label: str) -> bool:
+    return "probe" in label or label.startswith(("pruned", "fine-tuned", "unpruned"))
+
+
+def over_seeds(per_seed: dict[int, dict[str, float]]) -> tuple[list[dict], list[dict]]:
+    """Headline rows and comparison rows over the seeds that have each number."""
+    labels = list(dict.fromkeys(k for vals in per_seed.values() for k in vals))
+    rows = []
+    for label in labels:
+        vals = [v[label] for v in per_seed.values() if label in v]
+        mean, half = interval(vals)
+        rows.append({"label": label, "mean": mean, "half": half, "values": vals,
+                     "pct": _is_pct(label)})  # fmt: skip
+    comps = []
+    for a, b in comparisons(labels):
+        diffs = [v[a] - v[b] for v in per_seed.values() if a in v and b in v]
+        mean, half = interval(diffs)
+        verdict = ("one seed: no spread" if half is None else
+                   "exceeds the spread" if abs(mean) > half else "within the spread")  # fmt: skip
+        comps.append({"a": a, "b": b, "mean": mean, "half": half, "values": diffs,
+                      "verdict": verdict, "pct": _is_pct(a)})  # fmt: skip
+    return rows, comps
+
+
+def combine_seeds(verdicts: list[str]) -> str:
+    """A claim over seeds: holds (does not hold) when it does in every evaluated seed."""
+    judged = [v for v in verdicts if v != SKIPPED]
+    if not judged:
+        return SKIPPED
+    if all(v == HOLDS for v in judged):
+        return HOLDS
+    return FAILS if all(v == FAILS for v in judged) else UNSURE
+
+
+# ---------------------------------------------------------------- the report
+
+
+def seeds_of(run: Path) -> list[int]:
+    return sorted(int(p.name.split("_", 1)[1]) for p in Path(run).glob("seed_*")
+                  if p.is_dir() and p.name.split("_", 1)[1].isdigit())  # fmt: skip
+
+
+def aggregate(run: Path, seeds: list[int]) -> dict:
+    """``metrics.json`` of a seeds run: each seed's stage metrics and the numbers over seeds."""
+    per_seed = {s: read_metrics(seed_dir(run, s)) for s in seeds}
+    values = {s: headline_values(m) for s, m in per_seed.items()}
+    rows, comps = over_seeds(values)
+    return {"seeds": seeds, "per_seed": {str(s): m for s, m in per_seed.items()},
+            "headlines": rows, "comparisons": comps}  # fmt: skip
+
+
+def _cell(row: dict, key: str = "mean") -> str:
+    mean, half = row[key], row["half"]
+    if half is None:
+        return _fmt(mean, row["pct"])
+    return f"{_fmt(mean, row['pct'])} ± {100 * half:.1f}" if row["pct"] else (
+        f"{mean:+.4f} ± {half:.4f}")  # fmt: skip
+
+
+def seeds_report_lines(run: Path, recipe: dict, env: dict, agg: dict) -> list[str]:
+    seeds = agg["seeds"]
+    n = len(seeds)
+    lines = [
+        f"# memprune report: {recipe['name']}, {n} seeds",
+        "",
+        f"- encoder: `{recipe['encoder']['model']}` at {recipe['encoder'].get('img_size')} px;"
+        f" data: `{recipe['data']['name']}`; seeds {', '.join(map(str, seeds))} (one whole loop"
+        " each: pair, split, scores, probes, pruning, fine-tuning)",
+        f"- device: {env.get('device')} ({env.get('device_name')}, {env.get('threads')} threads);"
+        f" git {str((env.get('git') or {}).get('revision'))[:12]}",
+        "- each seed's run, with its own report, tables and plots: "
+        + ", ".join(f"[seed_{s}](seed_{s}/report.md)" for s in seeds),
+        "",
+        f"## Headline numbers over {n} seeds",
+        "",
+        f"Mean ± the half-width of the 95% confidence interval (t, {n - 1} degrees of freedom);"
+        " accuracies in %, their intervals in points.",
+        "",
+        "| number | mean ± 95% CI | per seed |",
+        "| --- | --- | --- |",
+    ]
+    for row in agg["headlines"]:
+        per = " ".join(_fmt(v, row["pct"]) for v in row["values"])
+        lines.append(f"| {row['label']} | {_cell(row)} | {per} |")
+    lines += [
+        "",
+        "## Comparisons, paired over seeds",
+        "",
+        "The difference a − b within each seed, its mean and 95% interval over seeds; it exceeds"
+        " the spread when the interval excludes zero.",
+        "",
+        "| a | b | a − b | verdict | per seed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in agg["comparisons"]:
+        per = " ".join(_fmt(v, c["pct"]) for v in c["values"])
+        lines.append(f"| {c['a']} | {c['b']} | {_cell(c)} | {c['verdict']} | {per} |")
+    lines += ["", "## The papers' findings, over seeds", "",
+              "Each claim is judged in every seed's run (difference beyond 2 standard errors"
+              " there); it holds over seeds when it holds in every seed, does not hold when it"
+              " fails in every seed, and is inconclusive otherwise.", ""]  # fmt: skip
+    per_seed = {s: findings(seed_dir(run, s), agg["per_seed"][str(s)]) for s in seeds}
+    for i, first in enumerate(per_seed[seeds[0]]):
+        verdicts = [per_seed[s][i].verdict for s in seeds]
+        lines.append(f"- **{combine_seeds(verdicts)}**: {first.claim}.")
+        for s in seeds:
+            f = per_seed[s][i]
+            lines.append(f"  - seed {s}: {f.verdict} — {f.figure}.")
+    lines.append("")
+    return lines
+
+
+def render_seeds_report(run: Path, recipe: dict, env: dict) -> Path:
+    agg = aggregate(run, seeds_of(run))
+    write_json(run / "metrics.json", agg)
+    return write_text(run / "report.md", "\n".join(seeds_report_lines(run, recipe, env, agg)))
+
+
+def seeds_done(run: Path, seeds: list[int]) -> bool:
+    return all((seed_dir(run, s) / "report.md").is_file() for s in seeds)
+
+
+def clear_seeds(run: Path) -> None:
+    import shutil
+
+    for p in Path(run).glob("seed_*"):
+        if p.is_dir():
+            shutil.rmtree(p)
+    for name in ("report.md", "metrics.json", *STAGES):
+        path = Path(run) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def read_seed_metrics(run: Path) -> dict:
+    return read_json(Path(run) / "metrics.json")
