@@ -13,6 +13,7 @@ printed beside it, since a single-seed run such as ``make demo`` can only report
     python benchmarks/emergence.py                  # everything, 2 processes, ~25 min on 2 cores
     python benchmarks/emergence.py --data toy       # the toy grid only, ~3 min
     python benchmarks/emergence.py --seeds 5        # two more pair seeds per cell
+    python benchmarks/emergence.py --tables-only    # table and plot of what is scored so far
 
 Each pair's rows are cached under ``--out`` (default ``runs/emergence``), so an interrupted study
 continues where it stopped and a rerun with more seeds or epochs trains only what is new; the
@@ -161,16 +162,22 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def table(cells: list[dict]) -> str:
+    """Markdown: per cell the mean difference, its SE and 95% t interval over seeds, and the
+    mean difference in units of one pair's own (within-seed) SE, what a one-seed run sees."""
+    from scipy.stats import t
+
     lines = [
         "| data | candidates | f trains on | epochs | seeds | candidates − extras | SE over seeds"
-        " | diff / SE | within-seed SE | per seed |",
+        " | 95% interval over seeds | in within-seed SEs | per seed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in cells:
-        ratio = c["diff"] / c["se"] if c["se"] > 0 else float("nan")
+        n = c["seeds"]
+        half = float(t.ppf(0.975, n - 1)) * c["se"] if n > 1 else float("nan")
         lines.append(
-            f"| {c['study']} | {c['n_candidates']} | {c['n_train']} | {c['epoch']} | {c['seeds']}"
-            f" | {c['diff']:+.4f} | {c['se']:.4f} | {ratio:+.1f} | {c['se_points']:.4f}"
+            f"| {c['study']} | {c['n_candidates']} | {c['n_train']} | {c['epoch']} | {n}"
+            f" | {c['diff']:+.4f} | {c['se']:.4f} | {c['diff'] - half:+.4f} to"
+            f" {c['diff'] + half:+.4f} | {c['diff'] / c['se_points']:+.1f}"
             f" | {' '.join(f'{d:+.3f}' for d in c['per_seed'])} |"
         )
     return "\n".join(lines)
@@ -181,6 +188,7 @@ def plot(cells: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from scipy.stats import t
 
     studies = sorted({c["study"] for c in cells})
     cols = min(2, len(studies))
@@ -194,12 +202,14 @@ def plot(cells: list[dict], path: Path) -> None:
             pts = [c for c in mine if c["size"] == size]
             label = f"{pts[0]['n_candidates']} candidates ({pts[0]['n_train']} in f)"
             x, y = [c["epoch"] for c in pts], [c["diff"] for c in pts]
-            yerr = [2 * c["se"] for c in pts]
+            yerr = [float(t.ppf(0.975, c["seeds"] - 1)) * c["se"] if c["seeds"] > 1 else 0
+                    for c in pts]  # fmt: skip
             ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=label)
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xlabel("pretraining epochs")
         ax.set_ylabel("SSLMem: candidates − extras")
-        ax.set_title(f"{study} (mean ± 2 SE over {mine[0]['seeds']} pair seeds)")
+        seeds = sorted({c["seeds"] for c in mine})
+        ax.set_title(f"{study} (mean, 95% t interval; {'-'.join(map(str, seeds))} pair seeds)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +222,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--out", default="runs/emergence")
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="train nothing: the table and plot of the pairs scored so far",
+    )
     parser.add_argument("--table", default=str(HERE / "results/emergence.md"))
     parser.add_argument("--plot", default=str(HERE.parent / "docs/img/emergence.png"))
     args = parser.parse_args()
@@ -221,6 +236,8 @@ def main() -> None:
     jobs = [(s, size, seed) for s in studies for size in STUDIES[s]["sizes"]
             for seed in range(args.seeds)]  # fmt: skip
     jobs.sort(key=lambda j: (j[0] == "toy", -j[1]))
+    if args.tables_only:
+        jobs = []
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(run_pair, *job, args.out): job for job in jobs}
         for fut, job in futures.items():
@@ -236,9 +253,10 @@ def main() -> None:
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
     Path(args.table).write_text(
         "# Emergence study (benchmarks/emergence.py)\n\n"
-        f"SSLMem of the candidates minus that of the extras; {PAIRS} view pairs per point.\n\n"
-        + text
-        + "\n"
+        f"SSLMem of the candidates minus that of the extras; {PAIRS} view pairs per point. The"
+        " interval is Student's t over the pair seeds; 'in within-seed SEs' is the mean"
+        " difference over one pair's own standard error (over points), what a one-seed run"
+        " compares its difference with.\n\n" + text + "\n"
     )
     plot(cells, Path(args.plot))
     print(f"table: {args.table}\nplot: {args.plot}")

@@ -155,7 +155,7 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     monkeypatch.setitem(runner.RUNNERS, "prune", real)
     log = []
     run_recipe(recipe, crashed, resume=True, log=log.append)
-    assert "[1/9] pretrain: done earlier, skipped" in log
+    assert "[1/10] pretrain: done earlier, skipped" in log
     assert not (crashed / "prune" / "models" / "half-written").exists()
     a = json.loads((whole / "metrics.json").read_text())
     b = json.loads((crashed / "metrics.json").read_text())

@@ -57,7 +57,7 @@ def test_demo_recipe_on_two_processes_equals_one(tmp_path):
         shutil.copytree(src, one / name) if src.is_dir() else shutil.copy(src, one / name)
     log = []
     run_recipe(load_recipe(one / "recipe.yaml"), one, resume=True, log=log.append)
-    assert "[1/9] pretrain: done earlier, skipped" in log
+    assert "[1/10] pretrain: done earlier, skipped" in log
     a = _flat(_comparable(json.loads((two / "metrics.json").read_text())))
     b = _flat(_comparable(json.loads((one / "metrics.json").read_text())))
     assert a.keys() == b.keys()
@@ -66,6 +66,9 @@ def test_demo_recipe_on_two_processes_equals_one(tmp_path):
     trained |= {f"prune.rows[{i}].{key}" for i, r in enumerate(rows) if r["recovery"] != "none"
                 for key in ("accuracy", "std")}  # fmt: skip
     trained |= {k for k in a if k.endswith(".pareto")}  # fronts move with those accuracies
+    # minibatch CKA pairs the points each process holds, so its minibatches (an estimator
+    # parameter) differ with the process count: close, not equal (a known limitation)
+    trained |= {k for k in a if k.startswith("cka.")}
     for key in sorted(a.keys() - trained):
         if isinstance(a[key], float):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

@@ -98,11 +98,16 @@ def headlines(m: dict) -> list[str]:
         d, se = s["difference"], s["difference_se"]
         verdict = (
             "f memorizes its candidates" if d > 2 * se
-            else "no clear memorization signal at this budget (difference within 2 SE)"
+            else "no clear memorization signal in this one run (difference within 2 SE). The"
+            " emergence study (benchmarks/emergence.py, docs/method.md §11c) finds where it"
+            " appears: weak augmentation, a small training set, 40+ epochs, and more than one"
+            " pair seed; `--set 'seeds=[0,1,2]'` runs the loop three times (three times the"
+            " cost) and tests the difference against the seed spread"
         )  # fmt: skip
         out.append(
             f"SSLMem: candidates {s['candidate']['mean']:.4f} vs extras"
-            f" {s['extra']['mean']:.4f} (difference {d:+.4f} ± {se:.4f} SE): {verdict}."
+            f" {s['extra']['mean']:.4f} (difference {d:+.4f} ± {se:.4f} SE"
+            f"{f', {d / se:+.1f} SE' if se > 0 else ''}): {verdict}."
         )
     if lm := m.get("layermem"):
         out.append(
