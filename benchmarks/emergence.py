@@ -33,48 +33,29 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-#: The two data sets and their grids. ``sizes``: candidate (= extra) fractions; ``shared``: the
-#: shared fraction, fixed; the pair's recipe is the demo's (digits) or the planted test's (toy).
+
+def _digits(augment: dict, sizes: list[float]) -> dict:
+    """A digits grid with the demo's pair recipe (tiny ResNet-18 at 32 px), 10% shared."""
+    pair = dict(lr=3e-3, batch_size=128, proj_dim=64, img_size=32, channels=[8, 16, 32, 64])
+    return dict(data=dict(name="digits"), shared=0.1, sizes=sizes, at=[10, 20, 40, 60],
+                pair=pair, augment=augment)  # fmt: skip
+
+
+#: The grids. ``sizes``: candidate (= extra) fractions; ``shared``: the shared fraction, fixed;
+#: ``augment``: of training and scoring alike (None: the data set's own); the pair's recipe is
+#: the demo's (digits) or the planted test's (toy).
 STUDIES = {
-    # the demo's augmentation (SimCLR, crops of 30-100%, colour jitter, flips)
-    "digits": dict(
-        data=dict(name="digits"),
-        shared=0.1,
-        sizes=[0.1],
-        at=[10, 20, 40, 60],
-        pair=dict(
-            lr=3e-3,
-            batch_size=128,
-            proj_dim=64,
-            img_size=32,
-            channels=[8, 16, 32, 64],
-            augment={"scale": [0.3, 1.0]},
-        ),
-        score_augment={"scale": [0.3, 1.0]},
-    ),
+    # the old demo's augmentation (SimCLR, crops of 30-100%, colour jitter, flips)
+    "digits": _digits({"scale": [0.3, 1.0]}, [0.1]),
     # weak augmentation: crops of 60-100% and flips, no colour jitter
-    "digits-weak": dict(
-        data=dict(name="digits"),
-        shared=0.1,
-        sizes=[0.05, 0.1, 0.2],
-        at=[10, 20, 40, 60],
-        pair=dict(
-            lr=3e-3,
-            batch_size=128,
-            proj_dim=64,
-            img_size=32,
-            channels=[8, 16, 32, 64],
-            augment={"preset": "crop_flip", "scale": [0.6, 1.0]},
-        ),
-        score_augment={"preset": "crop_flip", "scale": [0.6, 1.0]},
-    ),
+    "digits-weak": _digits({"preset": "crop_flip", "scale": [0.6, 1.0]}, [0.05, 0.1, 0.2]),
     "toy": dict(
         data=dict(name="toy", size=256, dim=48, snr=1.0, redraw=0.3),
         shared=0.25,
         sizes=[0.0625, 0.125, 0.25],
         at=[5, 10, 20, 40, 60],
         pair=dict(lr=1e-2, batch_size=32, proj_dim=32, img_size=8, channels=[8, 16, 32, 64]),
-        score_augment=None,  # the data set's own augmentation (redraw the noise patch)
+        augment=None,  # the data set's own augmentation (redraw the noise patch)
     ),
 }
 
@@ -109,15 +90,13 @@ def run_pair(study: str, size: float, seed: int, out: str) -> list[dict]:
     if not want:
         return [r for r in done if r["epoch"] in cfg["at"]]
     data = _dataset(cfg["data"], seed)
-    pair = dict(cfg["pair"])
-    augment = pair.pop("augment", getattr(data, "augment", None))
+    augment = cfg["augment"] or getattr(data, "augment", None)
     run_dir = Path(out) / key
     _, _, splits = pretrain_pair(
         "resnet18", data, run_dir, shared=cfg["shared"], candidate=size, extra=size,
         split_seed=seed, seed=seed, epochs=max(cfg["at"]), augment=augment,
-        keep_checkpoints=True, progress=False, **pair,
+        keep_checkpoints=True, progress=False, **cfg["pair"],
     )  # fmt: skip
-    score_aug = cfg["score_augment"] or getattr(data, "augment", None)
 
     def encoder(side: str, epoch: int):
         card, _ = read_card(run_dir / side)
@@ -128,7 +107,7 @@ def run_pair(study: str, size: float, seed: int, out: str) -> list[dict]:
     rows = list(done)
     for epoch in want:
         f, g = encoder("f", epoch), encoder("g", epoch)
-        opts = dict(n_pairs=PAIRS, augment=score_aug, seed=seed, progress=False)
+        opts = dict(n_pairs=PAIRS, augment=augment, seed=seed, progress=False)
         parts = {p: ssl_mem(f, g, data, getattr(splits, p), **opts).score.double()
                  for p in ("candidate", "extra")}  # fmt: skip
         c, e = parts["candidate"], parts["extra"]

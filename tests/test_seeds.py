@@ -105,8 +105,11 @@ def test_two_seed_run_reports_intervals_and_seed_0_equals_the_single_run(tmp_pat
     per = [metrics["per_seed"][s]["sslmem"]["candidate"]["mean"] for s in ("0", "1")]
     assert sslmem["values"] == per and sslmem["mean"] == pytest.approx(sum(per) / 2)
     report = (run / "report.md").read_text()
+    lines = report.splitlines()
+    assert any(line.startswith("| SSLMem, candidates ") and "| SSLMem, extras " in line
+               for line in lines)  # fmt: skip
     for text in ("## Headline numbers over 2 seeds", "## Comparisons, paired over seeds",
-                 "| SSLMem, candidates | SSLMem, extras |", "## The papers' findings, over seeds",
+                 "## The papers' findings, over seeds",
                  "[seed_1](seed_1/report.md)", "CKA f vs supervised"):  # fmt: skip
         assert text in report, text
     assert (run / "seed_1" / "report.md").is_file()

@@ -21,7 +21,8 @@ import math
 import statistics
 from pathlib import Path
 
-from memprune._io import read_json, write_json, write_text
+from memprune._io import write_json, write_text
+from memprune._table import format_table
 from memprune.recipes._findings import FAILS, HOLDS, SKIPPED, UNSURE, findings
 from memprune.recipes._schema import Recipe
 from memprune.recipes._stages import STAGES, read_metrics
@@ -188,9 +189,22 @@ def _cell(row: dict, key: str = "mean") -> str:
         f"{mean:+.4f} ± {half:.4f}")  # fmt: skip
 
 
+def _per_seed(row: dict) -> str:
+    return " ".join(_fmt(v, row["pct"]) for v in row["values"])
+
+
 def seeds_report_lines(run: Path, recipe: dict, env: dict, agg: dict) -> list[str]:
     seeds = agg["seeds"]
     n = len(seeds)
+    headlines = format_table(
+        ["number", "mean ± 95% CI", "per seed"],
+        [[r["label"], _cell(r), _per_seed(r)] for r in agg["headlines"]], markdown=True,
+    )  # fmt: skip
+    compared = format_table(
+        ["a", "b", "a − b", "verdict", "per seed"],
+        [[c["a"], c["b"], _cell(c), c["verdict"], _per_seed(c)] for c in agg["comparisons"]],
+        markdown=True,
+    )  # fmt: skip
     lines = [
         f"# memprune report: {recipe['name']}, {n} seeds",
         "",
@@ -207,29 +221,22 @@ def seeds_report_lines(run: Path, recipe: dict, env: dict, agg: dict) -> list[st
         f"Mean ± the half-width of the 95% confidence interval (t, {n - 1} degrees of freedom);"
         " accuracies in %, their intervals in points.",
         "",
-        "| number | mean ± 95% CI | per seed |",
-        "| --- | --- | --- |",
-    ]
-    for row in agg["headlines"]:
-        per = " ".join(_fmt(v, row["pct"]) for v in row["values"])
-        lines.append(f"| {row['label']} | {_cell(row)} | {per} |")
-    lines += [
+        headlines,
         "",
         "## Comparisons, paired over seeds",
         "",
         "The difference a − b within each seed, its mean and 95% interval over seeds; it exceeds"
         " the spread when the interval excludes zero.",
         "",
-        "| a | b | a − b | verdict | per seed |",
-        "| --- | --- | --- | --- | --- |",
+        compared,
+        "",
+        "## The papers' findings, over seeds",
+        "",
+        "Each claim is judged in every seed's run (difference beyond 2 standard errors there);"
+        " it holds over seeds when it holds in every seed, does not hold when it fails in every"
+        " seed, and is inconclusive otherwise.",
+        "",
     ]
-    for c in agg["comparisons"]:
-        per = " ".join(_fmt(v, c["pct"]) for v in c["values"])
-        lines.append(f"| {c['a']} | {c['b']} | {_cell(c)} | {c['verdict']} | {per} |")
-    lines += ["", "## The papers' findings, over seeds", "",
-              "Each claim is judged in every seed's run (difference beyond 2 standard errors"
-              " there); it holds over seeds when it holds in every seed, does not hold when it"
-              " fails in every seed, and is inconclusive otherwise.", ""]  # fmt: skip
     per_seed = {s: findings(seed_dir(run, s), agg["per_seed"][str(s)]) for s in seeds}
     for i, first in enumerate(per_seed[seeds[0]]):
         verdicts = [per_seed[s][i].verdict for s in seeds]
@@ -247,10 +254,6 @@ def render_seeds_report(run: Path, recipe: dict, env: dict) -> Path:
     return write_text(run / "report.md", "\n".join(seeds_report_lines(run, recipe, env, agg)))
 
 
-def seeds_done(run: Path, seeds: list[int]) -> bool:
-    return all((seed_dir(run, s) / "report.md").is_file() for s in seeds)
-
-
 def clear_seeds(run: Path) -> None:
     import shutil
 
@@ -263,7 +266,3 @@ def clear_seeds(run: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-
-
-def read_seed_metrics(run: Path) -> dict:
-    return read_json(Path(run) / "metrics.json")
