@@ -9,12 +9,14 @@ from safetensors.torch import load_file
 
 from memprune.errors import ConfigError
 from memprune.recipes import RecipeError, load_recipe, run_recipe, validate
+from memprune.recipes._findings import FINETUNE_CLAIM, PRUNE_CLAIM
 from memprune.recipes._seeds import (
     combine_seeds,
     comparisons,
     headline_values,
     interval,
     over_seeds,
+    paired_claims,
     seed_recipe,
 )
 
@@ -86,6 +88,28 @@ def test_claims_hold_over_seeds_only_when_every_seed_agrees():
     assert combine_seeds(["does not hold"] * 2) == "does not hold"
     assert combine_seeds(["holds", "does not hold"]) == "inconclusive"
     assert combine_seeds(["not evaluated"] * 3) == "not evaluated"
+
+
+def test_action_claims_over_seeds_rest_on_the_paired_differences():
+    # highest-UnitMem pruning costs 2 points more than lowest and random in every seed, under a
+    # common variation of 30 points; recovered rows and magnitude are not part of the claim
+    per_seed = {
+        s: {"pruned lowest 50%": a, "pruned random 50%": a - 0.001 * s,
+            "pruned highest 50%": a - 0.02, "pruned magnitude 50%": a + 0.5,
+            "pruned lowest 50%, distill": a - 0.5, "pruned random 50%, distill": a,
+            "pruned highest 50%, distill": a + 0.5,
+            "fine-tuned top delta k=1": 0.9 + d, "fine-tuned last k=1": 0.9}
+        for s, (a, d) in enumerate([(0.3, 0.05), (0.6, -0.05), (0.45, 0.01)])
+    }  # fmt: skip
+    claims = paired_claims(over_seeds(per_seed)[1])
+    verdict, figure = claims[PRUNE_CLAIM]
+    assert verdict == "holds" and "distill" not in figure and "magnitude" not in figure
+    assert figure.count("over 3 seeds") == 2
+    assert claims[FINETUNE_CLAIM][0] == "inconclusive"  # +0.3 points, spread 5 points
+    flipped = {s: {**v, "pruned highest 50%": v["pruned lowest 50%"] + 0.02}
+               for s, v in per_seed.items()}  # fmt: skip
+    assert paired_claims(over_seeds(flipped)[1])[PRUNE_CLAIM][0] == "does not hold"
+    assert paired_claims(over_seeds({0: per_seed[0]})[1]) == {}  # one seed: judged per seed
 
 
 def test_two_seed_run_reports_intervals_and_seed_0_equals_the_single_run(tmp_path):

@@ -174,9 +174,15 @@ def _seed_gap(a: dict, b: dict, value: str) -> tuple[str, float, str]:
     return judge(d, se), d, spread
 
 
+#: The two claims about actions; over seeds they are judged on paired differences.
+PRUNE_CLAIM = ("removing the highest-UnitMem units hurts the probe more than removing the lowest"
+               " or random ones")  # fmt: skip
+FINETUNE_CLAIM = ("fine-tuning the top-ΔLayerMem layers beats fine-tuning the last layers at the"
+                  " same k")  # fmt: skip
+
+
 def pruning_highest(metrics: dict) -> Finding:
-    claim = ("removing the highest-UnitMem units hurts the probe more than removing the lowest"
-             " or random ones")  # fmt: skip
+    claim = PRUNE_CLAIM
     rows = (metrics.get("prune") or {}).get("rows")
     if not rows:
         return Finding(claim, SKIPPED, "the run has no prune stage")
@@ -197,7 +203,7 @@ def pruning_highest(metrics: dict) -> Finding:
 
 
 def finetune_top(metrics: dict) -> Finding:
-    claim = "fine-tuning the top-ΔLayerMem layers beats fine-tuning the last layers at the same k"
+    claim = FINETUNE_CLAIM
     rows = (metrics.get("finetune") or {}).get("rows")
     if not rows:
         return Finding(claim, SKIPPED, "the run has no finetune stage")

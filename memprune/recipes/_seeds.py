@@ -10,8 +10,9 @@ share a random draw). Seed 0 is exactly the single-seed run with ``seed: 0``.
 ``RUN/report.md`` then gives every headline number as mean ± a 95% confidence interval over
 the seeds (Student's t with n - 1 degrees of freedom) and every comparison as the mean paired
 difference (same seed, both sides) with its interval: it *exceeds the spread* when the
-interval excludes zero. The papers' claims are judged in each seed's own run and combined:
-a claim holds over seeds when it holds in every seed.
+interval excludes zero. The papers' claims about pruning and fine-tuning are judged on those
+paired differences over seeds; the others in each seed's own run, combined: a claim holds
+over seeds when it holds in every seed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from pathlib import Path
 
 from memprune._io import write_json, write_text
 from memprune._table import format_table
-from memprune.recipes._findings import FAILS, HOLDS, SKIPPED, UNSURE, findings
+from memprune.recipes._findings import (
+    FAILS,
+    FINETUNE_CLAIM,
+    HOLDS,
+    PRUNE_CLAIM,
+    SKIPPED,
+    UNSURE,
+    combine,
+    findings,
+)
 from memprune.recipes._schema import Recipe
 from memprune.recipes._stages import STAGES, read_metrics
 
@@ -164,6 +174,37 @@ def combine_seeds(verdicts: list[str]) -> str:
     return FAILS if all(v == FAILS for v in judged) else UNSURE
 
 
+def _claim_comparisons(claim: str, comp: dict) -> bool:
+    """Whether comparison row ``comp`` is one of the paired differences ``claim`` rests on
+    (a − b > 0 when the claim holds)."""
+    a, b = comp["a"], comp["b"]
+    if claim == PRUNE_CLAIM:  # plain one-shot pruning, as in the one-run check
+        return (a.startswith(("pruned lowest ", "pruned random ")) and b.startswith(
+            "pruned highest ") and ", " not in a + b)  # fmt: skip
+    return a.startswith("fine-tuned top delta ") and b.startswith("fine-tuned last ")
+
+
+def paired_claims(comps: list[dict]) -> dict[str, tuple[str, str]]:
+    """The action claims judged on their paired differences over seeds: claim -> (verdict,
+    figure). A difference holds when its 95% interval lies above zero and fails when it lies
+    below; the claim combines its differences as in one run. Claims without such differences
+    (or with one seed) are left out: they are judged seed by seed."""
+    out = {}
+    for claim in (PRUNE_CLAIM, FINETUNE_CLAIM):
+        mine = [c for c in comps if _claim_comparisons(claim, c) and c["half"] is not None]
+        if not mine:
+            continue
+        verdicts = [HOLDS if c["mean"] > c["half"] else FAILS if c["mean"] < -c["half"]
+                    else UNSURE for c in mine]  # fmt: skip
+        figure = "; ".join(
+            f"{c['a'].split(' ', 1)[1]} − {c['b'].split(' ', 1)[1]}: {100 * c['mean']:+.1f}"
+            f" ± {100 * c['half']:.1f} points over {len(c['values'])} seeds"
+            for c in mine
+        )
+        out[claim] = (combine(verdicts), figure)
+    return out
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -232,15 +273,22 @@ def seeds_report_lines(run: Path, recipe: dict, env: dict, agg: dict) -> list[st
         "",
         "## The papers' findings, over seeds",
         "",
-        "Each claim is judged in every seed's run (difference beyond 2 standard errors there);"
-        " it holds over seeds when it holds in every seed, does not hold when it fails in every"
-        " seed, and is inconclusive otherwise.",
+        "The claims about pruning and fine-tuning are judged on their paired differences over"
+        " seeds (the comparisons above, 95% intervals: the whole loop's variation). The others"
+        " are judged in every seed's run (difference beyond 2 standard errors there): they hold"
+        " over seeds when they hold in every seed, do not hold when they fail in every seed,"
+        " and are inconclusive otherwise.",
         "",
     ]
     per_seed = {s: findings(seed_dir(run, s), agg["per_seed"][str(s)]) for s in seeds}
+    paired = paired_claims(agg["comparisons"])
     for i, first in enumerate(per_seed[seeds[0]]):
-        verdicts = [per_seed[s][i].verdict for s in seeds]
-        lines.append(f"- **{combine_seeds(verdicts)}**: {first.claim}.")
+        if first.claim in paired:
+            verdict, figure = paired[first.claim]
+            lines.append(f"- **{verdict}**: {first.claim} — over seeds, {figure}.")
+        else:
+            verdicts = [per_seed[s][i].verdict for s in seeds]
+            lines.append(f"- **{combine_seeds(verdicts)}**: {first.claim}.")
         for s in seeds:
             f = per_seed[s][i]
             lines.append(f"  - seed {s}: {f.verdict} — {f.figure}.")
