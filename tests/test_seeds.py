@@ -11,6 +11,7 @@ from memprune.errors import ConfigError
 from memprune.recipes import RecipeError, load_recipe, run_recipe, validate
 from memprune.recipes._findings import FINETUNE_CLAIM, PRUNE_CLAIM
 from memprune.recipes._seeds import (
+    both_ways,
     combine_seeds,
     comparisons,
     headline_values,
@@ -110,6 +111,12 @@ def test_action_claims_over_seeds_rest_on_the_paired_differences():
                for s, v in per_seed.items()}  # fmt: skip
     assert paired_claims(over_seeds(flipped)[1])[PRUNE_CLAIM][0] == "does not hold"
     assert paired_claims(over_seeds({0: per_seed[0]})[1]) == {}  # one seed: judged per seed
+    # holding in every seed's run decides unless the paired differences contradict it
+    assert both_ways("holds", "inconclusive") == "holds"
+    assert both_ways("inconclusive", "does not hold") == "does not hold"
+    assert both_ways("holds", "does not hold") == "inconclusive"
+    assert both_ways("inconclusive", "inconclusive") == "inconclusive"
+    assert both_ways("not evaluated", "inconclusive") == "not evaluated"
 
 
 def test_two_seed_run_reports_intervals_and_seed_0_equals_the_single_run(tmp_path):

@@ -10,9 +10,10 @@ share a random draw). Seed 0 is exactly the single-seed run with ``seed: 0``.
 ``RUN/report.md`` then gives every headline number as mean ± a 95% confidence interval over
 the seeds (Student's t with n - 1 degrees of freedom) and every comparison as the mean paired
 difference (same seed, both sides) with its interval: it *exceeds the spread* when the
-interval excludes zero. The papers' claims about pruning and fine-tuning are judged on those
-paired differences over seeds; the others in each seed's own run, combined: a claim holds
-over seeds when it holds in every seed.
+interval excludes zero. The papers' claims are judged in each seed's own run and combined:
+a claim holds over seeds when it holds in every seed. The claims about pruning and fine-tuning
+are also judged on their paired differences over seeds, and decided when either way decides
+without the other contradicting it.
 """
 
 from __future__ import annotations
@@ -205,6 +206,15 @@ def paired_claims(comps: list[dict]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def both_ways(runs: str, over: str) -> str:
+    """An action claim from its verdict in the seeds' runs and its paired verdict over seeds:
+    decided when one of them decides and the other does not contradict it."""
+    if runs == SKIPPED:
+        return SKIPPED
+    decided = {runs, over} - {UNSURE}
+    return decided.pop() if len(decided) == 1 else UNSURE
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -273,22 +283,25 @@ def seeds_report_lines(run: Path, recipe: dict, env: dict, agg: dict) -> list[st
         "",
         "## The papers' findings, over seeds",
         "",
-        "The claims about pruning and fine-tuning are judged on their paired differences over"
-        " seeds (the comparisons above, 95% intervals: the whole loop's variation). The others"
-        " are judged in every seed's run (difference beyond 2 standard errors there): they hold"
-        " over seeds when they hold in every seed, do not hold when they fail in every seed,"
-        " and are inconclusive otherwise.",
+        "Each claim is judged in every seed's run (difference beyond 2 standard errors there):"
+        " it holds over seeds when it holds in every seed, does not hold when it fails in every"
+        " seed, and is inconclusive otherwise. The claims about pruning and fine-tuning are"
+        " also judged on their paired differences over seeds (the comparisons above, 95%"
+        " intervals, which carry the whole loop's variation; a run with one action seed has no"
+        " spread of its own): they are decided when either way decides and the other does not"
+        " contradict it.",
         "",
     ]
     per_seed = {s: findings(seed_dir(run, s), agg["per_seed"][str(s)]) for s in seeds}
     paired = paired_claims(agg["comparisons"])
     for i, first in enumerate(per_seed[seeds[0]]):
+        runs = combine_seeds([per_seed[s][i].verdict for s in seeds])
         if first.claim in paired:
-            verdict, figure = paired[first.claim]
-            lines.append(f"- **{verdict}**: {first.claim} — over seeds, {figure}.")
+            over, figure = paired[first.claim]
+            lines.append(f"- **{both_ways(runs, over)}**: {first.claim} — in the seeds' runs:"
+                         f" {runs}; paired over seeds: {over} ({figure}).")  # fmt: skip
         else:
-            verdicts = [per_seed[s][i].verdict for s in seeds]
-            lines.append(f"- **{combine_seeds(verdicts)}**: {first.claim}.")
+            lines.append(f"- **{runs}**: {first.claim}.")
         for s in seeds:
             f = per_seed[s][i]
             lines.append(f"  - seed {s}: {f.verdict} — {f.figure}.")
