@@ -434,8 +434,10 @@ def _finetune(ctx: _Context, out: Path) -> dict:
     name = r.data.downstream or r.data.name
     train, test = ctx.dataset(name, "train"), ctx.dataset(name, "test")
 
-    def baseline(encoder, seed: int) -> float:
-        return linear_probe(encoder, train, test, seed=seed, precision=r.precision).accuracy
+    def baseline(encoder, seed: int) -> float:  # the probes of the evaluate stage's kind
+        res = linear_probe(encoder, train, test, seed=seed, device=r.device,
+                           backend=r.evaluation.backend, precision=r.precision)  # fmt: skip
+        return res.accuracy
 
     rankings = _rankings(ctx, train, out)
     rows, runs = compare_finetuning(
