@@ -18,7 +18,7 @@ CKPT_TINY = [
     "actions.prune.ratios=[0.5]",
     "actions.prune.strategies=[lowest]", "actions.prune.latency_batch=null",
     "actions.finetune.epochs=1", "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
-    "actions.finetune.strategies=[top,last]", "evaluation.knn=false",
+    "actions.finetune.strategies=[top,last]", "evaluation.knn=false", "evaluation.cs=[1.0]",
 ]  # fmt: skip
 
 #: The demo recipe, shortened for CI.
@@ -29,7 +29,7 @@ TINY = [
     "actions.prune.strategies=[lowest,random]", "actions.prune.latency_batch=null",
     "actions.prune.seeds=[0]", "actions.prune.recover.steps=2", "actions.finetune.epochs=1",
     "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
-    "actions.finetune.strategies=[top,last]", "evaluation.knn=false",
+    "actions.finetune.strategies=[top,last]", "evaluation.knn=false", "evaluation.cs=[1.0]",
 ]  # fmt: skip
 
 
@@ -61,6 +61,7 @@ def test_every_shipped_recipe_validates():
         ({"encoder": {"pretrain": None}}, r"encoder: give encoder\.pretrain .* or"),
         ({"encoder": {"img_size": True}}, r"encoder\.img_size: expected int"),
         ({"evaluation": {"linear": "yes"}}, r"evaluation\.linear: expected true or false"),
+        ({"evaluation": {"cs": [1.0, 0]}}, r"evaluation\.cs\[1\]: 0 must be above 0"),
         ({"encoder": {"pretrain": None, "checkpoint": "w.safetensors"}},
          r"scores\.sslmem: needs the reference encoder g"),
         ({"actions": {"finetune": {"by": ["delta", "gap"]}}},

@@ -342,7 +342,8 @@ def _evaluate(ctx: _Context, out: Path) -> dict:
         row = {"encoder": which}
         if e.linear:
             lin = linear_probe(ctx.encoder(which), ctx.train, ctx.test, backend=e.backend,
-                               seed=r.seed, device=r.device, precision=r.precision)  # fmt: skip
+                               Cs=e.cs, seed=r.seed, device=r.device,
+                               precision=r.precision)  # fmt: skip
             row["linear"] = lin.accuracy
         if e.knn:
             row["knn"] = knn_probe(ctx.encoder(which), ctx.train, ctx.test, seed=r.seed,
@@ -369,7 +370,7 @@ def _prune(ctx: _Context, out: Path) -> dict:
 
     def evaluate(model) -> float:
         return linear_probe(model, ctx.train, ctx.test, seed=r.seed, device=r.device,
-                            backend=r.evaluation.backend,
+                            backend=r.evaluation.backend, Cs=r.evaluation.cs,
                             precision=r.precision).accuracy  # fmt: skip
 
     def rescore(model):  # UnitMem of the shrunken encoder
@@ -436,7 +437,8 @@ def _finetune(ctx: _Context, out: Path) -> dict:
 
     def baseline(encoder, seed: int) -> float:  # the probes of the evaluate stage's kind
         res = linear_probe(encoder, train, test, seed=seed, device=r.device,
-                           backend=r.evaluation.backend, precision=r.precision)  # fmt: skip
+                           backend=r.evaluation.backend, Cs=r.evaluation.cs,
+                           precision=r.precision)  # fmt: skip
         return res.accuracy
 
     rankings = _rankings(ctx, train, out)

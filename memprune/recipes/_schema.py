@@ -23,6 +23,7 @@ from memprune.engine import PRECISIONS
 from memprune.errors import ConfigError
 from memprune.hooks import REPRESENTATIONS, SIGNED
 from memprune.probe import BACKENDS
+from memprune.probe._linear import DEFAULT_CS
 from memprune.pruning import DEFAULT_STRATEGIES as DEFAULT_PRUNE
 from memprune.pruning import DISTILL_LOSSES, RECOVERY, SCOPES
 from memprune.pruning import STRATEGIES as PRUNE_STRATEGIES
@@ -65,8 +66,8 @@ def finetune_rankings(recipe: Recipe) -> list[str]:
     return [*on, "rgn"]
 
 
-def _range(lo=None, hi=None, hi_open=False) -> dict:
-    return {"min": lo, "max": hi, "max_open": hi_open}
+def _range(lo=None, hi=None, hi_open=False, lo_open=False) -> dict:
+    return {"min": lo, "max": hi, "max_open": hi_open, "min_open": lo_open}
 
 
 @dataclass
@@ -269,9 +270,14 @@ class ActionsCfg:
 
 @dataclass
 class EvaluationCfg:
+    """The probes of the evaluate stage, and those the prune and finetune stages compare by."""
+
     linear: bool = True
     knn: bool = True
     backend: Backend = "auto"
+    #: the inverse L2 strengths the linear probe sweeps, chosen on a validation split
+    cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS),
+                            metadata=_range(0, lo_open=True))  # fmt: skip
 
 
 @dataclass
@@ -314,6 +320,8 @@ def _type_name(tp) -> str:
 
 def _check_range(value, meta: dict, path: str) -> None:
     lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and meta.get("min_open") and value <= lo:
+        raise RecipeError(f"{path}: {value!r} must be above {lo}")
     if lo is not None and value < lo:
         raise RecipeError(f"{path}: {value!r} is below the minimum {lo}")
     if hi is not None and (value >= hi if meta.get("max_open") else value > hi):
