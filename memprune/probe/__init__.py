@@ -3,10 +3,11 @@
 from memprune.probe._api import ProbeResult, confusion_matrix, knn_probe, linear_probe
 from memprune.probe._features import Features, extract_features
 from memprune.probe._knn import knn_accuracy
-from memprune.probe._linear import BACKENDS, LinearProbe, ProbeConvergenceWarning
+from memprune.probe._linear import BACKENDS, DEFAULT_CS, LinearProbe, ProbeConvergenceWarning
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_CS",
     "Features",
     "LinearProbe",
     "ProbeConvergenceWarning",

@@ -22,8 +22,7 @@ from memprune.data import AUGMENTS, SETS
 from memprune.engine import PRECISIONS
 from memprune.errors import ConfigError
 from memprune.hooks import REPRESENTATIONS, SIGNED
-from memprune.probe import BACKENDS
-from memprune.probe._linear import DEFAULT_CS
+from memprune.probe import BACKENDS, DEFAULT_CS
 from memprune.pruning import DEFAULT_STRATEGIES as DEFAULT_PRUNE
 from memprune.pruning import DISTILL_LOSSES, RECOVERY, SCOPES
 from memprune.pruning import STRATEGIES as PRUNE_STRATEGIES
