@@ -40,6 +40,8 @@ from memprune.recipes._stages import STAGES, read_metrics
 
 #: Offset between the action seeds of two loops.
 ACTION_STRIDE = 1000
+#: A paired comparison whose 95% interval over seeds excludes zero.
+EXCEEDS = "exceeds the spread"
 
 
 def seed_dir(run: Path, seed: int) -> Path:
@@ -159,7 +161,7 @@ def over_seeds(per_seed: dict[int, dict[str, float]]) -> tuple[list[dict], list[
         diffs = [v[a] - v[b] for v in per_seed.values() if a in v and b in v]
         mean, half = interval(diffs)
         verdict = ("one seed: no spread" if half is None else
-                   "exceeds the spread" if abs(mean) > half else "within the spread")  # fmt: skip
+                   EXCEEDS if abs(mean) > half else "within the spread")  # fmt: skip
         comps.append({"a": a, "b": b, "mean": mean, "half": half, "values": diffs,
                       "verdict": verdict, "pct": _is_pct(a)})  # fmt: skip
     return rows, comps
@@ -187,16 +189,16 @@ def _claim_comparisons(claim: str, comp: dict) -> bool:
 
 def paired_claims(comps: list[dict]) -> dict[str, tuple[str, str]]:
     """The action claims judged on their paired differences over seeds: claim -> (verdict,
-    figure). A difference holds when its 95% interval lies above zero and fails when it lies
-    below; the claim combines its differences as in one run. Claims without such differences
-    (or with one seed) are left out: they are judged seed by seed."""
+    figure). A difference holds when it exceeds the spread (its row in the comparison table) above
+    zero and fails when it does below; the claim combines its differences as in one run. Claims
+    without such differences (or with one seed) are left out: they are judged seed by seed."""
     out = {}
     for claim in (PRUNE_CLAIM, FINETUNE_CLAIM):
         mine = [c for c in comps if _claim_comparisons(claim, c) and c["half"] is not None]
         if not mine:
             continue
-        verdicts = [HOLDS if c["mean"] > c["half"] else FAILS if c["mean"] < -c["half"]
-                    else UNSURE for c in mine]  # fmt: skip
+        verdicts = [(HOLDS if c["mean"] > 0 else FAILS) if c["verdict"] == EXCEEDS else UNSURE
+                    for c in mine]  # fmt: skip
         figure = "; ".join(
             f"{c['a'].split(' ', 1)[1]} − {c['b'].split(' ', 1)[1]}: {100 * c['mean']:+.1f}"
             f" ± {100 * c['half']:.1f} points over {len(c['values'])} seeds"
@@ -232,8 +234,8 @@ def aggregate(run: Path, seeds: list[int]) -> dict:
             "headlines": rows, "comparisons": comps}  # fmt: skip
 
 
-def _cell(row: dict, key: str = "mean") -> str:
-    mean, half = row[key], row["half"]
+def _cell(row: dict) -> str:
+    mean, half = row["mean"], row["half"]
     if half is None:
         return _fmt(mean, row["pct"])
     return f"{_fmt(mean, row['pct'])} ± {100 * half:.1f}" if row["pct"] else (
