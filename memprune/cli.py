@@ -1,6 +1,10 @@
-"""The ``memprune`` command: parse arguments, make a config, call one library function.
+"""The ``memprune`` command. Each verb that computes maps its flags onto the recipe schema and
+runs the same stages ``memprune run`` runs (:func:`memprune.recipes.run_verb`): one set of
+defaults (the schema's) and one set of output files, whichever door a user comes in by. The
+verb's own stage writes into ``--out``; a stage it needs first, into ``--out/<stage>/``.
 
-Errors a user can fix (:class:`MemPruneError`) print one line and exit with status 2.
+Errors a user can fix (:class:`MemPruneError`) print one line and exit with status 2; a
+recipe key in an error is named by its flag.
 """
 
 from __future__ import annotations
@@ -11,144 +15,168 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from memprune._dist import is_main
-from memprune.errors import MemPruneError
+from memprune.errors import ConfigError, MemPruneError
 
-DEFAULT_MODEL = "resnet18"
-DEFAULT_IMG_SIZE = 32
-DEFAULT_DATA = "digits"
-
-
-def _add_model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
-    p.add_argument("--model", default=None, help=f"timm model name (default: {DEFAULT_MODEL}, or"
-                   " the one a --checkpoint run or pruned directory records)")  # fmt: skip
-    p.add_argument("--checkpoint", default=None, nargs="+" if several else None,
-                   help="weights: .safetensors, a torch state dict, a memprune run or a pruned"
-                   f" directory{' (several: one table)' if several else ''}")  # fmt: skip
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default:"
-                   f" {DEFAULT_IMG_SIZE}, or the checkpoint directory's)")  # fmt: skip
-    p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (unsafe)")
-    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
-    _add_checkpoint_options(p)
+#: The prefix of the destinations of options that set a recipe key.
+SET = "set:"
 
 
-def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--entry", default=None, help="which model of a checkpoint holding several"
-                   " (DINO: teacher, the default, or student)")  # fmt: skip
-    p.add_argument(
-        "--no-strict",
-        dest="strict",
-        action="store_false",
-        help="load the tensors that fit a checkpoint and warn about the rest",
-    )
+# ---------------------------------------------------------------- flags onto recipe keys
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data", default=DEFAULT_DATA, help="data set name or image folder (default: %(default)s)"
-    )
-    p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
-    p.add_argument(
-        "--split", default="train", choices=("train", "test"), help="(default: %(default)s)"
-    )
+def _default(key: str) -> str:
+    from memprune.recipes import schema_default
+
+    value = schema_default(key)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _encoder(args):
-    """The encoder of --model/--checkpoint; without a checkpoint its random init is seeded by
-    --seed, so that a rerun scores the same encoder."""
-    import torch
-
-    from memprune.encoders import load_encoder
-
-    if args.checkpoint is None:
-        torch.manual_seed(getattr(args, "seed", 0))
-    # a run or pruned directory records its model and size: defaults must not contradict it
-    ckpt = args.checkpoint
-    recorded = ckpt is not None and (Path(ckpt).is_dir() or str(ckpt).endswith(".json"))
-    return load_encoder(
-        args.model if recorded else (args.model or DEFAULT_MODEL),
-        checkpoint=ckpt,
-        img_size=args.img_size if recorded else (args.img_size or DEFAULT_IMG_SIZE),
-        trust_pickle=args.trust_pickle,
-        entry=args.entry,
-        strict=args.strict,
-        **_key_values(args.timm),
-    )
+def _opt(p, *flags: str, key: str, help: str, **kw) -> None:
+    """An option that sets recipe ``key`` (shown with the schema's default; unset: that
+    default)."""
+    if kw.get("action") in ("store_true", "store_false"):
+        kw["action"], kw["const"] = "store_const", kw["action"] == "store_true"
+    p.add_argument(*flags, dest=SET + key, default=None, help=f"{help} [{key}, default:"
+                   f" {_default(key.replace('TRAIN', 'pretrain').replace('LAYERS', 'layermem'))}]",
+                   **kw)  # fmt: skip
 
 
-def _model_name(args, model) -> str:
-    """The timm name of ``model`` (for tables and metadata)."""
-    build = (getattr(model, "pretrained_cfg", None) or {}).get("memprune_build") or {}
-    return build.get("model") or args.model or DEFAULT_MODEL
+def _recipe_keys(args: argparse.Namespace, **names: str) -> dict:
+    """The recipe mapping the set options give (``names`` fill placeholders in keys)."""
+    out: dict = {}
+    for dest, value in vars(args).items():
+        if not dest.startswith(SET) or value is None:
+            continue
+        key = dest[len(SET) :]
+        for placeholder, name in names.items():
+            key = key.replace(placeholder, name)
+        _put(out, key, value)
+    return out
 
 
-def _img_size(args) -> int | None:
-    """Built-in data sets come at their own size; others are resized to ``--img-size``."""
-    from memprune.data import native_size
-
-    return native_size(args.data, args.img_size or DEFAULT_IMG_SIZE)
+def _given(args: argparse.Namespace, key: str):
+    """The value of the option that sets recipe ``key`` (None: not given)."""
+    return getattr(args, SET + key, None)
 
 
-def _augment(tokens: list[str] | None, default: str | None):
-    """``--augment PRESET KEY=VALUE ...`` as the library's one spelling of an augmentation
-    (``default`` None: the library function's own default, also for a mapping's preset)."""
-    from memprune.errors import ConfigError
+def _put(tree: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
 
-    if not tokens:
-        return default
+
+def _merge(base: dict, more: dict) -> dict:
+    out = dict(base)
+    for k, v in more.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _key_values(pairs: list[str] | None, flag: str = "--timm") -> dict:
+    """``KEY=VALUE`` strings (values parsed as YAML) into a mapping."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} takes KEY=VALUE (e.g. scale=[0.3,1.0]), got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _augment(tokens: list[str]):
+    """``--augment PRESET KEY=VALUE ...`` as a recipe's augmentation (a preset or a mapping)."""
     presets = [t for t in tokens if "=" not in t]
     if len(presets) > 1:
         raise ConfigError(f"--augment takes one preset name, got {presets}")
     params = _key_values([t for t in tokens if "=" in t], "--augment")
-    preset = presets[0] if presets else default
-    return {**({"preset": preset} if preset else {}), **params}
+    if not params:
+        return presets[0] if presets else None
+    return {**({"preset": presets[0]} if presets else {}), **params}
 
 
-def _dataset(args):
-    from memprune.data import load_dataset
-
-    img_size = _img_size(args)
-    return load_dataset(args.data, split=args.split, root=args.root, img_size=img_size)
+def _fraction(text: str) -> int | float:
+    """``"0.5"`` is a fraction, ``"100"`` a count."""
+    return float(text) if "." in text else int(text)
 
 
-def _command(args: argparse.Namespace) -> dict:
-    """The command and its arguments, as recorded in (and matched against) an output marker."""
-    skip = {"func", "force", "out", "resume"}
-    verb = " ".join(v for v in (args.command, getattr(args, "what", None)) if v)
-    return {
-        "verb": verb,
-        "args": {
-            k: v for k, v in sorted(vars(args).items()) if k not in skip and not k.startswith("_")
-        },
-    }
+#: Stages a verb does not run are switched off in its recipe.
+OFF = {
+    "encoder": {"pretrain": None, "supervised": {"enabled": False}},
+    "scores": {s: {"enabled": False}
+               for s in ("unitmem", "classmem", "sslmem", "layermem", "membergap", "cka")},
+    "actions": {"prune": {"enabled": False}, "finetune": {"enabled": False}},
+    "evaluation": {"linear": False, "knn": False},
+}  # fmt: skip
 
 
-def _check_out(args: argparse.Namespace) -> None:
-    """Refuse a bad --out before any work (nothing is created)."""
-    from memprune.report import check_output
+def _encoder(f: str | None, args, g: str | None = None) -> dict:
+    """``encoder`` of a recipe from the encoder flags: a checkpoint (or random init); a run
+    or pruned directory records its model and size, so the defaults must not contradict it."""
+    recorded = f is not None and (Path(f).is_dir() or str(f).endswith(".json"))
+    out = {"checkpoint": f, "reference": g, "random_init": f is None,
+           "timm": _key_values(getattr(args, "timm", None)),
+           "trust_pickle": bool(getattr(args, "trust_pickle", False)),
+           "entry": getattr(args, "entry", None), "strict": getattr(args, "strict", True)}  # fmt: skip
+    for key in ("model", "img_size"):
+        given = getattr(args, key, None)
+        if given is not None or recorded:
+            out[key] = given
+    return out
 
-    check_output(args.out, _command(args), args.force)
+
+def _recipe(args, verb: str, enable: dict, augment: str | None = None, **names: str):
+    """The validated recipe of a verb: every stage off but those ``enable`` turns on, then
+    the flags (``--augment`` sets ``augment``); a bad value is named by its flag."""
+    from memprune.recipes import RecipeError, validate
+
+    data = _merge(_merge(OFF, enable), _recipe_keys(args, **names))
+    data["name"] = verb
+    if getattr(args, "augment", None):
+        _put(data, augment, _augment(args.augment))
+    if getattr(args, "recover_augment", None) and args.recover:
+        _put(data, "actions.prune.recover.augment", _augment(args.recover_augment))
+    try:
+        return validate(data)
+    except RecipeError as err:
+        raise ConfigError(_flagged(str(err), args, names)) from None
 
 
-def _open_out(args: argparse.Namespace):
-    """The output directory, created just before the first write (see :func:`open_output`)."""
-    from memprune.report import open_output
+def _flagged(message: str, args, names: dict) -> str:
+    """A recipe error with its key replaced by the flag that set it."""
+    parser = getattr(args, "_parser", None)
+    for action in parser._actions if parser else ():
+        if not action.dest.startswith(SET):
+            continue
+        key = action.dest[len(SET) :]
+        for placeholder, name in names.items():
+            key = key.replace(placeholder, name)
+        if message.startswith(key + ":") or message.startswith(key + "["):
+            return action.option_strings[0] + message[len(key) :]
+    return message
 
-    return open_output(args.out, _command(args), args.force)
+
+def _run(args, recipe, main: str) -> int:
+    """Run the verb's stages into --out and print its table."""
+    from memprune.recipes import STAGES, run_verb
+
+    command = {"verb": " ".join(v for v in (args.command, getattr(args, "what", None)) if v),
+               "recipe": recipe.to_dict()}  # fmt: skip
+    out = run_verb(recipe, args.out, main, command, force=args.force,
+                   log=lambda m: print(m, flush=True))  # fmt: skip
+    if not is_main():
+        return 0
+    printed = STAGES[main].printed
+    if printed and (out / printed).is_file():
+        print("\n" + (out / printed).read_text().rstrip())
+    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    print(f"\nwrote {', '.join(files)} to {out}")
+    return 0
 
 
-def _positive(args: argparse.Namespace, *names: str, allow_none: bool = True) -> None:
-    """Refuse counts below 1 (``--views 0``, ``--max-points -5``) before any work."""
-    from memprune.errors import ConfigError
-
-    for name in names:
-        value = getattr(args, name, None)
-        values = value if isinstance(value, list) else [value]
-        for v in values:
-            if v is None and allow_none:
-                continue
-            if not isinstance(v, int) or v < 1:
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} must be an integer >= 1, got {v!r}")
+# ---------------------------------------------------------------- the verbs
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
@@ -159,661 +187,148 @@ def cmd_sites(args: argparse.Namespace) -> int:
     from memprune.data import MultiView
     from memprune.encoders import normalization
     from memprune.hooks import capture
+    from memprune.recipes import Context
     from memprune.sites import find_sites
 
-    model = _encoder(args)
-    data = _dataset(args)
+    recipe = _recipe(args, "sites", {"encoder": _encoder(args.checkpoint, args)})
+    ctx = Context(recipe, Path("."))
+    model, data = ctx.encoder("f"), ctx.dataset(recipe.data.name, args.split)
     sites = find_sites(model, "units") + find_sites(model, "layers")
-    views = MultiView(data, n_views=args.views, seed=args.seed)
+    views = MultiView(data, n_views=args.views, seed=recipe.seed)
     batch = torch.stack([views[i][0] for i in range(min(args.points, len(views)))])
     b, k = batch.shape[:2]  # [B, K, 3, H, W]
-    mean, std = normalization(model)
-    x = (batch.flatten(0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    mean, std = (torch.tensor(v)[:, None, None] for v in normalization(model))
+    x = (batch.flatten(0, 1) - mean) / std
     with torch.inference_mode(), capture(model, sites) as acts:
         out = model(x)
-    rows = [
-        (
-            s.name,
-            s.kind,
-            s.role,
-            s.n_units,
-            "x".join(map(str, acts.shapes[s.name])),
-            tuple(acts[s.name].shape),
-        )
-        for s in sites
-    ]
+    rows = [(s.name, s.kind, s.role, s.n_units, "x".join(map(str, acts.shapes[s.name])),
+             tuple(acts[s.name].shape)) for s in sites]  # fmt: skip
     n_params = sum(p.numel() for p in model.parameters())
-    shape = tuple(x.shape[1:])
-    print(
-        f"{_model_name(args, model)}: {n_params / 1e6:.2f}M parameters, input {shape},"
-        f" output dim {out.shape[1]}"
-    )
+    print(f"{ctx.model_name()}: {n_params / 1e6:.2f}M parameters, input {tuple(x.shape[1:])},"
+          f" output dim {out.shape[1]}")  # fmt: skip
     print(f"{data.name} ({args.split}): {len(data)} images; one batch of {b} points x {k} views\n")
     print(format_table(["site", "kind", "role", "units", "output shape", "captured"], rows))
     n_units = sum(s.n_units for s in sites if s.kind == "units")
-    print(
-        f"\n{sum(s.kind == 'units' for s in sites)} unit sites ({n_units} units),"
-        f" {sum(s.kind == 'layers' for s in sites)} layer sites"
-    )
+    print(f"\n{sum(s.kind == 'units' for s in sites)} unit sites ({n_units} units),"
+          f" {sum(s.kind == 'layers' for s in sites)} layer sites")  # fmt: skip
     return 0
 
 
 def cmd_score_units(args: argparse.Namespace) -> int:
     """UnitMem (``score units``) or ClassMem (``score classes``) into ``--out``."""
-    from memprune._dist import rank_world
-    from memprune._table import write_table
-    from memprune.data import seeded_subset
-    from memprune.report import plot_unit_scores
-    from memprune.scores import class_mem, unit_mem
-
-    rank, _ = rank_world()
-    _positive(args, "views", "chunk_size", "max_points")
-    if rank == 0:
-        _check_out(args)
-    model = _encoder(args)
-    data = seeded_subset(_dataset(args), args.max_points, args.seed)
-    fn, kind = (unit_mem, "unitmem") if args.what == "units" else (class_mem, "classmem")
-    result = fn(
-        model,
-        data,
-        n_views=args.views,
-        sites=args.sites,
-        rest=args.rest,
-        signed=args.signed,
-        augment=_augment(args.augment, "simclr" if args.what == "units" else "none"),
-        chunk_size=args.chunk_size,
-        precision=args.precision,
-        seed=args.seed,
-        device=args.device,
-        num_workers=args.workers,
-    )
-    if rank != 0:
-        return 0
-    out = _open_out(args)
-    result.meta.update(model=_model_name(args, model), checkpoint=args.checkpoint, data=args.data)
-    result.save(out / kind)
-    rows = result.to_rows()
-    printed = write_table(out / "summary", rows)
-    plot_unit_scores(result, out / f"{kind}_per_site.png")
-    out.finish()
-    print(printed)
-    files = f"{kind}.safetensors, {kind}.json, summary.md, summary.csv, {kind}_per_site.png"
-    print(f"\nwrote {files} to {out}")
-    return 0
+    stage = "unitmem" if args.what == "units" else "classmem"
+    enable = {"encoder": _encoder(args.checkpoint, args), "scores": {stage: {"enabled": True}}}
+    recipe = _recipe(args, f"score {args.what}", enable, f"scores.{stage}.augment")
+    return _run(args, recipe, stage)
 
 
-def _key_values(pairs: list[str] | None, flag: str = "--timm") -> dict:
-    """``KEY=VALUE`` strings (values parsed as YAML) into keyword arguments."""
-    import yaml
-
-    from memprune.errors import ConfigError
-
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} takes KEY=VALUE (e.g. scale=[0.3,1.0]), got {pair!r}")
-        value = yaml.safe_load(value)
-        out[key] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-def _check_pretrain(args: argparse.Namespace, out: Path) -> None:
-    """Refuse bad training options and a --resume without a run to continue, before any work."""
-    from memprune.errors import ConfigError
-    from memprune.report import read_marker
-
-    _positive(args, "epochs", "batch_size")
-    if not args.supervised and args.batch_size < 2:
-        raise ConfigError(
-            f"--batch-size {args.batch_size}: SimCLR needs at least 2 points per batch (the other"
-            " points are each view's negatives); use --batch-size 2 or more"
-        )
-    if not args.lr > 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
-    if args.resume:
-        marker = read_marker(out)
-        if marker is None or marker.get("command", {}).get("verb") != "pretrain":
-            raise ConfigError(
-                f"--resume: {out} holds no run of `memprune pretrain` to continue;"
-                " drop --resume to start a new run there"
-            )
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    """SimCLR (or supervised) training of one encoder, or of the pair f / g."""
-    from memprune._dist import rank_world
-    from memprune.encoders import load_encoder
-    from memprune.report import open_output
-    from memprune.train import pretrain_pair, pretrain_simclr, train_supervised
-
-    rank, _ = rank_world()
-    out = Path(args.out)
-    _check_pretrain(args, out)
-    data = _dataset(args)
-    load_encoder(args.model, img_size=args.img_size, **_key_values(args.timm))  # a bad name fails
-    if rank == 0:  # validated: from here on files are written (training resumes from them)
-        open_output(out, _command(args), force=args.force or args.resume)
-    common = dict(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        img_size=args.img_size, mixed_precision=args.mixed_precision,
-        keep_checkpoints=args.keep_checkpoints, resume=True, num_workers=args.workers,
-        augment=_augment(args.augment, "crop_flip" if args.supervised else "simclr"),
-        **_key_values(args.timm),
-    )  # fmt: skip
-    if args.supervised:
-        result = train_supervised(
-            args.model, data, out_dir=out, random_labels=args.random_labels, **common
-        )
-        runs = {"encoder": result}
-    else:
-        simclr = dict(common, temperature=args.temperature, proj_dim=args.proj_dim)
-        if args.pair:
-            sizes = {
-                k: _fraction(getattr(args, k)) for k in ("shared", "candidate", "extra", "test")
-            }
-            f, g, splits = pretrain_pair(
-                args.model, data, out, **sizes, split_seed=args.seed, **simclr
-            )
-            runs = {"f": f, "g": g}
-            if rank == 0:
-                print(
-                    f"splits: shared {len(splits.shared)}, candidate {len(splits.candidate)},"
-                    f" extra {len(splits.extra)}, test {len(splits.test)} -> {out / 'splits.json'}"
-                )
-        else:
-            runs = {"encoder": pretrain_simclr(args.model, data, out_dir=out, **simclr)}
-    if rank == 0:
-        from memprune.report import OutputDir
-
-        OutputDir(out, overwrite=True).finish()
-        for name, run in runs.items():
-            losses = ", ".join(f"{h:.3f}" for h in run.history)
-            print(f"{name}: {run.path} (loss per epoch: {losses})")
-    return 0
-
-
-def _fraction(text: str) -> int | float:
-    """``"0.5"`` is a fraction, ``"100"`` a count."""
-    return float(text) if "." in text else int(text)
-
-
-def _encoder_arg(path: str, args: argparse.Namespace):
-    from memprune.encoders import load_encoder
-
-    return load_encoder(args.model, checkpoint=path, img_size=args.img_size, entry=args.entry,
-                        strict=args.strict, **_key_values(args.timm))  # fmt: skip
-
-
-def _points(args, flag: str):
-    """``--members`` / ``--nonmembers SPLIT[:FILE[:PART]]``: a split of ``--data``, restricted
-    to the indices of FILE (a JSON list, or a memprune splits.json and which PART of it)."""
-    from torch.utils.data import Subset
-
-    from memprune.data import load_dataset, read_indices
-    from memprune.errors import ConfigError
-
-    spec = getattr(args, flag)
-    split, _, rest = spec.partition(":")
-    path, _, part = rest.rpartition(":") if rest.count(":") else (rest, "", "")
-    if split not in ("train", "test"):
-        raise ConfigError(f"--{flag} {spec!r}: write SPLIT[:FILE[:PART]] with SPLIT train or test")
-    loaded = vars(args).setdefault("_loaded", {})  # one data set per split, so that
-    if split not in loaded:  # members and non-members of one split are checked for overlap
-        loaded[split] = load_dataset(args.data, split, root=args.root, img_size=_img_size(args))
-    data = loaded[split]
-    if not path:
-        return data
-    try:
-        return Subset(data, read_indices(path, part or None))
-    except ConfigError as err:
-        raise ConfigError(f"--{flag} {spec!r}: {err}") from None
-
-
-def cmd_score_gap(args: argparse.Namespace) -> int:
-    """Member gap and membership AUC per layer of one encoder (no reference encoder)."""
-    from memprune._dist import rank_world
-    from memprune._table import write_table
-    from memprune.errors import ConfigError
-    from memprune.report import plot_member_gap
-    from memprune.scores import member_gap
-
-    rank, _ = rank_world()
-    if not (args.members and args.nonmembers) or args.f or args.g:
+def cmd_score_layers(args: argparse.Namespace) -> int:
+    """LayerMem / ΔLayerMem of the pair --f, --g; or (--encoder) the member gap of one
+    encoder, its --members against --nonmembers."""
+    if args.encoder and (args.f or args.g) or not (args.encoder or (args.f and args.g)):
         raise ConfigError(
             "score layers takes either --f and --g (LayerMem), or --encoder with --members and"
             " --nonmembers (member gap, no reference encoder)"
         )
-    if rank == 0:
-        _check_out(args)
-    encoder = _encoder_arg(args.encoder, args)
-    result = member_gap(
-        encoder, _points(args, "members"), _points(args, "nonmembers"), n_pairs=args.pairs,
-        layers=args.layers, representation=args.representation, pair=args.pair,
-        n_points=args.n_points, chunk_size=args.chunk_size, seed=args.seed, device=args.device,
-        num_workers=args.workers, augment=_augment(args.augment, "simclr"),
-        precision=args.precision,
-    )  # fmt: skip
-    if rank != 0:
-        return 0
-    out = _open_out(args)
-    result.meta.update(encoder=str(args.encoder), members=args.members, nonmembers=args.nonmembers)
-    result.save(out / "membergap")
-    printed = write_table(out / "membergap", result.to_rows())
-    plot_member_gap(result, out / "membergap.png")
-    out.finish()
-    print(printed)
-    print(f"\nwrote membergap.safetensors, membergap.json, membergap.md, membergap.csv,"
-          f" membergap.png to {out}")  # fmt: skip
-    return 0
-
-
-def cmd_score_layers(args: argparse.Namespace) -> int:
-    """LayerMem / ΔLayerMem of the pair f, g on the candidates (or, with --encoder, the member
-    gap of one encoder)."""
-    from memprune._dist import rank_world
-
+    enable: dict = {}
     if args.encoder:
-        return cmd_score_gap(args)
-    if not (args.f and args.g):
-        from memprune.errors import ConfigError
+        if not (args.members and args.nonmembers):
+            raise ConfigError("score layers --encoder needs --members and --nonmembers")
+        stage, enable["encoder"] = "membergap", _encoder(args.encoder, args)
+        enable["data"] = {k: _points(getattr(args, k), k) for k in ("members", "nonmembers")}
+    else:
+        stage, enable["encoder"] = "layermem", _encoder(args.f, args, args.g)
+        splits = Path(args.splits or Path(args.f).parent / "splits.json")
+        if args.splits and not splits.is_file():
+            raise ConfigError(f"--splits {args.splits} does not exist")
+        if splits.is_file():
+            enable["scores"] = {"layermem": {"points": {"indices": str(splits), "part": args.part}}}
+    enable = _merge(enable, {"scores": {stage: {"enabled": True}}})
+    return _run(args, _recipe(args, "score layers", enable, "scores.augment", LAYERS=stage), stage)
 
-        raise ConfigError(
-            "score layers needs --f and --g (LayerMem of a pair), or --encoder CKPT --members"
-            " SPLIT[:FILE[:PART]] --nonmembers ... (member gap of one encoder)"
-        )
-    from memprune._table import write_table
-    from memprune.data import Splits
-    from memprune.report import plot_consistency, plot_layer_mem
-    from memprune.scores import layer_mem
 
-    rank, _ = rank_world()
-    _positive(args, "pairs", "chunk_size", "n_points", "top_k")
-    if rank == 0:
-        _check_out(args)
-    if Path(args.f).resolve() == Path(args.g).resolve():
-        from memprune.errors import ConfigError
+def _points(spec: str, flag: str) -> dict:
+    """``SPLIT[:FILE[:PART]]``: a split, restricted to the indices of FILE (a JSON list, or a
+    memprune splits.json and which PART of it)."""
+    split, _, rest = spec.partition(":")
+    path, _, part = rest.rpartition(":") if rest.count(":") else (rest, "", "")
+    if split not in ("train", "test"):
+        raise ConfigError(f"--{flag} {spec!r}: write SPLIT[:FILE[:PART]] with SPLIT train or test")
+    if path and part:
+        from memprune.data import read_indices
 
-        raise ConfigError(
-            f"--f and --g are the same encoder ({args.f}): LayerMem would be 0 in every layer;"
-            " pass as --g the encoder trained without the candidates"
-        )
-    f, g = _encoder_arg(args.f, args), _encoder_arg(args.g, args)
-    data = _dataset(args)
-    splits_path = args.splits or (Path(args.f).parent / "splits.json")
-    indices = None
-    if Path(splits_path).is_file():
-        indices = getattr(Splits.load(splits_path), args.part)
-        if not indices:
-            from memprune.errors import ConfigError
-
-            raise ConfigError(
-                f"{splits_path} has no {args.part} points: choose another --part (shared,"
-                " candidate, extra) or pretrain with a --test share"
-            )
-    elif args.splits:
-        from memprune.errors import ConfigError
-
-        raise ConfigError(f"--splits {args.splits} does not exist")
-    result = layer_mem(
-        f, g, data, indices, n_pairs=args.pairs, layers=args.layers,
-        representation=args.representation, pair=args.pair, n_points=args.n_points,
-        chunk_size=args.chunk_size, seed=args.seed, device=args.device, num_workers=args.workers,
-        top_k=args.top_k, augment=_augment(args.augment, "simclr"), precision=args.precision,
-    )  # fmt: skip
-    if rank != 0:
-        return 0
-    scored = f"{args.part} of {splits_path}" if indices is not None else "all"
-    out = _open_out(args)
-    result.meta.update(f=str(args.f), g=str(args.g), data=args.data, scored=scored)
-    result.save(out / "layermem")
-    rows = result.to_rows()
-    printed = write_table(out / "layermem", rows)
-    plot_layer_mem(result, out / "layermem.png")
-    plot_consistency(result, out / "consistency.png")
-    out.finish()
-    print(printed)
-    print(f"\nwrote layermem.safetensors, layermem.json, layermem.md, layermem.csv, layermem.png,"
-          f" consistency.png to {out}")  # fmt: skip
-    return 0
+        try:
+            read_indices(path, part)
+        except ConfigError as err:
+            raise ConfigError(f"--{flag} {spec!r}: {err}") from None
+    return {"split": split, "indices": path or None, "part": part or None}
 
 
 def cmd_score_cka(args: argparse.Namespace) -> int:
-    """CKA between the layers of --a and --b (or within --a), with labels and view invariance."""
-    from memprune.report import plot_cka
-    from memprune.scores import cka
+    """CKA between the layers of --a and --b (or within --a)."""
+    enable = {"encoder": _encoder(args.a, args, args.b),
+              "scores": {"cka": {"enabled": True, "against": "g" if args.b else "self"}}}  # fmt: skip
+    return _run(args, _recipe(args, "score cka", enable, "scores.cka.augment"), "cka")
 
-    _positive(args, "minibatch")
-    _check_out(args)
-    a = _encoder_arg(args.a, args)
-    b = _encoder_arg(args.b, args) if args.b else None
-    data = _dataset(args)
-    result = cka(data, a, b, layers_a=args.layers_a, layers_b=args.layers_b,
-                 minibatch=args.minibatch, representation=args.representation,
-                 invariance=not args.no_invariance, seed=args.seed, device=args.device,
-                 augment=_augment(args.augment, "simclr"))  # fmt: skip
-    result.meta.update(name_a=Path(args.a).name, name_b=Path(args.b or args.a).name,
-                       a=args.a, b=args.b, data=args.data)  # fmt: skip
-    out = _open_out(args)
-    result.save(out / "cka")
-    from memprune._table import write_table
 
-    printed = write_table(out / "cka", result.to_rows())
-    plot_cka(result, out / "cka.png", f"CKA on {args.data} ({args.split})")
-    out.finish()
-    print(printed)
-    print(f"\nwrote cka.safetensors, cka.json, cka.md, cka.csv, cka.png to {out}")
-    return 0
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """SimCLR training of the pair f / g (or of one encoder), or a supervised encoder."""
+    from memprune.report import read_marker
+
+    if args.resume and (read_marker(args.out) or {}).get("command", {}).get("verb") != "pretrain":
+        raise ConfigError(f"--resume: {args.out} holds no run of `memprune pretrain` to continue;"
+                          " drop --resume to start a new run there")  # fmt: skip
+    stage = "supervised" if args.supervised else "pretrain"
+    encoder = _encoder(None, args)  # supervised: f is not used
+    if args.supervised:
+        encoder["supervised"] = {"enabled": True, "points": "all"}
+    else:
+        encoder.update(pretrain={}, random_init=False)
+    sizes = {k: _fraction(getattr(args, k)) for k in ("shared", "candidate", "extra", "test")
+             if getattr(args, k) is not None}  # fmt: skip
+    recipe = _recipe(args, "pretrain", {"encoder": encoder, "data": sizes},
+                     f"encoder.{stage}.augment", TRAIN=stage)  # fmt: skip
+    return _run(args, recipe, stage)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Linear-probe (and kNN) accuracy of frozen encoders on train -> test, one table."""
-    from memprune._dist import rank_world
-    from memprune._io import write_json
-    from memprune._table import write_table
-    from memprune.data import load_dataset, native_size
-    from memprune.probe import knn_probe, linear_probe
-    from memprune.report import plot_confusion
-
-    rank, _ = rank_world()
-    _positive(args, "chunk_size")
-    if rank == 0:
-        _check_out(args)
-    checkpoints = args.checkpoint or [None]
-    encoders = [
-        _encoder(argparse.Namespace(**{**vars(args), "checkpoint": c})) for c in checkpoints
-    ]  # fmt: skip  (every checkpoint is read before any work)
-    built_in = native_size(args.data, 1) is None  # the built-in data come at their own size
-    if args.transform == "encoder" and not built_in:
-        from memprune.encoders import eval_transform
-
-        size = {"transform": eval_transform(encoders[0])}  # the first encoder's preprocessing
-    else:
-        size = {"img_size": _img_size(args)}
-    train = load_dataset(args.data, "train", root=args.root, **size)
-    test = load_dataset(args.data, "test", root=args.root, **size)
-    common = dict(seed=args.seed, chunk_size=args.chunk_size, cache_dir=args.cache_dir,
-                  device=args.device, precision=args.precision, store=args.store)  # fmt: skip
-    probes = []
-    for model in encoders:
-        linear = linear_probe(model, train, test, backend=args.backend, **common)
-        probes.append((linear, knn_probe(model, train, test, **common) if args.knn else None))
-    if rank != 0:
-        return 0
-    out = _open_out(args)
-    n_classes = len(probes[0][0].confusion)
-    classes = [str(c) for c in (getattr(train, "classes", None) or range(n_classes))]
-    records, rows = [], []
-    for i, (model, ckpt, (linear, knn)) in enumerate(zip(encoders, checkpoints, probes)):
-        name = _model_name(args, model)
-        record = {"model": name, "checkpoint": ckpt}
-        for kind, r in (("linear", linear), ("knn", knn)):
-            if r is None:
-                continue
-            record[kind] = {
-                "accuracy": r.accuracy, **r.choice, **r.meta, "n_train": r.n_train,
-                "n_test": r.n_test, "val_scores": r.val_scores, "timings": r.timings,
-                "confusion": r.confusion.tolist(),
-            }  # fmt: skip
-            title = f"{kind} probe: {ckpt or name} on {args.data}, accuracy {r.accuracy:.4f}"
-            png = f"confusion_{kind}.png" if len(encoders) == 1 else f"confusion_{kind}_{i}.png"
-            plot_confusion(r.confusion, out / png, title, classes=classes)
-        records.append(record)
-        row = {"encoder": ckpt or name, "backend": linear.meta["backend"],
-               "linear": linear.accuracy, "C": linear.choice["C"]}  # fmt: skip
-        if knn is not None:
-            row.update(knn=knn.accuracy, k=knn.choice["k"])
-        rows.append(row)
-    write_json(out / "probe.json", {"data": args.data, "classes": classes, "n_train": len(train),
-                                    "n_test": len(test), "encoders": records})  # fmt: skip
-    printed = write_table(out / "probe", rows)
-    out.finish()
-    print(printed)
-    print(f"\nwrote probe.json, probe.md/.csv and confusion plots to {out}")
-    return 0
-
-
-def _write_comparison(out, rows: list[dict], report: dict, also: str) -> None:
-    """``report.json`` and the comparison table (Markdown, CSV, terminal)."""
-    from memprune._io import write_json
-    from memprune._table import write_table
-
-    write_json(out / "report.json", report)
-    printed = write_table(out / "comparison", rows)
-    out.finish()
-    print(printed)
-    print(f"\nwrote report.json, comparison.md/.csv, {also} to {out.path}")
-
-
-def _unit_scores(path: str):
-    """A saved UnitMemResult: ``score units --out DIR`` or its ``unitmem`` file stem."""
-    from memprune.errors import ConfigError
-    from memprune.scores import UnitMemResult
-
-    stem = Path(path) / "unitmem" if Path(path).is_dir() else Path(str(path).removesuffix(".json"))
-    if not stem.with_suffix(".json").is_file():
-        raise ConfigError(
-            f"no UnitMem scores at {path}: pass the --out directory of `memprune score units`"
-        )
-    return UnitMemResult.load(stem)
-
-
-def _check_scores_match(scores, args: argparse.Namespace) -> None:
-    """Scores saved by ``score units`` record the encoder they were made on: it must be this one."""
-    from memprune.errors import ConfigError
-
-    def same(a, b) -> bool:
-        if a is None or b is None:
-            return a is b
-        return Path(a).resolve() == Path(b).resolve()
-
-    made_on = scores.meta.get("checkpoint")
-    if "checkpoint" in scores.meta and not same(made_on, args.checkpoint):
-        raise ConfigError(
-            f"--scores {args.scores} were computed on checkpoint {made_on or '(random init)'},"
-            f" not on --checkpoint {args.checkpoint or '(random init)'}: score this encoder"
-            " with `memprune score units` first, or pass its own --scores"
-        )
+    paths = args.checkpoint or []
+    enable = {"encoder": _encoder(paths[0] if paths else None, args),
+              "evaluation": {"linear": True, "knn": True, "encoders": paths or None}}  # fmt: skip
+    return _run(args, _recipe(args, "probe", enable), "evaluate")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune by each strategy and ratio; probe every pruned encoder; one comparison table."""
-    from functools import partial
+    """Prune by each strategy and ratio (UnitMem first, into --out/unitmem/, unless --scores
+    names saved scores); probe every pruned encoder; one comparison table."""
+    from memprune.pruning import PRUNING_STRATEGIES
+    from memprune.recipes import schema_default
 
-    from memprune.data import load_dataset, seeded_subset
-    from memprune.encoders import resolve_device
-    from memprune.probe import linear_probe
-    from memprune.pruning import (
-        GRADIENT_STRATEGIES,
-        SCORE_STRATEGIES,
-        check_options,
-        compare_pruning,
-        prune_verdicts,
-        recovery,
-        ssl_gradients,
-    )
-    from memprune.report import plot_prune_tradeoff, plot_unit_scores
-    from memprune.scores import unit_mem
-
-    _positive(args, "views", "chunk_size", "max_points", "recover_epochs", "recover_steps")
-    for strategy in args.strategy:  # validate the whole sweep before any work or any file
-        for ratio in args.ratio:
-            for steps in args.iterative_steps:
-                # scores=True, gradients: UnitMem and the SSL gradients are made below if needed
-                check_options(ratio, strategy, args.scope, args.max_layer_ratio, steps,
-                              scores=True, gradients=print)  # fmt: skip
-    if args.onnx and not args.export:
-        from memprune.errors import ConfigError
-
-        raise ConfigError("--onnx exports beside the torch.export program: add --export")
-    _check_out(args)
-    device = resolve_device(args.device)
-    model = _encoder(args).to(device)
-    img_size = _img_size(args)
-    train = load_dataset(args.data, "train", root=args.root, img_size=img_size)
-    test = load_dataset(args.data, "test", root=args.root, img_size=img_size)
-
-    def score(m, progress=None):  # UnitMem of an encoder (iterative schedules: each step's)
-        return unit_mem(m, seeded_subset(train, args.max_points, args.seed), n_views=args.views,
-                        chunk_size=args.chunk_size, seed=args.seed, device=device,
-                        progress=progress, precision=args.precision)  # fmt: skip
-
-    scores = None
-    if args.scores:
-        scores = _unit_scores(args.scores)
-        _check_scores_match(scores, args)
-    elif any(s in SCORE_STRATEGIES for s in args.strategy):
-        scores = score(model)
-        scores.meta.update(model=_model_name(args, model), checkpoint=args.checkpoint,
-                           data=args.data)  # fmt: skip
-    out = _open_out(args)
-    if scores is not None and not args.scores:
-        scores.save(out / "unitmem")
-        plot_unit_scores(scores, out / "unitmem_per_site.png")
-
-    def evaluate(encoder) -> float:
-        return linear_probe(encoder, train, test, seed=args.seed, device=device,
-                            backend=args.backend, precision=args.precision).accuracy  # fmt: skip
-
-    options = dict(
-        scope=args.scope,
-        max_layer_ratio=args.max_layer_ratio,
-        heads=args.heads,
-        keep_output_width=not args.prune_output_width,
-        seeds=args.seeds or [args.seed],
-        schedules=args.iterative_steps,
-        latency_batch=args.latency_batch,
-        export=args.export,
-        onnx=args.onnx,
-    )
-    # taylor, hessian: the gradient of the SimCLR loss on the training data (no labels needed)
-    grads = None
-    if any(s in GRADIENT_STRATEGIES for s in args.strategy):
-        grads = ssl_gradients(train, seed=args.seed)
-    recover = None
-    if args.recover:
-        recover = recovery(train, model, args.recover, epochs=args.recover_epochs,
-                           steps=args.recover_steps, lr=args.recover_lr, progress=False,
-                           augment=_augment(args.recover_augment, None))  # fmt: skip
-    iterative = max(args.iterative_steps) > 1 and scores is not None and not args.scores
-    rows, reports = compare_pruning(model, scores, evaluate, args.ratio, args.strategy,
-                                    out / "models", overwrite=out.overwrite, gradients=grads,
-                                    recover=recover,
-                                    rescore=partial(score, progress=False) if iterative else None,
-                                    log=lambda m: print(m, flush=True), **options)  # fmt: skip
-    verdicts = prune_verdicts(rows)
-    print("\n".join(verdicts))
-    recovered = args.recover and {"method": args.recover, "epochs": args.recover_epochs,
-                                  "steps": args.recover_steps, "lr": args.recover_lr}  # fmt: skip
-    report = {
-        "model": _model_name(args, model), "checkpoint": args.checkpoint, "data": args.data,
-        "probe": args.backend, "options": {**options, "recovery": recovered or None},
-        "table": rows, "verdicts": verdicts, "runs": reports,
-    }  # fmt: skip
-    title = f"pruning {_model_name(args, model)} ({args.scope} scope), linear probe on {args.data}"
-    plot_prune_tradeoff(rows, out / "tradeoff.png", title)
-    _write_comparison(out, rows, report, "tradeoff.png and models/")
-    return 0
-
-
-def _layer_scores(args):
-    """A layer ranking from ``--layer-scores DIR`` (LayerMem or member gap), or LayerMem
-    computed for ``--f`` / ``--g``; None without either."""
-    from memprune.data import Splits, load_dataset
-    from memprune.errors import ConfigError
-    from memprune.results import load_any
-    from memprune.scores import layer_mem
-
-    if args.layer_scores:
-        stem = Path(args.layer_scores)
-        if stem.is_dir():
-            found = [stem / n for n in ("layermem", "membergap") if (stem / f"{n}.json").is_file()]
-            stem = found[0] if found else stem / "layermem"
-        else:
-            stem = Path(str(stem).removesuffix(".json"))
-        if not stem.with_suffix(".json").is_file():
-            raise ConfigError(
-                f"no layer scores at {args.layer_scores}: pass the --out of `memprune score"
-                " layers` (with --f/--g, or --encoder)"
-            )
-        return load_any(stem)
-    if not args.g:
-        return None
-    f, g = _encoder_arg(args.f, args), _encoder_arg(args.g, args)
-    splits = Path(args.f).parent / "splits.json"
-    indices = Splits.load(splits).candidate if splits.is_file() else None
-    data = load_dataset(args.score_data, "train", root=args.root)
-    return layer_mem(f, g, data, indices, n_pairs=args.pairs, seed=0)
-
-
-def _finetune_rankings(args, encoder, train) -> dict:
-    """``--by`` name -> the result ranking by it (default: every ranking the given scores
-    offer, then Auto-RGN, which needs only the downstream data)."""
-    from memprune.errors import ConfigError
-    from memprune.scores import UnitMemResult
-    from memprune.tuning import auto_rgn, unitmem_profile
-
-    sources = []
-    if (scores := _layer_scores(args)) is not None:
-        sources.append(scores)
-    if args.unit_scores:
-        stem = Path(args.unit_scores)
-        stem = stem / "unitmem" if stem.is_dir() else Path(str(stem).removesuffix(".json"))
-        sources.append(unitmem_profile(UnitMemResult.load(stem), encoder))
-    offered = {by: result for result in sources for by in result.rankings}
-    wanted = args.by or [*[r.rankings[0] for r in sources], "rgn"]
-    made = {}
-    for by in wanted:
-        if by == "rgn":
-            made[by] = auto_rgn(encoder, train, seed=args.seeds[0])
-        elif by in offered:
-            made[by] = offered[by]
-        else:
-            raise ConfigError(
-                f"--by {by}: no scores rank by it; pass --layer-scores (score layers --out: delta,"
-                " layermem with --f/--g; gap, auc with --encoder), --unit-scores (score units"
-                " --out: unitmem, unitmem_frac), --g, or rank by rgn"
-            )
-    return made
+    strategies = _given(args, "actions.prune.strategies") or schema_default(
+        "actions.prune.strategies")
+    by_score = any(PRUNING_STRATEGIES[s].needs == "scores" for s in strategies)
+    recover = {"method": args.recover} if args.recover else None
+    if not args.recover and any(getattr(args, SET + f"actions.prune.recover.{k}") is not None
+                                for k in ("epochs", "steps", "lr")):  # fmt: skip
+        raise ConfigError("--recover-epochs, --recover-steps and --recover-lr set --recover")
+    enable = {"encoder": _encoder(args.checkpoint, args),
+              "actions": {"prune": {"enabled": True, "recover": recover}},
+              "scores": {"unitmem": {"enabled": by_score and not _given(args, "actions.prune.scores")}}}
+    return _run(args, _recipe(args, "prune", enable), "prune")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune the chosen layers by each rule, k and seed; one comparison table."""
-    from memprune.data import load_dataset
-    from memprune.probe import linear_probe
-    from memprune.report import plot_finetune
-    from memprune.tuning import compare_finetuning, ranking_values
-
-    _positive(args, "pairs", "k", "epochs", "batch_size")
-    if not args.lr > 0:
-        from memprune.errors import ConfigError
-
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
-    _check_out(args)
-    encoder = _encoder_arg(args.f, args)
-    train = load_dataset(args.data, "train", root=args.root, img_size=_img_size(args))
-    test = load_dataset(args.data, "test", root=args.root, img_size=_img_size(args))
-    rankings = _finetune_rankings(args, encoder, train)
-    augment = _augment(args.augment, "crop_flip")
-    budget = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, augment=augment)
-
-    def baseline(model, seed: int) -> float:
-        return linear_probe(model, train, test, seed=seed).accuracy
-
-    rows, runs = compare_finetuning(encoder, rankings, train, test, args.k, args.strategy,
-                                    args.seeds, baseline=baseline,
-                                    log=lambda m: print(m, flush=True), **budget)  # fmt: skip
-    values = {by: dict(zip(r.layers, ranking_values(r, by)[1].tolist()))
-              for by, r in rankings.items()}  # fmt: skip
-    report = {
-        "f": args.f, "data": args.data, "by": list(rankings), "seeds": args.seeds, **budget,
-        "layer_values": values, "table": rows, "runs": runs,
-    }  # fmt: skip
-    title = f"fine-tuning {args.f} on {args.data} ({args.epochs} epochs, lr {args.lr:g})"
-    out = _open_out(args)
-    plot_finetune(rows, out / "comparison.png", title)
-    _write_comparison(out, rows, report, "comparison.png")
-    return 0
+    """Fine-tune the layers each rule chooses, at each k and seed; one comparison table
+    (LayerMem of --f against --g first, into --out/layermem/, when --g is given)."""
+    scores = [s for s in (args.layer_scores, args.unit_scores) if s]
+    layermem: dict = {"enabled": bool(args.g)}
+    if args.g and (Path(args.f).parent / "splits.json").is_file():  # f's candidates
+        layermem["points"] = {"indices": str(Path(args.f).parent / "splits.json"),
+                              "part": "candidate"}  # fmt: skip
+    enable = {"encoder": _encoder(args.f, args, args.g), "scores": {"layermem": layermem},
+              "actions": {"finetune": {"enabled": True, "scores": scores}}}  # fmt: skip
+    return _run(args, _recipe(args, "finetune", enable, "actions.finetune.augment"), "finetune")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -846,11 +361,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to every option's help, except where the help already says it or
-    there is no default to show."""
+# ---------------------------------------------------------------- the parser
 
-    def _get_help_string(self, action):
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: X)" once, where there is one to show
         text = action.help or ""
         if action.default in (None, False) or "default" in text:
             return text
@@ -858,54 +373,21 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every verb's ``--help`` lists its options with their defaults; a bad argument is one
-    line naming it and pointing to ``--help``, with exit status 2."""
+    """Every option's help shows its default; a bad argument is one line naming it and
+    pointing to ``--help``, with exit status 2."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# ---------------------------------------------------------------- option groups
-
-
-def _add_out(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
-
-
-def _add_run(p, seed_help: str, chunk: int | None = 32, workers: bool = True) -> None:
-    """--seed, --device and (how a pass runs, never what it gives) --chunk-size, --workers."""
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if any)")
-    if chunk is not None:
-        p.add_argument("--chunk-size", type=int, default=chunk,
-                       help="points per forward pass (never changes a result)")  # fmt: skip
-        p.add_argument("--precision", default="auto", choices=_registry("engine", "PRECISIONS"),
-                       help="what the encoder computes in: auto = bf16 on a CUDA device that"
-                       " supports it, else fp32 (statistics stay float32)")  # fmt: skip
-    if workers:
-        p.add_argument("--workers", type=int, default=None,
-                       help="DataLoader workers (default: 0 on CPU, several per GPU)")  # fmt: skip
-
-
-def _add_augment(p, default: str, what: str) -> None:
-    presets = ", ".join(_registry("data", "AUGMENTS"))
-    p.add_argument("--augment", nargs="+", default=[default], metavar="PRESET|KEY=VALUE",
-                   help=f"{what}: a preset ({presets}) and/or its parameters, e.g."
-                   f" --augment {default} scale=[0.3,1.0]")  # fmt: skip
-
-
-def _add_weight_files(p, *flags: str) -> None:
-    """Encoders given as run directories or weight files (``--f``/``--g``, ``--a``/``--b``)."""
-    p.add_argument("--model", default=None, help=f"timm name, when {'/'.join(flags)} are plain"
-                   " weight files")  # fmt: skip
-    p.add_argument("--img-size", type=int, default=None, help="input size for plain weight files")
-    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
-    _add_checkpoint_options(p)
+def _verb(sub, name: str, func, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.set_defaults(func=func, _verb_parser=p)
+    return p
 
 
 def _registry(module: str, name: str) -> tuple[str, ...]:
@@ -915,295 +397,244 @@ def _registry(module: str, name: str) -> tuple[str, ...]:
     return tuple(getattr(importlib.import_module(f"memprune.{module}"), name))
 
 
-# ---------------------------------------------------------------- one builder per verb
+def _model_opts(p, several: bool = False, flags: tuple[str, ...] = ("--checkpoint",)) -> None:
+    if flags == ("--checkpoint",):
+        p.add_argument("--checkpoint", default=None, nargs="+" if several else None,
+                       help="weights: .safetensors, a torch state dict, a memprune run or a"
+                       " pruned directory; none: timm's random init, seeded by --seed"
+                       f"{' (several: one table)' if several else ''}")  # fmt: skip
+    p.add_argument("--model", default=None, help="timm model name (default: resnet18, or the"
+                   " one a memprune run or pruned directory records)")  # fmt: skip
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: 32,"
+                   " or the one a checkpoint directory records)")  # fmt: skip
+    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
+    p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (unsafe)")
+    p.add_argument("--entry", default=None, help="which model of a checkpoint holding several"
+                   " (DINO: teacher, the default, or student)")  # fmt: skip
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="load the tensors that fit a checkpoint and warn about the rest")
 
 
-def _build_sites(sub) -> None:
-    p = sub.add_parser("sites", help="list an encoder's unit and layer sites")
-    _add_model_args(p)
-    _add_data_args(p)
-    p.add_argument("--views", type=int, default=4, help="views per point")
-    p.add_argument("--points", type=int, default=8, help="points in the batch pushed through")
-    p.add_argument("--seed", type=int, default=0, help="view seed")
-    p.set_defaults(func=cmd_sites)
+def _data_opts(p, split: str | None = None) -> None:
+    _opt(p, "--data", key="data.name", help="data set name or image folder")
+    _opt(p, "--root", key="data.root", help="folder of a torchvision data set's files")
+    if split:
+        _opt(p, "--split", key=split, choices=("train", "test"), help="which split")
 
 
-def _build_score_units(score, what: str, views: int, augment: str, helptext: str) -> None:
-    p = score.add_parser(what, help=helptext)
-    _add_model_args(p)
-    _add_data_args(p)
-    _add_out(p)
-    p.add_argument("--views", type=int, default=views, help="views per point")
-    _add_augment(p, augment, "view augmentation")
-    p.add_argument("--sites", nargs="+", default=None, help="site name patterns (default: all)")
-    p.add_argument("--rest", default="mean", choices=_registry("stats", "RESTS"),
-                   help="mu_rest statistic")  # fmt: skip
-    p.add_argument("--signed", default="abs", choices=_registry("hooks", "SIGNED"),
-                   help="signed-activation rule")  # fmt: skip
-    p.add_argument("--max-points", type=int, default=None,
-                   help="score a seeded subset of this many points")  # fmt: skip
-    _add_run(p, "view and subset seed")
-    p.set_defaults(func=cmd_score_units)
+def _run_opts(p, chunk: str | None = "scores.chunk_size", out: bool = True) -> None:
+    _opt(p, "--seed", key="seed", type=int, help="seed of views, subsets, init and probes")
+    _opt(p, "--device", key="device", help="cpu, cuda, cuda:1 (null: CUDA if any)")
+    _opt(p, "--precision", key="precision", choices=_registry("engine", "PRECISIONS"),
+         help="what encoders compute in: auto = bf16 on a CUDA device that supports it")
+    _opt(p, "--workers", key="workers", type=int, help="DataLoader workers (null: 0 on CPU)")
+    if chunk:
+        _opt(p, "--chunk-size", key=chunk, type=int, help="points per forward pass (never"
+             " changes a result)")  # fmt: skip
+    if out:
+        p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+        p.add_argument("--force", action="store_true", help="write into a non-empty --out")
 
 
-def _build_score_layers(score) -> None:
-    p = score.add_parser("layers", help="LayerMem / ΔLayerMem of an encoder pair, or the member"
-                         " gap of one encoder")  # fmt: skip
-    p.add_argument("--f", default=None,
-                   help="encoder trained WITH the candidates: run dir or weights")  # fmt: skip
-    p.add_argument("--g", default=None, help="encoder trained WITHOUT them: run dir or weights")
-    p.add_argument("--encoder", default=None, help="one encoder, no reference: the member gap of"
-                   " --members against --nonmembers (any checkpoint layout)")  # fmt: skip
-    p.add_argument(
-        "--members",
-        default=None,
-        metavar="SPLIT[:FILE[:PART]]",
-        help="points --encoder trained on, e.g. train:runs/x/splits.json:candidate",
-    )
-    p.add_argument(
-        "--nonmembers",
-        default=None,
-        metavar="SPLIT[:FILE[:PART]]",
-        help="points it never saw, e.g. test or train:runs/x/splits.json:extra",
-    )
-    _add_weight_files(p, "--f", "--g", "--encoder")
-    _add_data_args(p)
-    p.add_argument("--splits", default=None, help="splits.json (default: beside --f, if present)")
-    p.add_argument("--part", default="candidate", choices=_registry("data", "PARTS"),
-                   help="which points of splits.json to score")  # fmt: skip
-    p.add_argument("--n-points", type=int, default=None, help="score a seeded subset of this many")
-    p.add_argument("--pairs", type=int, default=10, help="view pairs per point")
-    p.add_argument("--layers", nargs="+", default=None, help="layer-site patterns (default: all)")
-    p.add_argument("--representation", default="flatten",
-                   choices=_registry("hooks", "REPRESENTATIONS"),
-                   help="layer output as: whole, spatial/token mean, class token")  # fmt: skip
-    p.add_argument("--pair", default="views", choices=_registry("scores", "PAIRS"),
-                   help="two views per pair (paper) or the clean image and one view")  # fmt: skip
-    p.add_argument("--top-k", type=int, default=50, help="size of the top / least sets")
-    _add_augment(p, "simclr", "view augmentation")
-    _add_out(p)
-    _add_run(p, "view seed")
-    p.set_defaults(func=cmd_score_layers)
-
-
-def _build_score_cka(score) -> None:
-    p = score.add_parser("cka", help="CKA between layers (within --a, or --a vs --b)")
-    p.add_argument("--a", required=True, help="encoder: run dir or weights")
-    p.add_argument("--b", default=None, help="second encoder (default: --a with itself)")
-    _add_weight_files(p, "--a", "--b")
-    _add_data_args(p)
-    p.add_argument("--layers-a", nargs="+", default=None, help="layer-site patterns of --a")
-    p.add_argument("--layers-b", nargs="+", default=None, help="layer-site patterns of --b")
-    p.add_argument("--representation", default="flatten",
-                   choices=_registry("hooks", "REPRESENTATIONS"),
-                   help="layer output as: whole, spatial/token mean, class token")  # fmt: skip
-    p.add_argument("--minibatch", type=int, default=256,
-                   help="points per HSIC estimate (>= 4; changes the estimate)")  # fmt: skip
-    p.add_argument("--no-invariance", action="store_true", help="skip the two-view CKA")
-    _add_augment(p, "simclr", "views of the invariance")
-    _add_out(p)
-    _add_run(p, "view seed", chunk=None, workers=False)
-    p.set_defaults(func=cmd_score_cka)
+def _augment_opt(p, key: str, what: str) -> None:
+    presets = ", ".join(_registry("data", "AUGMENTS"))
+    p.add_argument("--augment", nargs="+", default=None, metavar="PRESET|KEY=VALUE",
+                   help=f"{what}: a preset ({presets}) and/or its parameters, e.g. --augment"
+                   f" crop_flip scale=[0.6,1.0] [{key}, default: {_default(key)}]")  # fmt: skip
 
 
 def _build_score(sub) -> None:
     score = sub.add_parser("score", help="compute memorization scores").add_subparsers(
-        dest="what", required=True, metavar="SCORE", parser_class=_Parser
-    )
-    _build_score_units(
-        score, "units", 10, "simclr", "UnitMem of every unit (per-point selectivity)"
-    )
-    _build_score_units(score, "classes", 1, "none", "ClassMem of every unit (class selectivity)")
-    _build_score_layers(score)
-    _build_score_cka(score)
+        dest="what", required=True, metavar="SCORE", parser_class=_Parser)
+    for what, stage, helptext in (("units", "unitmem", "UnitMem of every unit"),
+                                  ("classes", "classmem", "ClassMem of every unit")):  # fmt: skip
+        p = _verb(score, what, cmd_score_units, helptext)
+        _model_opts(p)
+        _data_opts(p, "scores.unitmem.split")
+        _opt(p, "--views", key=f"scores.{stage}.views", type=int, help="views per point")
+        _augment_opt(p, f"scores.{stage}.augment", "view augmentation")
+        _opt(p, "--sites", key="scores.unitmem.sites", nargs="+", help="site name patterns")
+        _opt(p, "--rest", key="scores.unitmem.rest", choices=_registry("stats", "RESTS"),
+             help="mu_rest statistic")
+        _opt(p, "--signed", key="scores.unitmem.signed", choices=_registry("hooks", "SIGNED"),
+             help="signed-activation rule")
+        _opt(p, "--n-points", "--max-points", key="scores.unitmem.n_points", type=int,
+             help="score a seeded subset of this many points")
+        _run_opts(p)
+    p = _verb(score, "layers", cmd_score_layers, "LayerMem / ΔLayerMem of an encoder pair, or"
+              " the member gap of one encoder")  # fmt: skip
+    p.add_argument("--f", default=None, help="encoder trained WITH the candidates")
+    p.add_argument("--g", default=None, help="encoder trained WITHOUT them")
+    p.add_argument("--encoder", default=None, help="one encoder, no reference: the member gap")
+    for flag in ("--members", "--nonmembers"):
+        p.add_argument(flag, default=None, metavar="SPLIT[:FILE[:PART]]", help="points"
+                       f" --encoder {'trained on' if flag == '--members' else 'never saw'}, e.g."
+                       " train:runs/x/splits.json:candidate")  # fmt: skip
+    _model_opts(p, flags=())
+    _data_opts(p)
+    p.add_argument("--splits", default=None, help="splits.json (default: beside --f, if present)")
+    p.add_argument("--part", default="candidate", choices=_registry("data", "PARTS"),
+                   help="which points of splits.json to score")  # fmt: skip
+    _opt(p, "--n-points", key="scores.LAYERS.n_points", type=int, help="a seeded subset")
+    _opt(p, "--pairs", key="scores.LAYERS.pairs", type=int, help="view pairs per point")
+    _opt(p, "--layers", key="scores.LAYERS.layers", nargs="+", help="layer-site patterns")
+    _opt(p, "--representation", key="scores.LAYERS.representation",
+         choices=_registry("hooks", "REPRESENTATIONS"), help="layer output as")
+    _opt(p, "--pair", key="scores.LAYERS.pair", choices=_registry("scores", "PAIRS"),
+         help="two views per pair, or the clean image and one view")
+    _opt(p, "--top-k", key="scores.layermem.top_k", type=int, help="size of the top/least sets")
+    _augment_opt(p, "scores.augment", "view augmentation")
+    _run_opts(p)
+    p = _verb(score, "cka", cmd_score_cka, "CKA between layers (within --a, or --a vs --b)")
+    p.add_argument("--a", required=True, help="encoder: run dir or weights")
+    p.add_argument("--b", default=None, help="second encoder (default: --a with itself)")
+    _model_opts(p, flags=())
+    _data_opts(p, "scores.cka.split")
+    _opt(p, "--layers-a", key="scores.cka.layers_a", nargs="+", help="layer patterns of --a")
+    _opt(p, "--layers-b", key="scores.cka.layers_b", nargs="+", help="layer patterns of --b")
+    _opt(p, "--representation", key="scores.cka.representation",
+         choices=_registry("hooks", "REPRESENTATIONS"), help="layer output as")
+    _opt(p, "--minibatch", key="scores.cka.minibatch", type=int, help="points per HSIC estimate")
+    _opt(p, "--invariance", key="scores.cka.invariance", action="store_true",
+         help="also the CKA of each layer between two views")
+    _augment_opt(p, "scores.cka.augment", "views of the invariance")
+    _run_opts(p, chunk=None)
 
 
 def _build_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="SimCLR-train an encoder or the pair f / g")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name")
-    p.add_argument("--img-size", type=int, default=None, help="input size (ViTs)")
-    p.add_argument("--timm", nargs="+", default=None, metavar="KEY=VALUE", help="timm arguments")
-    _add_data_args(p)
-    p.add_argument("--out", required=True, help="run directory (f/, g/, splits.json for --pair)")
+    p = _verb(sub, "pretrain", cmd_pretrain, "SimCLR-train the pair f / g (or one encoder)")
+    _model_opts(p, flags=())
+    _data_opts(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--pair", action="store_true",
-                   help="train f (shared+candidate) and g (shared+extra)")  # fmt: skip
-    p.add_argument("--shared", default="0.5", help="count (100) or fraction (0.5)")
-    p.add_argument("--candidate", default="0.1", help="count or fraction")
-    p.add_argument("--extra", default="0.1", help="count or fraction")
-    p.add_argument("--test", default="0", help="count or fraction held out from both")
+    _opt(p, "--pair", key="encoder.pretrain.pair", action=argparse.BooleanOptionalAction,
+         help="f (shared + candidate) and g (shared + extra), or one encoder on all points")
+    for name in ("shared", "candidate", "extra", "test"):
+        p.add_argument(f"--{name}", default=None, help=f"count (100) or fraction (0.5) [data."
+                       f"{name}, default: {_default('data.' + name)}]")  # fmt: skip
     p.add_argument("--supervised", action="store_true", help="cross-entropy training instead")
-    p.add_argument("--random-labels", action="store_true", help="supervised with random labels")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="points per batch, per process")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine schedule)")
-    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
-    p.add_argument("--proj-dim", type=int, default=128, help="projection head output width")
-    p.add_argument("--mixed-precision", default="auto",
-                   choices=_registry("train", "MIXED_PRECISION"),
-                   help="accelerate's mixed precision; auto = bf16 on a CUDA device that"
-                   " supports it, else none")  # fmt: skip
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep every epoch's encoder")
-    p.add_argument("--augment", nargs="+", default=None, metavar="PRESET|KEY=VALUE",
-                   help="training views (default: simclr; crop_flip with --supervised), e.g."
-                   " --augment scale=[0.3,1.0]")  # fmt: skip
-    _add_run(p, "split, init, order and view seed", chunk=None)
-    p.set_defaults(func=cmd_pretrain)
+    _opt(p, "--random-labels", key="encoder.supervised.random_labels", action="store_true",
+         help="supervised with random labels")
+    _opt(p, "--epochs", key="encoder.TRAIN.epochs", type=int, help="training epochs")
+    _opt(p, "--batch-size", key="encoder.TRAIN.batch_size", type=int, help="points per batch")
+    _opt(p, "--lr", key="encoder.TRAIN.lr", type=float, help="AdamW learning rate")
+    _opt(p, "--temperature", key="encoder.pretrain.temperature", type=float, help="NT-Xent")
+    _opt(p, "--proj-dim", key="encoder.pretrain.proj_dim", type=int, help="projection width")
+    _opt(p, "--mixed-precision", key="encoder.TRAIN.mixed_precision",
+         choices=_registry("train", "MIXED_PRECISION"), help="accelerate's mixed precision")
+    _opt(p, "--keep-checkpoints", key="encoder.TRAIN.keep_checkpoints", action="store_true",
+         help="keep every epoch's encoder")
+    _augment_opt(p, "encoder.pretrain.augment", "training views")
+    _run_opts(p, chunk=None)
 
 
 def _build_probe(sub) -> None:
-    p = sub.add_parser("probe", help="linear-probe and kNN accuracy of frozen encoders")
-    _add_model_args(p, several=True)
-    p.add_argument("--data", default=DEFAULT_DATA, help="data set with train and test splits")
-    p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
-    p.add_argument("--backend", default="auto", choices=_registry("probe", "BACKENDS"),
-                   help="linear-probe fit (auto: sklearn on CPU, torch on a GPU)")  # fmt: skip
-    p.add_argument("--knn", action="store_true", help="also the weighted kNN probe")
-    p.add_argument("--cache-dir", default=None, help="cache extracted features here")
-    p.add_argument("--store", default=None, metavar="DIR",
-                   help="data too large for memory: features memory-mapped on disk in DIR,"
-                   " probes read in chunks of rows (not with --cache-dir)")  # fmt: skip
-    p.add_argument("--transform", default="encoder", choices=("encoder", "resize"),
-                   help="torchvision / folder data: the (first) encoder's eval preprocessing"
-                   " from its timm data config, or a resize to --img-size")  # fmt: skip
-    _add_out(p)
-    _add_run(p, "validation-split seed", chunk=256, workers=False)
-    p.set_defaults(func=cmd_probe)
+    p = _verb(sub, "probe", cmd_probe, "linear-probe and kNN accuracy of frozen encoders")
+    _model_opts(p, several=True)
+    _data_opts(p)
+    _opt(p, "--backend", key="evaluation.backend", choices=_registry("probe", "BACKENDS"),
+         help="linear-probe fit (auto: sklearn on CPU, torch on a GPU)")
+    _opt(p, "--cs", key="evaluation.cs", type=float, nargs="+", help="C values the probe sweeps")
+    _opt(p, "--knn", key="evaluation.knn", action=argparse.BooleanOptionalAction,
+         help="the weighted kNN probe too")
+    _opt(p, "--cache-dir", key="evaluation.cache_dir", help="cache extracted features here")
+    _opt(p, "--store", key="evaluation.store", metavar="DIR",
+         help="features memory-mapped on disk in DIR, probes read in chunks of rows")
+    _opt(p, "--transform", key="data.transform", choices=("encoder", "resize"),
+         help="torchvision / folder data: the first encoder's eval preprocessing, or a resize")
+    _run_opts(p, chunk="evaluation.chunk_size")
 
 
 def _build_prune(sub) -> None:
-    p = sub.add_parser(
-        "prune", help="prune units by UnitMem / random / magnitude and compare probe accuracy"
-    )
-    _add_model_args(p)
-    p.add_argument("--data", default=DEFAULT_DATA, help="data set with train and test splits")
-    p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
-    p.add_argument("--scores", default=None, help="UnitMem of this encoder (score units --out)")
-    p.add_argument("--ratio", "--ratios", dest="ratio", type=float, nargs="+", default=[0.2, 0.5],
-                   help="fractions of units removed")  # fmt: skip
-    strategies = _registry("pruning", "STRATEGIES")
-    default = list(_registry("pruning", "DEFAULT_STRATEGIES"))
-    p.add_argument("--strategy", nargs="+", default=default, choices=strategies,
-                   help="which units go first")  # fmt: skip
-    p.add_argument("--scope", default="layer", choices=_registry("pruning", "SCOPES"),
-                   help="the ratio per layer, or one global ranking")  # fmt: skip
-    p.add_argument("--max-layer-ratio", type=float, default=None, help="cap per layer (global)")
-    p.add_argument("--heads", action="store_true", help="also prune ViT attention heads")
-    p.add_argument("--prune-output-width", action="store_true", help="prune the feature width too")
-    p.add_argument(
-        "--iterative-steps",
-        type=int,
-        nargs="+",
-        default=[1],
-        help="schedules: prune in this many steps (1: one shot; several compared)",
-    )
-    p.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=None,
-        help="seeds of random pruning and recovery (default: --seed)",
-    )
-    p.add_argument(
-        "--recover",
-        default=None,
-        choices=_registry("pruning", "RECOVERY"),
-        help="recover every pruned encoder: distill from the unpruned one, supervised"
-        " on the labels, or simclr",
-    )
-    p.add_argument("--recover-epochs", type=int, default=3, help="recovery epochs")
-    p.add_argument("--recover-steps", type=int, default=None, help="recovery steps (not epochs)")
-    p.add_argument("--recover-lr", type=float, default=1e-3, help="recovery learning rate")
-    p.add_argument(
-        "--recover-augment",
-        nargs="+",
-        default=None,
-        metavar="PRESET|KEY=VALUE",
-        help="recovery views (default: the method's)",
-    )
-    p.add_argument(
-        "--export",
-        action="store_true",
-        help="also write each pruned encoder as a torch.export program (encoder.pt2)",
-    )
-    p.add_argument("--onnx", action="store_true", help="with --export: also ONNX (needs onnx)")
-    p.add_argument("--views", type=int, default=10, help="views per point for UnitMem")
-    p.add_argument("--max-points", type=int, default=None, help="score a seeded subset")
-    p.add_argument("--latency-batch", type=int, default=64, help="batch for latency (0: skip)")
-    p.add_argument("--backend", default="auto", choices=_registry("probe", "BACKENDS"),
-                   help="linear-probe fit (auto: sklearn on CPU, torch on a GPU)")  # fmt: skip
-    _add_out(p)
-    _add_run(p, "view, random-strategy and probe seed", workers=False)
-    p.set_defaults(func=cmd_prune)
+    p = _verb(sub, "prune", cmd_prune, "prune units by UnitMem / random / magnitude / ... and"
+              " compare probe accuracy")  # fmt: skip
+    _model_opts(p)
+    _data_opts(p)
+    a = "actions.prune."
+    _opt(p, "--scores", key=a + "scores", help="saved UnitMem of this encoder (score units --out)")
+    _opt(p, "--ratio", "--ratios", key=a + "ratios", type=float, nargs="+",
+         help="fractions of units removed")
+    _opt(p, "--strategy", key=a + "strategies", nargs="+",
+         choices=_registry("pruning", "PRUNING_STRATEGIES"), help="which units go first")
+    _opt(p, "--scope", key=a + "scope", choices=_registry("pruning", "SCOPES"),
+         help="the ratio per layer, or one global ranking")
+    _opt(p, "--max-layer-ratio", key=a + "max_layer_ratio", type=float, help="cap per layer")
+    _opt(p, "--heads", key=a + "heads", action="store_true", help="also ViT attention heads")
+    _opt(p, "--prune-output-width", key=a + "keep_output_width", action="store_false",
+         help="prune the feature width too")
+    _opt(p, "--steps", "--iterative-steps", key=a + "schedules", type=int, nargs="+",
+         help="prune in this many steps (1: one shot; several compared)")
+    _opt(p, "--seeds", key=a + "seeds", type=int, nargs="+", help="random pruning, recovery")
+    p.add_argument("--recover", default=None, choices=_registry("pruning", "RECOVERY"),
+                   help="recover every pruned encoder: distill from the unpruned one,"
+                   " supervised on the labels, or simclr")  # fmt: skip
+    _opt(p, "--recover-epochs", key=a + "recover.epochs", type=int, help="recovery epochs")
+    _opt(p, "--recover-steps", key=a + "recover.steps", type=int, help="steps (not epochs)")
+    _opt(p, "--recover-lr", key=a + "recover.lr", type=float, help="recovery learning rate")
+    p.add_argument("--recover-augment", nargs="+", default=None, metavar="PRESET|KEY=VALUE",
+                   help="recovery views (default: the method's)")
+    _opt(p, "--export", key=a + "export", action="store_true", help="torch.export programs too")
+    _opt(p, "--onnx", key=a + "onnx", action="store_true", help="with --export: ONNX too")
+    _opt(p, "--views", key="scores.unitmem.views", type=int, help="views per point (UnitMem)")
+    _opt(p, "--n-points", "--max-points", key="scores.unitmem.n_points", type=int,
+         help="UnitMem of a seeded subset")
+    _opt(p, "--latency-batch", key=a + "latency_batch", type=int, help="latency batch")
+    _opt(p, "--backend", key="evaluation.backend", choices=_registry("probe", "BACKENDS"),
+         help="linear-probe fit")
+    _run_opts(p)
 
 
 def _build_finetune(sub) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="fine-tune the top layers by each ranking against last-k, first-k,"
-        " random-k, all and the linear probe",
-    )
+    p = _verb(sub, "finetune", cmd_finetune, "fine-tune the top layers by each ranking against"
+              " last-k, first-k, random-k, all and the linear probe")  # fmt: skip
     p.add_argument("--f", required=True, help="the pretrained encoder: run dir or weights")
     p.add_argument("--g", default=None, help="reference encoder, to compute LayerMem")
-    p.add_argument("--layer-scores", default=None, help="LayerMem or member gap of f (score"
-                   " layers --out)")  # fmt: skip
-    p.add_argument("--unit-scores", default=None, help="UnitMem of f (score units --out), for"
-                   " the UnitMem profile")  # fmt: skip
-    p.add_argument("--score-data", default=DEFAULT_DATA, help="pretraining data (with --g)")
-    p.add_argument("--pairs", type=int, default=10, help="view pairs per point (with --g)")
-    _add_weight_files(p, "--f", "--g")
-    p.add_argument("--data", default="digits-shift", help="downstream data set")
-    p.add_argument("--root", default=None, help="folder of a torchvision data set's files")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 2], help="layers to fine-tune")
-    strategies = _registry("tuning", "STRATEGIES")
-    p.add_argument("--strategy", nargs="+", default=["top", "last", "random", "all"],
-                   choices=strategies, help="layer choices compared at each k")  # fmt: skip
-    p.add_argument("--by", nargs="+", default=None, choices=_registry("tuning", "BY"),
-                   help="rankings `top` uses, one row each (default: every one the given scores"
-                   " offer, and rgn)")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=20, help="epochs per run (as the recipes)")
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (as the recipes)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (as the recipes)")
-    _add_augment(p, "crop_flip", "training views (none: the plain images)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed")
-    _add_out(p)
-    p.set_defaults(func=cmd_finetune)
+    p.add_argument("--layer-scores", default=None, help="LayerMem or member gap of f")
+    p.add_argument("--unit-scores", default=None, help="UnitMem of f, for its profile")
+    _model_opts(p, flags=())
+    _opt(p, "--score-data", key="data.name", help="pretraining data (with --g)")
+    _opt(p, "--data", key="data.downstream", help="downstream data set")
+    _opt(p, "--root", key="data.root", help="folder of a torchvision data set's files")
+    _opt(p, "--pairs", key="scores.layermem.pairs", type=int, help="view pairs (with --g)")
+    f = "actions.finetune."
+    _opt(p, "--k", key=f + "k", type=int, nargs="+", help="layers to fine-tune")
+    _opt(p, "--strategy", key=f + "strategies", nargs="+",
+         choices=_registry("tuning", "LAYER_STRATEGIES"), help="layer choices compared")
+    _opt(p, "--by", key=f + "by", nargs="+", choices=_registry("tuning", "BY"),
+         help="rankings `top` uses (null: every one the scores offer, and rgn)")
+    _opt(p, "--epochs", key=f + "epochs", type=int, help="epochs per run")
+    _opt(p, "--lr", key=f + "lr", type=float, help="AdamW learning rate")
+    _opt(p, "--batch-size", key=f + "batch_size", type=int, help="batch size")
+    _opt(p, "--seeds", key=f + "seeds", type=int, nargs="+", help="one run per seed")
+    _augment_opt(p, f + "augment", "training views")
+    _run_opts(p, chunk=None)
 
 
-def _build_run(sub) -> None:
-    p = sub.add_parser("run", help="run a YAML recipe: data -> scores -> actions -> report")
+def _build_misc(sub) -> None:
+    p = _verb(sub, "sites", cmd_sites, "list an encoder's unit and layer sites")
+    _model_opts(p)
+    _data_opts(p)
+    p.add_argument("--split", default="train", choices=("train", "test"), help="which split")
+    p.add_argument("--views", type=int, default=4, help="views per point")
+    p.add_argument("--points", type=int, default=8, help="points in the batch pushed through")
+    _opt(p, "--seed", key="seed", type=int, help="view and init seed")
+    p = _verb(sub, "run", cmd_run, "run a YAML recipe: data -> scores -> actions -> report")
     p.add_argument("recipe", help="recipe file (see recipes/)")
     p.add_argument("--set", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
                    help="override recipe keys, e.g. actions.prune.ratios=[0.5]")  # fmt: skip
     p.add_argument("--out", default=None, help="run directory (default: runs/NAME)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
     p.add_argument("--force", action="store_true", help="start an existing run over")
-    p.set_defaults(func=cmd_run)
-
-
-def _build_report(sub) -> None:
-    p = sub.add_parser("report", help="re-render report.md of a run directory")
+    p = _verb(sub, "report", cmd_report, "re-render report.md of a run directory")
     p.add_argument("run_dir", help="a directory written by memprune run")
-    p.set_defaults(func=cmd_report)
-
-
-#: Verb -> the builder of its options (each verb imports only what its choices need).
-VERBS = {
-    "sites": _build_sites, "score": _build_score, "pretrain": _build_pretrain,
-    "probe": _build_probe, "prune": _build_prune, "finetune": _build_finetune,
-    "run": _build_run, "report": _build_report,
-}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="memprune", description="Localize memorization in vision encoders and act on it."
-    )
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
-    )
-    for build in VERBS.values():
+    parser = _Parser(prog="memprune",
+                     description="Localize memorization in vision encoders and act on it.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)  # fmt: skip
+    for build in (_build_misc, _build_score, _build_pretrain, _build_probe, _build_prune,
+                  _build_finetune):  # fmt: skip
         build(sub)
     return parser
 
@@ -1213,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a bad argument (2, already printed)
         return int(exit_.code or 0)
+    args._parser = getattr(args, "_verb_parser", None)
     try:
         return args.func(args)
     except MemPruneError as err:

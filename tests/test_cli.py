@@ -57,7 +57,7 @@ def test_score_units_and_classes_write_results(tmp_path, capsys):
     assert (out / "summary.csv").read_text() == (tmp_path / "cut/summary.csv").read_text()
     assert not unfinished(tmp_path / "cut")
     assert main(["score", "classes", "--max-points", "60", "--out", str(tmp_path / "c")]) == 0
-    assert ClassMemResult.load(tmp_path / "c" / "classmem").kind == "classmem"
+    assert ClassMemResult.load(tmp_path / "c" / "classmem_f").kind == "classmem"
 
 
 def test_pretrain_pair_then_score_layers(tmp_path, capsys):
@@ -157,9 +157,10 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
     args = [*tiny, "--strategy", "lowest", "random", "--views", "2", "--max-points", "200",
             "--latency-batch", "8"]  # fmt: skip
     assert main(["prune", *args, "--out", str(out)]) == 0
-    for name in ("report.json", "comparison.md", "comparison.csv", "tradeoff.png", "unitmem.json"):
+    for name in ("results.json", "comparison.md", "comparison.csv", "tradeoff.png",
+                 "unitmem/unitmem.json"):
         assert (out / name).is_file(), name
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "results.json").read_text())
     assert [(r["strategy"], r["ratio"]) for r in report["table"]] == [
         ("none", 0.0), ("lowest", 0.5), ("random", 0.5)
     ]  # fmt: skip
@@ -189,7 +190,7 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
         "--export",
     ]
     assert main(["prune", *reuse, "--out", str(again)]) == 0
-    report2 = json.loads((again / "report.json").read_text())
+    report2 = json.loads((again / "results.json").read_text())
     rerun = report2["runs"][0]
     assert rerun["groups"] == lowest["groups"] and "latency_ms" not in rerun
     recovered = report2["table"][-1]
@@ -212,9 +213,9 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
     cut = tmp_path / "cut"
     kill_when(["prune", *args, "--out", str(cut)],
               lambda: (cut / "models/lowest_0.5/pruned.json").is_file())  # fmt: skip
-    assert unfinished(cut) and not (cut / "report.json").exists()
+    assert unfinished(cut) and not (cut / "results.json").exists()
     assert main(["prune", *args, "--out", str(cut)]) == 0
-    assert _without_latency(json.loads((cut / "report.json").read_text())) == _without_latency(
+    assert _without_latency(json.loads((cut / "results.json").read_text())) == _without_latency(
         report
     )
     for model in ("lowest_0.5", "random_0.5"):
@@ -244,7 +245,7 @@ def test_finetune_command_compares_strategies(tmp_path, capsys):
             "--k", "1", "--strategy", "top", "last", "--by", "delta", "--epochs", "1",
             "--seeds", "0", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "results.json").read_text())
     table = [(r["strategy"], r["k"], r["layers"], r["seeds"]) for r in report["table"]]
     assert table == [("linear probe", 0, "", 1), ("top delta", 1, "layer3.0", 1),
                      ("last", 1, "layer4.1", 1)]  # fmt: skip
@@ -255,7 +256,7 @@ def test_finetune_command_compares_strategies(tmp_path, capsys):
     assert "top delta k=1" in capsys.readouterr().out
     gap = [*args[:-1], str(tmp_path / "gap")]
     gap[gap.index("--by") + 1] = "gap"  # LayerMem scores offer delta and layermem, not gap
-    assert main(gap) == 2 and "--by gap: no scores rank by it" in capsys.readouterr().err
+    assert main(gap) == 2 and "'gap' ranks layers by scores.membergap" in capsys.readouterr().err
     # kill -9 once the comparison is done and its files are being written, rerun
     cut = tmp_path / "cut"
     kill_when([*args[:-1], str(cut)], lambda: (cut / MARKER).is_file())

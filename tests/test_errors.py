@@ -99,11 +99,11 @@ def c_nan_weights(tmp):
 
 
 def c_views_zero(tmp):
-    return [*_units(tmp), "--views", "0"], "--views must be an integer >= 1, got 0"
+    return [*_units(tmp), "--views", "0"], "--views: 0 is below the minimum 1"
 
 
 def c_views_negative(tmp):
-    return [*_units(tmp), "--views", "-3"], "--views must be an integer >= 1, got -3"
+    return [*_units(tmp), "--views", "-3"], "--views: -3 is below the minimum 1"
 
 
 def c_views_huge(tmp):
@@ -111,11 +111,11 @@ def c_views_huge(tmp):
 
 
 def c_batch_zero(tmp):
-    return [*_units(tmp), "--chunk-size", "0"], "--chunk-size must be an integer >= 1"
+    return [*_units(tmp), "--chunk-size", "0"], "--chunk-size: 0 is below the minimum 1"
 
 
 def c_max_points_negative(tmp):
-    return [*_units(tmp), "--max-points", "-5"], "--max-points must be an integer >= 1, got -5"
+    return [*_units(tmp), "--max-points", "-5"], "--n-points: -5 is below the minimum 1"
 
 
 def c_unknown_choice(tmp):
@@ -172,11 +172,11 @@ def c_device_unknown(tmp):
 
 
 def c_ratio_one(tmp):
-    return ["prune", *TINY, "--ratio", "1.0", "--out", str(tmp / "out")], "got 1.0"
+    return ["prune", *TINY, "--ratio", "1.0", "--out", str(tmp / "out")], "--ratio[0]: 1.0 must be below 1"
 
 
 def c_ratio_negative(tmp):
-    return ["prune", *TINY, "--ratio", "-0.1", "--out", str(tmp / "out")], "got -0.1"
+    return ["prune", *TINY, "--ratio", "-0.1", "--out", str(tmp / "out")], "--ratio[0]: -0.1 is below the minimum 0"
 
 
 def c_prune_scores_of_another_checkpoint(tmp):
@@ -191,15 +191,15 @@ def c_prune_scores_of_another_checkpoint(tmp):
 
 
 def c_finetune_k_zero(tmp):
-    return ["finetune", "--f", "x", "--k", "0", "--out", str(tmp / "out")], "--k must be"
+    return ["finetune", "--f", "x", "--k", "0", "--out", str(tmp / "out")], "--k[0]: 0 is below the minimum 1"
 
 
 def c_epochs_zero(tmp):
-    return ["pretrain", *TINY, "--epochs", "0", "--out", str(tmp / "out")], "--epochs must be"
+    return ["pretrain", *TINY, "--epochs", "0", "--out", str(tmp / "out")], "--epochs: 0 is below the minimum 1"
 
 
 def c_simclr_batch_one(tmp):
-    return ["pretrain", *TINY, "--batch-size", "1", "--out", str(tmp / "out")], "at least 2"
+    return ["pretrain", *TINY, "--batch-size", "1", "--out", str(tmp / "out")], "--batch-size: 1 is below the minimum 2"
 
 
 def c_pretrain_resume_not_a_run(tmp):
@@ -220,7 +220,7 @@ def c_layers_n_points_negative(tmp):
     g = str(_weights(tmp / "g.safetensors"))
     args = ["score", "layers", "--f", path, "--g", g, "--model", "resnet18", *TINY,
             "--n-points", "-1", "--out", str(tmp / "out")]  # fmt: skip
-    return args, "--n-points must be an integer >= 1"
+    return args, "--n-points: -1 is below the minimum 1"
 
 
 def c_run_resume_not_a_run(tmp):

@@ -45,15 +45,15 @@ def _layermem(run, gaps: list[float], n=200, noise=0.01, seed=0):
 def test_layermem_depth_on_planted_profiles(tmp_path):
     # rises overall, drops after l2, largest Δ at l2: every part holds
     _layermem(tmp_path / "a", [0.0, 0.2, 0.1, 0.12])
-    assert layermem_depth(tmp_path / "a").verdict == HOLDS
+    assert layermem_depth(tmp_path / "a", {}).verdict == HOLDS
     # monotonic rise with the largest step last: the claim fails
     _layermem(tmp_path / "b", [0.0, 0.05, 0.1, 0.3])
-    found = layermem_depth(tmp_path / "b")
+    found = layermem_depth(tmp_path / "b", {})
     assert found.verdict == FAILS and "largest ΔLayerMem at l4" in found.figure
     # noise far above the profile: inconclusive
     _layermem(tmp_path / "c", [0.0, 0.002, 0.001, 0.003], n=20, noise=0.2)
-    assert layermem_depth(tmp_path / "c").verdict != HOLDS
-    assert layermem_depth(tmp_path / "none").verdict == SKIPPED
+    assert layermem_depth(tmp_path / "c", {}).verdict != HOLDS
+    assert layermem_depth(tmp_path / "none", {}).verdict == SKIPPED
 
 
 def test_top_points_against_least_points(tmp_path):
@@ -66,10 +66,10 @@ def test_top_points_against_least_points(tmp_path):
     LayerMemResult(LAYERS, torch.arange(n), torch.ones_like(s), (1 + s) / (1 - s)).save(
         tmp_path / "layermem" / "layermem"
     )
-    assert top_vs_least(tmp_path).verdict == HOLDS
+    assert top_vs_least(tmp_path, {}).verdict == HOLDS
     # the ranking lives in the last layer only: the earlier layers do not follow it
     _layermem(tmp_path / "flat", [0.1, 0.1, 0.1, 0.1])
-    assert top_vs_least(tmp_path / "flat").verdict != HOLDS
+    assert top_vs_least(tmp_path / "flat", {}).verdict != HOLDS
 
 
 def _unit_scores(cls, scores: dict, roles=None):
@@ -91,11 +91,11 @@ def test_units_against_classes(tmp_path):
     # supervised: classes above units, as the papers report
     _unit_scores(UnitMemResult, {"a": low}).save(tmp_path / "classmem" / "unitmem_supervised")
     _unit_scores(ClassMemResult, {"a": high}).save(tmp_path / "classmem" / "classmem_supervised")
-    assert units_vs_classes(tmp_path).verdict == HOLDS
+    assert units_vs_classes(tmp_path, {}).verdict == HOLDS
     # supervised units also memorize points: the second half fails
     _unit_scores(UnitMemResult, {"a": high}).save(tmp_path / "classmem" / "unitmem_supervised")
     _unit_scores(ClassMemResult, {"a": low}).save(tmp_path / "classmem" / "classmem_supervised")
-    assert units_vs_classes(tmp_path).verdict == FAILS
+    assert units_vs_classes(tmp_path, {}).verdict == FAILS
 
 
 def test_mlp_against_attention(tmp_path):
@@ -106,12 +106,12 @@ def test_mlp_against_attention(tmp_path):
         scores[f"blocks.{b}.mlp.act"] = 0.5 + 0.01 * torch.randn(8, generator=g)
         roles[f"blocks.{b}.attn.qkv"], roles[f"blocks.{b}.mlp.act"] = "attn", "mlp"
     _unit_scores(UnitMemResult, scores, roles).save(tmp_path / "unitmem" / "unitmem")
-    found = mlp_vs_attention(tmp_path)
+    found = mlp_vs_attention(tmp_path, {})
     assert found.verdict == HOLDS and "over 6 blocks (MLP higher in 6)" in found.figure
     _unit_scores(UnitMemResult, {"conv1": torch.rand(8)}).save(
         tmp_path / "cnn" / "unitmem" / "unitmem"
     )
-    assert mlp_vs_attention(tmp_path / "cnn").verdict == SKIPPED
+    assert mlp_vs_attention(tmp_path / "cnn", {}).verdict == SKIPPED
 
 
 def _prune_row(strategy, ratio, accuracy, std=0.0, seeds=1):
@@ -122,11 +122,11 @@ def _prune_row(strategy, ratio, accuracy, std=0.0, seeds=1):
 def test_pruning_and_finetuning_claims_use_the_seed_spread():
     rows = [_prune_row("highest", 0.5, 0.40, 0.01, 3), _prune_row("lowest", 0.5, 0.80, 0.01, 3),
             _prune_row("random", 0.5, 0.60, 0.02, 3)]  # fmt: skip
-    assert pruning_highest({"prune": {"rows": rows}}).verdict == HOLDS
+    assert pruning_highest(None, {"prune": {"rows": rows}}).verdict == HOLDS
     rows[2] = _prune_row("random", 0.5, 0.41, 0.05, 3)  # within the spread
-    assert pruning_highest({"prune": {"rows": rows}}).verdict == UNSURE
+    assert pruning_highest(None, {"prune": {"rows": rows}}).verdict == UNSURE
     one_seed = [_prune_row("highest", 0.5, 0.4), _prune_row("lowest", 0.5, 0.8)]
-    found = pruning_highest({"prune": {"rows": one_seed}})
+    found = pruning_highest(None, {"prune": {"rows": one_seed}})
     assert found.verdict == UNSURE and "no spread" in found.figure
 
     def ft(strategy, k, mean, std=0.01, seeds=3):
@@ -138,22 +138,22 @@ def test_pruning_and_finetuning_claims_use_the_seed_spread():
         ft("top delta", 2, 0.92),
         ft("last", 2, 0.9),
     ]
-    assert finetune_top({"finetune": {"rows": won}}).verdict == HOLDS
+    assert finetune_top(None, {"finetune": {"rows": won}}).verdict == HOLDS
     lost = [ft("top delta", 1, 0.7), ft("last", 1, 0.8)]
-    assert finetune_top({"finetune": {"rows": lost}}).verdict == FAILS
-    assert finetune_top({}).verdict == SKIPPED
+    assert finetune_top(None, {"finetune": {"rows": lost}}).verdict == FAILS
+    assert finetune_top(None, {}).verdict == SKIPPED
 
 
 def test_cka_claim_from_disjoint_minibatches():
     layers = {"l1": 0.9, "l2": 0.7, "l3": 0.4}
     falls = [[0.91, 0.70, 0.42], [0.88, 0.69, 0.38], [0.92, 0.72, 0.41]]
-    found = cka_depth({"cka": {"cka": layers, "folds": falls, "minibatch": 64}})
+    found = cka_depth(None, {"cka": {"cka": layers, "folds": falls, "minibatch": 64}})
     assert found.verdict == HOLDS and "first − last layer +0.500" in found.figure
     rises = [row[::-1] for row in falls]
-    assert cka_depth({"cka": {"cka": layers, "folds": rises, "minibatch": 64}}).verdict == FAILS
+    assert cka_depth(None, {"cka": {"cka": layers, "folds": rises, "minibatch": 64}}).verdict == FAILS
     noisy = [[0.9, 0.5, 0.4], [0.1, 0.5, 0.9]]  # first − last: +0.5 and −0.8
-    assert cka_depth({"cka": {"cka": layers, "folds": noisy, "minibatch": 64}}).verdict == UNSURE
-    assert cka_depth({}).verdict == SKIPPED
+    assert cka_depth(None, {"cka": {"cka": layers, "folds": noisy, "minibatch": 64}}).verdict == UNSURE
+    assert cka_depth(None, {}).verdict == SKIPPED
 
 
 def test_the_section_names_every_claim_and_what_was_skipped(tmp_path):

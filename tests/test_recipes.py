@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The checkpoint recipe, shortened for CI (its checkpoint and splits: a shortened demo run).
 CKPT_TINY = [
-    "seeds=null", "scores.unitmem.views=2", "scores.unitmem.max_points=200",
+    "seeds=null", "scores.unitmem.views=2", "scores.unitmem.n_points=200",
     "scores.classmem.views=1", "scores.membergap.pairs=2", "scores.membergap.n_boot=100",
     "actions.prune.ratios=[0.5]",
     "actions.prune.strategies=[lowest]", "actions.prune.latency_batch=null",
@@ -24,7 +24,7 @@ CKPT_TINY = [
 #: The demo recipe, shortened for CI.
 TINY = [
     "encoder.pretrain.epochs=2", "encoder.pretrain.batch_size=64", "encoder.supervised.epochs=1",
-    "scores.unitmem.views=2", "scores.unitmem.max_points=300", "scores.classmem.views=1",
+    "scores.unitmem.views=2", "scores.unitmem.n_points=300", "scores.classmem.views=1",
     "scores.sslmem.pairs=2", "scores.layermem.pairs=2", "actions.prune.ratios=[0.5]",
     "actions.prune.strategies=[lowest,random]", "actions.prune.latency_batch=null",
     "actions.prune.seeds=[0]", "actions.prune.recover.steps=2", "actions.finetune.epochs=1",
@@ -135,14 +135,18 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     for name in ("prune", "finetune", "metrics.json", "metrics.csv", "report.md"):
         path = crashed / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    real = runner.RUNNERS["prune"]
+    import dataclasses
+
+    from memprune.recipes import STAGES
+
+    real = STAGES["prune"]
 
     def killed(ctx, out):
         (out / "models").mkdir()
         (out / "models" / "half-written").write_text("partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(runner.RUNNERS, "prune", killed)
+    monkeypatch.setitem(STAGES, "prune", dataclasses.replace(real, run=killed))
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, crashed, resume=True, log=lambda m: None)
     assert not (crashed / "prune" / "done.json").exists()
@@ -153,7 +157,7 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
         "**Incomplete run**: the stages prune, finetune did not finish"
         in (crashed / "report.md").read_text()
     )
-    monkeypatch.setitem(runner.RUNNERS, "prune", real)
+    monkeypatch.setitem(STAGES, "prune", real)
     log = []
     run_recipe(recipe, crashed, resume=True, log=log.append)
     assert "[1/10] pretrain: done earlier, skipped" in log

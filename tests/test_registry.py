@@ -6,7 +6,7 @@ import pytest
 
 from memprune.cli import build_parser
 from memprune.errors import ConfigError
-from memprune.pruning import STRATEGIES
+from memprune.pruning import PRUNING_STRATEGIES as STRATEGIES
 from memprune.recipes._schema import PruneCfg
 from memprune.registry import Registry
 from memprune.stats import RESTS
@@ -24,12 +24,12 @@ def _choices(argv: list[str], dest: str):
     sub = parser._subparsers._group_actions[0].choices[argv[0]]
     for name in argv[1:]:
         sub = sub._subparsers._group_actions[0].choices[name]
-    return next(a.choices for a in sub._actions if a.dest == dest)
+    return next(a.choices for a in sub._actions if dest in a.option_strings)
 
 
 def test_cli_and_recipe_choices_come_from_the_registries():
-    assert tuple(_choices(["prune"], "strategy")) == tuple(STRATEGIES)
-    assert tuple(_choices(["score", "units"], "rest")) == tuple(RESTS)
+    assert tuple(_choices(["prune"], "--strategy")) == tuple(STRATEGIES)
+    assert tuple(_choices(["score", "units"], "--rest")) == tuple(RESTS)
     hints = typing.get_type_hints(PruneCfg)
     (literal,) = typing.get_args(hints["strategies"])
     assert typing.get_args(literal) == tuple(STRATEGIES)

@@ -13,13 +13,13 @@
 from memprune.pruning._compare import COSTS, compare_pruning, mark_pareto, prune_verdicts
 from memprune.pruning._export import export_encoder, exported_module
 from memprune.pruning._gradients import head_gradients, ssl_gradients
-from memprune.pruning._importance import SCORE_STRATEGIES, UnitMemImportance
+from memprune.pruning._importance import SCORE_SIGNS, UnitMemImportance, channel_scores
 from memprune.pruning._prune import (
     DEFAULT_STRATEGIES,
-    GRADIENT_STRATEGIES,
+    PRUNING_STRATEGIES,
     SCOPES,
-    STRATEGIES,
     PruneResult,
+    Strategy,
     check_options,
     measure_latency,
     prune,
@@ -31,13 +31,14 @@ __all__ = [
     "COSTS",
     "DEFAULT_STRATEGIES",
     "DISTILL_LOSSES",
-    "GRADIENT_STRATEGIES",
     "RECOVERY",
     "SCOPES",
-    "SCORE_STRATEGIES",
-    "STRATEGIES",
+    "PRUNING_STRATEGIES",
+    "SCORE_SIGNS",
+    "Strategy",
     "PruneResult",
     "UnitMemImportance",
+    "channel_scores",
     "check_options",
     "compare_pruning",
     "export_encoder",

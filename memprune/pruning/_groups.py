@@ -28,6 +28,7 @@ import torch_pruning as tp
 from torch import nn
 
 from memprune.errors import SiteError
+from memprune.pruning._importance import channel_scores
 from memprune.sites import Site, trace, weight_modules
 
 UNITS, HEADS, CONV_GROUPS = "units", "heads", "convgroups"
@@ -111,14 +112,12 @@ class Group:
     partner_sites: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def _per_channel(self, sites, dim: int, site_scores) -> torch.Tensor:
-        total, count = torch.zeros(self.width * dim), torch.zeros(self.width * dim)
-        for site, (idx, root_idx) in sites.items():
-            if site in site_scores:
-                total[root_idx] += site_scores[site].float()[idx]
-                count[root_idx] += 1
+        found = ((root_idx, site_scores[site][idx]) for site, (idx, root_idx) in sites.items()
+                 if site in site_scores)  # fmt: skip
+        mean, count = channel_scores(self.width * dim, found)
         if (count == 0).any():
             raise SiteError(f"group {self.name!r} has units without scores (sites {list(sites)})")
-        return total / count
+        return mean
 
     def unit_scores(self, site_scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-unit (per-head, per-conv-group) score: the mean over the group's scored sites

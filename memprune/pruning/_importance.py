@@ -7,7 +7,21 @@ import torch_pruning as tp
 
 from memprune.errors import ConfigError, SiteError
 
-SCORE_STRATEGIES = ("lowest", "highest")
+#: A score strategy -> the sign of the scores in its importance (the least important units go
+#: first): ``lowest`` removes the least memorizing units first, ``highest`` the most.
+SCORE_SIGNS = {"lowest": 1.0, "highest": -1.0}
+
+
+def channel_scores(n: int, contributions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one mapping from site scores to channel importance, used by :func:`prune` and by
+    :class:`UnitMemImportance`: for each of ``n`` channels of a group's root, the mean of the
+    unit scores coupled to it, and how many there are. ``contributions`` yields
+    ``(root channel indices [M], their units' scores [M])``, one per scored site."""
+    total, count = torch.zeros(n), torch.zeros(n)
+    for root, values in contributions:
+        total.index_add_(0, root, values.float())
+        count.index_add_(0, root, torch.ones(len(root)))
+    return total / count.clamp(min=1), count
 
 
 def site_sources(result) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -49,8 +63,8 @@ class UnitMemImportance(tp.importance.Importance):
     """
 
     def __init__(self, result, strategy: str = "lowest") -> None:
-        if strategy not in SCORE_STRATEGIES:
-            raise ConfigError(f"strategy must be one of {SCORE_STRATEGIES}, got {strategy!r}")
+        if strategy not in SCORE_SIGNS:
+            raise ConfigError(f"strategy must be one of {tuple(SCORE_SIGNS)}, got {strategy!r}")
         self.strategy = strategy
         self.scores = {k: v.float() for k, v in result.scores().items()}
         self._by_out, self._by_in = site_sources(result)
@@ -58,8 +72,13 @@ class UnitMemImportance(tp.importance.Importance):
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
         graph = group._DG
-        n = len(group[0].idxs)
-        total, count = torch.zeros(n), torch.zeros(n)
+        mean, count = channel_scores(len(group[0].idxs), self._contributions(graph, group))
+        if not count.any():
+            return None
+        return (SCORE_SIGNS[self.strategy] * mean).masked_fill(count == 0, float("inf"))
+
+    def _contributions(self, graph, group):
+        """``(root channel indices, scores)`` of every scored site coupled to the group."""
         for item in group:
             dep = item.dep
             if graph.is_out_channel_pruning_fn(dep.handler):
@@ -77,11 +96,4 @@ class UnitMemImportance(tp.importance.Importance):
                         f" ({len(score)}): the scores come from a different (or already pruned)"
                         " model; recompute them on this one"
                     )
-                root = torch.as_tensor(item.root_idxs, dtype=torch.long)
-                total.index_add_(0, root, score[idxs])
-                count.index_add_(0, root, torch.ones(len(root)))
-        if not count.any():
-            return None
-        imp = total / count.clamp(min=1)
-        imp = imp if self.strategy == "lowest" else -imp
-        return imp.masked_fill(count == 0, float("inf"))
+                yield torch.as_tensor(item.root_idxs, dtype=torch.long), score[idxs]

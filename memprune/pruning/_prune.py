@@ -9,6 +9,7 @@ import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch_pruning as tp
@@ -26,7 +27,7 @@ from memprune.pruning._groups import (
     out_fn,
     prune_group,
 )
-from memprune.pruning._importance import SCORE_STRATEGIES
+from memprune.pruning._importance import SCORE_SIGNS
 from memprune.registry import Registry
 from memprune.results import Result
 from memprune.sites import Site, find_sites
@@ -148,13 +149,13 @@ def check_options(
         raise ConfigError(
             f"ratio must be a fraction in [0, 1) of the units to remove, got {ratio!r}"
         )
-    STRATEGIES.check(strategy)
+    needs = PRUNING_STRATEGIES[strategy].needs
     SCOPES.check(scope)
     if max_layer_ratio is not None and not 0 < max_layer_ratio <= 1:
         raise ConfigError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
     if not isinstance(iterative_steps, int) or iterative_steps < 1:
         raise ConfigError(f"iterative_steps must be an int >= 1, got {iterative_steps!r}")
-    if strategy in SCORE_STRATEGIES and scores is None:
+    if needs == "scores" and scores is None:
         raise ConfigError(
             f"strategy {strategy!r} ranks units by their scores: pass scores=memprune.unit_mem("
             "encoder, data) (or a saved UnitMemResult)"
@@ -163,7 +164,7 @@ def check_options(
         raise ConfigError("rescore must be a callable model -> UnitMemResult")
     if between_steps is not None and not callable(between_steps):
         raise ConfigError("between_steps must be a callable model -> None (e.g. a recovery)")
-    if strategy in GRADIENT_STRATEGIES and not callable(gradients):
+    if needs == "gradients" and not callable(gradients):
         raise ConfigError(
             f"strategy {strategy!r} ranks units by the gradient of a loss: pass"
             " gradients=memprune.pruning.ssl_gradients(data) (no labels) or head_gradients(data)"
@@ -205,6 +206,23 @@ def prune_sites(model: nn.Module, scores, size: tuple[int, ...]) -> list[Site]:
     return sites
 
 
+@dataclass
+class _State:
+    """What one :func:`prune` call tracks across its steps, per group (by name): its initial
+    width and :class:`Group`, the original index of each unit still there (``origin``), the
+    original indices removed so far, and (score strategies) the initial per-unit scores."""
+
+    scores: object
+    rescore: Callable | None
+    seed: int
+    step: int = 0
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    origin: dict[str, torch.Tensor] = field(default_factory=dict)
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    initial: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Group] = field(default_factory=dict)
+
+
 def _seed(seed: int, step: int, name: str) -> int:
     return (seed * 1_000_003 + step * 10_007 + zlib.crc32(name.encode())) % (2**63)
 
@@ -226,7 +244,7 @@ def _group_importance(name: str, make: Callable[[], tp.importance.Importance]):
             )
         return imp.float().cpu()
 
-    def importance(graph, model, group: Group, ctx) -> torch.Tensor:
+    def importance(graph, model, group: Group, state: _State) -> torch.Tensor:
         imp = side(graph, model, group, group.root, group.head_dim)
         if group.kind == CONV_GROUPS:  # both sides of each conv group
             return group.merge(imp, side(graph, model, group, group.partner, group.partner_dim))
@@ -236,39 +254,52 @@ def _group_importance(name: str, make: Callable[[], tp.importance.Importance]):
 
 
 def _by_score(sign: float):
-    def importance(graph, model, group, ctx) -> torch.Tensor:
-        if ctx["step"] > 1 and ctx["rescore"] is not None:  # fresh scores of the pruned model
-            return sign * group.unit_scores(ctx["scores"].scores())
-        return sign * ctx["base"][group.name][ctx["origin"][group.name]]  # initial scores
+    def importance(graph, model, group, state: _State) -> torch.Tensor:
+        if state.step > 1 and state.rescore is not None:  # fresh scores of the pruned model
+            return sign * group.unit_scores(state.scores.scores())
+        return sign * state.base[group.name][state.origin[group.name]]  # initial scores
 
     return importance
 
 
-def _random(graph, model, group, ctx) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(_seed(ctx["seed"], ctx["step"], group.name))
+def _random(graph, model, group, state: _State) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(_seed(state.seed, state.step, group.name))
     return torch.rand(group.width, generator=gen)
 
 
-#: ``strategy`` -> importance per unit of a group (the lowest go first).
-STRATEGIES = Registry(
+@dataclass(frozen=True)
+class Strategy:
+    """A pruning strategy: ``importance(graph, model, group, state)`` per unit of a group (the
+    lowest go first), and what it needs from the caller of :func:`prune`: ``scores`` (a
+    UnitMem result), ``gradients`` (the gradient of a loss) or nothing."""
+
+    importance: Callable
+    needs: Literal["scores", "gradients"] | None = None
+
+
+def _criterion(name: str, make, needs: str | None = None) -> Strategy:
+    return Strategy(_group_importance(name, make), needs)
+
+
+#: ``strategy`` -> :class:`Strategy`.
+PRUNING_STRATEGIES = Registry(
     "pruning strategy",
-    {"lowest": _by_score(1.0), "highest": _by_score(-1.0), "random": _random,
+    {"lowest": Strategy(_by_score(SCORE_SIGNS["lowest"]), "scores"),
+     "highest": Strategy(_by_score(SCORE_SIGNS["highest"]), "scores"),
+     "random": Strategy(_random),
      # torch-pruning's criteria: L2 norm of the group's weights; LAMP (Lee et al. 2021), the
      # magnitude normalized by the norms of the larger weights of its layer; network slimming
      # (Liu et al. 2017), the |scale| of the BatchNorm that follows each conv
-     "magnitude": _group_importance("magnitude",
-                                    lambda: tp.importance.GroupMagnitudeImportance(p=2)),
-     "lamp": _group_importance("lamp", lambda: tp.importance.LAMPImportance(p=2)),
-     "bnscale": _group_importance("bnscale", tp.importance.BNScaleImportance),
+     "magnitude": _criterion("magnitude", lambda: tp.importance.GroupMagnitudeImportance(p=2)),
+     "lamp": _criterion("lamp", lambda: tp.importance.LAMPImportance(p=2)),
+     "bnscale": _criterion("bnscale", tp.importance.BNScaleImportance),
      # first-order Taylor (Molchanov et al. 2019): |weight x gradient| of a loss, from the
      # ``gradients`` callable (memprune.pruning.ssl_gradients / head_gradients)
-     "taylor": _group_importance("taylor", tp.importance.GroupTaylorImportance),
+     "taylor": _criterion("taylor", tp.importance.GroupTaylorImportance, "gradients"),
      # Optimal Brain Damage (LeCun et al. 1990): weight^2 x the Hessian's diagonal, estimated
      # by the mean squared gradient of the loss's batches (an empirical Fisher)
-     "hessian": _group_importance("hessian", tp.importance.GroupHessianImportance)},
+     "hessian": _criterion("hessian", tp.importance.GroupHessianImportance, "gradients")},
 )  # fmt: skip
-#: Strategies that need the gradient of a loss (``prune(..., gradients=...)``).
-GRADIENT_STRATEGIES = ("taylor", "hessian")
 #: The strategies compared when none are named: UnitMem both ways against the baselines.
 DEFAULT_STRATEGIES = ("lowest", "highest", "random", "magnitude")
 #: ``scope``: the ratio in every group, or one ranking over all groups.
@@ -410,21 +441,21 @@ def prune(
     before = _measure(model, example_input, batch, latency_time)
     if latency_batch and baseline_latency_s is not None:
         before = (*before[:2], baseline_latency_s)
-    ctx = dict(scores=scores, rescore=rescore, seed=seed, base={}, origin={}, removed={},
-               initial={}, info={})  # fmt: skip
+    state = _State(scores=scores, rescore=rescore, seed=seed)
+    entry = PRUNING_STRATEGIES[strategy]
     for step in range(1, iterative_steps + 1):
-        ctx["step"] = step
-        sites = _step_sites(model, sites, ctx, strategy, tuple(example_input.shape[1:]))
+        state.step = step
+        sites = _step_sites(model, sites, state, entry, tuple(example_input.shape[1:]))
         with grouped_convs(model):
             graph, groups = build_groups(model, sites, example_input, heads)
-            todo = _start_groups(groups, ctx, strategy, keep_output_width)
-            if strategy in GRADIENT_STRATEGIES:
+            todo = _start_groups(groups, state, entry, keep_output_width)
+            if entry.needs == "gradients":
                 _gradients(model, gradients, squared=strategy == "hessian")
-            imps = {g.name: STRATEGIES[strategy](graph, model, g, ctx) for g in todo}
+            imps = {g.name: entry.importance(graph, model, g, state) for g in todo}
             model.zero_grad(set_to_none=True)
             fraction = ratio * step / iterative_steps
-            plan = _plan(todo, imps, fraction, scope, max_layer_ratio, ctx["initial"])
-            _remove(graph, model, todo, plan, ctx)
+            plan = _plan(todo, imps, fraction, scope, max_layer_ratio, state.initial)
+            _remove(graph, model, todo, plan, state)
         if between_steps is not None and step < iterative_steps:
             between_steps(model)
             model.eval()
@@ -432,7 +463,7 @@ def prune(
     options = dict(strategy=strategy, ratio=float(ratio), scope=scope,
                    iterative_steps=iterative_steps, batch_size=latency_batch,
                    device=str(example_input.device))  # fmt: skip
-    return model, _report(before, after, ctx, keep_output_width, options)
+    return model, _report(before, after, state, keep_output_width, options)
 
 
 def _gradients(model: nn.Module, gradients, squared: bool) -> None:
@@ -461,25 +492,25 @@ def _gradients(model: nn.Module, gradients, squared: bool) -> None:
             p.grad = sq / n
 
 
-def _step_sites(model, sites, ctx, strategy: str, size) -> list[Site]:
+def _step_sites(model, sites, state: _State, entry: Strategy, size) -> list[Site]:
     """The sites to prune at this step: rescored (``rescore``) or the same, at new widths."""
-    if ctx["step"] == 1:
+    if state.step == 1:
         return sites
-    if ctx["rescore"] is not None and strategy in SCORE_STRATEGIES:
-        ctx["scores"] = ctx["rescore"](model)
-        return prune_sites(model, ctx["scores"], size)
+    if state.rescore is not None and entry.needs == "scores":
+        state.scores = state.rescore(model)
+        return prune_sites(model, state.scores, size)
     return find_sites(model, "units", include=[s.name for s in sites], input_size=size)
 
 
-def _start_groups(groups: list[Group], ctx: dict, strategy: str, keep_output_width: bool):
+def _start_groups(groups: list[Group], state: _State, entry: Strategy, keep_output_width: bool):
     """Record each group's initial state at step 1 (warning about blocked groups); the groups
     that may be pruned."""
-    if ctx["step"] == 1:
+    if state.step == 1:
         for g in groups:
-            ctx["initial"][g.name], ctx["info"][g.name], ctx["removed"][g.name] = g.width, g, []
-            ctx["origin"][g.name] = torch.arange(g.width)
-            if strategy in SCORE_STRATEGIES:
-                ctx["base"][g.name] = g.unit_scores(ctx["scores"].scores())
+            state.initial[g.name], state.info[g.name], state.removed[g.name] = g.width, g, []
+            state.origin[g.name] = torch.arange(g.width)
+            if entry.needs == "scores":
+                state.base[g.name] = g.unit_scores(state.scores.scores())
         if blocked := [f"{g.name}: {g.blocked}" for g in groups if g.blocked]:
             more = f"; and {len(blocked) - 3} more" if len(blocked) > 3 else ""
             warnings.warn(
@@ -490,28 +521,28 @@ def _start_groups(groups: list[Group], ctx: dict, strategy: str, keep_output_wid
     return [g for g in groups if not (keep_output_width and g.output) and not g.blocked]
 
 
-def _remove(graph, model, todo: list[Group], plan: dict, ctx: dict) -> None:
+def _remove(graph, model, todo: list[Group], plan: dict, state: _State) -> None:
     """Remove the planned units and keep track of which original units are gone."""
     for g in todo:
         units = plan[g.name]
         prune_group(graph, model, g, units)
-        ctx["removed"][g.name] += ctx["origin"][g.name][units].tolist()
+        state.removed[g.name] += state.origin[g.name][units].tolist()
         keep = torch.ones(g.width, dtype=torch.bool)
         keep[units] = False
-        ctx["origin"][g.name] = ctx["origin"][g.name][keep]
+        state.origin[g.name] = state.origin[g.name][keep]
 
 
-def _report(before, after, ctx: dict, keep_output_width: bool, options: dict) -> PruneResult:
+def _report(before, after, state: _State, keep_output_width: bool, options: dict) -> PruneResult:
     (params0, macs0, lat0), (params1, macs1, lat1) = before, after
     groups = [
         {
             "name": name, "kind": g.kind, "sites": [*g.sites, *g.partner_sites],
-            "before": ctx["initial"][name], "after": len(ctx["origin"][name]),
-            "removed": sorted(ctx["removed"][name]),
+            "before": state.initial[name], "after": len(state.origin[name]),
+            "removed": sorted(state.removed[name]),
             "output": g.output, "pruned": not (keep_output_width and g.output) and not g.blocked,
             "blocked": g.blocked,
         }
-        for name, g in ctx["info"].items()
+        for name, g in state.info.items()
     ]  # fmt: skip
     return PruneResult(
         params=(params0, params1), macs=(macs0, macs1),

@@ -57,7 +57,7 @@ def _load(path: Path):
     return load_any(path) if path.is_file() else None
 
 
-def layermem_depth(run: Path) -> Finding:
+def layermem_depth(run: Path, metrics: dict) -> Finding:
     claim = ("LayerMem rises with depth but not monotonically, and the largest ΔLayerMem is"
              " not in the last layer")  # fmt: skip
     lm = _load(run / "layermem" / "layermem.safetensors")
@@ -89,7 +89,7 @@ def layermem_depth(run: Path) -> Finding:
     return Finding(claim, combine(verdicts), figure)
 
 
-def top_vs_least(run: Path) -> Finding:
+def top_vs_least(run: Path, metrics: dict) -> Finding:
     lm = _load(run / "layermem" / "layermem.safetensors")
     claim = "the most memorized points have higher LayerMem than the least in every layer"
     if lm is None:
@@ -116,7 +116,7 @@ def top_vs_least(run: Path) -> Finding:
     return Finding(claim, combine(verdicts), figure)
 
 
-def units_vs_classes(run: Path) -> Finding:
+def units_vs_classes(run: Path, metrics: dict) -> Finding:
     claim = ("SSL encoders have units that memorize points (UnitMem above ClassMem),"
              " supervised encoders units that memorize classes (the reverse)")  # fmt: skip
     stage = run / "classmem"
@@ -140,7 +140,7 @@ def units_vs_classes(run: Path) -> Finding:
     return Finding(claim, combine(verdicts), "; ".join(figures))
 
 
-def mlp_vs_attention(run: Path) -> Finding:
+def mlp_vs_attention(run: Path, metrics: dict) -> Finding:
     claim = "in ViTs, the MLP sublayers memorize more than the attention sublayers (UnitMem)"
     unit = _load(run / "unitmem" / "unitmem.safetensors")
     if unit is None:
@@ -181,7 +181,7 @@ FINETUNE_CLAIM = ("fine-tuning the top-ΔLayerMem layers beats fine-tuning the l
                   " same k")  # fmt: skip
 
 
-def pruning_highest(metrics: dict) -> Finding:
+def pruning_highest(run: Path, metrics: dict) -> Finding:
     claim = PRUNE_CLAIM
     rows = (metrics.get("prune") or {}).get("rows")
     if not rows:
@@ -202,7 +202,7 @@ def pruning_highest(metrics: dict) -> Finding:
     return Finding(claim, combine(verdicts), "; ".join(parts))
 
 
-def finetune_top(metrics: dict) -> Finding:
+def finetune_top(run: Path, metrics: dict) -> Finding:
     claim = FINETUNE_CLAIM
     rows = (metrics.get("finetune") or {}).get("rows")
     if not rows:
@@ -220,7 +220,7 @@ def finetune_top(metrics: dict) -> Finding:
     return Finding(claim, combine(verdicts), "; ".join(parts))
 
 
-def cka_depth(metrics: dict) -> Finding:
+def cka_depth(run: Path, metrics: dict) -> Finding:
     claim = "SSL and supervised encoders agree in early layers and diverge with depth (CKA)"
     c = metrics.get("cka")
     if not c:
@@ -239,12 +239,11 @@ def cka_depth(metrics: dict) -> Finding:
 
 
 def findings(run: str | Path, metrics: dict) -> list[Finding]:
-    """Every claim, checked on the run directory ``run`` and its stage ``metrics``."""
-    run = Path(run)
-    return [
-        layermem_depth(run), top_vs_least(run), units_vs_classes(run), mlp_vs_attention(run),
-        pruning_highest(metrics), finetune_top(metrics), cka_depth(metrics),
-    ]  # fmt: skip
+    """Every claim of every registered stage, checked on the run directory ``run`` and its
+    stage ``metrics`` (a claim whose stage did not run is *not evaluated*)."""
+    from memprune.recipes._stages import STAGES
+
+    return [claim(Path(run), metrics) for stage in STAGES.values() for claim in stage.findings]
 
 
 def findings_lines(run: str | Path, metrics: dict) -> list[str]:

@@ -13,7 +13,6 @@ gives the same weights as an uninterrupted run). ``force``: the stages are clear
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import platform
 import shutil
@@ -28,437 +27,11 @@ import yaml
 from memprune._dist import barrier, is_main, rank_world
 from memprune._io import package_versions, read_json, write_json, write_text
 from memprune._table import write_table
-from memprune.errors import ConfigError
+from memprune.errors import ConfigError, MemPruneError
+from memprune.recipes._context import Context
 from memprune.recipes._report import render_report
-from memprune.recipes._schema import Recipe
-from memprune.recipes._stages import DONE, STAGES, enabled_stages
-
-
-class _Context:
-    """What the stages share: the recipe, the run directory, data and encoders (lazily)."""
-
-    def __init__(self, recipe: Recipe, run: Path, log: Callable[[str], None]):
-        self.recipe, self.run, self.log = recipe, run, log
-        self._cache: dict = {}
-
-    def dataset(self, name: str, split: str):
-        from memprune.data import load_dataset, native_size
-
-        key = (name, split)
-        if key not in self._cache:
-            d = self.recipe.data
-            size = native_size(name, d.img_size or self.recipe.encoder.img_size)
-            if size is not None and d.transform == "encoder" and d.img_size is None:
-                opts = {"transform": self.transform()}
-            else:
-                opts = {"img_size": size}
-            self._cache[key] = load_dataset(name, split, root=d.root, **opts)
-        return self._cache[key]
-
-    def transform(self):
-        """The recipe encoder's eval preprocessing (from its timm data config)."""
-        from memprune.encoders import create_encoder, eval_transform
-
-        if "transform" not in self._cache:
-            enc = self.recipe.encoder
-            model = create_encoder(enc.model, img_size=enc.img_size, **enc.timm)
-            self._cache["transform"] = eval_transform(model)
-        return self._cache["transform"]
-
-    @property
-    def train(self):
-        return self.dataset(self.recipe.data.name, "train")
-
-    @property
-    def test(self):
-        return self.dataset(self.recipe.data.name, "test")
-
-    def splits(self):
-        from memprune.data import Splits
-
-        path = self.run / "pretrain" / "splits.json"
-        return Splits.load(path) if path.is_file() else None
-
-    def encoder(self, which: str):
-        """``f``, ``g`` or ``supervised``, loaded from the run (or the recipe's checkpoints)."""
-        from memprune.encoders import load_encoder
-
-        if which in self._cache:
-            return self._cache[which]
-        enc = self.recipe.encoder
-        if enc.pretrain is not None and which in ("f", "g"):
-            model = load_encoder(checkpoint=self.run / "pretrain" / which)
-        elif which == "supervised":
-            model = load_encoder(checkpoint=self.run / "supervised")
-        else:
-            path = enc.checkpoint if which == "f" else enc.reference
-            model = load_encoder(enc.model, checkpoint=path, img_size=enc.img_size,
-                                 entry=enc.entry, strict=enc.strict, **enc.timm)  # fmt: skip
-        self._cache[which] = model
-        return model
-
-    def points(self, key: str):
-        """``data.members`` or ``data.nonmembers`` as a data set (defaults with a pretrain
-        stage: the candidates, the extras)."""
-        from memprune.data import read_indices, seeded_subset
-        from memprune.recipes._schema import PointsCfg
-
-        default = {"members": "candidate", "nonmembers": "extra"}[key]
-        cfg = getattr(self.recipe.data, key) or PointsCfg(part=default)
-        data = self.dataset(self.recipe.data.name, cfg.split)
-        if cfg.indices is not None:
-            try:
-                idx = read_indices(cfg.indices, cfg.part)
-            except ConfigError as err:
-                raise ConfigError(f"data.{key}.indices: {err}") from None
-        elif cfg.part is not None:
-            idx = self.splits().indices(cfg.part)
-        else:
-            idx = None
-        if idx is not None:
-            bad = [i for i in idx if not 0 <= i < len(data)]
-            if bad:
-                raise ConfigError(f"data.{key}: indices {bad[:5]} are outside the"
-                                  f" {cfg.split} split of {len(data)} points")  # fmt: skip
-            data = torch.utils.data.Subset(data, idx)
-        return seeded_subset(data, cfg.n, self.recipe.seed)
-
-    def result(self, stage: str, name: str):
-        from memprune.results import load_any
-
-        return load_any(self.run / stage / name)
-
-
-# ---------------------------------------------------------------- stages
-
-
-def _pretrain(ctx: _Context, out: Path) -> dict:
-    from memprune.train import pretrain_pair
-
-    r, p = ctx.recipe, ctx.recipe.encoder.pretrain
-    f, g, splits = pretrain_pair(
-        r.encoder.model, ctx.train, out, shared=r.data.shared, candidate=r.data.candidate,
-        extra=r.data.extra, split_seed=r.data.split_seed, epochs=p.epochs, lr=p.lr,
-        batch_size=p.batch_size, temperature=p.temperature, proj_dim=p.proj_dim, seed=r.seed,
-        img_size=r.encoder.img_size, augment=p.augment, mixed_precision=p.mixed_precision,
-        resume=True, **r.encoder.timm,
-    )  # fmt: skip
-    return {
-        "n_shared": len(splits.shared), "n_candidate": len(splits.candidate),
-        "n_extra": len(splits.extra), "final_loss_f": f.history[-1], "final_loss_g": g.history[-1],
-    }  # fmt: skip
-
-
-def _supervised(ctx: _Context, out: Path) -> dict:
-    from memprune.train import train_supervised
-
-    r, s = ctx.recipe, ctx.recipe.encoder.supervised
-    res = train_supervised(
-        r.encoder.model, ctx.train, ctx.splits().f_indices, epochs=s.epochs,
-        batch_size=s.batch_size, lr=s.lr, seed=r.seed, out_dir=out, img_size=r.encoder.img_size,
-        resume=True, **r.encoder.timm,
-    )  # fmt: skip
-    return {"final_loss": res.history[-1]}
-
-
-def _scored_points(ctx: _Context, max_points: int | None):
-    from memprune.data import seeded_subset
-
-    return seeded_subset(ctx.train, max_points, ctx.recipe.seed)
-
-
-def _unit_summary(result) -> dict:
-    rows = result.to_rows()
-    scores = torch.cat([s["score"] for s in result.sites.values()])
-    best = max(rows, key=lambda r: r["mean"])
-    return {
-        "mean": float(scores.mean()), "frac>0.5": float((scores > 0.5).float().mean()),
-        "first_site": rows[0]["site"], "first_mean": rows[0]["mean"],
-        "last_site": rows[-1]["site"], "last_mean": rows[-1]["mean"],
-        "top_site": best["site"], "top_mean": best["mean"], "units": len(scores),
-        "dead": sum(r["dead"] for r in rows),
-    }  # fmt: skip
-
-
-def _unit_mem(ctx: _Context, model, progress: bool | None = None):
-    """UnitMem of ``model`` as the recipe's scores stage computes it."""
-    from memprune.scores import unit_mem
-
-    r, c = ctx.recipe, ctx.recipe.scores.unitmem
-    return unit_mem(
-        model, _scored_points(ctx, c.max_points), n_views=c.views, rest=c.rest, signed=c.signed,
-        chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device, progress=progress,
-        precision=r.precision,
-    )  # fmt: skip
-
-
-def _unitmem(ctx: _Context, out: Path) -> dict:
-    from memprune.report import plot_unit_scores
-
-    result = _unit_mem(ctx, ctx.encoder("f"))
-    result.save(out / "unitmem")
-    plot_unit_scores(result, out / "unitmem_per_site.png")
-    write_table(out / "summary", result.to_rows())
-    return _unit_summary(result)
-
-
-def _classmem(ctx: _Context, out: Path) -> dict:
-    from memprune.report import plot_unit_scores
-    from memprune.report.plots import plot_class_vs_unit
-    from memprune.scores import class_mem
-
-    r, c, uc = ctx.recipe, ctx.recipe.scores.classmem, ctx.recipe.scores.unitmem
-    data = _scored_points(ctx, uc.max_points)
-    opts = dict(chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device, precision=r.precision)
-    # the baseline's UnitMem is made exactly like f's (unitmem stage), so the two compare
-    metrics, pairs = {}, {}
-    encoders = ["f"] + (["supervised"] if r.encoder.supervised.enabled else [])
-    for which in encoders:
-        model = ctx.encoder(which)
-        cm = class_mem(model, data, n_views=c.views, **opts)
-        cm.save(out / f"classmem_{which}")
-        plot_unit_scores(cm, out / f"classmem_{which}_per_site.png")
-        if which == "f":
-            um = ctx.result("unitmem", "unitmem")
-        else:
-            um = _unit_mem(ctx, model)
-            um.save(out / f"unitmem_{which}")
-        u = torch.cat([s["score"] for s in um.sites.values()])
-        k = torch.cat([s["score"] for s in cm.sites.values()])
-        pairs["SSL (f)" if which == "f" else "supervised"] = (u, k)
-        metrics[which] = {"unitmem_mean": float(u.mean()), "classmem_mean": float(k.mean())}
-    plot_class_vs_unit(pairs, out / "classmem_vs_unitmem.png")
-    return metrics
-
-
-def _sslmem(ctx: _Context, out: Path) -> dict:
-    from memprune.report.plots import plot_sslmem
-    from memprune.scores import ssl_mem
-
-    r, c = ctx.recipe, ctx.recipe.scores.sslmem
-    splits = ctx.splits()
-    if splits is None:
-        raise ConfigError("SSLMem needs the candidate / extra split of a pretrain stage")
-    scores, metrics = {}, {}
-    for part in ("candidate", "extra"):
-        res = ssl_mem(
-            ctx.encoder("f"), ctx.encoder("g"), ctx.train, getattr(splits, part),
-            n_pairs=c.pairs, chunk_size=r.scores.chunk_size, seed=r.seed, device=r.device,
-            augment=r.scores.augment, precision=r.precision,
-        )  # fmt: skip
-        res.meta["part"] = part
-        res.save(out / f"sslmem_{part}")
-        scores[part] = res.score
-        n = len(res.score)
-        metrics[part] = {"mean": float(res.score.mean()), "n": n,
-                         "se": float(res.score.std() / n**0.5) if n > 1 else 0.0}  # fmt: skip
-    plot_sslmem(scores, out / "sslmem.png")
-    diff = metrics["candidate"]["mean"] - metrics["extra"]["mean"]
-    se = (metrics["candidate"]["se"] ** 2 + metrics["extra"]["se"] ** 2) ** 0.5
-    return {**metrics, "difference": diff, "difference_se": se}
-
-
-def _layermem(ctx: _Context, out: Path) -> dict:
-    from memprune.report import plot_consistency, plot_layer_mem
-    from memprune.scores import layer_mem
-
-    r, c = ctx.recipe, ctx.recipe.scores.layermem
-    splits = ctx.splits()
-    result = layer_mem(
-        ctx.encoder("f"), ctx.encoder("g"), ctx.train, splits.candidate if splits else None,
-        n_pairs=c.pairs, representation=c.representation, chunk_size=r.scores.chunk_size,
-        seed=r.seed, device=r.device, top_k=c.top_k, augment=r.scores.augment,
-        precision=r.precision,
-    )  # fmt: skip
-    result.save(out / "layermem")
-    plot_layer_mem(result, out / "layermem.png")
-    plot_consistency(result, out / "consistency.png")
-    rows = result.to_rows()
-    write_table(out / "layermem", rows)
-    layers = [row for row in rows if row["layer"] != "output"]
-    top = max(layers, key=lambda row: row["dLayerMem"])
-    return {"top_delta_layer": top["layer"], "top_delta": top["dLayerMem"],
-            "output_layermem": rows[-1]["LayerMem"], "layers": len(layers)}  # fmt: skip
-
-
-def _membergap(ctx: _Context, out: Path) -> dict:
-    from memprune.report import plot_member_gap
-    from memprune.scores import member_gap
-
-    r, c = ctx.recipe, ctx.recipe.scores.membergap
-    result = member_gap(
-        ctx.encoder("f"), ctx.points("members"), ctx.points("nonmembers"), n_pairs=c.pairs,
-        representation=c.representation, n_boot=c.n_boot, chunk_size=r.scores.chunk_size,
-        seed=r.seed, device=r.device, augment=r.scores.augment, precision=r.precision,
-    )  # fmt: skip
-    result.save(out / "membergap")
-    plot_member_gap(result, out / "membergap.png")
-    rows = result.to_rows()
-    write_table(out / "membergap", rows)
-    layers = [row for row in rows if row["layer"] != "output"]
-    top = max(layers, key=lambda row: row["gap"])
-    return {"top_gap_layer": top["layer"], "top_gap": top["gap"],
-            "output_gap": rows[-1]["gap"], "output_gap_lo": rows[-1]["gap_lo"],
-            "output_gap_hi": rows[-1]["gap_hi"], "output_auc": rows[-1]["auc"],
-            "n_members": len(result.member_indices),
-            "n_nonmembers": len(result.nonmember_indices)}  # fmt: skip
-
-
-def _cka(ctx: _Context, out: Path) -> dict:
-    """CKA between f and the supervised encoder at the same depth, on the test split: the
-    whole split's estimate per layer, and one estimate per disjoint minibatch for the spread
-    (the findings' standard error of first-layer minus last-layer CKA)."""
-    from memprune.report import plot_cka
-    from memprune.scores import cka
-
-    r, c = ctx.recipe, ctx.recipe.scores.cka
-    data, m = ctx.test, min(c.minibatch, len(ctx.test))
-    opts = dict(minibatch=m, representation=c.representation, invariance=False, seed=r.seed,
-                device=r.device, precision=r.precision, progress=False)  # fmt: skip
-    f, sup = ctx.encoder("f"), ctx.encoder("supervised")
-    result = cka(data, f, sup, **opts)
-    result.save(out / "cka")
-    plot_cka(result, out / "cka.png", "CKA: f (SSL, rows) vs supervised (columns)")
-    layers = list(result.layers_a)
-    same = torch.diagonal(result.matrix)
-    folds = []
-    for start in range(0, len(data) - m + 1, m):
-        part = torch.utils.data.Subset(data, range(start, start + m))
-        folds.append(torch.diagonal(cka(part, f, sup, **opts).matrix).tolist())
-    rows = [{"layer": name, "cka": float(v)} for name, v in zip(layers, same)]
-    write_table(out / "cka_by_depth", rows)
-    return {"cka": {name: float(v) for name, v in zip(layers, same)}, "folds": folds,
-            "minibatch": m}  # fmt: skip
-
-
-def _evaluate(ctx: _Context, out: Path) -> dict:
-    from memprune.probe import knn_probe, linear_probe
-
-    r, e = ctx.recipe, ctx.recipe.evaluation
-    encoders = ["f"] + (["g"] if r.encoder.pretrain or r.encoder.reference else [])
-    encoders += ["supervised"] if r.encoder.supervised.enabled else []
-    rows, metrics = [], {}
-    for which in encoders:
-        row = {"encoder": which}
-        if e.linear:
-            lin = linear_probe(ctx.encoder(which), ctx.train, ctx.test, backend=e.backend,
-                               Cs=e.cs, seed=r.seed, device=r.device,
-                               precision=r.precision)  # fmt: skip
-            row["linear"] = lin.accuracy
-        if e.knn:
-            row["knn"] = knn_probe(ctx.encoder(which), ctx.train, ctx.test, seed=r.seed,
-                                   device=r.device, precision=r.precision).accuracy  # fmt: skip
-        rows.append(row)
-        metrics[which] = {k: v for k, v in row.items() if k != "encoder"}
-    write_table(out / "probes", rows)
-    return metrics
-
-
-def _prune(ctx: _Context, out: Path) -> dict:
-    from memprune.probe import linear_probe
-    from memprune.pruning import (
-        GRADIENT_STRATEGIES,
-        SCORE_STRATEGIES,
-        compare_pruning,
-        recovery,
-        ssl_gradients,
-    )
-    from memprune.report import plot_prune_tradeoff
-
-    r, p = ctx.recipe, ctx.recipe.actions.prune
-    f = ctx.encoder("f")
-
-    def evaluate(model) -> float:
-        return linear_probe(model, ctx.train, ctx.test, seed=r.seed, device=r.device,
-                            backend=r.evaluation.backend, Cs=r.evaluation.cs,
-                            precision=r.precision).accuracy  # fmt: skip
-
-    def rescore(model):  # UnitMem of the shrunken encoder
-        return _unit_mem(ctx, model, progress=False)
-
-    grads = None
-    if any(s in GRADIENT_STRATEGIES for s in p.strategies):
-        grads = ssl_gradients(ctx.train, seed=r.seed)
-    recover = None
-    if p.recover is not None:
-        options = dataclasses.asdict(p.recover)
-        method = options.pop("method")
-        precision = r.encoder.pretrain.mixed_precision if r.encoder.pretrain else "auto"
-        recover = recovery(ctx.train, f, method, progress=False, mixed_precision=precision,
-                           **options)  # fmt: skip
-    iterative = max(p.schedules) > 1 and any(s in SCORE_STRATEGIES for s in p.strategies)
-    rows, runs = compare_pruning(
-        f, ctx.result("unitmem", "unitmem"), evaluate, p.ratios, p.strategies, out / "models",
-        log=ctx.log, recover=recover, seeds=p.seeds, schedules=p.schedules, export=p.export,
-        scope=p.scope, gradients=grads, rescore=rescore if iterative else None,
-        max_layer_ratio=p.max_layer_ratio, heads=p.heads, keep_output_width=p.keep_output_width,
-        latency_batch=p.latency_batch,
-    )  # fmt: skip
-    write_json(out / "runs.json", runs)
-    write_table(out / "comparison", rows)
-    plot_prune_tradeoff(rows, out / "tradeoff.png", f"pruning f, linear probe on {r.data.name}")
-    return {"rows": rows}
-
-
-def _rankings(ctx: _Context, train, out: Path) -> dict:
-    """The layer rankings ``top`` fine-tunes by, each from its scores stage (Auto-RGN is
-    computed here, on the fine-tuning data); saved beside the comparison."""
-    from memprune.recipes._schema import finetune_rankings
-    from memprune.tuning import auto_rgn, ranking_values, unitmem_profile
-
-    f, made = ctx.encoder("f"), {}
-    for by in finetune_rankings(ctx.recipe):
-        if by in ("delta", "layermem"):
-            made[by] = ctx.result("layermem", "layermem")
-        elif by in ("gap", "auc"):
-            made[by] = ctx.result("membergap", "membergap")
-        elif by in ("unitmem", "unitmem_frac"):
-            made[by] = made.get("unitmem") or made.get("unitmem_frac") or unitmem_profile(
-                ctx.result("unitmem", "unitmem"), f)  # fmt: skip
-        else:
-            made[by] = auto_rgn(f, train, seed=ctx.recipe.seed, device=ctx.recipe.device)
-    rows = {}
-    for by, result in made.items():
-        for layer, value in zip(result.layers, ranking_values(result, by)[1].tolist()):
-            if layer != "output":
-                rows.setdefault(layer, {"layer": layer})[by] = value
-    write_table(out / "rankings", list(rows.values()))
-    return made
-
-
-def _finetune(ctx: _Context, out: Path) -> dict:
-    from memprune.probe import linear_probe
-    from memprune.report import plot_finetune
-    from memprune.tuning import compare_finetuning
-
-    r, c = ctx.recipe, ctx.recipe.actions.finetune
-    name = r.data.downstream or r.data.name
-    train, test = ctx.dataset(name, "train"), ctx.dataset(name, "test")
-
-    def baseline(encoder, seed: int) -> float:  # the probes of the evaluate stage's kind
-        res = linear_probe(encoder, train, test, seed=seed, device=r.device,
-                           backend=r.evaluation.backend, Cs=r.evaluation.cs,
-                           precision=r.precision)  # fmt: skip
-        return res.accuracy
-
-    rankings = _rankings(ctx, train, out)
-    rows, runs = compare_finetuning(
-        ctx.encoder("f"), rankings, train, test, c.k, c.strategies, c.seeds,
-        baseline=baseline, log=ctx.log, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
-        augment=c.augment,
-    )  # fmt: skip
-    write_json(out / "runs.json", runs)
-    write_table(out / "comparison", rows)
-    plot_finetune(rows, out / "comparison.png", f"fine-tuning f on {name}")
-    return {"data": name, "rows": rows}
-
-
-RUNNERS = {
-    "pretrain": _pretrain, "supervised": _supervised, "unitmem": _unitmem,
-    "classmem": _classmem, "sslmem": _sslmem, "layermem": _layermem,
-    "membergap": _membergap, "cka": _cka, "evaluate": _evaluate,
-    "prune": _prune, "finetune": _finetune,
-}  # fmt: skip
+from memprune.recipes._schema import Recipe, check_needs
+from memprune.recipes._stages import DONE, STAGES, Stage, enabled_stages
 
 
 # ---------------------------------------------------------------- the run
@@ -487,15 +60,17 @@ def environment(device: str | None) -> dict:
     }  # fmt: skip
 
 
-def _preflight(ctx: _Context) -> None:
-    """Build what every stage starts from (data, encoders named by the recipe) so that a bad
-    name or path fails before the run directory is made."""
+def _preflight(ctx: Context) -> None:
+    """Build what every stage starts from (data, encoders named by the recipe) and check
+    what each stage needs, so that a bad name or path fails before anything is written."""
     from memprune.encoders import load_encoder
     from memprune.report import check_writable
 
     recipe = ctx.recipe
     check_writable(ctx.run)
-    ctx.train, ctx.test  # noqa: B018  (loads both splits: an unknown data set fails here)
+    check_needs(recipe)
+    for split in _splits_needed(recipe):  # an unknown data set fails here
+        ctx.dataset(recipe.data.name, split)
     if recipe.actions.finetune.enabled and recipe.data.downstream:
         ctx.dataset(recipe.data.downstream, "train")
     enc = recipe.encoder
@@ -512,10 +87,42 @@ def _preflight(ctx: _Context) -> None:
         ctx.encoder("f")
         if enc.reference is not None:
             ctx.encoder("g")
+        for name in recipe.evaluation.encoders or ():
+            if recipe.evaluation.linear or recipe.evaluation.knn:
+                ctx.encoder(name)
     if recipe.scores.membergap.enabled and enc.pretrain is None:
         from memprune.scores.membership import check_disjoint
 
         check_disjoint(ctx.points("members"), ctx.points("nonmembers"))
+
+
+def _splits_needed(recipe: Recipe) -> list[str]:
+    """The splits of ``data`` the enabled stages read."""
+    stages, s = enabled_stages(recipe), recipe.scores
+    test = {"evaluate", "prune"} & set(stages) or ("cka" in stages and s.cka.split == "test") or (
+        "unitmem" in stages and s.unitmem.split == "test") or any(  # fmt: skip
+        p is not None and p.split == "test" for p in (recipe.data.members, recipe.data.nonmembers))
+    train = set(stages) - {"cka", "unitmem", "classmem"} or (
+        "cka" in stages and s.cka.split == "train") or (  # fmt: skip
+        {"unitmem", "classmem"} & set(stages) and s.unitmem.split == "train")
+    return [name for name, on in (("train", train), ("test", test)) if on]
+
+
+def run_stage(stage: Stage, ctx: Context, out: Path, label: str) -> dict:
+    """Run one stage into ``out`` and write its ``done.json`` (its result and seconds) once
+    every process has finished it; returns what was written."""
+    ctx.log(f"{label} {stage.name} ...")
+    start = time.perf_counter()
+    result = stage.run(ctx, out)
+    if not isinstance(result, stage.result):
+        raise TypeError(f"stage {stage.name} returned {type(result).__name__}, not"
+                        f" {stage.result.__name__}")  # fmt: skip
+    barrier()  # done.json only once every process has finished the stage
+    metrics = {**result.to_dict(), "seconds": round(time.perf_counter() - start, 1)}
+    write_json(out / DONE, metrics)
+    barrier()
+    ctx.log(f"{label} {stage.name}: {metrics['seconds']} s")
+    return metrics
 
 
 def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
@@ -554,6 +161,9 @@ def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
 #: Keys added to the recipe since the first release, with the value that reproduces what a
 #: recipe written before them did (fp32 scoring; torchvision / folder data resized).
 _LEGACY = {("precision",): "fp32", ("data", "transform"): "resize"}
+#: Keys renamed since: old path -> new name.
+_RENAMED = {("scores", "unitmem", "max_points"): "n_points", ("data", "members", "n"): "n_points",
+            ("data", "nonmembers", "n"): "n_points"}  # fmt: skip
 
 
 def _as_current(saved: dict) -> dict:
@@ -563,6 +173,12 @@ def _as_current(saved: dict) -> dict:
     from memprune.recipes._schema import validate
 
     saved = copy.deepcopy(saved)
+    for keys, new in _RENAMED.items():
+        node = saved
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys[-1] in node:
+            node[new] = node.pop(keys[-1])
     for keys, value in _LEGACY.items():
         node = saved
         for key in keys[:-1]:
@@ -588,9 +204,10 @@ def _effective(recipe: dict) -> dict:
     if out.get("precision") == "auto":
         bf16 = autocast_dtype("auto", resolve_device(out.get("device"))) is not None
         out["precision"] = "bf16" if bf16 else "fp32"
-    pretrain = (out.get("encoder") or {}).get("pretrain")
-    if isinstance(pretrain, dict) and "mixed_precision" in pretrain:
-        pretrain["mixed_precision"] = resolve_mixed_precision(pretrain["mixed_precision"])
+    for key in ("pretrain", "supervised"):
+        trains = (out.get("encoder") or {}).get(key)
+        if isinstance(trains, dict) and "mixed_precision" in trains:
+            trains["mixed_precision"] = resolve_mixed_precision(trains["mixed_precision"])
     data = out.get("data") or {}
     if native_size(str(data.get("name")), 1) is None or data.get("img_size") is not None:
         data.pop("transform", None)
@@ -633,7 +250,7 @@ def run_recipe(
         log = _quiet
     if recipe.seeds is not None:
         return _run_seeds(recipe, run, resume, force, log)
-    ctx = _Context(recipe, run, log)
+    ctx = Context(recipe, run, log)
     _preflight(ctx)
     clear = _check_run(run, recipe, resume, force)
     barrier()  # every process has checked the directory before the main one changes it
@@ -643,25 +260,16 @@ def run_recipe(
     stages = enabled_stages(recipe)
     metrics = {}
     for i, name in enumerate(stages, 1):
-        stage_dir = run / name
-        done = stage_dir / DONE
-        if done.is_file():
-            metrics[name] = read_json(done)
-            log(f"[{i}/{len(stages)}] {name}: done earlier, skipped")
+        stage_dir, label = run / name, f"[{i}/{len(stages)}]"
+        if (stage_dir / DONE).is_file():
+            metrics[name] = read_json(stage_dir / DONE)
+            log(f"{label} {name}: done earlier, skipped")
             continue
-        if stage_dir.exists() and name not in ("pretrain", "supervised") and is_main():
+        if stage_dir.exists() and not STAGES[name].resumable and is_main():
             shutil.rmtree(stage_dir)  # an interrupted stage restarts cleanly
         barrier()
         stage_dir.mkdir(parents=True, exist_ok=True)
-        log(f"[{i}/{len(stages)}] {name} ...")
-        start = time.perf_counter()
-        result = RUNNERS[name](ctx, stage_dir)
-        barrier()  # done.json only once every process has finished the stage
-        result["seconds"] = round(time.perf_counter() - start, 1)
-        write_json(done, result)
-        barrier()
-        metrics[name] = result
-        log(f"[{i}/{len(stages)}] {name}: {result['seconds']} s")
+        metrics[name] = run_stage(STAGES[name], ctx, stage_dir, label)
     write_json(run / "metrics.json", metrics)
     write_text(run / "metrics.csv", _metrics_csv(metrics))
     if is_main():
@@ -670,12 +278,69 @@ def run_recipe(
     return run
 
 
+def run_verb(
+    recipe: Recipe,
+    out: str | os.PathLike,
+    main: str,
+    command: dict,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run the enabled stages of ``recipe`` for one CLI verb: the stage ``main`` writes
+    straight into ``out`` (the same files as ``RUN/<main>/`` of ``memprune run``), any stage
+    it needs first into ``out/<stage>/``; ``out/recipe.yaml`` records what ran.
+
+    ``out`` follows the CLI's output rules (:func:`memprune.report.open_output`): a new or
+    empty directory, ``force``, or an interrupted run of the same ``command``, which is
+    finished (its finished stages are kept). Everything is validated before ``out`` is made.
+    """
+    from memprune.report import check_output, open_output, read_marker
+
+    out = Path(out)
+    if not is_main():
+        log = _quiet
+    stages = enabled_stages(recipe)
+    if main not in stages:
+        raise ConfigError(f"the recipe of this command does not enable its {main} stage")
+    dirs = {name: out if name == main else out / name for name in stages}
+    ctx = Context(recipe, out, log, dirs=dirs)
+    check_output(out, command, force)
+    _preflight(ctx)
+    marker = read_marker(out) if out.is_dir() else None
+    new = not out.exists()
+    barrier()
+    opened = open_output(out, command, force) if is_main() else None
+    resuming = not force and marker is not None and not marker.get("finished", True)
+    ctx.overwrite = bool(opened and opened.overwrite) or resuming
+    write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    barrier()
+    try:
+        for i, name in enumerate(stages, 1):
+            stage_dir, label = dirs[name], f"[{i}/{len(stages)}]" if len(stages) > 1 else "-"
+            if resuming and (stage_dir / DONE).is_file():
+                log(f"{label} {name}: done earlier, kept")
+                continue
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            run_stage(STAGES[name], ctx, stage_dir, label)
+    except MemPruneError:
+        # a value the stage refused (nothing half-written stays): a new --out goes again,
+        # so that the corrected command can use it
+        barrier()
+        if new and is_main():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if opened is not None:
+        opened.finish()
+    barrier()
+    return out
+
+
 def _run_seeds(recipe: Recipe, run: Path, resume: bool, force: bool, log) -> Path:
     """``seeds``: one whole run per seed into ``RUN/seed_<s>/``, then the report over seeds
     (memprune.recipes._seeds). Resuming resumes every seed's run."""
     from memprune.recipes._seeds import clear_seeds, render_seeds_report, seed_dir, seed_recipe
 
-    _preflight(_Context(seed_recipe(recipe, recipe.seeds[0]), seed_dir(run, recipe.seeds[0]), log))
+    _preflight(Context(seed_recipe(recipe, recipe.seeds[0]), seed_dir(run, recipe.seeds[0]), log))
     clear = _check_run(run, recipe, resume, force)
     barrier()
     if clear and is_main():

@@ -23,13 +23,14 @@ from memprune.engine import PRECISIONS
 from memprune.errors import ConfigError
 from memprune.hooks import REPRESENTATIONS, SIGNED
 from memprune.probe import BACKENDS, DEFAULT_CS
+from memprune.scores import PAIRS
 from memprune.pruning import DEFAULT_STRATEGIES as DEFAULT_PRUNE
 from memprune.pruning import DISTILL_LOSSES, RECOVERY, SCOPES
-from memprune.pruning import STRATEGIES as PRUNE_STRATEGIES
+from memprune.pruning import PRUNING_STRATEGIES
 from memprune.stats import RESTS
 from memprune.train import MIXED_PRECISION
 from memprune.tuning import BY
-from memprune.tuning import STRATEGIES as LAYER_STRATEGIES
+from memprune.tuning import LAYER_STRATEGIES
 
 
 def _names(registry) -> Any:
@@ -39,9 +40,10 @@ def _names(registry) -> Any:
 
 Rest, Signed, Representation = _names(RESTS), _names(SIGNED), _names(REPRESENTATIONS)
 Precision, Backend, Scope = _names(MIXED_PRECISION), _names(BACKENDS), _names(SCOPES)
-PruneStrategy, LayerStrategy, By = _names(PRUNE_STRATEGIES), _names(LAYER_STRATEGIES), _names(BY)
+PruneStrategy, LayerStrategy, By = _names(PRUNING_STRATEGIES), _names(LAYER_STRATEGIES), _names(BY)
 Preset, ComputePrecision = _names(AUGMENTS), _names(PRECISIONS)
 Recovery, DistillLoss = _names(RECOVERY), _names(DISTILL_LOSSES)
+Pair = _names(PAIRS)
 
 
 class RecipeError(ConfigError):
@@ -51,18 +53,6 @@ class RecipeError(ConfigError):
 #: A layer ranking -> the scores stage it needs (None: made by the fine-tuning stage).
 RANKED_BY = {"delta": "layermem", "layermem": "layermem", "gap": "membergap", "auc": "membergap",
              "unitmem": "unitmem", "unitmem_frac": "unitmem", "rgn": None}  # fmt: skip
-
-
-def finetune_rankings(recipe: Recipe) -> list[str]:
-    """The rankings the fine-tuning stage's ``top`` uses: ``actions.finetune.by``, or every
-    ranking the recipe's scores provide (ΔLayerMem, member gap, UnitMem profile) and Auto-RGN."""
-    by = recipe.actions.finetune.by
-    if by:
-        return list(by)
-    on = [name for name, stage in (("delta", "layermem"), ("gap", "membergap"),
-                                   ("unitmem", "unitmem"))
-          if getattr(recipe.scores, stage).enabled]  # fmt: skip
-    return [*on, "rgn"]
 
 
 def _range(lo=None, hi=None, hi_open=False, lo_open=False) -> dict:
@@ -77,7 +67,7 @@ class PointsCfg:
     split: Literal["train", "test"] = "train"
     indices: str | None = None
     part: Literal[SETS] | None = None
-    n: int | None = field(default=None, metadata=_range(2))
+    n_points: int | None = field(default=None, metadata=_range(2))
 
 
 @dataclass
@@ -99,6 +89,8 @@ class DataCfg:
     shared: int | float = field(default=0.5, metadata=_range(0))
     candidate: int | float = field(default=0.1, metadata=_range(0))
     extra: int | float = field(default=0.1, metadata=_range(0))
+    #: points held out from both f and g (a count or a fraction)
+    test: int | float = field(default=0, metadata=_range(0))
     split_seed: int = 0
     downstream: str | None = "digits-shift"  # fine-tuning data (None: the same data set)
     members: PointsCfg | None = None
@@ -116,16 +108,26 @@ class PretrainCfg:
     proj_dim: int = field(default=64, metadata=_range(1))
     augment: Preset | dict[str, Any] = field(default_factory=lambda: {"scale": [0.3, 1.0]})
     mixed_precision: Precision = "auto"
+    #: the pair f / g on the split of ``data``; false: one encoder (``encoder/``) on the
+    #: whole train split
+    pair: bool = True
+    keep_checkpoints: bool = False
 
 
 @dataclass
 class SupervisedCfg:
-    """A supervised baseline on the same points as f (for ClassMem vs UnitMem)."""
+    """A supervised baseline on the same points as f (for ClassMem vs UnitMem), or on the
+    whole train split (``points: all``)."""
 
     enabled: bool = False
     epochs: int = field(default=15, metadata=_range(1))
     lr: float = field(default=1e-3, metadata=_range(0))
     batch_size: int = field(default=128, metadata=_range(2))
+    points: Literal["f", "all"] = "f"
+    random_labels: bool = False
+    augment: Preset | dict[str, Any] = "crop_flip"
+    mixed_precision: Precision = "auto"
+    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -136,13 +138,18 @@ class EncoderCfg:
     when it is missing); ``reference``: the encoder g trained without the candidates, for
     SSLMem / LayerMem."""
 
-    model: str = "resnet18"
+    #: null with a checkpoint that records its model (a memprune run or pruned directory)
+    model: str | None = "resnet18"
     img_size: int | None = 32
     timm: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     checkpoint_from: str | None = None
     entry: str | None = None
     strict: bool = True
+    #: read pickled checkpoints (unsafe: only files you trust)
+    trust_pickle: bool = False
+    #: no pretrain, no checkpoint: timm's random init, seeded by ``seed``
+    random_init: bool = False
     reference: str | None = None
     pretrain: PretrainCfg | None = field(default_factory=PretrainCfg)
     supervised: SupervisedCfg = field(default_factory=SupervisedCfg)
@@ -150,17 +157,26 @@ class EncoderCfg:
 
 @dataclass
 class UnitMemCfg:
+    """UnitMem of f on ``n_points`` of ``split`` (all when null), drawn by seed; ``sites``:
+    site-name patterns (null: every unit site)."""
+
     enabled: bool = True
     views: int = field(default=10, metadata=_range(1))
     rest: Rest = "mean"
     signed: Signed = "abs"
-    max_points: int | None = None
+    n_points: int | None = field(default=None, metadata=_range(1))
+    sites: list[str] | None = None
+    augment: Preset | dict[str, Any] = "simclr"
+    split: Literal["train", "test"] = "train"
 
 
 @dataclass
 class ClassMemCfg:
+    """ClassMem on the points UnitMem scores (of f, and of the supervised encoder)."""
+
     enabled: bool = True
     views: int = field(default=4, metadata=_range(1))
+    augment: Preset | dict[str, Any] = "none"
 
 
 @dataclass
@@ -171,10 +187,17 @@ class SSLMemCfg:
 
 @dataclass
 class LayerMemCfg:
+    """LayerMem / ΔLayerMem of f against g on ``points`` of the train split (default: the
+    candidates of the pretrain split; all points without one)."""
+
     enabled: bool = True
     pairs: int = field(default=10, metadata=_range(1))
     representation: Representation = "flatten"
     top_k: int = field(default=50, metadata=_range(1))
+    layers: list[str] | None = None
+    pair: Pair = "views"
+    points: PointsCfg | None = None
+    n_points: int | None = field(default=None, metadata=_range(1))
 
 
 @dataclass
@@ -186,17 +209,27 @@ class MemberGapCfg:
     pairs: int = field(default=10, metadata=_range(1))
     representation: Representation = "flatten"
     n_boot: int = field(default=1000, metadata=_range(10))
+    layers: list[str] | None = None
+    pair: Pair = "views"
+    n_points: int | None = field(default=None, metadata=_range(1))
 
 
 @dataclass
 class CKACfg:
-    """CKA between f and the supervised encoder, layer by layer, on the test split (when the
-    recipe trains a supervised encoder): ``minibatch`` points per HSIC estimate; the spread
-    comes from disjoint minibatches."""
+    """CKA between the layers of f and ``against`` (the supervised encoder, when the recipe
+    trains one; the reference g; or f itself), on ``split``: ``minibatch`` points per HSIC
+    estimate. Layers at the same depth are also compared on disjoint minibatches for the
+    spread; ``invariance``: CKA of each layer between two views too."""
 
     enabled: bool = True
+    against: Literal["supervised", "g", "self"] = "supervised"
     minibatch: int = field(default=64, metadata=_range(4))
     representation: Representation = "flatten"
+    split: Literal["train", "test"] = "test"
+    layers_a: list[str] | None = None
+    layers_b: list[str] | None = None
+    invariance: bool = False
+    augment: Preset | dict[str, Any] = "simclr"
 
 
 @dataclass
@@ -244,6 +277,10 @@ class PruneCfg:
     schedules: list[int] = field(default_factory=lambda: [1], metadata=_range(1))
     recover: RecoverCfg | None = None
     export: bool = False
+    onnx: bool = False  # with export: also ONNX (needs onnx)
+    #: a saved UnitMem of f to rank by (a result stem, or a directory holding one); null:
+    #: the run's unitmem stage
+    scores: str | None = None
 
 
 @dataclass
@@ -259,6 +296,9 @@ class FinetuneCfg:
     batch_size: int = field(default=32, metadata=_range(1))
     augment: Preset | dict[str, Any] = "none"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    #: saved scores of f to rank layers by (LayerMem, member gap or UnitMem results, or
+    #: directories holding one), beside the run's own scores stages
+    scores: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -277,6 +317,13 @@ class EvaluationCfg:
     #: the inverse L2 strengths the linear probe sweeps, chosen on a validation split
     cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS),
                             metadata=_range(0, lo_open=True))  # fmt: skip
+    #: the encoders probed: f, g, supervised or checkpoint paths (null: f, and g and the
+    #: supervised encoder where the run has them)
+    encoders: list[str] | None = None
+    chunk_size: int = field(default=256, metadata=_range(1))
+    cache_dir: str | None = None
+    #: features memory-mapped on disk in this directory, probes read in chunks of rows
+    store: str | None = None
 
 
 @dataclass
@@ -292,6 +339,8 @@ class Recipe:
     #: what encoders compute in while scoring and extracting features (auto: bf16 on a CUDA
     #: device that supports it, else fp32); training follows encoder.pretrain.mixed_precision
     precision: ComputePrecision = "auto"
+    #: DataLoader workers of scoring and training (null: 0 on CPU, several per GPU)
+    workers: int | None = field(default=None, metadata=_range(0))
     data: DataCfg = field(default_factory=DataCfg)
     encoder: EncoderCfg = field(default_factory=EncoderCfg)
     scores: ScoresCfg = field(default_factory=ScoresCfg)
@@ -412,8 +461,13 @@ def validate(data: dict) -> Recipe:
             raise RecipeError(f"seeds: {recipe.seeds!r} must be >= 0")
     enc, scores, act = recipe.encoder, recipe.scores, recipe.actions
     has_g = enc.pretrain is not None or enc.reference is not None
-    if enc.pretrain is None and enc.checkpoint is None:
-        raise RecipeError("encoder: give encoder.pretrain (make f and g) or encoder.checkpoint")
+    if enc.pretrain is None and enc.checkpoint is None and not enc.random_init:
+        raise RecipeError(
+            "encoder: give encoder.pretrain (make f and g) or encoder.checkpoint (or"
+            " random_init: true for timm's random init)"
+        )
+    if enc.random_init and (enc.pretrain is not None or enc.checkpoint is not None):
+        raise RecipeError("encoder.random_init: only without encoder.pretrain and checkpoint")
     if enc.pretrain is not None and enc.checkpoint is not None:
         raise RecipeError("encoder: give encoder.pretrain or encoder.checkpoint, not both")
     needs_g = [n for n, on in (("scores.sslmem", scores.sslmem.enabled),
@@ -430,7 +484,7 @@ def validate(data: dict) -> Recipe:
         )
     if isinstance(act.finetune.by, str):
         act.finetune.by = [act.finetune.by]
-    if act.finetune.enabled and act.finetune.by:
+    if act.finetune.enabled and act.finetune.by and not act.finetune.scores:
         for i, by in enumerate(act.finetune.by):
             stage = RANKED_BY[by]
             if stage and not getattr(scores, stage).enabled:
@@ -453,11 +507,51 @@ def validate(data: dict) -> Recipe:
             raise RecipeError(
                 f"data.{key}.part: names a set of a splits.json; give data.{key}.indices"
             )
-    if act.prune.enabled and not scores.unitmem.enabled:
-        raise RecipeError("actions.prune: ranks units by UnitMem; enable scores.unitmem")
-    if enc.supervised.enabled and enc.pretrain is None:
+    if act.prune.onnx and not act.prune.export:
+        raise RecipeError("actions.prune.onnx: exports beside the torch.export program; set"
+                          " actions.prune.export")  # fmt: skip
+    if enc.supervised.enabled and enc.supervised.points == "f" and enc.pretrain is None:
         raise RecipeError("encoder.supervised: trains on f's points; needs encoder.pretrain")
+    check_needs(recipe)
     return recipe
+
+
+def check_needs(recipe) -> None:
+    """Every enabled stage's inputs come from an earlier enabled stage or from a saved result
+    the recipe names; otherwise a RecipeError says which stage to enable or key to set."""
+    from memprune.recipes._stages import STAGES, enabled_stages
+
+    stages = enabled_stages(recipe)
+    for name in stages:
+        for need, key in STAGES[name].needs(recipe):
+            earlier = need in stages and stages.index(need) < stages.index(name)
+            if earlier or (key is not None and _value(recipe, key)):
+                continue
+            where = f", or name its saved result in {key}" if key else ""
+            raise RecipeError(f"the {name} stage needs the results of the {need} stage: enable"
+                              f" it{where}")  # fmt: skip
+
+
+def _value(recipe, key: str):
+    node = recipe
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+
+
+def schema_default(key: str):
+    """The default of a dotted recipe key (``actions.prune.ratios``), for the CLI's help."""
+    cls, value = Recipe, None
+    for part in key.split("."):
+        hints = typing.get_type_hints(cls)
+        f = {f.name: f for f in dataclasses.fields(cls)}[part]
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        tp = hints[part]
+        args = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        cls = tp if dataclasses.is_dataclass(tp) else (args[0] if args else None)
+    return value
 
 
 def _set(data: dict, assignment: str) -> None:

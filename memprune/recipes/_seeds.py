@@ -36,7 +36,7 @@ from memprune.recipes._findings import (
     findings,
 )
 from memprune.recipes._schema import Recipe
-from memprune.recipes._stages import STAGES, read_metrics
+from memprune.recipes._stages import STAGES, read_metrics, typed
 
 #: Offset between the action seeds of two loops.
 ACTION_STRIDE = 1000
@@ -64,43 +64,11 @@ def seed_recipe(recipe: Recipe, seed: int) -> Recipe:
 # ---------------------------------------------------------------- numbers of one loop
 
 
-def _prune_label(row: dict) -> str:
-    rec = "" if row["recovery"] == "none" else f", {row['recovery']}"
-    steps = f", {row['steps']} steps" if row.get("steps", 1) > 1 else ""
-    return f"pruned {row['strategy']} {100 * row['ratio']:g}%{rec}{steps}"
-
-
 def headline_values(m: dict) -> dict[str, float]:
-    """The headline numbers of one run's stage metrics, by label (accuracies in [0, 1])."""
-    out: dict[str, float] = {}
-    for name, vals in (m.get("evaluate") or {}).items():
-        if isinstance(vals, dict):
-            for kind, acc in vals.items():
-                out[f"{kind} probe, {name}"] = acc
-    if s := m.get("sslmem"):
-        out["SSLMem, candidates"] = s["candidate"]["mean"]
-        out["SSLMem, extras"] = s["extra"]["mean"]
-    if u := m.get("unitmem"):
-        out["UnitMem mean, f"] = u["mean"]
-        out["UnitMem > 0.5, f (fraction of units)"] = u["frac>0.5"]
-    for name, vals in (m.get("classmem") or {}).items():
-        if isinstance(vals, dict) and name != "f":
-            out[f"UnitMem mean, {name}"] = vals["unitmem_mean"]
-        if isinstance(vals, dict):
-            out[f"ClassMem mean, {name}"] = vals["classmem_mean"]
-    if lm := m.get("layermem"):
-        out["LayerMem at the output"] = lm["output_layermem"]
-        out["largest ΔLayerMem"] = lm["top_delta"]
-    if g := m.get("membergap"):
-        out["member gap at the output"] = g["output_gap"]
-    for layer, value in ((m.get("cka") or {}).get("cka") or {}).items():
-        out[f"CKA f vs supervised, {layer}"] = value
-    for row in (m.get("prune") or {}).get("rows", []):
-        out["unpruned" if row["strategy"] == "none" else _prune_label(row)] = row["accuracy"]
-    for row in (m.get("finetune") or {}).get("rows", []):
-        k = "" if row["strategy"] in ("linear probe", "all") else f" k={row['k']}"
-        out[f"fine-tuned {row['strategy']}{k}"] = row["mean"]
-    return out
+    """The headline numbers of one run's stage metrics, by label (accuracies in [0, 1]): what
+    each registered stage reports over seeds."""
+    return {label: value for name, result in typed(m).items()
+            for label, value in STAGES[name].values(result).items()}  # fmt: skip
 
 
 def comparisons(labels: list[str]) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from memprune.tuning._finetune import FinetuneResult, accuracy, finetune, finetu
 from memprune.tuning._rankings import LayerValues, auto_rgn, unitmem_profile
 from memprune.tuning._select import (
     BY,
-    STRATEGIES,
+    LAYER_STRATEGIES,
     LayerSelection,
     layer_modules,
     layer_parameters,
@@ -23,7 +23,7 @@ from memprune.tuning._select import (
 
 __all__ = [
     "BY",
-    "STRATEGIES",
+    "LAYER_STRATEGIES",
     "FinetuneResult",
     "LayerSelection",
     "LayerValues",

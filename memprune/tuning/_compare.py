@@ -12,7 +12,7 @@ from memprune.errors import ConfigError
 from memprune.sites import OUTPUT
 from memprune.tuning._finetune import finetune
 from memprune.tuning._select import (
-    STRATEGIES,
+    LAYER_STRATEGIES,
     check_same_encoder,
     ranking_values,
     select_layers,
@@ -83,7 +83,7 @@ def compare_finetuning(
     per run (layers, accuracy, best epoch, curves).
     """
     for strategy in strategies:  # every name is checked before any training
-        STRATEGIES.check(strategy)
+        LAYER_STRATEGIES.check(strategy)
     rankings = _rankings(rankings, by)
     for result in rankings.values():
         check_same_encoder(result, encoder)

@@ -37,7 +37,7 @@ def _random(values: torch.Tensor, k: int, seed: int) -> list[int]:
 
 
 #: ``strategy`` -> positions of the chosen layers, given the layers' values, k and a seed.
-STRATEGIES = Registry(
+LAYER_STRATEGIES = Registry(
     "layer strategy",
     {
         "top": _top,
@@ -181,7 +181,7 @@ def select_layers(
     Returns:
         A :class:`LayerSelection` with the layers in forward order.
     """
-    choose = STRATEGIES[strategy]
+    choose = LAYER_STRATEGIES[strategy]
     by, values = ranking_values(result, by)
     layers = [name for name in result.layers if name != OUTPUT]
     keep = torch.tensor([name != OUTPUT for name in result.layers])

@@ -1,0 +1,189 @@
+"""What the stages of one run share: the recipe, where each stage writes, the data and the
+encoders (each made once, lazily)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from memprune.errors import ConfigError
+from memprune.recipes._schema import Recipe
+
+
+class Context:
+    """The recipe, the run directory, the stages' directories, data and encoders.
+
+    ``dirs`` maps a stage to its directory (default ``RUN/<stage>``: a CLI verb writes its
+    own stage straight into ``--out``). ``overwrite``: a stage may replace files it finds in
+    its directory (a rerun of an interrupted CLI verb; a recipe run clears the directory).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run: Path,
+        log: Callable[[str], None] = print,
+        dirs: dict[str, Path] | None = None,
+        overwrite: bool = False,
+    ):
+        self.recipe, self.run, self.log = recipe, Path(run), log
+        self.dirs, self.overwrite = dict(dirs or {}), overwrite
+        self._cache: dict = {}
+
+    def dir(self, stage: str) -> Path:
+        return self.dirs.get(stage, self.run / stage)
+
+    # ------------------------------------------------------------ data
+
+    def dataset(self, name: str, split: str):
+        from memprune.data import load_dataset, native_size
+
+        key = (name, split)
+        if key not in self._cache:
+            d = self.recipe.data
+            size = native_size(name, d.img_size or self.recipe.encoder.img_size or 32)
+            if size is not None and d.transform == "encoder" and d.img_size is None:
+                opts = {"transform": self.transform()}
+            else:
+                opts = {"img_size": size}
+            self._cache[key] = load_dataset(name, split, root=d.root, **opts)
+        return self._cache[key]
+
+    def transform(self):
+        """The encoder's eval preprocessing (from its timm data config): of the architecture
+        the run trains, or of the first encoder it loads."""
+        from memprune.encoders import create_encoder, eval_transform
+
+        if "transform" not in self._cache:
+            enc = self.recipe.encoder
+            if enc.pretrain is not None or enc.random_init:
+                model = create_encoder(enc.model, img_size=enc.img_size, **enc.timm)
+            else:
+                model = self.encoder((self.recipe.evaluation.encoders or ["f"])[0])
+            self._cache["transform"] = eval_transform(model)
+        return self._cache["transform"]
+
+    @property
+    def train(self):
+        return self.dataset(self.recipe.data.name, "train")
+
+    @property
+    def test(self):
+        return self.dataset(self.recipe.data.name, "test")
+
+    def splits(self):
+        from memprune.data import Splits
+
+        path = self.dir("pretrain") / "splits.json"
+        return Splits.load(path) if path.is_file() else None
+
+    def indices(self, cfg, key: str, default_part: str | None) -> tuple[object, list | None]:
+        """The data set and indices of a :class:`PointsCfg` (``key`` names it in errors):
+        its file's indices, a part of the pretrain split, or all points (None)."""
+        from memprune.data import read_indices
+
+        data = self.dataset(self.recipe.data.name, cfg.split if cfg else "train")
+        part = cfg.part if cfg else default_part
+        if cfg is not None and cfg.indices is not None:
+            try:
+                idx = read_indices(cfg.indices, part)
+            except ConfigError as err:
+                raise ConfigError(f"{key}.indices: {err}") from None
+        elif part is not None and self.splits() is not None:
+            idx = self.splits().indices(part)
+        elif cfg is not None and part is not None:
+            raise ConfigError(f"{key}.part: names a set of a splits.json; give {key}.indices")
+        else:
+            idx = None
+        if idx is not None:
+            bad = [i for i in idx if not 0 <= i < len(data)]
+            if bad:
+                raise ConfigError(f"{key}: indices {bad[:5]} are outside the"
+                                  f" {cfg.split if cfg else 'train'} split of {len(data)}"
+                                  " points")  # fmt: skip
+        return data, idx
+
+    def points(self, key: str):
+        """``data.members`` or ``data.nonmembers`` as a data set (defaults with a pretrain
+        stage: the candidates, the extras), restricted to ``n_points`` drawn by seed."""
+        from memprune.data import seeded_subset
+
+        default = {"members": "candidate", "nonmembers": "extra"}[key]
+        cfg = getattr(self.recipe.data, key)
+        data, idx = self.indices(cfg, f"data.{key}", default)
+        if idx is not None:
+            data = torch.utils.data.Subset(data, idx)
+        return seeded_subset(data, cfg.n_points if cfg else None, self.recipe.seed)
+
+    # ------------------------------------------------------------ encoders
+
+    def encoder(self, which: str):
+        """``f``, ``g``, ``supervised`` (from the run or the recipe's checkpoints) or a
+        checkpoint path, loaded once."""
+        from memprune.encoders import load_encoder
+
+        if which in self._cache:
+            return self._cache[which]
+        enc = self.recipe.encoder
+        if enc.pretrain is not None and which in ("f", "g"):
+            model = load_encoder(checkpoint=self.dir("pretrain") / which)
+        elif which == "supervised":
+            model = load_encoder(checkpoint=self.dir("supervised"))
+        elif which == "f" and enc.random_init:
+            torch.manual_seed(self.recipe.seed)  # a rerun scores the same encoder
+            model = load_encoder(enc.model, img_size=enc.img_size, **enc.timm)
+        else:
+            path = {"f": enc.checkpoint, "g": enc.reference}.get(which, which)
+            model = load_encoder(enc.model, checkpoint=path, img_size=enc.img_size,
+                                 trust_pickle=enc.trust_pickle, entry=enc.entry,
+                                 strict=enc.strict, **enc.timm)  # fmt: skip
+        self._cache[which] = model
+        return model
+
+    def model_name(self, which: str = "f") -> str:
+        """The timm name of an encoder (for tables and metadata)."""
+        model = self.encoder(which)
+        build = (getattr(model, "pretrained_cfg", None) or {}).get("memprune_build") or {}
+        return build.get("model") or self.recipe.encoder.model or type(model).__name__
+
+    def checkpoint(self, which: str = "f") -> str | None:
+        """Where encoder ``which`` comes from (None: random init)."""
+        enc = self.recipe.encoder
+        if enc.pretrain is not None and which in ("f", "g"):
+            return str(self.dir("pretrain") / which)
+        if which == "supervised":
+            return str(self.dir("supervised"))
+        return {"f": enc.checkpoint, "g": enc.reference}.get(which, which)
+
+    # ------------------------------------------------------------ results of earlier stages
+
+    def result(self, stage: str, name: str, given: str | None = None):
+        """A result an earlier stage saved (``RUN/<stage>/<name>``), or the one at ``given``
+        (a result stem, its ``.json``, or a directory holding ``name`` directly or in
+        ``<stage>/``)."""
+        import memprune.scores  # noqa: F401  (the result classes load_any chooses from)
+        from memprune.results import load_any
+
+        if given is None:
+            return load_any(self.dir(stage) / name)
+        return load_any(find_result(given, stage, name))
+
+
+def find_result(given: str, stage: str, name: str) -> Path:
+    """The stem of a saved result named by a user: a stem, a ``.json`` / ``.safetensors``,
+    a CLI verb's ``--out`` or a run directory."""
+    path = Path(given)
+    if path.is_dir():
+        for stem in (path / name, path / stage / name):
+            if stem.with_suffix(".json").is_file():
+                return stem
+        raise ConfigError(
+            f"no {name} result in {given}: pass the --out of the command that made it (or its"
+            f" {name}.json)"
+        )
+    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+    if not stem.with_suffix(".json").is_file():
+        raise ConfigError(f"no saved result at {given} ({stem.name}.json missing)")
+    return stem

@@ -1,0 +1,89 @@
+"""A stage is one object: registering one module's stage is all it takes for the runner, the
+resume logic, report.md and the report over seeds to use it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from memprune.errors import ConfigError
+from memprune.recipes import (
+    STAGES,
+    Stage,
+    StageResult,
+    enabled_stages,
+    read_metrics,
+    register,
+    run_recipe,
+    unregister,
+    validate,
+)
+from memprune.recipes._seeds import headline_values
+
+OFF = {
+    "encoder": {"pretrain": None, "random_init": True, "timm": {"channels": [8, 16, 32, 64]},
+                "supervised": {"enabled": False}},
+    "scores": {name: {"enabled": False} for name in
+               ("unitmem", "classmem", "sslmem", "layermem", "membergap", "cka")},
+    "actions": {"prune": {"enabled": False}, "finetune": {"enabled": False}},
+    "evaluation": {"linear": False, "knn": False},
+}  # fmt: skip
+
+
+@dataclass
+class Counted(StageResult):
+    points: int
+    classes: list[int]
+
+
+@pytest.fixture
+def counting():
+    calls = []
+
+    def run(ctx, out) -> Counted:
+        calls.append(out)
+        labels = sorted({int(ctx.train[i][1]) for i in range(len(ctx.train))})
+        (out / "count.md").write_text(f"| points |\n|---|\n| {len(ctx.train)} |\n")
+        return Counted(points=len(ctx.train), classes=labels)
+
+    stage = Stage(
+        "count", Counted, run, enabled=lambda recipe: True,
+        needs=lambda recipe: [("unitmem", None)] if recipe.name == "needy" else [],
+        headlines=lambda r: [f"Counted {r.points} points of {len(r.classes)} classes."],
+        values=lambda r: {"points counted": r.points}, tables=(("count.md", "Counting"),),
+    )  # fmt: skip
+    register(stage, after="unitmem")
+    yield calls
+    unregister("count")
+
+
+def test_a_registered_stage_runs_resumes_and_reports(tmp_path, counting):
+    recipe = validate(OFF)
+    assert enabled_stages(recipe) == ["count"]
+    assert list(STAGES).index("count") == list(STAGES).index("unitmem") + 1
+    run = run_recipe(recipe, tmp_path / "run", log=lambda m: None)
+    metrics = read_metrics(run)
+    assert metrics["count"]["points"] == 1437 and metrics["count"]["classes"] == list(range(10))
+    assert STAGES["count"].load(metrics["count"]) == Counted(1437, list(range(10)))
+    report = (run / "report.md").read_text()
+    assert "- Counted 1437 points of 10 classes." in report
+    assert "## Counting\n\n| points |" in report
+    assert headline_values(metrics) == {"points counted": 1437}
+    # resumed: the finished stage is not run again
+    run_recipe(recipe, run, resume=True, log=lambda m: None)
+    assert len(counting) == 1
+    # what a stage needs is checked before anything runs
+    with pytest.raises(ConfigError, match="the count stage needs the results of the unitmem"):
+        validate({**OFF, "name": "needy"})
+
+
+def test_a_stage_must_return_its_result_type(tmp_path):
+    register(Stage("wrong", Counted, lambda ctx, out: {"points": 1}, enabled=lambda r: True))
+    try:
+        with pytest.raises(TypeError, match="returned dict, not Counted"):
+            run_recipe(validate(OFF), tmp_path / "run", log=lambda m: None)
+        with pytest.raises(ConfigError, match="already registered"):
+            register(Stage("wrong", Counted, lambda ctx, out: None, enabled=lambda r: True))
+    finally:
+        unregister("wrong")
