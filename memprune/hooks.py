@@ -159,3 +159,25 @@ def capture(
     finally:
         for h in handles:
             h.remove()
+
+
+def describe_sites(model: nn.Module, data, n_views: int = 4, n_points: int = 8, seed: int = 0):
+    """Every unit and layer site of ``model`` with what one batch of ``n_points`` x
+    ``n_views`` views of ``data`` gives there: rows ``(name, kind, role, units, output shape,
+    captured shape)``, and the parameter count, input shape and output width."""
+    from memprune.data import MultiView
+    from memprune.encoders import normalization
+    from memprune.sites import find_sites
+
+    sites = find_sites(model, "units") + find_sites(model, "layers")
+    views = MultiView(data, n_views=n_views, seed=seed)
+    batch = torch.stack([views[i][0] for i in range(min(n_points, len(views)))])
+    b, k = batch.shape[:2]  # [B, K, 3, H, W]
+    mean, std = (torch.tensor(v)[:, None, None] for v in normalization(model))
+    x = (batch.flatten(0, 1) - mean) / std
+    with torch.inference_mode(), capture(model, sites) as acts:
+        out = model(x)
+    rows = [(s.name, s.kind, s.role, s.n_units, "x".join(map(str, acts.shapes[s.name])),
+             tuple(acts[s.name].shape)) for s in sites]  # fmt: skip
+    return {"rows": rows, "params": sum(p.numel() for p in model.parameters()),
+            "input": tuple(x.shape[1:]), "output": out.shape[1], "points": b, "views": k}  # fmt: skip

@@ -157,8 +157,13 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
     args = [*tiny, "--strategy", "lowest", "random", "--views", "2", "--max-points", "200",
             "--latency-batch", "8"]  # fmt: skip
     assert main(["prune", *args, "--out", str(out)]) == 0
-    for name in ("results.json", "comparison.md", "comparison.csv", "tradeoff.png",
-                 "unitmem/unitmem.json"):
+    for name in (
+        "results.json",
+        "comparison.md",
+        "comparison.csv",
+        "tradeoff.png",
+        "unitmem/unitmem.json",
+    ):
         assert (out / name).is_file(), name
     report = json.loads((out / "results.json").read_text())
     assert [(r["strategy"], r["ratio"]) for r in report["table"]] == [

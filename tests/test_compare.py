@@ -52,7 +52,7 @@ def test_sweep_runs_seeds_only_where_randomness_enters(tmp_path):
     recover.method = "distill"  # as memprune.pruning.recovery names its method
     rows, runs = compare_pruning(
         model, planted(model), fake.evaluate, [0.5], ["lowest", "random"], tmp_path,
-        recover=recover, seeds=[0, 1, 2], schedules=[1, 2], log=lambda m: None,
+        recover=recover, seeds=[0, 1, 2], steps=[1, 2], log=lambda m: None,
         latency_batch=None,
     )  # fmt: skip
     by = {(r["strategy"], r["steps"], r["recovery"]): r for r in rows}

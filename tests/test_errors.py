@@ -172,11 +172,25 @@ def c_device_unknown(tmp):
 
 
 def c_ratio_one(tmp):
-    return ["prune", *TINY, "--ratio", "1.0", "--out", str(tmp / "out")], "--ratio[0]: 1.0 must be below 1"
+    return [
+        "prune",
+        *TINY,
+        "--ratio",
+        "1.0",
+        "--out",
+        str(tmp / "out"),
+    ], "--ratio[0]: 1.0 must be below 1"
 
 
 def c_ratio_negative(tmp):
-    return ["prune", *TINY, "--ratio", "-0.1", "--out", str(tmp / "out")], "--ratio[0]: -0.1 is below the minimum 0"
+    return [
+        "prune",
+        *TINY,
+        "--ratio",
+        "-0.1",
+        "--out",
+        str(tmp / "out"),
+    ], "--ratio[0]: -0.1 is below the minimum 0"
 
 
 def c_prune_scores_of_another_checkpoint(tmp):
@@ -191,15 +205,37 @@ def c_prune_scores_of_another_checkpoint(tmp):
 
 
 def c_finetune_k_zero(tmp):
-    return ["finetune", "--f", "x", "--k", "0", "--out", str(tmp / "out")], "--k[0]: 0 is below the minimum 1"
+    return [
+        "finetune",
+        "--f",
+        "x",
+        "--k",
+        "0",
+        "--out",
+        str(tmp / "out"),
+    ], "--k[0]: 0 is below the minimum 1"
 
 
 def c_epochs_zero(tmp):
-    return ["pretrain", *TINY, "--epochs", "0", "--out", str(tmp / "out")], "--epochs: 0 is below the minimum 1"
+    return [
+        "pretrain",
+        *TINY,
+        "--epochs",
+        "0",
+        "--out",
+        str(tmp / "out"),
+    ], "--epochs: 0 is below the minimum 1"
 
 
 def c_simclr_batch_one(tmp):
-    return ["pretrain", *TINY, "--batch-size", "1", "--out", str(tmp / "out")], "--batch-size: 1 is below the minimum 2"
+    return [
+        "pretrain",
+        *TINY,
+        "--batch-size",
+        "1",
+        "--out",
+        str(tmp / "out"),
+    ], "--batch-size: 1 is below the minimum 2"
 
 
 def c_pretrain_resume_not_a_run(tmp):

@@ -150,9 +150,13 @@ def test_cka_claim_from_disjoint_minibatches():
     found = cka_depth(None, {"cka": {"cka": layers, "folds": falls, "minibatch": 64}})
     assert found.verdict == HOLDS and "first − last layer +0.500" in found.figure
     rises = [row[::-1] for row in falls]
-    assert cka_depth(None, {"cka": {"cka": layers, "folds": rises, "minibatch": 64}}).verdict == FAILS
+    assert (
+        cka_depth(None, {"cka": {"cka": layers, "folds": rises, "minibatch": 64}}).verdict == FAILS
+    )
     noisy = [[0.9, 0.5, 0.4], [0.1, 0.5, 0.9]]  # first − last: +0.5 and −0.8
-    assert cka_depth(None, {"cka": {"cka": layers, "folds": noisy, "minibatch": 64}}).verdict == UNSURE
+    assert (
+        cka_depth(None, {"cka": {"cka": layers, "folds": noisy, "minibatch": 64}}).verdict == UNSURE
+    )
     assert cka_depth(None, {}).verdict == SKIPPED
 
 

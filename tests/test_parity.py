@@ -60,7 +60,7 @@ def assert_same(cli: Path, stage_dir: Path, aux: tuple[str, ...] = ()) -> None:
     """The CLI's --out holds exactly the stage directory's files, with the same contents."""
     ours = _files(cli, {MARKER, "recipe.yaml", *aux})
     theirs = _files(stage_dir, set())
-    assert ours == theirs, (sorted(map(str, ours ^ theirs)))
+    assert ours == theirs, sorted(map(str, ours ^ theirs))
     for rel in sorted(ours):
         a, b = cli / rel, stage_dir / rel
         if rel.suffix == ".json":
@@ -156,8 +156,31 @@ def test_probe_prune_and_finetune(tmp_path, pair):
     assert_same(cli / "unitmem", run / "unitmem")
 
     cli = tmp_path / "finetune"
-    assert main(["finetune", "--f", f, "--g", g, "--pairs", "2", "--k", "1", "--strategy",
-                 "top", "last", "--epochs", "1", "--seeds", "0", "--out", str(cli)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--f",
+                f,
+                "--g",
+                g,
+                "--pairs",
+                "2",
+                "--k",
+                "1",
+                "--strategy",
+                "top",
+                "last",
+                "--epochs",
+                "1",
+                "--seeds",
+                "0",
+                "--out",
+                str(cli),
+            ]
+        )
+        == 0
+    )
     run = _recipe_run(tmp_path, "finetune", _only(
         encoder={"checkpoint": f, "reference": g, "model": None, "img_size": None},
         scores={"layermem": {"enabled": True, "pairs": 2,

@@ -246,14 +246,14 @@ def test_iterative_pruning_rescores_the_shrunken_model():
         with torch.no_grad():
             m.layer2[0].bn1.bias.add_(1.0)
 
-    _, stepped = prune(model, planted(model), 0.5, iterative_steps=3, rescore=rescore,
+    _, stepped = prune(model, planted(model), 0.5, steps=3, rescore=rescore,
                        between_steps=between, **FAST)  # fmt: skip
     _, once = prune(model, planted(model), 0.5, **FAST)
     # called between the steps only, each after the step's units are gone, rescoring after it
     assert trained == [14, 11] and calls == [14, 11]
     assert [g["after"] for g in stepped.groups] == [g["after"] for g in once.groups]
     # without rescore, the first scores follow the surviving units: same as one step
-    _, follow = prune(model, planted(model), 0.5, iterative_steps=2, **FAST)
+    _, follow = prune(model, planted(model), 0.5, steps=2, **FAST)
     assert follow.groups == once.groups
 
 
@@ -337,3 +337,37 @@ def test_gradient_criteria_rank_by_weight_and_gradient(digits, strategy):
     else:
         with pytest.raises(ConfigError, match="generator yielding after each backward"):
             prune(model, ratio=0.125, strategy=strategy, gradients=whole, **FAST)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit_mlp"])
+def test_metapruner_with_unitmem_importance_removes_what_prune_lowest_removes(kind):
+    """One mapping from site scores to channel importance: torch-pruning's own MetaPruner
+    driven by UnitMemImportance and prune(strategy="lowest") leave identical encoders, weight
+    for weight, on a ResNet (residual groups included) and on a ViT's MLPs."""
+    model = randomize_norms(tiny_resnet()) if kind == "resnet" else tiny_vit()
+    scores, g = planted(model), torch.Generator().manual_seed(3)
+    for fields in scores.sites.values():  # continuous scores: no ties between channel means
+        fields["score"] = torch.rand(len(fields["score"]), generator=g)
+    if kind == "vit_mlp":  # the MLP hidden units alone
+        mlp = [name for name in scores.sites if ".mlp." in name]
+        assert mlp
+        scores = UnitMemResult(
+            {n: scores[n] for n in mlp},
+            {**scores.meta, "sites": {n: scores.meta["sites"][n] for n in mlp}},
+        )
+    ours, report = prune(model, scores, 0.5, "lowest", keep_output_width=False, **FAST)
+    theirs = copy.deepcopy(model)
+    example = torch.zeros(1, 3, 32, 32)
+    pruner = tp.pruner.MetaPruner(theirs, example, UnitMemImportance(scores, "lowest"),
+                                  pruning_ratio=0.5, ignored_layers=[])  # fmt: skip
+    pruner.step()
+    assert all(g["pruned"] and g["after"] == g["before"] // 2 for g in report.groups)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape and torch.equal(a[key], b[key]), key
+    # the orders differ: highest-first keeps other channels (the test can fail)
+    other, _ = prune(model, scores, 0.5, "highest", keep_output_width=False, **FAST)
+    assert any(
+        not torch.equal(a[k], v) for k, v in other.state_dict().items() if a[k].shape == v.shape
+    )

@@ -135,8 +135,8 @@ def test_folder_data_with_the_encoders_eval_transform(tmp_path):
 
 
 def test_recipe_loads_folder_data_at_the_encoders_input_size(tmp_path):
-    from memprune.recipes import load_recipe
     from memprune.recipes import Context as _Context
+    from memprune.recipes import load_recipe
 
     root = _folder(tmp_path / "imgs")
     sets = [f"data.name={root}", "encoder.img_size=48", "encoder.model=resnet18"]

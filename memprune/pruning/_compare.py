@@ -73,7 +73,7 @@ def compare_pruning(
     *,
     recover: Callable[[nn.Module, int], nn.Module] | None = None,
     seeds: Sequence[int] = (0,),
-    schedules: Sequence[int] = (1,),
+    steps: Sequence[int] = (1,),
     export: bool = False,
     onnx: bool = False,
     latency_batch: int | None = 64,
@@ -86,8 +86,8 @@ def compare_pruning(
     (:func:`recovery`), score it again after recovery.
 
     Randomness enters through ``random`` pruning and through recovery: those run once per
-    seed of ``seeds``; a deterministic pruning without recovery runs once. ``schedules`` are
-    numbers of steps (``1``: one shot; ``N``: ``iterative_steps=N`` with the recovery between
+    seed of ``seeds``; a deterministic pruning without recovery runs once. ``steps`` are
+    numbers of pruning steps (``1``: one shot; ``N``: ``steps=N`` with the recovery between
     steps, when there is one, and ``rescore`` from ``options``); every schedule reaches the
     same final widths. Pruned (and recovered) encoders are saved under ``models_dir``; with
     ``export`` each pruned one is also exported there (:func:`export_encoder`, ``onnx`` too)
@@ -109,8 +109,8 @@ def compare_pruning(
         raise ConfigError("recover must be a callable (model, seed) -> model: see recovery()")
     for strategy in strategies:  # the whole sweep is validated before any work
         for ratio in ratios:
-            for steps in schedules:
-                check_options(ratio, strategy, iterative_steps=steps, scores=scores,
+            for n in steps:
+                check_options(ratio, strategy, steps=n, scores=scores,
                               **{k: options[k] for k in keys if k in options})  # fmt: skip
     sweep = _Sweep(encoder, scores, evaluate, recover, options, models_dir=models_dir,
                    overwrite=overwrite, log=log, export={"onnx": onnx} if export else None,
@@ -118,8 +118,8 @@ def compare_pruning(
     rows = []
     for strategy in strategies:
         for ratio in ratios:
-            for steps in schedules:
-                setting = dict(strategy=strategy, ratio=float(ratio), steps=steps)
+            for n in steps:
+                setting = dict(strategy=strategy, ratio=float(ratio), steps=n)
                 before, after, reports, exported = sweep.run(setting, seeds)
                 if not rows:  # the unpruned encoder, measured once
                     rows.append(sweep.unpruned(reports[0]))
@@ -170,7 +170,7 @@ class _Sweep:
         before, after, reports, exported = [], [], [], []
         for seed in seeds if per_seed else seeds[:1]:
             pruned, report = prune(self.encoder, self.scores, setting["ratio"], strategy,
-                                   seed=seed, iterative_steps=steps, latency_batch=None,
+                                   seed=seed, steps=steps, latency_batch=None,
                                    between_steps=self._between(steps, seed),
                                    **self.options)  # fmt: skip
             if self.batch:

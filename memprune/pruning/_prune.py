@@ -51,7 +51,7 @@ class PruneResult(Result):
     strategy: str
     ratio: float
     scope: str
-    iterative_steps: int
+    steps: int
     params: tuple[int, int]
     macs: tuple[float, float]
     latency_s: tuple[float, float] | None
@@ -92,6 +92,8 @@ class PruneResult(Result):
 
     @classmethod
     def _build(cls, tensors, fields, meta):
+        if "iterative_steps" in fields:  # written before the rename
+            fields = {**fields, "steps": fields.pop("iterative_steps")}
         pairs = {k: tuple(fields[k]) if fields[k] is not None else None
                  for k in ("params", "macs", "latency_s")}  # fmt: skip
         return cls(**{**fields, **pairs}, meta=meta)
@@ -137,7 +139,7 @@ def check_options(
     strategy: str,
     scope: str = "layer",
     max_layer_ratio: float | None = None,
-    iterative_steps: int = 1,
+    steps: int = 1,
     scores=None,
     rescore=None,
     gradients=None,
@@ -153,8 +155,8 @@ def check_options(
     SCOPES.check(scope)
     if max_layer_ratio is not None and not 0 < max_layer_ratio <= 1:
         raise ConfigError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
-    if not isinstance(iterative_steps, int) or iterative_steps < 1:
-        raise ConfigError(f"iterative_steps must be an int >= 1, got {iterative_steps!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
     if needs == "scores" and scores is None:
         raise ConfigError(
             f"strategy {strategy!r} ranks units by their scores: pass scores=memprune.unit_mem("
@@ -362,7 +364,7 @@ def prune(
     max_layer_ratio: float | None = None,
     keep_output_width: bool = True,
     heads: bool = False,
-    iterative_steps: int = 1,
+    steps: int = 1,
     rescore: Callable[[nn.Module], object] | None = None,
     example_input: torch.Tensor | None = None,
     seed: int = 0,
@@ -403,7 +405,7 @@ def prune(
         heads: also remove whole ViT attention heads (``ratio`` of each attention's heads),
             scored by the mean of their units at the ``blocks.i.attn:heads`` sites; timm's
             ``num_heads`` and ``attn_dim`` are updated, fused attention keeps working.
-        iterative_steps: remove the units in this many equal steps. Between steps the scores
+        steps: remove the units in this many equal steps. Between steps the scores
             are recomputed by ``rescore(model) -> UnitMemResult`` when given (unit indices
             shift after each step, so old scores cannot be reused by position); without it the
             initial scores follow each surviving unit. Magnitudes are always recomputed.
@@ -425,7 +427,7 @@ def prune(
     Returns:
         The pruned encoder (eval mode) and a :class:`PruneResult`.
     """
-    check_options(ratio, strategy, scope, max_layer_ratio, iterative_steps, scores, rescore,
+    check_options(ratio, strategy, scope, max_layer_ratio, steps, scores, rescore,
                   gradients, between_steps)  # fmt: skip
     model = (encoder if inplace else copy.deepcopy(encoder)).eval()
     if example_input is None:
@@ -443,7 +445,7 @@ def prune(
         before = (*before[:2], baseline_latency_s)
     state = _State(scores=scores, rescore=rescore, seed=seed)
     entry = PRUNING_STRATEGIES[strategy]
-    for step in range(1, iterative_steps + 1):
+    for step in range(1, steps + 1):
         state.step = step
         sites = _step_sites(model, sites, state, entry, tuple(example_input.shape[1:]))
         with grouped_convs(model):
@@ -453,15 +455,15 @@ def prune(
                 _gradients(model, gradients, squared=strategy == "hessian")
             imps = {g.name: entry.importance(graph, model, g, state) for g in todo}
             model.zero_grad(set_to_none=True)
-            fraction = ratio * step / iterative_steps
+            fraction = ratio * step / steps
             plan = _plan(todo, imps, fraction, scope, max_layer_ratio, state.initial)
             _remove(graph, model, todo, plan, state)
-        if between_steps is not None and step < iterative_steps:
+        if between_steps is not None and step < steps:
             between_steps(model)
             model.eval()
     after = _measure(model, example_input, latency_batch, latency_time)
     options = dict(strategy=strategy, ratio=float(ratio), scope=scope,
-                   iterative_steps=iterative_steps, batch_size=latency_batch,
+                   steps=steps, batch_size=latency_batch,
                    device=str(example_input.device))  # fmt: skip
     return model, _report(before, after, state, keep_output_width, options)
 

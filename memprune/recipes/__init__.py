@@ -11,13 +11,7 @@ from memprune.recipes import stages as _builtin  # noqa: F401  (registers the bu
 from memprune.recipes._context import Context
 from memprune.recipes._report import headlines, render_report, unfinished_stages
 from memprune.recipes._run import environment, run_recipe, run_verb
-from memprune.recipes._schema import (
-    Recipe,
-    RecipeError,
-    load_recipe,
-    schema_default,
-    validate,
-)
+from memprune.recipes._schema import Recipe, RecipeError, load_recipe, validate
 from memprune.recipes._stages import (
     DONE,
     STAGES,
@@ -29,11 +23,23 @@ from memprune.recipes._stages import (
     typed,
     unregister,
 )
+from memprune.recipes._values import (
+    STAGES_OFF,
+    merge,
+    parse_augment,
+    parse_count,
+    parse_key_values,
+    parse_points,
+    put_key,
+    schema_default,
+    schema_field,
+)
 
 __all__ = [
-    "Context",
     "DONE",
     "STAGES",
+    "STAGES_OFF",
+    "Context",
     "Recipe",
     "RecipeError",
     "Stage",
@@ -42,12 +48,19 @@ __all__ = [
     "environment",
     "headlines",
     "load_recipe",
+    "merge",
+    "parse_augment",
+    "parse_count",
+    "parse_key_values",
+    "parse_points",
+    "put_key",
     "read_metrics",
     "register",
     "render_report",
     "run_recipe",
     "run_verb",
     "schema_default",
+    "schema_field",
     "typed",
     "unfinished_stages",
     "unregister",

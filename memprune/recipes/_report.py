@@ -14,9 +14,12 @@ from memprune.recipes._findings import findings_lines
 from memprune.recipes._schema import load_recipe
 from memprune.recipes._stages import DONE, STAGES, enabled_stages, read_metrics, typed
 
+
 def headlines(metrics: dict) -> list[str]:
     """One sentence per finding, each computed from a stage's typed result."""
-    return [line for name, result in typed(metrics).items() for line in STAGES[name].headlines(result)]
+    return [
+        line for name, result in typed(metrics).items() for line in STAGES[name].headlines(result)
+    ]
 
 
 def unfinished_stages(run: str | os.PathLike) -> list[str]:

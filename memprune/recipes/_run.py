@@ -26,13 +26,11 @@ import yaml
 
 from memprune._dist import barrier, is_main, rank_world
 from memprune._io import package_versions, read_json, write_json, write_text
-from memprune._table import write_table
 from memprune.errors import ConfigError, MemPruneError
 from memprune.recipes._context import Context
 from memprune.recipes._report import render_report
 from memprune.recipes._schema import Recipe, check_needs
 from memprune.recipes._stages import DONE, STAGES, Stage, enabled_stages
-
 
 # ---------------------------------------------------------------- the run
 
@@ -99,12 +97,22 @@ def _preflight(ctx: Context) -> None:
 def _splits_needed(recipe: Recipe) -> list[str]:
     """The splits of ``data`` the enabled stages read."""
     stages, s = enabled_stages(recipe), recipe.scores
-    test = {"evaluate", "prune"} & set(stages) or ("cka" in stages and s.cka.split == "test") or (
-        "unitmem" in stages and s.unitmem.split == "test") or any(  # fmt: skip
-        p is not None and p.split == "test" for p in (recipe.data.members, recipe.data.nonmembers))
-    train = set(stages) - {"cka", "unitmem", "classmem"} or (
-        "cka" in stages and s.cka.split == "train") or (  # fmt: skip
-        {"unitmem", "classmem"} & set(stages) and s.unitmem.split == "train")
+    test = (
+        {"evaluate", "prune"} & set(stages)
+        or ("cka" in stages and s.cka.split == "test")
+        or ("unitmem" in stages and s.unitmem.split == "test")
+        or any(  # fmt: skip
+            p is not None and p.split == "test"
+            for p in (recipe.data.members, recipe.data.nonmembers)
+        )
+    )
+    train = (
+        set(stages) - {"cka", "unitmem", "classmem"}
+        or ("cka" in stages and s.cka.split == "train")
+        or (  # fmt: skip
+            {"unitmem", "classmem"} & set(stages) and s.unitmem.split == "train"
+        )
+    )
     return [name for name, on in (("train", train), ("test", test)) if on]
 
 
@@ -163,7 +171,7 @@ def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
 _LEGACY = {("precision",): "fp32", ("data", "transform"): "resize"}
 #: Keys renamed since: old path -> new name.
 _RENAMED = {("scores", "unitmem", "max_points"): "n_points", ("data", "members", "n"): "n_points",
-            ("data", "nonmembers", "n"): "n_points"}  # fmt: skip
+            ("data", "nonmembers", "n"): "n_points", ("actions", "prune", "schedules"): "steps"}  # fmt: skip
 
 
 def _as_current(saved: dict) -> dict:

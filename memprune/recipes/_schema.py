@@ -23,14 +23,12 @@ from memprune.engine import PRECISIONS
 from memprune.errors import ConfigError
 from memprune.hooks import REPRESENTATIONS, SIGNED
 from memprune.probe import BACKENDS, DEFAULT_CS
-from memprune.scores import PAIRS
 from memprune.pruning import DEFAULT_STRATEGIES as DEFAULT_PRUNE
-from memprune.pruning import DISTILL_LOSSES, RECOVERY, SCOPES
-from memprune.pruning import PRUNING_STRATEGIES
+from memprune.pruning import DISTILL_LOSSES, PRUNING_STRATEGIES, RECOVERY, SCOPES
+from memprune.scores import PAIRS
 from memprune.stats import RESTS
 from memprune.train import MIXED_PRECISION
-from memprune.tuning import BY
-from memprune.tuning import LAYER_STRATEGIES
+from memprune.tuning import BY, LAYER_STRATEGIES
 
 
 def _names(registry) -> Any:
@@ -274,7 +272,8 @@ class PruneCfg:
     keep_output_width: bool = True
     latency_batch: int | None = 64
     seeds: list[int] = field(default_factory=lambda: [0])  # random pruning, recovery
-    schedules: list[int] = field(default_factory=lambda: [1], metadata=_range(1))
+    #: numbers of pruning steps compared (1: one shot; N: N equal steps, recovered between)
+    steps: list[int] = field(default_factory=lambda: [1], metadata=_range(1))
     recover: RecoverCfg | None = None
     export: bool = False
     onnx: bool = False  # with export: also ONNX (needs onnx)
@@ -539,33 +538,16 @@ def _value(recipe, key: str):
     return node
 
 
-
-
-def schema_default(key: str):
-    """The default of a dotted recipe key (``actions.prune.ratios``), for the CLI's help."""
-    cls, value = Recipe, None
-    for part in key.split("."):
-        hints = typing.get_type_hints(cls)
-        f = {f.name: f for f in dataclasses.fields(cls)}[part]
-        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        tp = hints[part]
-        args = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-        cls = tp if dataclasses.is_dataclass(tp) else (args[0] if args else None)
-    return value
-
-
 def _set(data: dict, assignment: str) -> None:
+    from memprune.recipes._values import put_key
+
     key, sep, text = assignment.partition("=")
     if not sep or not key:
         raise RecipeError(f"--set {assignment!r}: write KEY=VALUE, e.g. actions.prune.ratios=[0.5]")
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"--set {key}: {part} is not a mapping")
-        node = child
-    node[parts[-1]] = yaml.safe_load(text)
+    try:
+        put_key(data, key, yaml.safe_load(text))
+    except ConfigError as err:
+        raise RecipeError(f"--set {err}") from None
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides=()) -> Recipe:

@@ -1,17 +1,25 @@
-"""The built-in stages, registered in run order: encoders (pretrain, supervised), scores
-(unitmem, classmem, sslmem, layermem, membergap, cka), evaluate, then actions (prune,
-finetune). Each module is one stage; see :mod:`memprune.recipes._stages`."""
+"""The built-in stages, one module each, registered in run order: encoders (pretrain,
+supervised), scores (unitmem, classmem, sslmem, layermem, membergap, cka), evaluate, then
+actions (prune, finetune). See :mod:`memprune.recipes._stages`."""
 
-from memprune.recipes.stages import (  # noqa: F401  (importing a stage registers it)
-    pretrain,
-    supervised,
-    unitmem,
+from memprune.recipes._stages import register
+from memprune.recipes.stages import (
+    cka,
     classmem,
-    sslmem,
+    evaluate,
+    finetune,
     layermem,
     membergap,
-    cka,
-    evaluate,
+    pretrain,
     prune,
-    finetune,
+    sslmem,
+    supervised,
+    unitmem,
 )
+
+#: The built-in stages in the order a run runs them.
+BUILTIN = (pretrain.STAGE, supervised.STAGE, unitmem.STAGE, classmem.STAGE, sslmem.STAGE,
+           layermem.STAGE, membergap.STAGE, cka.STAGE, evaluate.STAGE, prune.STAGE,
+           finetune.STAGE)  # fmt: skip
+for _stage in BUILTIN:
+    register(_stage)

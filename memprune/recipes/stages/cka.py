@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from memprune.recipes._findings import cka_depth
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 
 
 @dataclass
@@ -70,16 +70,14 @@ def _enabled(recipe) -> bool:
     return c.enabled
 
 
-STAGE = register(
-    Stage(
-        "cka",
-        CKAResult,
-        run,
-        enabled=_enabled,
-        values=lambda c: {f"CKA f vs {c.against}, {layer}": v for layer, v in c.cka.items()},
-        findings=(cka_depth,),
-        tables=(("cka_by_depth.md", "CKA between f and the supervised encoder at the same depth"),),
-        plots=(("cka.png", "CKA between f (SSL) and the supervised encoder, layer by layer"),),
-        printed="cka.md",
-    )
+STAGE = Stage(
+    "cka",
+    CKAResult,
+    run,
+    enabled=_enabled,
+    values=lambda c: {f"CKA f vs {c.against}, {layer}": v for layer, v in c.cka.items()},
+    findings=(cka_depth,),
+    tables=(("cka_by_depth.md", "CKA between f and the supervised encoder at the same depth"),),
+    plots=(("cka.png", "CKA between f (SSL) and the supervised encoder, layer by layer"),),
+    printed="cka.md",
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from memprune.recipes._findings import units_vs_classes
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 from memprune.recipes.stages.unitmem import score as unit_score
 from memprune.recipes.stages.unitmem import scored_points
 
@@ -86,21 +86,19 @@ def values(c: ClassMemMeans) -> dict[str, float]:
     return out
 
 
-STAGE = register(
-    Stage(
-        "classmem",
-        ClassMemMeans,
-        run,
-        enabled=lambda recipe: recipe.scores.classmem.enabled,
-        needs=lambda recipe: [("unitmem", None)] if recipe.scores.unitmem.enabled else [],
-        headlines=headlines,
-        values=values,
-        findings=(units_vs_classes,),
-        tables=(("classmem_f.md", "ClassMem per site (f)"),),
-        printed="classmem_f.md",
-        plots=(
-            ("classmem_vs_unitmem.png", "ClassMem vs UnitMem per unit"),
-            ("classmem_f_per_site.png", "ClassMem distribution per layer (f)"),
-        ),
-    )
+STAGE = Stage(
+    "classmem",
+    ClassMemMeans,
+    run,
+    enabled=lambda recipe: recipe.scores.classmem.enabled,
+    needs=lambda recipe: [("unitmem", None)] if recipe.scores.unitmem.enabled else [],
+    headlines=headlines,
+    values=values,
+    findings=(units_vs_classes,),
+    tables=(("classmem_f.md", "ClassMem per site (f)"),),
+    printed="classmem_f.md",
+    plots=(
+        ("classmem_vs_unitmem.png", "ClassMem vs UnitMem per unit"),
+        ("classmem_f_per_site.png", "ClassMem distribution per layer (f)"),
+    ),
 )

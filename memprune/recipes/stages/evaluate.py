@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 
 
 @dataclass
@@ -109,15 +109,13 @@ def values(p: ProbeAccuracies) -> dict[str, float]:
             for kind, acc in vals.items()}  # fmt: skip
 
 
-STAGE = register(
-    Stage(
-        "evaluate",
-        ProbeAccuracies,
-        run,
-        enabled=lambda recipe: recipe.evaluation.linear or recipe.evaluation.knn,
-        headlines=headlines,
-        values=values,
-        tables=(("probe.md", "Probes (test accuracy)"),),
-        printed="probe.md",
-    )
+STAGE = Stage(
+    "evaluate",
+    ProbeAccuracies,
+    run,
+    enabled=lambda recipe: recipe.evaluation.linear or recipe.evaluation.knn,
+    headlines=headlines,
+    values=values,
+    tables=(("probe.md", "Probes (test accuracy)"),),
+    printed="probe.md",
 )

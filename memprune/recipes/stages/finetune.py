@@ -10,8 +10,9 @@ from pathlib import Path
 from memprune.errors import ConfigError
 from memprune.recipes._findings import finetune_top
 from memprune.recipes._schema import RANKED_BY
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 from memprune.recipes.stages.evaluate import accuracy
+
 
 @dataclass
 class FinetuneTable(StageResult):
@@ -115,8 +116,9 @@ def run(ctx, out: Path) -> FinetuneTable:
                                       "layer_values": values, "table": rows,
                                       "runs": runs})  # fmt: skip
     write_table(out / "comparison", rows)
-    plot_finetune(rows, out / "comparison.png",
-                  f"fine-tuning f on {name} ({c.epochs} epochs, lr {c.lr:g})")
+    plot_finetune(
+        rows, out / "comparison.png", f"fine-tuning f on {name} ({c.epochs} epochs, lr {c.lr:g})"
+    )
     return FinetuneTable(data=name, rows=rows)
 
 
@@ -162,19 +164,19 @@ def _needs(recipe) -> list[tuple[str, str | None]]:
     return [(RANKED_BY[by], "actions.finetune.scores") for by in c.by or () if RANKED_BY[by]]
 
 
-STAGE = register(
-    Stage(
-        "finetune",
-        FinetuneTable,
-        run,
-        enabled=lambda recipe: recipe.actions.finetune.enabled,
-        needs=_needs,
-        headlines=headlines,
-        values=values,
-        findings=(finetune_top,),
-        tables=(("comparison.md", "Fine-tuning (test accuracy over seeds)"),
-                ("rankings.md", "Layer rankings the fine-tuning rules used")),  # fmt: skip
-        plots=(("comparison.png", "fine-tuning strategies at the same budget"),),
-        printed="comparison.md",
-    )
+STAGE = Stage(
+    "finetune",
+    FinetuneTable,
+    run,
+    enabled=lambda recipe: recipe.actions.finetune.enabled,
+    needs=_needs,
+    headlines=headlines,
+    values=values,
+    findings=(finetune_top,),
+    tables=(
+        ("comparison.md", "Fine-tuning (test accuracy over seeds)"),
+        ("rankings.md", "Layer rankings the fine-tuning rules used"),
+    ),  # fmt: skip
+    plots=(("comparison.png", "fine-tuning strategies at the same budget"),),
+    printed="comparison.md",
 )

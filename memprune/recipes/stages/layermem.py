@@ -7,7 +7,7 @@ from pathlib import Path
 
 from memprune.errors import ConfigError
 from memprune.recipes._findings import layermem_depth, top_vs_least
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 
 
 @dataclass
@@ -68,20 +68,18 @@ def values(lm: LayerMemSummary) -> dict[str, float]:
     return {"LayerMem at the output": lm.output_layermem, "largest ΔLayerMem": lm.top_delta}
 
 
-STAGE = register(
-    Stage(
-        "layermem",
-        LayerMemSummary,
-        run,
-        enabled=lambda recipe: recipe.scores.layermem.enabled,
-        headlines=headlines,
-        values=values,
-        findings=(layermem_depth, top_vs_least),
-        tables=(("layermem.md", "LayerMem per layer"),),
-        plots=(
-            ("layermem.png", "LayerMem and ΔLayerMem per layer"),
-            ("consistency.png", "agreement of per-point SSLMem between layers"),
-        ),
-        printed="layermem.md",
-    )
+STAGE = Stage(
+    "layermem",
+    LayerMemSummary,
+    run,
+    enabled=lambda recipe: recipe.scores.layermem.enabled,
+    headlines=headlines,
+    values=values,
+    findings=(layermem_depth, top_vs_least),
+    tables=(("layermem.md", "LayerMem per layer"),),
+    plots=(
+        ("layermem.png", "LayerMem and ΔLayerMem per layer"),
+        ("consistency.png", "agreement of per-point SSLMem between layers"),
+    ),
+    printed="layermem.md",
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 
 
 @dataclass
@@ -61,16 +61,14 @@ def headlines(g: MemberGapSummary) -> list[str]:
     ]
 
 
-STAGE = register(
-    Stage(
-        "membergap",
-        MemberGapSummary,
-        run,
-        enabled=lambda recipe: recipe.scores.membergap.enabled,
-        headlines=headlines,
-        values=lambda g: {"member gap at the output": g.output_gap},
-        tables=(("membergap.md", "Member gap per layer (reference-free)"),),
-        plots=(("membergap.png", "member gap and membership AUC per layer (f alone)"),),
-        printed="membergap.md",
-    )
+STAGE = Stage(
+    "membergap",
+    MemberGapSummary,
+    run,
+    enabled=lambda recipe: recipe.scores.membergap.enabled,
+    headlines=headlines,
+    values=lambda g: {"member gap at the output": g.output_gap},
+    tables=(("membergap.md", "Member gap per layer (reference-free)"),),
+    plots=(("membergap.png", "member gap and membership AUC per layer (f alone)"),),
+    printed="membergap.md",
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 
 
 @dataclass
@@ -17,6 +17,9 @@ class PretrainResult(StageResult):
     n_candidate: int | None = None
     n_extra: int | None = None
     final_loss: float | None = None  # pair: false
+
+    def to_dict(self) -> dict:  # a pair has no single loss, one encoder no split
+        return {k: v for k, v in super().to_dict().items() if v is not None}
 
 
 def run(ctx, out: Path) -> PretrainResult:
@@ -52,12 +55,10 @@ def _losses(run) -> str:
     return ", ".join(f"{h:.3f}" for h in run.history)
 
 
-STAGE = register(
-    Stage(
-        "pretrain",
-        PretrainResult,
-        run,
-        enabled=lambda recipe: recipe.encoder.pretrain is not None,
-        resumable=True,
-    )
+STAGE = Stage(
+    "pretrain",
+    PretrainResult,
+    run,
+    enabled=lambda recipe: recipe.encoder.pretrain is not None,
+    resumable=True,
 )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memprune.recipes._findings import pruning_highest
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 from memprune.recipes.stages.evaluate import accuracy
 from memprune.recipes.stages.unitmem import score as unit_score
 
@@ -41,8 +41,13 @@ def run(ctx, out: Path) -> PruneTable:
     from memprune._io import write_json
     from memprune._table import write_table
     from memprune.encoders import resolve_device
-    from memprune.pruning import PRUNING_STRATEGIES, compare_pruning, prune_verdicts, recovery
-    from memprune.pruning import ssl_gradients
+    from memprune.pruning import (
+        PRUNING_STRATEGIES,
+        compare_pruning,
+        prune_verdicts,
+        recovery,
+        ssl_gradients,
+    )
     from memprune.report import plot_prune_tradeoff
 
     r, p = ctx.recipe, ctx.recipe.actions.prune
@@ -67,10 +72,10 @@ def run(ctx, out: Path) -> PruneTable:
         recover = recovery(ctx.train, f, method, progress=False, mixed_precision=precision,
                            **options)  # fmt: skip
     # iterative schedules rescore each step's encoder, unless the scores were given
-    iterative = max(p.schedules) > 1 and "scores" in needs and p.scores is None
+    iterative = max(p.steps) > 1 and "scores" in needs and p.scores is None
     rows, runs = compare_pruning(
         f, scores, evaluate, p.ratios, p.strategies, out / "models", overwrite=ctx.overwrite,
-        log=ctx.log, recover=recover, seeds=p.seeds, schedules=p.schedules, export=p.export,
+        log=ctx.log, recover=recover, seeds=p.seeds, steps=p.steps, export=p.export,
         onnx=p.onnx, scope=p.scope, gradients=grads, rescore=rescore if iterative else None,
         max_layer_ratio=p.max_layer_ratio, heads=p.heads, keep_output_width=p.keep_output_width,
         latency_batch=p.latency_batch,
@@ -122,18 +127,16 @@ def values(p: PruneTable) -> dict[str, float]:
             for row in p.rows}  # fmt: skip
 
 
-STAGE = register(
-    Stage(
-        "prune",
-        PruneTable,
-        run,
-        enabled=lambda recipe: recipe.actions.prune.enabled,
-        needs=_needs,
-        headlines=headlines,
-        values=values,
-        findings=(pruning_highest,),
-        tables=(("comparison.md", "Pruning"),),
-        plots=(("tradeoff.png", "linear-probe accuracy against parameters, MACs and latency"),),
-        printed="comparison.md",
-    )
+STAGE = Stage(
+    "prune",
+    PruneTable,
+    run,
+    enabled=lambda recipe: recipe.actions.prune.enabled,
+    needs=_needs,
+    headlines=headlines,
+    values=values,
+    findings=(pruning_highest,),
+    tables=(("comparison.md", "Pruning"),),
+    plots=(("tradeoff.png", "linear-probe accuracy against parameters, MACs and latency"),),
+    printed="comparison.md",
 )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memprune.errors import ConfigError
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 
 
 @dataclass
@@ -72,15 +72,13 @@ def values(s: SSLMemResult) -> dict[str, float]:
     return {"SSLMem, candidates": s.candidate.mean, "SSLMem, extras": s.extra.mean}
 
 
-STAGE = register(
-    Stage(
-        "sslmem",
-        SSLMemResult,
-        run,
-        enabled=lambda recipe: recipe.scores.sslmem.enabled,
-        needs=lambda recipe: [("pretrain", None)],
-        headlines=headlines,
-        values=values,
-        plots=(("sslmem.png", "SSLMem of the candidates (in f's data) and the extras (not)"),),
-    )
+STAGE = Stage(
+    "sslmem",
+    SSLMemResult,
+    run,
+    enabled=lambda recipe: recipe.scores.sslmem.enabled,
+    needs=lambda recipe: [("pretrain", None)],
+    headlines=headlines,
+    values=values,
+    plots=(("sslmem.png", "SSLMem of the candidates (in f's data) and the extras (not)"),),
 )

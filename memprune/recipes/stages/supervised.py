@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 
 
 @dataclass
@@ -31,13 +31,11 @@ def run(ctx, out: Path) -> SupervisedResult:
     return SupervisedResult(final_loss=res.history[-1])
 
 
-STAGE = register(
-    Stage(
-        "supervised",
-        SupervisedResult,
-        run,
-        enabled=lambda recipe: recipe.encoder.supervised.enabled,
-        needs=lambda recipe: [("pretrain", None)] if recipe.encoder.supervised.points == "f" else [],
-        resumable=True,
-    )
+STAGE = Stage(
+    "supervised",
+    SupervisedResult,
+    run,
+    enabled=lambda recipe: recipe.encoder.supervised.enabled,
+    needs=lambda recipe: [("pretrain", None)] if recipe.encoder.supervised.points == "f" else [],
+    resumable=True,
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from memprune.recipes._findings import mlp_vs_attention
-from memprune.recipes._stages import Stage, StageResult, register
+from memprune.recipes._stages import Stage, StageResult
 
 
 @dataclass
@@ -84,17 +84,15 @@ def values(u: UnitMemSummary) -> dict[str, float]:
     return {"UnitMem mean, f": u.mean, "UnitMem > 0.5, f (fraction of units)": u.frac_above_half}
 
 
-STAGE = register(
-    Stage(
-        "unitmem",
-        UnitMemSummary,
-        run,
-        enabled=lambda recipe: recipe.scores.unitmem.enabled,
-        headlines=headlines,
-        values=values,
-        findings=(mlp_vs_attention,),
-        tables=(("summary.md", "UnitMem per site (f)"),),
-        plots=(("unitmem_per_site.png", "UnitMem distribution per layer (f)"),),
-        printed="summary.md",
-    )
+STAGE = Stage(
+    "unitmem",
+    UnitMemSummary,
+    run,
+    enabled=lambda recipe: recipe.scores.unitmem.enabled,
+    headlines=headlines,
+    values=values,
+    findings=(mlp_vs_attention,),
+    tables=(("summary.md", "UnitMem per site (f)"),),
+    plots=(("unitmem_per_site.png", "UnitMem distribution per layer (f)"),),
+    printed="summary.md",
 )
