@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test test-fast install lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
+# The edit loop: the unit tests of the library core, under a minute on 2 cores (the CLI,
+# recipe, multi-process and end-to-end tests are left to `make test`).
+FAST := tests/test_hooks.py tests/test_registry.py tests/test_sites.py tests/test_unitmem.py \
+	tests/test_sslmem.py tests/test_findings.py tests/test_stages.py tests/test_layering.py \
+	tests/test_prune.py tests/test_data.py
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -n 2 $(FAST)
+
+# ruff: lint (with a complexity cap, C90 max-complexity 15) and format; CI runs it first.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 

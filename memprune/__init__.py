@@ -137,7 +137,17 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 
+#: Subpackages and modules loaded on first attribute access (``memprune.data.MultiView`` after
+#: a plain ``import memprune``), as SciPy's are.
+SUBMODULES = (
+    "checkpoints", "data", "encoders", "engine", "errors", "hooks", "probe", "pruning",
+    "recipes", "registry", "report", "results", "scores", "sites", "stats", "train", "tuning",
+)  # fmt: skip
+
+
 def __getattr__(name: str):
+    if name in SUBMODULES:
+        return importlib.import_module(f"memprune.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'memprune' has no attribute {name!r}")
@@ -148,11 +158,13 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *SUBMODULES])
 
 
 __version__ = "0.1.0"
 
+#: The curated public API: the names of ``_EXPORTS``, which the ``TYPE_CHECKING`` imports
+#: above also name, for type checkers (tests/test_registry.py keeps the three equal).
 __all__ = [
     "CKA",
     "CKAResult",

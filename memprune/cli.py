@@ -21,8 +21,9 @@ from memprune.errors import ConfigError, MemPruneError
 
 #: The prefix of the destinations of options that set a recipe key.
 SET = "set:"
-#: Placeholders in the keys of options shared by stages: the verb names the stage.
-HOLES = ("STAGE", "LAYERS", "TRAIN")
+#: Placeholders in the keys of options shared by stages (the verb names the stage), and the
+#: stage whose default the help shows.
+HOLES = {"STAGE": "unitmem", "LAYERS": "layermem", "TRAIN": "pretrain"}
 
 # ---------------------------------------------------------------- flags onto recipe keys
 
@@ -31,11 +32,6 @@ def _fill(key: str, names: dict) -> str:
     for hole, name in names.items():
         key = key.replace(hole, name)
     return key
-
-
-def _given(args: argparse.Namespace, key: str):
-    """The value of the option that sets recipe ``key`` (None: not given)."""
-    return getattr(args, SET + key, None)
 
 
 def _encoder(f: str | None, args, g: str | None = None) -> dict:
@@ -112,9 +108,9 @@ def cmd_sites(args: argparse.Namespace) -> int:
     print(f"{data.name} ({split}): {len(data)} images; one batch of {d['points']} points x"
           f" {d['views']} views\n")  # fmt: skip
     print(format_table(["site", "kind", "role", "units", "output shape", "captured"], d["rows"]))
-    units = [r for r in d["rows"] if r[1] == "units"]
-    print(f"\n{len(units)} unit sites ({sum(r[3] for r in units)} units),"
-          f" {len(d['rows']) - len(units)} layer sites")  # fmt: skip
+    units = [r[3] for r in d["rows"] if r[1] == "units"]
+    print(f"\n{len(units)} unit sites ({sum(units)} units), {len(d['rows']) - len(units)} layer"
+          " sites")  # fmt: skip
     return 0
 
 
@@ -155,8 +151,8 @@ def cmd_score_layers(args: argparse.Namespace) -> int:
 
 def cmd_score_cka(args: argparse.Namespace) -> int:
     """CKA between the layers of --a and --b (or within --a)."""
-    enable = {"encoder": _encoder(args.a, args, args.b),
-              "scores": {"cka": {"enabled": True, "against": "g" if args.b else "self"}}}  # fmt: skip
+    cka = {"enabled": True, "against": "g" if args.b else "self"}
+    enable = {"encoder": _encoder(args.a, args, args.b), "scores": {"cka": cka}}
     return _run(args, _recipe(args, enable), "cka")
 
 
@@ -193,14 +189,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from memprune.pruning import PRUNING_STRATEGIES
     from memprune.recipes import schema_default
 
+    given = {d[len(SET) :]: v for d, v in vars(args).items() if d.startswith(SET) and v is not None}
     key = "actions.prune.strategies"
-    needs = {PRUNING_STRATEGIES[s].needs for s in _given(args, key) or schema_default(key)}
+    needs = {PRUNING_STRATEGIES[s].needs for s in given.get(key) or schema_default(key)}
     recover = {"method": args.recover} if args.recover else None
-    if not args.recover and any(_given(args, f"actions.prune.recover.{k}") is not None
-                                for k in ("epochs", "steps", "lr")):  # fmt: skip
+    if not args.recover and any(k.startswith("actions.prune.recover.") for k in given):
         raise ConfigError("--recover-epochs, --recover-steps and --recover-lr need --recover")
-    unitmem = "scores" in needs and not _given(args, "actions.prune.scores")
-    enable = {"encoder": _encoder(args.checkpoint, args), "scores": {"unitmem": {"enabled": unitmem}},
+    unitmem = "scores" in needs and not given.get("actions.prune.scores")
+    enable = {"encoder": _encoder(args.checkpoint, args),
+              "scores": {"unitmem": {"enabled": unitmem}},
               "actions": {"prune": {"enabled": True, "recover": recover}}}  # fmt: skip
     return _run(args, _recipe(args, enable), "prune")
 
@@ -228,10 +225,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                      log=lambda m: print(m, flush=True))  # fmt: skip
     if not is_main():  # under a launcher the main process reports
         return 0
-    print("\nheadline findings:")
-    for line in headlines(read_metrics(run)):
-        print(f"- {line}")
-    print(f"\nreport: {run / 'report.md'}")
+    lines = "".join(f"\n- {line}" for line in headlines(read_metrics(run)))
+    print(f"\nheadline findings:{lines}\n\nreport: {run / 'report.md'}")
     return 0
 
 
@@ -369,7 +364,8 @@ VERBS = {
     "sites": (cmd_sites, "list an encoder's unit and layer sites",
               [*CHECKPOINT, *MODEL, *DATA, *SITES, *RUN[:1]], None),
     "score units": (cmd_score, "UnitMem of every unit",
-                    [*CHECKPOINT, *MODEL, *DATA, *UNITS, *RUN, *CHUNK, *OUT], "scores.STAGE.augment"),
+                    [*CHECKPOINT, *MODEL, *DATA, *UNITS, *RUN, *CHUNK, *OUT],
+                    "scores.STAGE.augment"),
     "score classes": (cmd_score, "ClassMem of every unit",
                       [*CHECKPOINT, *MODEL, *DATA, *UNITS, *RUN, *CHUNK, *OUT],
                       "scores.STAGE.augment"),
@@ -428,7 +424,7 @@ def _add(p: argparse.ArgumentParser, rows) -> None:
         flags, kw = flags.split(), {}
         if key.startswith("="):
             kind = key[1:].rstrip("+!")
-            kw = {"nargs": "+"} if key.endswith("+") else {}
+            kw = {"nargs": "+", "action": "extend"} if key.endswith("+") else {}
             if kind in ("on", "off"):
                 kw.update(action="store_const", const=kind == "on")
             elif kind in ("int", "str"):
@@ -440,10 +436,10 @@ def _add(p: argparse.ArgumentParser, rows) -> None:
                 kw.update(required=key.endswith("!"), dest=dest or flags[0][2:].replace("-", "_"))
             p.add_argument(*flags, **kw, help=text, default=True if dest else None)
             continue
-        kw = _from_schema(_fill(key, dict(zip(HOLES, ("unitmem", "layermem", "pretrain")))))
+        kw = _from_schema(_fill(key, HOLES))
         if "choices" not in kw and kw.get("action") is None:
             kw["metavar"] = flags[0].lstrip("-").upper().replace("-", "_")
-        shown = schema_default(_fill(key, dict(zip(HOLES, ("unitmem", "layermem", "pretrain")))))
+        shown = schema_default(_fill(key, HOLES))
         shown = "null" if shown is None else str(shown).lower() if shown in (True, False) else shown
         p.add_argument(*flags, dest=SET + key, default=None, **kw,
                        help=f"{text} [{key}, default: {shown}]")  # fmt: skip
@@ -470,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=text, description=text)
         _add(p, rows)
         if augment:
-            shown = _fill(augment, {"STAGE": "unitmem" if "classes" not in verb else "classmem",
-                                    "TRAIN": "pretrain"})  # fmt: skip
+            stage = {"score classes": "classmem"}.get(verb, "unitmem")
+            shown = _fill(augment, {**HOLES, "STAGE": stage})
             p.add_argument("--augment", nargs="+", metavar="PRESET|KEY=VALUE",
                            help=f"views: a preset ({presets}) and/or its parameters, e.g."
                            f" --augment crop_flip scale=[0.6,1.0] [{shown}]")  # fmt: skip

@@ -179,5 +179,6 @@ def describe_sites(model: nn.Module, data, n_views: int = 4, n_points: int = 8, 
         out = model(x)
     rows = [(s.name, s.kind, s.role, s.n_units, "x".join(map(str, acts.shapes[s.name])),
              tuple(acts[s.name].shape)) for s in sites]  # fmt: skip
-    return {"rows": rows, "params": sum(p.numel() for p in model.parameters()),
-            "input": tuple(x.shape[1:]), "output": out.shape[1], "points": b, "views": k}  # fmt: skip
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"rows": rows, "params": n_params, "input": tuple(x.shape[1:]),
+            "output": out.shape[1], "points": b, "views": k}  # fmt: skip

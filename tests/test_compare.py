@@ -49,7 +49,7 @@ def test_sweep_runs_seeds_only_where_randomness_enters(tmp_path):
     def recover(m, seed):
         return fake.recover(m, seed)
 
-    recover.method = "distill"  # as memprune.pruning.recovery names its method
+    recover.method = "distill"  # as memprune.pruning.recovery_fn names its method
     rows, runs = compare_pruning(
         model, planted(model), fake.evaluate, [0.5], ["lowest", "random"], tmp_path,
         recover=recover, seeds=[0, 1, 2], steps=[1, 2], log=lambda m: None,

@@ -5,6 +5,7 @@ num_features is not always the output width: MobileNetV3's is its head_hidden_si
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.utils.data import Subset
 
 from memprune import finetune, load_encoder
@@ -39,5 +40,9 @@ def test_pretrain_supervised_and_finetune(name, digits, tmp_path):
     encoder = load_encoder(checkpoint=tmp_path / "simclr")
     assert feature_dim(encoder) == feature_dim(sup.encoder) == feature_dim(simclr.encoder)
     last = list(layer_modules(encoder, size=(3, 32, 32)))[-1]
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
     result = finetune(encoder, [last], data, data, data, epochs=1, batch_size=4, progress=False)
-    assert 0 <= result.accuracy <= 1 and result.trained
+    # the chosen (last) layer trained, and nothing else of the encoder changed
+    changed = {k for k, v in result.encoder.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and result.trained
+    assert all(k.startswith(last + ".") or k == last for k in changed), (last, sorted(changed))

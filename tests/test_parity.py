@@ -190,3 +190,23 @@ def test_probe_prune_and_finetune(tmp_path, pair):
                               "epochs": 1, "seeds": [0]}}))  # fmt: skip
     assert_same(cli, run / "finetune", aux=("layermem",))
     assert_same(cli / "layermem", run / "layermem")
+
+
+def test_a_verb_leaves_nothing_behind_for_the_next():
+    """Two verbs in one process: the first one's flags do not leak into the second's recipe."""
+    import argparse
+
+    from memprune.cli import _recipe, build_parser
+    from memprune.recipes import STAGES_OFF
+
+    before = json.dumps(STAGES_OFF, sort_keys=True)
+    parser = build_parser()
+    # ClassMem takes its points and sites from the unitmem section, which it does not enable
+    first = parser.parse_args(["score", "classes", "--sites", "layer4.*", "--out", "x"])
+    second = parser.parse_args(["score", "units", "--out", "x"])
+    assert isinstance(first, argparse.Namespace)
+    _recipe(first, {"scores": {"classmem": {"enabled": True}}, "encoder": {"random_init": True}})
+    made = _recipe(second, {"scores": {"unitmem": {"enabled": True}},
+                            "encoder": {"random_init": True}})  # fmt: skip
+    assert made.scores.unitmem.sites is None
+    assert json.dumps(STAGES_OFF, sort_keys=True) == before

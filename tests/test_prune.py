@@ -309,7 +309,7 @@ def test_gradient_criteria_rank_by_weight_and_gradient(digits, strategy):
     copy only and cleared after."""
     from torch.utils.data import Subset
 
-    from memprune.pruning import head_gradients, ssl_gradients
+    from memprune.pruning import head_gradient_fn, ssl_gradient_fn
 
     model = tiny_resnet()  # (random norm statistics would leave some units dead: also 0)
     bn, conv, nxt = model.layer1[0].bn1, model.layer1[0].conv1, model.layer1[0].conv2
@@ -319,7 +319,7 @@ def test_gradient_criteria_rank_by_weight_and_gradient(digits, strategy):
                 m.weight.fill_(1.0)
         conv.weight[2].zero_(), bn.weight[2].zero_(), bn.bias[2].zero_(), nxt.weight[:, 2].zero_()
     data = Subset(digits, range(48))
-    for grads in (ssl_gradients(data, batch_size=16), head_gradients(data)):
+    for grads in (ssl_gradient_fn(data, batch_size=16), head_gradient_fn(data)):
         pruned, report = prune(model, ratio=0.125, strategy=strategy, gradients=grads, **FAST)
         assert group(report, "layer1.0.bn1")["removed"] == [2]
         assert all(p.grad is None for p in pruned.parameters())
@@ -328,7 +328,7 @@ def test_gradient_criteria_rank_by_weight_and_gradient(digits, strategy):
         prune(model, ratio=0.5, strategy=strategy, **FAST)
 
     def whole(model):  # a plain function: the whole loss's gradient at once
-        for _ in ssl_gradients(data, batch_size=16)(model):
+        for _ in ssl_gradient_fn(data, batch_size=16)(model):
             pass
 
     if strategy == "taylor":

@@ -94,9 +94,11 @@ def test_distillation_maps_pruned_widths_of_the_output_and_of_sites(small):
     teacher = tiny_vit().eval()
     pruned, _ = prune(teacher, ratio=0.5, strategy="magnitude", keep_output_width=False, **FAST)
     assert pruned(torch.zeros(1, 3, 32, 32)).shape[1] < teacher(torch.zeros(1, 3, 32, 32)).shape[1]
-    out = recover(pruned, teacher, data=small, steps=3, batch_size=32, sites=["blocks.0"],
-                  loss="mse", progress=False)  # fmt: skip
-    assert len(out.history) == 1 and out.history[0] > 0
+    out = recover(pruned, teacher, data=small, epochs=3, batch_size=32, sites=["blocks.0"],
+                  loss="mse", progress=False, seed=0)  # fmt: skip
+    # the student moves toward the teacher: over model seeds 0-4 the third epoch's MSE was
+    # 0.48-0.73 of the first's
+    assert len(out.history) == 3 and out.history[-1] < 0.85 * out.history[0]
     with torch.no_grad():  # the maps are gone: the encoder keeps its pruned width
         assert (
             out.encoder(torch.zeros(1, 3, 32, 32)).shape == pruned(torch.zeros(1, 3, 32, 32)).shape

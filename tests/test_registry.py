@@ -33,3 +33,26 @@ def test_cli_and_recipe_choices_come_from_the_registries():
     hints = typing.get_type_hints(PruneCfg)
     (literal,) = typing.get_args(hints["strategies"])
     assert typing.get_args(literal) == tuple(STRATEGIES)
+
+
+def test_the_root_exports_one_list_and_loads_subpackages_lazily():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import memprune
+
+    source = Path(memprune.__file__).read_text()
+    checked = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.If)
+                   and getattr(n.test, "id", "") == "TYPE_CHECKING")  # fmt: skip
+    typed = {a.asname or a.name for node in ast.walk(checked) if isinstance(node, ast.ImportFrom)
+             for a in node.names}  # fmt: skip
+    assert typed == set(memprune._EXPORTS) == set(memprune.__all__)
+    for name in memprune.__all__:
+        assert getattr(memprune, name) is not None, name
+    # a plain `import memprune` loads no subpackage until one is used, then it works
+    code = ("import sys, memprune; assert 'memprune.data' not in sys.modules;"
+            " assert memprune.data.MultiView.__name__ == 'MultiView';"
+            " assert memprune.pruning.UnitMemImportance and 'torch' in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)

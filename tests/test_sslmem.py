@@ -61,7 +61,10 @@ def test_scores_tables_and_consistency(pair):
     f, g, splits, data = pair
     point = ssl_mem(f, g, data, splits.candidate, n_pairs=2)
     assert point.indices.tolist() == splits.candidate
-    assert (point.score.abs() <= 1).all() and point.score.abs().sum() > 0
+    # the definition, from the stored losses: (L_g - L_f) / (L_f + L_g)
+    expected = (point.loss_g - point.loss_f) / (point.loss_f + point.loss_g)
+    torch.testing.assert_close(point.score, expected.to(point.score.dtype))
+    assert point.score.abs().sum() > 0
     torch.testing.assert_close(point.raw, point.loss_g - point.loss_f)
     result = layer_mem(f, g, data, splits.candidate, n_pairs=2, top_k=10)
     # the output row of layer_mem is ssl_mem at the output, from the same views

@@ -313,11 +313,11 @@ def dataset_name(dataset: Dataset) -> str:
     return getattr(dataset, "name", type(dataset).__name__)
 
 
-def seeded_subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:
-    """``n`` points of ``dataset`` drawn by ``seed`` and kept in data order (all when ``n`` is
-    None or not smaller than the data set)."""
-    if n is None or n >= len(dataset):
+def seeded_subset(dataset: Dataset, n_points: int | None, seed: int) -> Dataset:
+    """``n_points`` points of ``dataset`` drawn by ``seed`` and kept in data order (all when
+    ``n_points`` is None or not smaller than the data set)."""
+    if n_points is None or n_points >= len(dataset):
         return dataset
     g = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(dataset), generator=g)[:n]
+    picks = torch.randperm(len(dataset), generator=g)[:n_points]
     return torch.utils.data.Subset(dataset, sorted(picks.tolist()))

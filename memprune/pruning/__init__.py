@@ -2,7 +2,7 @@
 
 * :func:`prune`: remove units for real (torch-pruning's dependency graph), by ``lowest`` /
   ``highest`` UnitMem, ``random``, or torch-pruning's ``magnitude`` / ``lamp`` / ``bnscale`` /
-  ``taylor`` criteria (gradients from :func:`ssl_gradients` / :func:`head_gradients`), per
+  ``taylor`` criteria (gradients from :func:`ssl_gradient_fn` / :func:`head_gradient_fn`), per
   layer or globally, with a report of
   parameters, MACs and latency before and after.
 * :class:`UnitMemImportance`: UnitMem as a torch-pruning ``Importance`` for your own loop.
@@ -12,7 +12,7 @@
 
 from memprune.pruning._compare import COSTS, compare_pruning, mark_pareto, prune_verdicts
 from memprune.pruning._export import export_encoder, exported_module
-from memprune.pruning._gradients import head_gradients, ssl_gradients
+from memprune.pruning._gradients import head_gradient_fn, ssl_gradient_fn
 from memprune.pruning._importance import SCORE_SIGNS, UnitMemImportance, channel_scores
 from memprune.pruning._prune import (
     DEFAULT_STRATEGIES,
@@ -24,7 +24,7 @@ from memprune.pruning._prune import (
     measure_latency,
     prune,
 )
-from memprune.pruning._recover import DISTILL_LOSSES, RECOVERY, recover, recovery
+from memprune.pruning._recover import DISTILL_LOSSES, RECOVERY, recover, recovery_fn
 from memprune.pruning._save import load_pruned, save_pruned
 
 __all__ = [
@@ -43,14 +43,14 @@ __all__ = [
     "compare_pruning",
     "export_encoder",
     "exported_module",
-    "head_gradients",
+    "head_gradient_fn",
     "load_pruned",
     "mark_pareto",
     "measure_latency",
     "prune",
     "prune_verdicts",
     "recover",
-    "recovery",
+    "recovery_fn",
     "save_pruned",
-    "ssl_gradients",
+    "ssl_gradient_fn",
 ]

@@ -106,7 +106,7 @@ def compare_pruning(
     if export and models_dir is None:
         raise ConfigError("export=True writes beside the saved encoders: pass models_dir")
     if recover is not None and not callable(recover):
-        raise ConfigError("recover must be a callable (model, seed) -> model: see recovery()")
+        raise ConfigError("recover must be a callable (model, seed) -> model: see recovery_fn()")
     for strategy in strategies:  # the whole sweep is validated before any work
         for ratio in ratios:
             for n in steps:

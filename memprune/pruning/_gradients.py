@@ -3,9 +3,9 @@
 after each batch's backward (the Hessian criterion squares each batch's gradient; exhausting
 the generator leaves the whole loss's gradient).
 
-* :func:`ssl_gradients`: no labels; the SimCLR loss (NT-Xent) of two views per point on the
+* :func:`ssl_gradient_fn`: no labels; the SimCLR loss (NT-Xent) of two views per point on the
   encoder's output features (the projection head that trained the encoder is not part of it).
-* :func:`head_gradients`: with labels; the cross-entropy of a linear probe fitted on the
+* :func:`head_gradient_fn`: with labels; the cross-entropy of a linear probe fitted on the
   frozen encoder's features (a random head would make the gradients arbitrary).
 
 Both run the encoder in eval mode, so that computing gradients moves no norm statistic; the
@@ -32,7 +32,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def ssl_gradients(
+def ssl_gradient_fn(
     data: Dataset,
     n_points: int | None = 256,
     batch_size: int = 64,
@@ -59,7 +59,7 @@ def ssl_gradients(
     return accumulate
 
 
-def head_gradients(data: Dataset, batch_size: int = 128, seed: int = 0):
+def head_gradient_fn(data: Dataset, batch_size: int = 128, seed: int = 0):
     """The cross-entropy gradient of a linear probe (torch backend, C chosen on a seeded
     validation split) fitted on the model's frozen features of ``data``."""
 

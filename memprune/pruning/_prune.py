@@ -168,8 +168,8 @@ def check_options(
         raise ConfigError("between_steps must be a callable model -> None (e.g. a recovery)")
     if needs == "gradients" and not callable(gradients):
         raise ConfigError(
-            f"strategy {strategy!r} ranks units by the gradient of a loss: pass"
-            " gradients=memprune.pruning.ssl_gradients(data) (no labels) or head_gradients(data)"
+            f"strategy {strategy!r} ranks units by the gradient of a loss: pass gradients="
+            "memprune.pruning.ssl_gradient_fn(data) (no labels) or head_gradient_fn(data)"
         )
 
 
@@ -296,7 +296,7 @@ PRUNING_STRATEGIES = Registry(
      "lamp": _criterion("lamp", lambda: tp.importance.LAMPImportance(p=2)),
      "bnscale": _criterion("bnscale", tp.importance.BNScaleImportance),
      # first-order Taylor (Molchanov et al. 2019): |weight x gradient| of a loss, from the
-     # ``gradients`` callable (memprune.pruning.ssl_gradients / head_gradients)
+     # ``gradients`` callable (memprune.pruning.ssl_gradient_fn / head_gradient_fn)
      "taylor": _criterion("taylor", tp.importance.GroupTaylorImportance, "gradients"),
      # Optimal Brain Damage (LeCun et al. 1990): weight^2 x the Hessian's diagonal, estimated
      # by the mean squared gradient of the loss's batches (an empirical Fisher)
@@ -417,7 +417,7 @@ def prune(
         baseline_latency_s: the unpruned encoder's latency, when already measured (a sweep
             measures it once, so that every row's ratio has the same denominator).
         gradients: for ``taylor`` and ``hessian``: ``fn(model)`` accumulating a loss's
-            gradient in the model's parameters (:func:`ssl_gradients`, :func:`head_gradients`),
+            gradient in the model's parameters (:func:`ssl_gradient_fn`, :func:`head_gradient_fn`),
             as a generator that yields after each batch's ``backward`` (``hessian`` squares
             each batch's gradient; ``taylor`` may also take a plain function); run on the
             current model before each step and cleared after.
@@ -481,7 +481,8 @@ def _gradients(model: nn.Module, gradients, squared: bool) -> None:
         if batches is None:
             raise ConfigError(
                 "strategy 'hessian' needs each batch's gradient: gradients(model) must be a"
-                " generator yielding after each backward (as ssl_gradients / head_gradients are)"
+                " generator yielding after each backward (as ssl_gradient_fn and head_gradient_fn"
+                " are)"
             )
         total, n = {}, 0
         for _ in batches:

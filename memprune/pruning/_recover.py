@@ -258,12 +258,14 @@ def recover(
     return TrainResult(student, out, history)
 
 
-def recovery(data: Dataset, teacher: nn.Module | None = None, method: str = "distill", **options):
+def recovery_fn(
+    data: Dataset, teacher: nn.Module | None = None, method: str = "distill", **options
+):
     """``fn(pruned, seed) -> recovered encoder``: :func:`recover` with these settings, for
     :func:`compare_pruning` (``fn.method`` names the method in its table)."""
     bad = sorted(set(options) & {"seed", "inplace", "out_dir", "resume"})
     if bad:
-        raise ConfigError(f"recovery() sets {bad} itself per run; leave them out")
+        raise ConfigError(f"recovery_fn() sets {bad} itself per run; leave them out")
     given = inspect.signature(recover).bind_partial(data=data, method=method, **options)
     given.apply_defaults()  # checked now, before a sweep prunes anything
     a = given.arguments

@@ -11,7 +11,14 @@ from memprune.recipes import stages as _builtin  # noqa: F401  (registers the bu
 from memprune.recipes._context import Context
 from memprune.recipes._report import headlines, render_report, unfinished_stages
 from memprune.recipes._run import environment, run_recipe, run_verb
-from memprune.recipes._schema import Recipe, RecipeError, load_recipe, validate
+from memprune.recipes._schema import (
+    Recipe,
+    RecipeError,
+    load_recipe,
+    schema_default,
+    schema_field,
+    validate,
+)
 from memprune.recipes._stages import (
     DONE,
     STAGES,
@@ -31,8 +38,6 @@ from memprune.recipes._values import (
     parse_key_values,
     parse_points,
     put_key,
-    schema_default,
-    schema_field,
 )
 
 __all__ = [

@@ -101,7 +101,7 @@ def _splits_needed(recipe: Recipe) -> list[str]:
         {"evaluate", "prune"} & set(stages)
         or ("cka" in stages and s.cka.split == "test")
         or ("unitmem" in stages and s.unitmem.split == "test")
-        or any(  # fmt: skip
+        or any(
             p is not None and p.split == "test"
             for p in (recipe.data.members, recipe.data.nonmembers)
         )
@@ -109,9 +109,7 @@ def _splits_needed(recipe: Recipe) -> list[str]:
     train = (
         set(stages) - {"cka", "unitmem", "classmem"}
         or ("cka" in stages and s.cka.split == "train")
-        or (  # fmt: skip
-            {"unitmem", "classmem"} & set(stages) and s.unitmem.split == "train"
-        )
+        or ({"unitmem", "classmem"} & set(stages) and s.unitmem.split == "train")
     )
     return [name for name, on in (("train", train), ("test", test)) if on]
 
@@ -170,8 +168,9 @@ def _check_run(run: Path, recipe: Recipe, resume: bool, force: bool) -> bool:
 #: recipe written before them did (fp32 scoring; torchvision / folder data resized).
 _LEGACY = {("precision",): "fp32", ("data", "transform"): "resize"}
 #: Keys renamed since: old path -> new name.
-_RENAMED = {("scores", "unitmem", "max_points"): "n_points", ("data", "members", "n"): "n_points",
-            ("data", "nonmembers", "n"): "n_points", ("actions", "prune", "schedules"): "steps"}  # fmt: skip
+_RENAMED = {("scores", "unitmem", "max_points"): "n_points",
+            ("data", "members", "n"): "n_points", ("data", "nonmembers", "n"): "n_points",
+            ("actions", "prune", "schedules"): "steps"}  # fmt: skip
 
 
 def _as_current(saved: dict) -> dict:

@@ -25,6 +25,7 @@ from memprune.hooks import REPRESENTATIONS, SIGNED
 from memprune.probe import BACKENDS, DEFAULT_CS
 from memprune.pruning import DEFAULT_STRATEGIES as DEFAULT_PRUNE
 from memprune.pruning import DISTILL_LOSSES, PRUNING_STRATEGIES, RECOVERY, SCOPES
+from memprune.recipes._values import put_key
 from memprune.scores import PAIRS
 from memprune.stats import RESTS
 from memprune.train import MIXED_PRECISION
@@ -376,42 +377,46 @@ def _check_range(value, meta: dict, path: str) -> None:
         raise RecipeError(f"{path}: {value!r} must be {bound}")
 
 
-def _build(tp, value, path: str, meta: dict):
-    """``value`` converted to type ``tp`` or a RecipeError naming ``path``."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, path)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise RecipeError(f"{path}: may not be null; expected {_type_name(tp)}")
-        errors = []
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _build(arm, value, path, meta)
-            except RecipeError as err:
-                errors.append(err)
-        if len(errors) == 1:
-            raise errors[0]
-        raise RecipeError(f"{path}: {value!r} is not {_type_name(tp)}")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise RecipeError(
-                f"{path}: {value!r} is not allowed; use one of {', '.join(map(repr, allowed))}"
-            )
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_build(item, v, f"{path}[{i}]", meta) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+def _build_union(tp, value, path: str, meta: dict):
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise RecipeError(f"{path}: may not be null; expected {_type_name(tp)}")
+    errors = []
+    for arm in (a for a in args if a is not type(None)):
+        try:
+            return _build(arm, value, path, meta)
+        except RecipeError as err:
+            errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]
+    raise RecipeError(f"{path}: {value!r} is not {_type_name(tp)}")
+
+
+def _build_literal(tp, value, path: str, meta: dict):
+    allowed = typing.get_args(tp)
+    if value not in allowed:
+        raise RecipeError(
+            f"{path}: {value!r} is not allowed; use one of {', '.join(map(repr, allowed))}"
+        )
+    return value
+
+
+def _build_list(tp, value, path: str, meta: dict):
+    if not isinstance(value, list):
+        raise RecipeError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}")
+    (item,) = typing.get_args(tp)
+    return [_build(item, v, f"{path}[{i}]", meta) for i, v in enumerate(value)]
+
+
+def _build_dict(tp, value, path: str, meta: dict):
+    if not isinstance(value, dict):
+        raise RecipeError(f"{path}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _build_scalar(tp, value, path: str, meta: dict):
     if tp is Any:
         return value
     if tp is bool:
@@ -429,6 +434,18 @@ def _build(tp, value, path: str, meta: dict):
             raise RecipeError(f"{path}: expected a string, got {value!r}")
         return value
     raise RecipeError(f"{path}: unsupported schema type {tp}")  # pragma: no cover
+
+
+#: How a value of each kind of type is checked and converted.
+_BUILDERS = {Union: _build_union, types.UnionType: _build_union, Literal: _build_literal,
+             list: _build_list, dict: _build_dict}  # fmt: skip
+
+
+def _build(tp, value, path: str, meta: dict):
+    """``value`` converted to type ``tp`` or a RecipeError naming ``path``."""
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, path)
+    return _BUILDERS.get(typing.get_origin(tp), _build_scalar)(tp, value, path, meta)
 
 
 def _build_dataclass(cls, value, path: str):
@@ -453,13 +470,24 @@ def _build_dataclass(cls, value, path: str):
 def validate(data: dict) -> Recipe:
     """A :class:`Recipe` from a plain mapping, or a RecipeError with the bad key's path."""
     recipe = _build_dataclass(Recipe, data, "")
+    if isinstance(recipe.actions.finetune.by, str):
+        recipe.actions.finetune.by = [recipe.actions.finetune.by]
+    for check in (_check_seeds, _check_encoder, _check_scores, _check_actions):
+        check(recipe)
+    check_needs(recipe)
+    return recipe
+
+
+def _check_seeds(recipe: Recipe) -> None:
     if recipe.seeds is not None:
         if not recipe.seeds or len(set(recipe.seeds)) != len(recipe.seeds):
             raise RecipeError(f"seeds: {recipe.seeds!r} must list distinct seeds, e.g. [0, 1, 2]")
         if any(s < 0 for s in recipe.seeds):
             raise RecipeError(f"seeds: {recipe.seeds!r} must be >= 0")
-    enc, scores, act = recipe.encoder, recipe.scores, recipe.actions
-    has_g = enc.pretrain is not None or enc.reference is not None
+
+
+def _check_encoder(recipe: Recipe) -> None:
+    enc = recipe.encoder
     if enc.pretrain is None and enc.checkpoint is None and not enc.random_init:
         raise RecipeError(
             "encoder: give encoder.pretrain (make f and g) or encoder.checkpoint (or"
@@ -469,6 +497,13 @@ def validate(data: dict) -> Recipe:
         raise RecipeError("encoder.random_init: only without encoder.pretrain and checkpoint")
     if enc.pretrain is not None and enc.checkpoint is not None:
         raise RecipeError("encoder: give encoder.pretrain or encoder.checkpoint, not both")
+    if enc.supervised.enabled and enc.supervised.points == "f" and enc.pretrain is None:
+        raise RecipeError("encoder.supervised: trains on f's points; needs encoder.pretrain")
+
+
+def _check_scores(recipe: Recipe) -> None:
+    enc, scores = recipe.encoder, recipe.scores
+    has_g = enc.pretrain is not None or enc.reference is not None
     needs_g = [n for n, on in (("scores.sslmem", scores.sslmem.enabled),
                                ("scores.layermem", scores.layermem.enabled)) if on]  # fmt: skip
     if needs_g and not has_g:
@@ -481,16 +516,6 @@ def validate(data: dict) -> Recipe:
             "scores.sslmem: compares f's candidates with the extras of encoder.pretrain's"
             " split; add encoder.pretrain or set enabled: false"
         )
-    if isinstance(act.finetune.by, str):
-        act.finetune.by = [act.finetune.by]
-    if act.finetune.enabled and act.finetune.by and not act.finetune.scores:
-        for i, by in enumerate(act.finetune.by):
-            stage = RANKED_BY[by]
-            if stage and not getattr(scores, stage).enabled:
-                raise RecipeError(
-                    f"actions.finetune.by[{i}]: {by!r} ranks layers by scores.{stage}; enable"
-                    f" it, or rank by another of {', '.join(BY)}"
-                )
     if scores.membergap.enabled and enc.pretrain is None:
         missing = [k for k in ("members", "nonmembers") if getattr(recipe.data, k) is None]
         if missing:
@@ -506,13 +531,21 @@ def validate(data: dict) -> Recipe:
             raise RecipeError(
                 f"data.{key}.part: names a set of a splits.json; give data.{key}.indices"
             )
+
+
+def _check_actions(recipe: Recipe) -> None:
+    act, scores = recipe.actions, recipe.scores
+    if act.finetune.enabled and act.finetune.by and not act.finetune.scores:
+        for i, by in enumerate(act.finetune.by):
+            stage = RANKED_BY[by]
+            if stage and not getattr(scores, stage).enabled:
+                raise RecipeError(
+                    f"actions.finetune.by[{i}]: {by!r} ranks layers by scores.{stage}; enable"
+                    f" it, or rank by another of {', '.join(BY)}"
+                )
     if act.prune.onnx and not act.prune.export:
         raise RecipeError("actions.prune.onnx: exports beside the torch.export program; set"
                           " actions.prune.export")  # fmt: skip
-    if enc.supervised.enabled and enc.supervised.points == "f" and enc.pretrain is None:
-        raise RecipeError("encoder.supervised: trains on f's points; needs encoder.pretrain")
-    check_needs(recipe)
-    return recipe
 
 
 def check_needs(recipe) -> None:
@@ -539,8 +572,6 @@ def _value(recipe, key: str):
 
 
 def _set(data: dict, assignment: str) -> None:
-    from memprune.recipes._values import put_key
-
     key, sep, text = assignment.partition("=")
     if not sep or not key:
         raise RecipeError(f"--set {assignment!r}: write KEY=VALUE, e.g. actions.prune.ratios=[0.5]")
@@ -566,3 +597,26 @@ def load_recipe(path: str | os.PathLike | None = None, overrides=()) -> Recipe:
     for assignment in overrides:
         _set(data, assignment)
     return validate(data)
+
+
+def schema_field(key: str) -> tuple[object, object]:
+    """The type and the default of a dotted recipe key."""
+    cls, tp, value = Recipe, None, None
+    for part in key.split("."):
+        if cls is None:
+            raise ConfigError(f"{key}: {part} is not a section of the recipe")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise ConfigError(f"{key}: unknown key {part!r}; allowed: {', '.join(fields)}")
+        f, tp = fields[part], typing.get_type_hints(cls)[part]
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        sections = [a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)]
+        cls = sections[0] if sections else None
+        if cls is not None and value is None:  # an optional section: its defaults
+            value = cls()
+    return tp, value
+
+
+def schema_default(key: str):
+    """The default of a dotted recipe key (``actions.prune.ratios``)."""
+    return schema_field(key)[1]

@@ -4,8 +4,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import typing
+import copy
 
 from memprune.errors import ConfigError
 
@@ -22,10 +21,12 @@ def put_key(tree: dict, key: str, value) -> None:
 
 
 def merge(base: dict, more: dict) -> dict:
-    """``base`` with ``more`` laid over it, mapping by mapping."""
-    out = dict(base)
+    """A new mapping: ``base`` with ``more`` laid over it, mapping by mapping (neither is
+    changed, nor shared with the result)."""
+    out = copy.deepcopy(base)
     for k, v in more.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        keep = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = merge(out[k], v) if keep else copy.deepcopy(v)
     return out
 
 
@@ -84,28 +85,3 @@ STAGES_OFF = {
     "actions": {"prune": {"enabled": False}, "finetune": {"enabled": False}},
     "evaluation": {"linear": False, "knn": False},
 }  # fmt: skip
-
-
-def schema_field(key: str) -> tuple[object, object]:
-    """The type and the default of a dotted recipe key."""
-    from memprune.recipes._schema import Recipe
-
-    cls, tp, value = Recipe, None, None
-    for part in key.split("."):
-        if cls is None:
-            raise ConfigError(f"{key}: {part} is not a section of the recipe")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
-            raise ConfigError(f"{key}: unknown key {part!r}; allowed: {', '.join(fields)}")
-        f, tp = fields[part], typing.get_type_hints(cls)[part]
-        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        sections = [a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)]
-        cls = sections[0] if sections else None
-        if cls is not None and value is None:  # an optional section: its defaults
-            value = cls()
-    return tp, value
-
-
-def schema_default(key: str):
-    """The default of a dotted recipe key (``actions.prune.ratios``)."""
-    return schema_field(key)[1]

@@ -176,7 +176,7 @@ STAGE = Stage(
     tables=(
         ("comparison.md", "Fine-tuning (test accuracy over seeds)"),
         ("rankings.md", "Layer rankings the fine-tuning rules used"),
-    ),  # fmt: skip
+    ),
     plots=(("comparison.png", "fine-tuning strategies at the same budget"),),
     printed="comparison.md",
 )

@@ -45,8 +45,8 @@ def run(ctx, out: Path) -> PruneTable:
         PRUNING_STRATEGIES,
         compare_pruning,
         prune_verdicts,
-        recovery,
-        ssl_gradients,
+        recovery_fn,
+        ssl_gradient_fn,
     )
     from memprune.report import plot_prune_tradeoff
 
@@ -63,13 +63,13 @@ def run(ctx, out: Path) -> PruneTable:
         return unit_score(ctx, model, progress=False)
 
     needs = {PRUNING_STRATEGIES[s].needs for s in p.strategies}
-    grads = ssl_gradients(ctx.train, seed=r.seed) if "gradients" in needs else None
+    grads = ssl_gradient_fn(ctx.train, seed=r.seed) if "gradients" in needs else None
     recover = None
     if p.recover is not None:
         options = dataclasses.asdict(p.recover)
         method = options.pop("method")
         precision = r.encoder.pretrain.mixed_precision if r.encoder.pretrain else "auto"
-        recover = recovery(ctx.train, f, method, progress=False, mixed_precision=precision,
+        recover = recovery_fn(ctx.train, f, method, progress=False, mixed_precision=precision,
                            **options)  # fmt: skip
     # iterative schedules rescore each step's encoder, unless the scores were given
     iterative = max(p.steps) > 1 and "scores" in needs and p.scores is None
