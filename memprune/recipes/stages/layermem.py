@@ -39,7 +39,8 @@ def run(ctx, out: Path) -> LayerMemSummary:
         )
     result = layer_mem(
         f, g, data, indices, n_pairs=c.pairs, layers=c.layers, representation=c.representation,
-        pair=c.pair, n_points=c.n_points, chunk_size=r.scores.chunk_size, seed=r.seed,
+        pair=c.pair, n_points=c.n_points if c.n_points is not None else (
+            c.points.n_points if c.points else None), chunk_size=r.scores.chunk_size, seed=r.seed,
         device=r.device, num_workers=r.workers, top_k=c.top_k, augment=r.scores.augment,
         precision=r.precision,
     )  # fmt: skip
