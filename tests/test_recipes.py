@@ -126,6 +126,13 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
         assert (whole / name).is_file()
     env = json.loads((whole / "environment.json").read_text())
     assert env["versions"]["torch"] and "revision" in env["git"]
+    # every stage's done.json reads back as its typed result, and writes back the same
+    from memprune.recipes import STAGES, read_metrics
+
+    for name, metrics in read_metrics(whole).items():
+        result = STAGES[name].load(metrics)
+        assert isinstance(result, STAGES[name].result)
+        assert result.to_dict() == {k: v for k, v in metrics.items() if k != "seconds"}, name
 
     # a run killed in the middle of the prune stage, then resumed. The stages before prune are
     # the finished run's (copied: recomputing them would only repeat the first run), the run

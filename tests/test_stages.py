@@ -87,3 +87,12 @@ def test_a_stage_must_return_its_result_type(tmp_path):
             register(Stage("wrong", Counted, lambda ctx, out: None, enabled=lambda r: True))
     finally:
         unregister("wrong")
+
+
+def test_a_done_json_from_before_a_key_was_renamed_still_reads():
+    old = {"mean": 0.4, "frac>0.5": 0.3, "first_site": "act1", "first_mean": 0.1,
+           "last_site": "layer4.1.act2", "last_mean": 0.5, "top_site": "layer3.0.act1",
+           "top_mean": 0.6, "units": 100, "dead": 2, "seconds": 1.0}  # fmt: skip
+    summary = STAGES["unitmem"].load(old)
+    assert summary.frac_above_half == 0.3 and summary.units == 100
+    assert "30.0% above 0.5" in STAGES["unitmem"].headlines(summary)[0]

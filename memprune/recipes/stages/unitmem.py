@@ -24,6 +24,12 @@ class UnitMemSummary(StageResult):
     units: int
     dead: int
 
+    @classmethod
+    def from_dict(cls, data: dict):
+        if "frac>0.5" in data:  # written before the key was renamed
+            data = {**data, "frac_above_half": data["frac>0.5"]}
+        return super().from_dict(data)
+
 
 def scored_points(ctx):
     """The points UnitMem (and ClassMem) score: ``n_points`` of the split, drawn by seed."""
