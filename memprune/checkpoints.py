@@ -211,8 +211,28 @@ def read_checkpoint(
         obj = obj.state_dict()
     obj = _unwrap(obj, path, entry)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{path} does not hold a state dict of tensors: it holds"
+                              f" {_describe(obj)}. {_what_to_do(obj)}")  # fmt: skip
     return dict(obj)
+
+
+def _describe(obj) -> str:
+    """What a loaded object is, in a few words (a mapping: its keys and their types)."""
+    if not isinstance(obj, Mapping):
+        return f"a {type(obj).__name__}"
+    kinds = [f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:6]]
+    more = f", ... ({len(obj)} keys)" if len(obj) > 6 else ""
+    return "a mapping of " + ", ".join(kinds) + more if kinds else "an empty mapping"
+
+
+def _what_to_do(obj) -> str:
+    nested = (
+        [k for k, v in obj.items() if isinstance(v, Mapping)] if isinstance(obj, Mapping) else []
+    )
+    if nested:
+        return (f"Its entries holding mappings: {', '.join(map(repr, nested[:6]))}; pass the one"
+                " holding the encoder's weights as entry= (CLI: --entry)")  # fmt: skip
+    return "Save the encoder's state_dict() (safetensors or torch.save) and pass that file"
 
 
 def read_timm_dir(path: str | os.PathLike) -> tuple[str | None, dict, dict, Path]:
@@ -263,6 +283,18 @@ def _head_part(key: str, classifiers: tuple[str, ...]) -> str | None:
 def _listing(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+#: strict=False loads a checkpoint only if at least this share of the encoder's weights (its
+#: floating-point parameter and buffer elements) comes from it.
+MIN_LOADED = 0.5
+
+
+def _loaded_share(own: Mapping[str, torch.Tensor], matched: Mapping[str, torch.Tensor]) -> float:
+    """The share of ``own``'s floating-point elements that ``matched`` provides."""
+    total = sum(v.numel() for v in own.values() if v.is_floating_point())
+    got = sum(own[k].numel() for k in matched if own[k].is_floating_point())
+    return got / total if total else 1.0
 
 
 def load_state(
@@ -322,9 +354,18 @@ def load_state(
                 message + ". Check the model name and its arguments (e.g. img_size), or pass"
                 " strict=False to load the matching tensors only"
             )
-        warnings.warn(message + " (strict=False: the matching tensors are loaded)",
-                      CheckpointWarning, stacklevel=3)  # fmt: skip
         matched = {k: v for k, v in matched.items() if v.shape == own[k].shape}
+        share = _loaded_share(own, matched)
+        if share < MIN_LOADED:
+            raise CheckpointError(
+                message + f". strict=False would load only {100 * share:.1f}% of the encoder's"
+                f" weights (at least {100 * MIN_LOADED:.0f}% must come from the checkpoint, or"
+                " the encoder is mostly its random init): check the model name and its"
+                " arguments"
+            )
+        warnings.warn(message + f" (strict=False: the {len(matched)} matching tensors are"
+                      f" loaded, {100 * share:.1f}% of the encoder's weights; the rest keep"
+                      " their random init)", CheckpointWarning, stacklevel=3)  # fmt: skip
     bad = [k for k, v in matched.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(

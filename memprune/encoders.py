@@ -110,6 +110,13 @@ def _from_timm(path, name, img_size, options, timm_kwargs) -> nn.Module:
         )
     if name is not None and saved is not None and name != saved:
         raise EncoderError(f"{path} holds a {saved!r} (its config.json), not {name!r}")
+    saved_size = args.pop("img_size", None)  # timm's save_for_hf writes a ViT's as [H, W]
+    if isinstance(saved_size, (tuple, list)) and len(set(saved_size)) == 1:
+        saved_size = int(saved_size[0])
+    if isinstance(saved_size, (tuple, list)):  # not square: timm takes it as it is
+        args["img_size"] = saved_size
+    elif img_size is None:
+        img_size = saved_size
     model = _from_weights(weights, name or saved, img_size, options, {**args, **timm_kwargs})
     keep = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
     model.pretrained_cfg = {**model.pretrained_cfg, **{k: cfg[k] for k in keep if k in cfg}}

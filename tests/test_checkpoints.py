@@ -58,6 +58,21 @@ def test_timm_hub_directory_loads_offline_with_and_without_config(tmp_path):
         _same_outputs(model, load_encoder("resnet18", checkpoint=d, **TINY_RESNET))
 
 
+def test_timm_vit_hub_directory_records_its_image_size(tmp_path):
+    """timm's save_for_hf writes a ViT's img_size among its model_args (as [H, W]): it is the
+    size the encoder is built at, unless the caller names another one."""
+    from timm.models._hub import save_for_hf
+
+    model = _randomized(tiny_vit(), 1)
+    save_for_hf(model, str(tmp_path / "vit"), model_args={**VIT})
+    loaded = load_encoder(checkpoint=tmp_path / "vit")
+    assert loaded.patch_embed.img_size == (32, 32) and loaded.pretrained_cfg["input_size"][1:] == (
+        32, 32)  # fmt: skip
+    _same_outputs(model, loaded)
+    with pytest.raises(CheckpointError, match="shape"):  # another size: other position embeddings
+        load_encoder(checkpoint=tmp_path / "vit", img_size=64)
+
+
 def test_dino_teacher_by_default_student_on_request(tmp_path):
     teacher, student = _randomized(tiny_vit(), 1), _randomized(tiny_vit(), 2)
     ckpt = {
@@ -162,6 +177,15 @@ def test_bad_layouts_are_errors_and_strict_false_reports(tmp_path):
     with pytest.raises(CheckpointError, match="shape mismatches"):  # another width
         load_encoder("resnet18", checkpoint=tmp_path / "broken.pth",
                      channels=(16, 16, 32, 64))  # fmt: skip
+    # strict=False on a checkpoint of which little fits: refused, not a random encoder
+    few = {k: v for k, v in model.state_dict().items() if k.startswith(("conv1.", "bn1."))}
+    torch.save({**few, "layer9.extra.weight": torch.zeros(3)}, tmp_path / "few.pth")
+    with pytest.raises(CheckpointError, match=r"only 5\.1% of the encoder's weights"):
+        load_encoder("resnet18", checkpoint=tmp_path / "few.pth", strict=False, **TINY_RESNET)
+    # a file that holds no state dict says what it holds and what to pass
+    torch.save({"epoch": 3, "weights": {"a": 1}, "note": "x"}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"holds a mapping of 'epoch' \(int\).*--entry"):
+        load_encoder("resnet18", checkpoint=tmp_path / "odd.pth", **TINY_RESNET)
 
 
 def test_another_image_size_is_an_error_naming_the_position_embedding(tmp_path):
