@@ -155,6 +155,35 @@ def _unwrap(obj, path: Path, entry: str | None):
     return obj
 
 
+#: The ImageNet mean / std the reference training scripts of DINO, MAE and MoCo v3 normalize
+#: with (timm's own default for some ViTs is 0.5 / 0.5).
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+#: Framework -> the architecture names its scripts record -> attention heads of that ViT (the
+#: shapes of a ViT's weights do not tell the head count: a wrong one loads and computes
+#: something else). MoCo v3's ViT-S has 12 heads where DINO's and timm's have 6.
+FRAMEWORK_HEADS = {
+    "DINO": {"vit_tiny": 3, "vit_small": 6, "vit_base": 12},
+    "MoCo v3": {"vit_small": 12, "vit_base": 12, "vit_conv_small": 12, "vit_conv_base": 12},
+    "MAE": {"vit_base": 12, "vit_large": 16, "vit_huge": 16},
+}  # fmt: skip
+
+
+def framework_info(obj) -> dict:
+    """What a training script's checkpoint says about itself: ``framework`` (DINO: teacher and
+    student with ``args``; MAE: ``model`` with ``args.model``; MoCo v3: ``arch`` with
+    ``state_dict``) and the ``arch`` it records; empty for anything else."""
+    if not isinstance(obj, Mapping):
+        return {}
+    args = obj.get("args")
+    if all(isinstance(obj.get(e), Mapping) for e in ENTRIES) and hasattr(args, "arch"):
+        return {"framework": "DINO", "arch": str(args.arch)}
+    if isinstance(obj.get("model"), Mapping) and isinstance(getattr(args, "model", None), str):
+        return {"framework": "MAE", "arch": args.model}
+    if isinstance(obj.get("arch"), str) and isinstance(obj.get("state_dict"), Mapping):
+        return {"framework": "MoCo v3", "arch": obj["arch"]}
+    return {}
+
+
 def read_checkpoint(
     path: str | os.PathLike, trust_pickle: bool = False, entry: str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -165,6 +194,14 @@ def read_checkpoint(
     teacher unless ``entry`` names another); ``argparse.Namespace`` (the ``args`` DINO and MAE
     save) is the one non-tensor class allowed, since it only holds plain values.
     """
+    return read_checkpoint_info(path, trust_pickle, entry)[0]
+
+
+def read_checkpoint_info(
+    path: str | os.PathLike, trust_pickle: bool = False, entry: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`read_checkpoint` and what the checkpoint says about its training
+    (:func:`framework_info`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -174,7 +211,7 @@ def read_checkpoint(
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return load_file(str(path)), {}
         except Exception as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(
@@ -209,11 +246,12 @@ def read_checkpoint(
         ) from err
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
+    info = framework_info(obj)
     obj = _unwrap(obj, path, entry)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors: it holds"
                               f" {_describe(obj)}. {_what_to_do(obj)}")  # fmt: skip
-    return dict(obj)
+    return dict(obj), info
 
 
 def _describe(obj) -> str:

@@ -252,6 +252,8 @@ MODEL = [("--model", "=str", "timm name (default: resnet18, or what a checkpoint
          ("--img-size", "=int", "input size (default: 32, or what a checkpoint dir records)"),
          ("--timm", "=str+", "timm arguments, KEY=VALUE"),
          ("--entry", "=str", "the model of a checkpoint holding several (DINO: teacher)"),
+         ("--mean", "encoder.mean", "input normalization (null: the checkpoint's or timm's)"),
+         ("--std", "encoder.std", "input normalization, with --mean"),
          ("--trust-pickle", "=on", "allow pickled checkpoints (unsafe)"),
          ("--no-strict", "=off", "load what fits a checkpoint, warn about the rest (default:"
           " strict)")]

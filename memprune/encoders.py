@@ -10,21 +10,24 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from memprune.checkpoints import (
+    FRAMEWORK_HEADS,
+    IMAGENET,
     checkpoint_kind,
     load_state,
     read_card,
-    read_checkpoint,
+    read_checkpoint_info,
     read_pruned_spec,
     read_timm_dir,
     restore_pruned,
 )
-from memprune.errors import ConfigError, EncoderError
+from memprune.errors import CheckpointWarning, ConfigError, EncoderError
 
 #: Input size used for plain ``nn.Module`` encoders that declare none.
 DEFAULT_INPUT_SIZE = (3, 32, 32)
@@ -132,9 +135,47 @@ def _from_weights(path, name, img_size, options, timm_kwargs) -> nn.Module:
         )
     model = create_encoder(name, options["pretrained"], img_size, **timm_kwargs)
     if path is not None:
-        state = read_checkpoint(path, options["trust_pickle"], options["entry"])
+        state, info = read_checkpoint_info(path, options["trust_pickle"], options["entry"])
         load_state(model, state, source=str(path), strict=options["strict"])
+        _framework(model, info, path)
     return model.eval()
+
+
+def _framework(model: nn.Module, info: dict, path) -> None:
+    """What a framework's checkpoint implies beyond its tensors: the head count of the ViT it
+    records (warned about when the encoder's differs) and the ImageNet normalization its
+    reference scripts train with (used, and said, where timm's default differs)."""
+    framework, arch = info.get("framework"), str(info.get("arch") or "")
+    if framework is None:
+        return
+    heads = [n for a, n in FRAMEWORK_HEADS.get(framework, {}).items() if a in arch]
+    attn = getattr(next(iter(getattr(model, "blocks", [])), None), "attn", None)
+    have = getattr(attn, "num_heads", None)
+    if heads and have is not None and have != heads[0]:
+        warnings.warn(
+            f"{path}: {framework}'s {arch} has {heads[0]} attention heads, this encoder has"
+            f" {have}; the weights fit either way (their shapes do not tell heads apart) but"
+            f" compute something else: pass num_heads={heads[0]} (CLI: --timm"
+            f" num_heads={heads[0]})",
+            CheckpointWarning,
+            stacklevel=4,
+        )
+    mean, std = IMAGENET
+    if normalization(model) != (mean, std):
+        warnings.warn(
+            f"{path}: {framework} trains with the ImageNet mean/std, not this model's timm"
+            f" default {normalization(model)}: using ImageNet's (pass mean= and std= to"
+            " choose others)",
+            CheckpointWarning,
+            stacklevel=4,
+        )
+    _set_normalization(model, mean, std, f"{framework} checkpoint (ImageNet statistics)")
+
+
+def _set_normalization(model: nn.Module, mean, std, source: str) -> None:
+    mean, std = normalization(model, tuple(mean), tuple(std))  # checked
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": mean, "std": std,
+                            "memprune_normalization": source}  # fmt: skip
 
 
 #: What a checkpoint path holds (:func:`memprune.checkpoints.checkpoint_kind`) -> its loader.
@@ -149,6 +190,8 @@ def load_encoder(
     trust_pickle: bool = False,
     entry: str | None = None,
     strict: bool = True,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     **timm_kwargs,
 ) -> nn.Module:
     """Create a timm encoder (``num_classes=0``) in eval mode, optionally loading weights.
@@ -178,13 +221,23 @@ def load_encoder(
         trust_pickle: allow a checkpoint holding pickled Python objects (it can run code).
         entry: which model of a checkpoint holding several (DINO: ``teacher``, the default,
             or ``student``).
-        strict: False loads the tensors that fit and warns about the rest instead of failing.
+        strict: False loads the tensors that fit and warns about the rest instead of failing
+            (refused when less than half of the encoder's weights would come from the file).
+        mean, std: the per-channel normalization of the encoder's input (default: what the
+            checkpoint says: a timm config, or the ImageNet statistics of DINO / MAE / MoCo v3
+            checkpoints; else timm's default for the model). Recorded in
+            ``pretrained_cfg["memprune_normalization"]`` and in every score's metadata.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``channels=(8, 16, 32, 64)``).
     """
     options = {"pretrained": pretrained, "trust_pickle": trust_pickle, "entry": entry,
                "strict": strict}  # fmt: skip
     loader = _from_weights if checkpoint is None else LOADERS[checkpoint_kind(checkpoint)]
-    return loader(checkpoint, name, img_size, options, timm_kwargs)
+    model = loader(checkpoint, name, img_size, options, timm_kwargs)
+    if (mean is None) != (std is None):
+        raise ConfigError(f"give mean and std together, got mean={mean!r}, std={std!r}")
+    if mean is not None:
+        _set_normalization(model, mean, std, "given")
+    return model
 
 
 def weights_hash(model: nn.Module) -> str:

@@ -130,6 +130,19 @@ class Compute:
         return "bf16" if autocast_dtype(self.precision, device) is torch.bfloat16 else "fp32"
 
 
+def normalization_record(encoder: nn.Module, normalize="auto") -> dict:
+    """The mean / std an encoder's inputs were normalized with and where they came from (the
+    encoder's checkpoint or timm config, the caller), for a result's metadata."""
+    mean, std = resolve_normalize(encoder, normalize) or ((0.0,) * 3, (1.0,) * 3)
+    cfg = getattr(encoder, "pretrained_cfg", None) or {}
+    if normalize != "auto":
+        source = "none" if normalize in (None, "none") else "given to the call"
+    else:
+        source = cfg.get("memprune_normalization") or (
+            "timm default" if "mean" in cfg else "none (a plain module)")  # fmt: skip
+    return {"mean": list(mean), "std": list(std), "source": source}
+
+
 def score_meta(kind: str, encoder: nn.Module, dataset: Dataset, sites: Sequence[Site],
                compute: Compute | None = None, **options) -> dict:  # fmt: skip
     """JSON-able record of how a score was made: model, data, options, sites, versions, and
@@ -145,6 +158,8 @@ def score_meta(kind: str, encoder: nn.Module, dataset: Dataset, sites: Sequence[
     normalize = options.get("normalize")
     if not (isinstance(normalize, str) or normalize is None):
         options["normalize"] = [list(v) for v in normalize]
+    if normalize is not None:
+        options["normalization"] = normalization_record(encoder, normalize)
     return {
         "kind": kind,
         "model": cfg.get("architecture", type(encoder).__name__),

@@ -194,3 +194,45 @@ def test_another_image_size_is_an_error_naming_the_position_embedding(tmp_path):
         load_encoder(
             "vit_tiny_patch16_224", checkpoint=tmp_path / "vit.pth", **{**VIT, "img_size": 64}
         )
+
+
+def test_moco_v3_vit_small_has_12_heads_and_imagenet_normalization(tmp_path):
+    """MoCo v3 records `arch: vit_small`, a 12-head ViT-S (timm's and DINO's have 6): the
+    weights fit a 6-head model shape for shape, so the head count is warned about, and the
+    ImageNet statistics it trains with replace timm's 0.5 / 0.5, recorded where results go."""
+    import warnings
+
+    import memprune
+
+    dims = dict(img_size=32, patch_size=8, depth=1, embed_dim=48)
+    moco = _randomized(load_encoder("vit_small_patch16_224", num_heads=12, **dims), 3)
+    ckpt = {"epoch": 100, "arch": "vit_small", "optimizer": {}, "state_dict": {
+        **_wrap(moco.state_dict(), "module.base_encoder."),
+        **_wrap(_head("head.fc", 48), "module.predictor.")}}  # fmt: skip
+    torch.save(ckpt, tmp_path / "moco.pth.tar")
+    with pytest.warns(CheckpointWarning, match=r"MoCo v3's vit_small has 12 attention heads"):
+        six = load_encoder("vit_small_patch16_224", checkpoint=tmp_path / "moco.pth.tar", **dims)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert not torch.allclose(six(x), moco(x), atol=1e-3)  # what the warning is about
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twelve = load_encoder("vit_small_patch16_224", checkpoint=tmp_path / "moco.pth.tar",
+                              num_heads=12, **dims)  # fmt: skip
+    assert not [w for w in caught if "heads" in str(w.message)]
+    _same_outputs(moco, twelve)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert memprune.encoders.normalization(twelve) == imagenet
+    assert [str(w.message) for w in caught if "ImageNet mean/std" in str(w.message)]
+    data = torch.utils.data.Subset(memprune.load_dataset(), range(4))
+    meta = memprune.unit_mem(twelve, data, n_views=1).meta["normalization"]
+    assert meta == {"mean": list(imagenet[0]), "std": list(imagenet[1]),
+                    "source": "MoCo v3 checkpoint (ImageNet statistics)"}  # fmt: skip
+    # chosen by the caller: used and recorded as given
+    given = load_encoder("vit_small_patch16_224", checkpoint=tmp_path / "moco.pth.tar",
+                         num_heads=12, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2),
+                         **dims)  # fmt: skip
+    assert memprune.encoders.normalization(given) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    more = torch.utils.data.Subset(memprune.load_dataset(), range(100))
+    probe = memprune.linear_probe(given, more, more, Cs=[1.0])
+    assert probe.meta["normalization"]["source"] == "given"

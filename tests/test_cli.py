@@ -329,3 +329,34 @@ def test_a_pruned_vit_directory_needs_no_model_flags(tmp_path, capsys):
     result = json.loads((out / "probe.json").read_text())
     assert result["encoders"][0]["model"] == "vit_tiny_patch16_224"
     assert result["classes"] == [str(c) for c in range(10)]
+
+
+def test_mean_and_std_flags_set_the_normalization_and_are_recorded(tmp_path):
+    from memprune import UnitMemResult
+
+    out = tmp_path / "units"
+    args = [
+        "score",
+        "units",
+        "--timm",
+        "channels=[8,16,32,64]",
+        "--n-points",
+        "20",
+        "--views",
+        "1",
+        "--mean",
+        "0.5",
+        "0.5",
+        "0.5",
+        "--std",
+        "0.25",
+        "0.25",
+        "0.25",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    meta = UnitMemResult.load(out / "unitmem").meta["normalization"]
+    assert meta == {"mean": [0.5] * 3, "std": [0.25] * 3, "source": "given"}
+    without_std = [*args[:-6], "--out", str(tmp_path / "bad")]
+    assert main(without_std) == 2 and not (tmp_path / "bad").exists()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from memprune.engine import normalization_record
 from memprune.errors import ConfigError
 from memprune.probe._features import extract_features
 from memprune.probe._knn import DEFAULT_KS, knn_accuracy
@@ -141,7 +142,8 @@ def linear_probe(
     t_fit = time.perf_counter() - start
     pred = probe.predict(te.features).cpu()
     meta = {"probe": "linear", "backend": probe.backend_, "val_fraction": val_fraction,
-            "seed": seed, **({"store": True} if store is not None else {})}  # fmt: skip
+            "seed": seed, "normalization": normalization_record(encoder, normalize),
+            **({"store": True} if store is not None else {})}  # fmt: skip
     timings = {"extract_s": t_extract, "fit_s": t_fit}
     return _result(tr, te, pred, {"C": probe.C_}, probe.val_scores_, timings, meta)
 
@@ -176,6 +178,7 @@ def knn_probe(
         chunk=None if store is None else STORE_ROWS, device=on,
     )  # fmt: skip
     meta = {"probe": "knn", "temperature": temperature, "val_fraction": val_fraction,
-            "seed": seed, **({"store": True} if store is not None else {})}  # fmt: skip
+            "seed": seed, "normalization": normalization_record(encoder, normalize),
+            **({"store": True} if store is not None else {})}  # fmt: skip
     timings = {"extract_s": t_extract, "knn_s": time.perf_counter() - start}
     return _result(tr, te, out["predictions"], {"k": out["k"]}, out["val_scores"], timings, meta)

@@ -133,12 +133,14 @@ class Context:
             model = load_encoder(checkpoint=self.dir("supervised"))
         elif which == "f" and enc.random_init:
             torch.manual_seed(self.recipe.seed)  # a rerun scores the same encoder
-            model = load_encoder(enc.model, img_size=enc.img_size, **enc.timm)
+            model = load_encoder(enc.model, img_size=enc.img_size, mean=enc.mean, std=enc.std,
+                                 **enc.timm)  # fmt: skip
         else:
             path = {"f": enc.checkpoint, "g": enc.reference}.get(which, which)
             model = load_encoder(enc.model, checkpoint=path, img_size=enc.img_size,
                                  trust_pickle=enc.trust_pickle, entry=enc.entry,
-                                 strict=enc.strict, **enc.timm)  # fmt: skip
+                                 strict=enc.strict, mean=enc.mean, std=enc.std,
+                                 **enc.timm)  # fmt: skip
         self._cache[which] = model
         return model
 

@@ -149,6 +149,10 @@ class EncoderCfg:
     trust_pickle: bool = False
     #: no pretrain, no checkpoint: timm's random init, seeded by ``seed``
     random_init: bool = False
+    #: the input normalization of a loaded encoder (null: what its checkpoint says, e.g. the
+    #: ImageNet statistics of DINO / MAE / MoCo v3, else timm's default for the model)
+    mean: list[float] | None = None
+    std: list[float] | None = None
     reference: str | None = None
     pretrain: PretrainCfg | None = field(default_factory=PretrainCfg)
     supervised: SupervisedCfg = field(default_factory=SupervisedCfg)
@@ -497,6 +501,12 @@ def _check_encoder(recipe: Recipe) -> None:
         raise RecipeError("encoder.random_init: only without encoder.pretrain and checkpoint")
     if enc.pretrain is not None and enc.checkpoint is not None:
         raise RecipeError("encoder: give encoder.pretrain or encoder.checkpoint, not both")
+    if (enc.mean is None) != (enc.std is None) or (enc.mean and len(enc.mean) != len(enc.std)):
+        raise RecipeError(f"encoder.std: {enc.std} does not go with encoder.mean {enc.mean}:"
+                          " give both, one value per channel")  # fmt: skip
+    if enc.mean is not None and enc.pretrain is not None:
+        raise RecipeError("encoder.mean / std: set the normalization of a loaded checkpoint;"
+                          " pretraining uses the model's own")  # fmt: skip
     if enc.supervised.enabled and enc.supervised.points == "f" and enc.pretrain is None:
         raise RecipeError("encoder.supervised: trains on f's points; needs encoder.pretrain")
 

@@ -264,5 +264,5 @@ def cka(
     result.meta = score_meta("cka", model_a, dataset, [], minibatch=minibatch, seed=seed,
                              representation=representation, augment=augment,
                              same_model=same, name_a="a", name_b="a" if same else "b",
-                             compute=compute)  # fmt: skip
+                             compute=compute, normalize=normalize)  # fmt: skip
     return result

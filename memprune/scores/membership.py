@@ -251,6 +251,7 @@ def member_gap(
     ]  # fmt: skip
     meta = score_meta("membergap", encoder, mem, sites, n_pairs=n_pairs, pair=pair,
                       representation=representation, augment=augment, seed=seed,
-                      n_members=len(mem), n_nonmembers=len(non), compute=compute)  # fmt: skip
+                      n_members=len(mem), n_nonmembers=len(non), compute=compute,
+                      normalize=normalize)  # fmt: skip
     (im, lm), (inn, ln) = losses
     return MemberGapResult([s.name for s in sites], im, lm, inn, ln, meta, n_boot, seed, level)

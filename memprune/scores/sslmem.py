@@ -234,7 +234,7 @@ def ssl_mem(
     r = _losses(f, g, views, sites, representation, normalize, compute, LayerMem([sites[0].name]))
     meta = score_meta("sslmem", f, data, sites, site=sites[0].name, n_pairs=n_pairs, pair=pair,
                       representation=representation, augment=augment, seed=seed,
-                      compute=compute)  # fmt: skip
+                      compute=compute, normalize=normalize)  # fmt: skip
     return SSLMemResult(r.indices, r.sslmem[:, 0].float(), r.raw[:, 0].float(),
                         r.loss_f[:, 0].float(), r.loss_g[:, 0].float(), meta)  # fmt: skip
 
@@ -391,5 +391,5 @@ def layer_mem(
     result = _losses(f, g, views, sites, representation, normalize, compute, metric)
     result.meta = score_meta("layermem", f, data, sites, n_pairs=n_pairs, pair=pair,
                              representation=representation, augment=augment, seed=seed,
-                             compute=compute)  # fmt: skip
+                             compute=compute, normalize=normalize)  # fmt: skip
     return result
