@@ -280,6 +280,22 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return tuple(size) if size else DEFAULT_INPUT_SIZE
 
 
+def check_input_size(model: nn.Module, hw: tuple[int, int]) -> None:
+    """Refuse images of a size the encoder cannot take (a ViT built for a fixed input size),
+    naming both sizes and the fix, instead of timm's bare assertion."""
+    patch = getattr(model, "patch_embed", None)
+    size = tuple(getattr(patch, "img_size", None) or ())
+    fixed = getattr(patch, "strict_img_size", False) and not getattr(patch, "dynamic_img_size", 0)
+    if size and fixed and tuple(hw) != size:
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "encoder")
+        raise ConfigError(
+            f"{arch} takes {size[0]}x{size[1]} images (it was built at img_size {size[0]}), got"
+            f" {hw[0]}x{hw[1]}: load the data at its size (recipes: data.img_size; CLI:"
+            f" --img-size {size[0]}, which also resizes the built-in data sets) or build the"
+            f" encoder at the data's (img_size={hw[0]})"
+        )
+
+
 def eval_transform(model: nn.Module):
     """The encoder's own eval preprocessing, from timm's data config: resize to the input size
     over ``crop_pct``, centre crop to the input size, with the model's interpolation (ResNet-50

@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 from memprune._dist import process_state, rank_world, shard
 from memprune._io import package_versions
 from memprune.data import VIEW_PLACES, dataset_name, describe_augment, loop_views, view_place
-from memprune.encoders import evaluating, normalization, resolve_device, weights_hash
+from memprune.encoders import (
+    check_input_size,
+    evaluating,
+    normalization,
+    resolve_device,
+    weights_hash,
+)
 from memprune.errors import ConfigError
 from memprune.hooks import capture
 from memprune.registry import Registry
@@ -275,8 +281,13 @@ def view_batches(
             hooks = capture(encoder, encoder_sites, signed, representation, reduce=fn)
             acts.append(stack.enter_context(hooks))
         autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype))
+        checked = False
         for batch, labels, indices in bar:
             x = make_views(batch)  # [B*K, 3, H, W] on the device
+            if not checked:
+                for encoder in encoders:
+                    check_input_size(encoder, tuple(x.shape[-2:]))
+                checked = True
             for encoder, norm, nhwc in zip(encoders, norms, layouts):
                 z = norm(x)
                 with autocast:

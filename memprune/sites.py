@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from memprune.encoders import evaluating, input_size
+from memprune.encoders import check_input_size, evaluating, input_size
 from memprune.errors import ConfigError, SiteError
 
 KINDS = ("units", "layers")
@@ -121,6 +121,7 @@ class _Trace:
 
 def trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     """Run ``model(example)`` once in eval mode, recording the order modules run in."""
+    check_input_size(model, tuple(example.shape[-2:]))
     events, calls, shapes, in_shapes = [], {}, {}, {}
     handles = []
 

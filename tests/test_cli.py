@@ -360,3 +360,24 @@ def test_mean_and_std_flags_set_the_normalization_and_are_recorded(tmp_path):
     assert meta == {"mean": [0.5] * 3, "std": [0.25] * 3, "source": "given"}
     without_std = [*args[:-6], "--out", str(tmp_path / "bad")]
     assert main(without_std) == 2 and not (tmp_path / "bad").exists()
+
+
+def test_img_size_resizes_the_built_in_data_and_a_wrong_size_is_named(tmp_path):
+    import pytest
+    import torch
+
+    import memprune
+    from memprune import UnitMemResult
+    from memprune.errors import ConfigError
+
+    out = tmp_path / "vit"
+    args = ["score", "units", "--model", "vit_tiny_patch16_224", "--img-size", "48", "--timm",
+            "depth=1", "--n-points", "6", "--views", "1", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0  # the digits are upsampled to the ViT's 48 px
+    meta = UnitMemResult.load(out / "unitmem").meta
+    assert meta["sites"]["blocks.0.mlp.act"]["shape"][0] == 10  # 3x3 patches + class token
+    vit = memprune.load_encoder("vit_tiny_patch16_224", depth=1)  # built for 224 px
+    digits = torch.utils.data.Subset(memprune.load_dataset(), range(4))
+    with pytest.raises(ConfigError, match=r"takes 224x224 images .* got 32x32: .*--img-size 224"):
+        memprune.unit_mem(vit, digits, n_views=1)
+    assert memprune.load_dataset("digits", img_size=48)[0][0].shape == (3, 48, 48)

@@ -301,9 +301,12 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
 
 
 def native_size(name: str, img_size: int | None) -> int | None:
-    """The size to load ``name`` at: None (their own) for the built-in data sets, whose images
-    come at the size the encoders are scored at, else ``img_size``."""
-    return None if str(name).lower() in BUILTIN else img_size
+    """The size to load ``name`` at: ``img_size``, or None for the built-in data sets at their
+    own size (digits at 32 px; the toy data set is always made at its own)."""
+    key = str(name).lower()
+    if key == "toy" or (key in BUILTIN and img_size in (None, DIGITS_SIZE)):
+        return None
+    return img_size
 
 
 def dataset_name(dataset: Dataset) -> str:

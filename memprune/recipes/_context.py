@@ -38,18 +38,29 @@ class Context:
     # ------------------------------------------------------------ data
 
     def dataset(self, name: str, split: str):
-        from memprune.data import load_dataset, native_size
+        from memprune.data import BUILTIN, load_dataset, native_size
 
         key = (name, split)
         if key not in self._cache:
             d = self.recipe.data
-            size = native_size(name, d.img_size or self.recipe.encoder.img_size or 32)
-            if size is not None and d.transform == "encoder" and d.img_size is None:
+            size = native_size(name, self.input_size())
+            builtin = str(name).lower() in BUILTIN
+            if size is not None and d.transform == "encoder" and d.img_size is None and not builtin:
                 opts = {"transform": self.transform()}
             else:
                 opts = {"img_size": size}
             self._cache[key] = load_dataset(name, split, root=d.root, **opts)
         return self._cache[key]
+
+    def input_size(self) -> int:
+        """The image size data are loaded at (the built-in data sets are resized to it too):
+        ``data.img_size``, else the encoder's (the recipe's, or what its checkpoint records)."""
+        from memprune.encoders import input_size
+
+        d, enc = self.recipe.data, self.recipe.encoder
+        if d.img_size or enc.img_size or enc.pretrain is not None:
+            return d.img_size or enc.img_size or 32
+        return input_size(self.encoder((self.recipe.evaluation.encoders or ["f"])[0]))[1]
 
     def transform(self):
         """The encoder's eval preprocessing (from its timm data config): of the architecture

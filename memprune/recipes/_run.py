@@ -202,7 +202,7 @@ def _effective(recipe: dict) -> dict:
     """What a recipe runs on this machine: ``auto`` precisions resolved for its device, and
     ``data.transform`` dropped where it has no effect (built-in data, an explicit img_size).
     Two recipes that run the same are the same run."""
-    from memprune.data import native_size
+    from memprune.data import BUILTIN
     from memprune.encoders import resolve_device
     from memprune.engine import autocast_dtype
     from memprune.train import resolve_mixed_precision
@@ -216,7 +216,7 @@ def _effective(recipe: dict) -> dict:
         if isinstance(trains, dict) and "mixed_precision" in trains:
             trains["mixed_precision"] = resolve_mixed_precision(trains["mixed_precision"])
     data = out.get("data") or {}
-    if native_size(str(data.get("name")), 1) is None or data.get("img_size") is not None:
+    if str(data.get("name")).lower() in BUILTIN or data.get("img_size") is not None:
         data.pop("transform", None)
     return out
 
