@@ -41,7 +41,11 @@ ENTRIES = ("teacher", "student")
 #: projectors, predictors, MAE's decoder and mask token, momentum encoders, prototypes, queues.
 HEAD_PARTS = ("head", "heads", "fc", "classifier", "projector", "projection*", "proj_head",
               "predictor", "prediction*", "decoder*", "mask_token", "momentum*", "*_momentum",
-              "prototypes", "last_layer", "queue*")  # fmt: skip
+              "prototypes", "last_layer", "queue*", "*_head", "online_classifier",
+              "criterion")  # fmt: skip
+#: The children of a torchvision ResNet in order: ``nn.Sequential(*list(resnet.children())
+#: [:-1])`` (lightly's tutorials) names its weights by these indices.
+RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 #: Weight files of a timm hub download, in timm's order of preference.
 TIMM_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
@@ -152,6 +156,9 @@ def _unwrap(obj, path: Path, entry: str | None):
     for key in NESTED_KEYS:
         while isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
+    held = [k for k, v in obj.items() if isinstance(v, Mapping)] if isinstance(obj, Mapping) else []
+    if len(held) == 1 and str(held[0]).endswith("parameters"):  # {"resnet18_parameters": ...}
+        obj = obj[held[0]]
     return obj
 
 
@@ -296,7 +303,8 @@ def read_timm_dir(path: str | os.PathLike) -> tuple[str | None, dict, dict, Path
 def _best_prefix(keys: list[str], own: set[str]) -> str:
     """The key prefix (ending at a dot, maybe empty) whose removal makes most keys the
     model's own: ``module.base_encoder.`` (MoCo v3), ``backbone.`` (DINO, solo-learn,
-    lightly), ``module.backbone.`` (DINO's student)."""
+    lightly), ``module.backbone.`` (DINO's student); of two full copies (lightly's
+    ``teacher_backbone.`` and ``student_backbone.``), the teacher's."""
     candidates = {""}
     for key in keys:
         parts = key.split(".")
@@ -305,7 +313,35 @@ def _best_prefix(keys: list[str], own: set[str]) -> str:
     def hits(prefix):  # fmt: skip
         return sum(k.startswith(prefix) and k[len(prefix) :] in own for k in keys)
 
-    return max(sorted(candidates, key=len), key=hits)
+    order = sorted(candidates, key=lambda p: ("teacher" not in p, len(p)))
+    return max(order, key=hits)
+
+
+def _copies(keys: list[str], prefix: str, own: set[str]) -> set[str]:
+    """Prefixes other than ``prefix`` under which a whole copy of the model's keys stands
+    (the student or momentum copy of the encoder, next to the one loaded)."""
+    out = set()
+    for key in keys:
+        for own_key in own:
+            if key.endswith("." + own_key) and not key.startswith(prefix):
+                out.add(key[: -len(own_key)])
+    return {p for p in out if all(p + k in keys for k in own)}
+
+
+def _children_of_sequential(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict:
+    """A torchvision ResNet's weights as ``nn.Sequential(*children)`` names them (``0.`` the
+    stem conv, ``4.0.conv1.`` a block of layer1, after any prefix), renamed to the model's
+    children: for a timm (or torchvision) ResNet only; other models get ``state`` back."""
+    if not all(hasattr(model, name) for name in ("conv1", "bn1", "layer1", "layer4")):
+        return dict(state)
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        at = next((i for i, p in enumerate(parts[:-1]) if p.isdigit()), None)
+        if at is not None and int(parts[at]) < len(RESNET_CHILDREN):
+            parts[at] = RESNET_CHILDREN[int(parts[at])]
+        out[".".join(parts)] = value
+    return out
 
 
 def _head_part(key: str, classifiers: tuple[str, ...]) -> str | None:
@@ -335,6 +371,14 @@ def _loaded_share(own: Mapping[str, torch.Tensor], matched: Mapping[str, torch.T
     return got / total if total else 1.0
 
 
+def _match(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]):
+    """The best prefix of ``state``'s keys, and the tensors under it that the model has."""
+    keys = list(state)
+    prefix = _best_prefix(keys, set(own))
+    return prefix, {k[len(prefix) :]: state[k] for k in keys if k.startswith(prefix)
+                    and k[len(prefix) :] in own}  # fmt: skip
+
+
 def load_state(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -347,10 +391,16 @@ def load_state(
     missing, unexpected or mis-shaped key is an error that lists them all (``strict=False``: a
     warning, and the matching tensors are loaded)."""
     own = model.state_dict()
+    prefix, matched = _match(state, own)
+    renamed = _children_of_sequential(model, state)
+    if len(matched) < len(own) / 2 and set(renamed) != set(state):  # lightly's Sequential
+        again = _match(renamed, own)
+        if len(again[1]) > len(matched):
+            (prefix, matched), state = again, renamed
+            warnings.warn(f"{source}: read as the children of a torchvision ResNet in an"
+                          " nn.Sequential (0: conv1, 1: bn1, 4-7: layer1-4)", CheckpointWarning,
+                          stacklevel=3)  # fmt: skip
     keys = list(state)
-    prefix = _best_prefix(keys, set(own))
-    matched = {k[len(prefix) :]: state[k] for k in keys if k.startswith(prefix)
-               and k[len(prefix) :] in own}  # fmt: skip
     if not matched:
         raise CheckpointError(
             f"{source} holds no weights of a {type(model).__name__} (its keys: {_listing(keys, 4)};"
@@ -360,7 +410,9 @@ def load_state(
     rest = [k for k in keys if not (k.startswith(prefix) and k[len(prefix) :] in own)]
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    heads = {k: _head_part(k, classifiers) for k in rest}
+    copies = _copies(rest, prefix, set(own))
+    heads = {k: next((c[:-1] for c in copies if k.startswith(c)), None)
+             or _head_part(k, classifiers) for k in rest}  # fmt: skip
     dropped = [k for k in rest if heads[k]]
     if dropped:
         counts = Counter(heads[k] for k in dropped)

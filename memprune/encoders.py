@@ -42,6 +42,10 @@ def create_encoder(
     ``input_size`` of its ``pretrained_cfg`` (what :func:`input_size` reports). The build
     (name, size, timm arguments) is stamped into ``pretrained_cfg["memprune_build"]`` so a
     pruned copy can be rebuilt from it.
+
+    ``cifar_stem=True`` (among the timm arguments, so that it travels with them) gives a
+    ResNet the CIFAR stem of solo-learn and most CIFAR SSL code: a 3x3 ``conv1`` with stride 1
+    and padding 2, and no max-pool.
     """
     import timm
 
@@ -51,13 +55,27 @@ def create_encoder(
         raise EncoderError(f"unknown timm model {name!r}{hint} (see timm.list_models())")
     if img_size is not None and (not isinstance(img_size, int) or img_size < 1):
         raise ConfigError(f"img_size must be a positive int, got {img_size!r}")
-    model = _create(name, pretrained, img_size, dict(timm_kwargs, num_classes=0))
+    args = {k: v for k, v in timm_kwargs.items() if k != "cifar_stem"}
+    model = _create(name, pretrained, img_size, dict(args, num_classes=0))
+    if timm_kwargs.get("cifar_stem"):
+        _cifar_stem(model, name)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if img_size is not None:
         cfg["input_size"] = (3, img_size, img_size)
     cfg["memprune_build"] = {"model": name, "img_size": img_size, "timm_kwargs": timm_kwargs}
     model.pretrained_cfg = cfg
     return model.eval()
+
+
+def _cifar_stem(model: nn.Module, name: str) -> None:
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ConfigError(
+            f"cifar_stem=True is for ResNets (a conv1 and a maxpool); {name} has none"
+        )
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=2,
+                            bias=False)  # fmt: skip
+    model.maxpool = nn.Identity()
 
 
 def _create(name: str, pretrained: bool, img_size: int | None, kwargs: dict) -> nn.Module:
@@ -136,9 +154,32 @@ def _from_weights(path, name, img_size, options, timm_kwargs) -> nn.Module:
     model = create_encoder(name, options["pretrained"], img_size, **timm_kwargs)
     if path is not None:
         state, info = read_checkpoint_info(path, options["trust_pickle"], options["entry"])
+        stem = getattr(model, "conv1", None)
+        seven = isinstance(stem, nn.Conv2d) and stem.kernel_size == (7, 7)
+        if seven and _has_cifar_stem(state) and not timm_kwargs.get("cifar_stem"):
+            warnings.warn(
+                f"{path}: its conv1 is 3x3: read as the CIFAR stem of solo-learn (a 3x3 conv1,"
+                " stride 1, padding 2, and no max-pool; timm argument cifar_stem=True)",
+                CheckpointWarning,
+                stacklevel=4,
+            )
+            timm_kwargs = {**timm_kwargs, "cifar_stem": True}
+            model = create_encoder(name, options["pretrained"], img_size, **timm_kwargs)
         load_state(model, state, source=str(path), strict=options["strict"])
         _framework(model, info, path)
     return model.eval()
+
+
+def _has_cifar_stem(state) -> bool:
+    """Whether a ResNet checkpoint's stem conv (``conv1``, not a block's) is 3x3."""
+
+    def stem(key: str) -> bool:  # conv1 of the model, not of a block (layerN.i., or N.i.)
+        parts = key.split(".")
+        return parts[-2:] == ["conv1", "weight"] and not any(
+            p.isdigit() or p.startswith("layer") for p in parts[:-2])  # fmt: skip
+
+    stems = [v for k, v in state.items() if stem(k) and getattr(v, "ndim", 0) == 4]
+    return bool(stems) and tuple(stems[0].shape[-2:]) == (3, 3)
 
 
 def _framework(model: nn.Module, info: dict, path) -> None:

@@ -236,3 +236,70 @@ def test_moco_v3_vit_small_has_12_heads_and_imagenet_normalization(tmp_path):
     more = torch.utils.data.Subset(memprune.load_dataset(), range(100))
     probe = memprune.linear_probe(given, more, more, Cs=[1.0])
     assert probe.meta["normalization"]["source"] == "given"
+
+
+@pytest.mark.parametrize("layout", ["tutorial", "parameters", "benchmark", "dino benchmark"])
+def test_lightly_layouts(tmp_path, layout):
+    """lightly's own layouts: its tutorials' backbone `nn.Sequential(*list(resnet.children())
+    [:-1])` (weights named by child index) saved in a model or as {"resnet18_parameters": ...},
+    and its benchmark Lightning modules (an online classifier, a loss with a buffer; DINO: a
+    teacher and a student copy of the backbone)."""
+    import torchvision
+
+    tv = _randomized(torchvision.models.resnet18(), 9)
+    sequential = torch.nn.Sequential(*list(tv.children())[:-1])
+    if layout == "tutorial":
+        obj = {**_wrap(sequential.state_dict(), "backbone."),
+               **_head("projection_head.layers", 512)}  # fmt: skip
+    elif layout == "parameters":
+        obj = {"resnet18_parameters": sequential.state_dict()}
+    else:
+        own = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+        extra = {
+            "online_classifier.classification_head.weight": torch.randn(10, 512),
+            "criterion.center": torch.zeros(1, 64),
+            **_head("projection_head.layers", 512),
+        }
+        if layout == "benchmark":
+            state = {**_wrap(own, "backbone."), **extra}
+        else:
+            student = {k: torch.randn_like(v) if v.is_floating_point() else v
+                       for k, v in own.items()}  # fmt: skip
+            state = {**_wrap(student, "student_backbone."), **_wrap(own, "teacher_backbone."),
+                     **_head("student_projection_head.layers", 512), **extra}  # fmt: skip
+        obj = {"state_dict": state, "epoch": 1, "global_step": 10}
+    torch.save(obj, tmp_path / "lightly.ckpt")
+    with pytest.warns(CheckpointWarning) as caught:
+        got = load_encoder("resnet18", checkpoint=tmp_path / "lightly.ckpt")
+    tv.fc = torch.nn.Identity()
+    _same_outputs(tv, got, size=64)
+    said = " ".join(str(w.message) for w in caught)
+    if layout in ("tutorial", "parameters"):
+        assert "children of a torchvision ResNet" in said
+    if layout == "dino benchmark":
+        assert "student_backbone (" in said  # the student copy is dropped, not unexpected
+
+
+def test_solo_learn_cifar_stem_is_read_as_such_and_survives_pruning(tmp_path):
+    """solo-learn's CIFAR ResNets have a 3x3 conv1 (stride 1, padding 2) and no max-pool:
+    such a checkpoint builds timm's ResNet with that stem (cifar_stem=True), says so, gives
+    the original's outputs, and the stem survives pruning, saving and loading."""
+    import torchvision
+
+    from memprune import prune
+    from memprune.pruning import load_pruned, save_pruned
+
+    solo = _randomized(torchvision.models.resnet18(), 11)
+    solo.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+    solo.maxpool, solo.fc = torch.nn.Identity(), torch.nn.Identity()
+    state = {**_wrap(solo.state_dict(), "backbone."), **_head("projector", 512)}
+    torch.save({"state_dict": state, "epoch": 1}, tmp_path / "solo.ckpt")
+    with pytest.warns(CheckpointWarning, match="CIFAR stem of solo-learn"):
+        got = load_encoder("resnet18", checkpoint=tmp_path / "solo.ckpt")
+    _same_outputs(solo, got)
+    assert got.pretrained_cfg["memprune_build"]["timm_kwargs"]["cifar_stem"] is True
+    pruned, _ = prune(got, None, 0.5, "random", latency_batch=None)
+    save_pruned(pruned, tmp_path / "pruned")
+    again = load_pruned(tmp_path / "pruned")
+    assert again.conv1.kernel_size == (3, 3) and isinstance(again.maxpool, torch.nn.Identity)
+    _same_outputs(pruned, again)
