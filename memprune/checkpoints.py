@@ -379,6 +379,21 @@ def _match(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]):
                     and k[len(prefix) :] in own}  # fmt: skip
 
 
+def _match_layout(model: nn.Module, state, own, source: str):
+    """``(state, prefix, matched)`` of the layout that fits the model best: the keys as they
+    are, or (lightly's Sequential backbone) renamed to a torchvision ResNet's children."""
+    prefix, matched = _match(state, own)
+    renamed = _children_of_sequential(model, state)
+    if len(matched) < len(own) / 2 and set(renamed) != set(state):
+        again = _match(renamed, own)
+        if len(again[1]) > len(matched):
+            warnings.warn(f"{source}: read as the children of a torchvision ResNet in an"
+                          " nn.Sequential (0: conv1, 1: bn1, 4-7: layer1-4)", CheckpointWarning,
+                          stacklevel=4)  # fmt: skip
+            return renamed, *again
+    return state, prefix, matched
+
+
 def load_state(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -391,15 +406,7 @@ def load_state(
     missing, unexpected or mis-shaped key is an error that lists them all (``strict=False``: a
     warning, and the matching tensors are loaded)."""
     own = model.state_dict()
-    prefix, matched = _match(state, own)
-    renamed = _children_of_sequential(model, state)
-    if len(matched) < len(own) / 2 and set(renamed) != set(state):  # lightly's Sequential
-        again = _match(renamed, own)
-        if len(again[1]) > len(matched):
-            (prefix, matched), state = again, renamed
-            warnings.warn(f"{source}: read as the children of a torchvision ResNet in an"
-                          " nn.Sequential (0: conv1, 1: bn1, 4-7: layer1-4)", CheckpointWarning,
-                          stacklevel=3)  # fmt: skip
+    state, prefix, matched = _match_layout(model, state, own, source)
     keys = list(state)
     if not matched:
         raise CheckpointError(
