@@ -36,6 +36,15 @@ def _other_dims(x: torch.Tensor, axis: int) -> tuple[int, ...]:
     return tuple(d for d in range(1, x.ndim) if d != axis)
 
 
+def _per_image(x: torch.Tensor, site: Site) -> tuple[torch.Tensor, int]:
+    """``x`` with the windows of each image side by side (``[B, windows, ...]``), and the
+    channel axis in that layout."""
+    if site.windows == 1:
+        return x, site.channel_axis
+    x = x.reshape(-1, site.windows, *x.shape[1:])  # windows of one image are consecutive rows
+    return x, site.channel_axis + 1 if site.channel_axis > 0 else site.channel_axis
+
+
 def unit_reducer(site: Site, signed: str = "abs") -> Reducer:
     """``[B, ...] -> [B, units]``: per-unit mean over space / tokens of the signed-rule output.
 
@@ -54,7 +63,8 @@ def unit_reducer(site: Site, signed: str = "abs") -> Reducer:
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         if rule is not None:
             x = rule(x)
-        dims = _other_dims(x, site.channel_axis)
+        x, axis = _per_image(x, site)
+        dims = _other_dims(x, axis)
         return x.mean(dim=dims, dtype=dtype) if dims else x.to(dtype, copy=True)  # [B, units]
 
     return reduce
@@ -70,10 +80,11 @@ def layer_reducer(site: Site, representation: str = "flatten", copy: bool = True
     REPRESENTATIONS.check(representation)
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
+        x, axis = _per_image(x, site)
         if representation == "flatten" or x.ndim == 2:  # a vector per image is its own summary
             return keep(x.flatten(1).float())
         if representation == "pool":
-            dims = _other_dims(x, site.channel_axis)
+            dims = _other_dims(x, axis)
             return x.float().mean(dim=dims) if dims else keep(x.float())
         if x.ndim != 3:
             raise SiteError(

@@ -25,7 +25,7 @@ Any ``nn.Module`` works when sites are named by module-name patterns (``include=
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -97,6 +97,9 @@ class Site:
         source: the module whose output channels are these units (the conv or norm before a
             CNN activation, ``fc1`` of an MLP, ``attn.proj`` itself); for ``heads`` sites the
             module whose *input* channels they are. Pruning maps unit scores through it.
+        windows: rows of the activation's batch per image (> 1 inside windowed attention or
+            unfolded patches: Swin, MaxViT, TinyViT, MobileViT run a window per batch row);
+            reducers fold them back into one row per image.
     """
 
     name: str
@@ -109,6 +112,7 @@ class Site:
     shape: tuple[int, ...] = ()
     nonneg: bool = False
     source: str = ""
+    windows: int = 1
 
 
 @dataclass
@@ -117,12 +121,15 @@ class _Trace:
     calls: dict[str, int]
     shapes: dict[str, tuple[int, ...]]  # output shape without batch
     in_shapes: dict[str, tuple[int, ...]]
+    batches: dict[str, int] = field(default_factory=dict)  # output batch per input image
+    in_batches: dict[str, int] = field(default_factory=dict)
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     """Run ``model(example)`` once in eval mode, recording the order modules run in."""
     check_input_size(model, tuple(example.shape[-2:]))
     events, calls, shapes, in_shapes = [], {}, {}, {}
+    batches, in_batches, images = {}, {}, max(len(example), 1)
     handles = []
 
     def pre(name):
@@ -131,6 +138,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> _Trace:
             calls[name] = calls.get(name, 0) + 1
             if args and isinstance(args[0], torch.Tensor):
                 in_shapes[name] = tuple(args[0].shape[1:])
+                in_batches[name] = max(args[0].shape[0] // images, 1) if args[0].ndim else 1
 
         return hook
 
@@ -139,6 +147,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> _Trace:
             events.append(("exit", name))
             if isinstance(out, torch.Tensor):
                 shapes[name] = tuple(out.shape[1:])
+                batches[name] = max(out.shape[0] // images, 1) if out.ndim else 1
 
         return hook
 
@@ -152,7 +161,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     finally:
         for h in handles:
             h.remove()
-    return _Trace(events, calls, shapes, in_shapes)
+    return _Trace(events, calls, shapes, in_shapes, batches, in_batches)
 
 
 def _example(model: nn.Module, size: tuple[int, int, int] | None) -> torch.Tensor:
@@ -398,7 +407,13 @@ def find_sites(
     sites = [s for s in sites if not any(fnmatch.fnmatchcase(s.name, p) for p in exclude)]
     if not sites:
         raise SiteError(f"exclude={exclude} removed every {kind} site")
-    return sites
+    return [_windowed(s, tr) for s in sites]
+
+
+def _windowed(site: Site, tr: _Trace) -> Site:
+    """``site`` with its batch rows per image (windows), from the traced batch sizes."""
+    rows = (tr.in_batches if site.point == "input" else tr.batches).get(site.module, 1)
+    return replace(site, windows=rows) if rows != site.windows else site
 
 
 def resolve_sites(

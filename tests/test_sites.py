@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from memprune import find_sites, load_encoder
@@ -90,3 +91,32 @@ def test_plain_module_with_patterns():
 def test_patterns_filter_auto_sites(resnet):
     sites = find_sites(resnet, "units", include="layer4.*", exclude="*.act1")
     assert names(sites) == ["layer4.0.act2", "layer4.1.act2"]
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("swin_tiny_patch4_window7_224",
+     dict(window_size=2, depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 2, 2))),
+    ("maxvit_nano_rw_256", {}), ("tiny_vit_5m_224", {}), ("mobilevit_xxs", {}),
+])  # fmt: skip
+def test_windowed_sites_fold_each_images_windows_back_into_its_row(name, kw):
+    """Windowed attention (Swin, MaxViT, TinyViT) and unfolded patches (MobileViT) run a
+    window per batch row: a site's reduced activation of an image is the same alone as in a
+    batch with others (windows of different images are never mixed), one row per image."""
+    from memprune import load_encoder
+    from memprune.hooks import capture
+
+    model = load_encoder(name, img_size=64, **kw)
+    sites = find_sites(model, "units") + find_sites(model, "layers")
+    windowed = [s for s in sites if s.windows > 1]
+    assert windowed, "no windowed site found"
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), capture(model, sites) as together:
+        model(x)
+        together = {k: v.clone() for k, v in together.items()}
+    for i in range(3):
+        with torch.inference_mode(), capture(model, sites) as alone:
+            model(x[i : i + 1])
+            for s in windowed:
+                assert alone[s.name].shape[0] == 1
+                torch.testing.assert_close(alone[s.name][0], together[s.name][i],
+                                           rtol=1e-4, atol=1e-5)  # fmt: skip
