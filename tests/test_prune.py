@@ -371,3 +371,18 @@ def test_metapruner_with_unitmem_importance_removes_what_prune_lowest_removes(ki
     assert any(
         not torch.equal(a[k], v) for k, v in other.state_dict().items() if a[k].shape == v.shape
     )
+
+
+def test_a_pruning_that_breaks_an_architecture_is_refused_not_returned():
+    """Where torch-pruning's graph misses a coupling, the pruned encoder no longer runs (Swin's
+    windowed blocks) or its output width moves although keep_output_width=True (Inception v3's
+    concatenations: 2048 -> 1492): a SiteError saying so, never a traceback later or a
+    silently narrower feature."""
+    tiny = dict(img_size=64, window_size=2, depths=(1, 1, 1, 1), embed_dim=24,
+                num_heads=(1, 1, 2, 2))  # fmt: skip
+    swin = memprune.load_encoder("swin_tiny_patch4_window7_224", **tiny)
+    with pytest.raises(SiteError, match="left it unable to run"):
+        prune(swin, None, 0.3, "random", **FAST)
+    inception = memprune.load_encoder("inception_v3", img_size=75)
+    with pytest.raises(SiteError, match=r"changed its output width from 2048 to \d+"):
+        prune(inception, None, 0.3, "random", **FAST)

@@ -441,6 +441,7 @@ def prune(
         )
     batch = None if baseline_latency_s is not None else latency_batch
     before = _measure(model, example_input, batch, latency_time)
+    width = _output_width(model, example_input)
     if latency_batch and baseline_latency_s is not None:
         before = (*before[:2], baseline_latency_s)
     state = _State(scores=scores, rescore=rescore, seed=seed)
@@ -461,11 +462,39 @@ def prune(
         if between_steps is not None and step < steps:
             between_steps(model)
             model.eval()
+    _check_runs(model, example_input, width, keep_output_width)
     after = _measure(model, example_input, latency_batch, latency_time)
     options = dict(strategy=strategy, ratio=float(ratio), scope=scope,
                    steps=steps, batch_size=latency_batch,
                    device=str(example_input.device))  # fmt: skip
     return model, _report(before, after, state, keep_output_width, options)
+
+
+def _output_width(model: nn.Module, example: torch.Tensor) -> int:
+    with evaluating(model), torch.inference_mode():
+        return model(example).shape[-1]
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor, width: int, keep: bool) -> None:
+    """Refuse a pruned encoder that no longer runs, or (``keep_output_width``) whose output
+    width changed: torch-pruning's dependency graph missed a coupling of this architecture,
+    and the result would be a traceback later or a silently different feature width."""
+    arch = _architecture(model)
+    try:
+        got = _output_width(model, example)
+    except RuntimeError as err:
+        raise SiteError(
+            f"pruning {arch} left it unable to run ({str(err).splitlines()[0][:160]}):"
+            " torch-pruning's dependency graph misses a coupling of this architecture; prune"
+            " fewer sites (scores of some sites only) or another encoder"
+        ) from None
+    if keep and got != width:
+        raise SiteError(
+            f"pruning {arch} changed its output width from {width} to {got} although"
+            " keep_output_width=True: a group reaching the output was not recognised as one"
+            " in this architecture; prune fewer sites, or pass keep_output_width=False if a"
+            " narrower output is acceptable"
+        )
 
 
 def _gradients(model: nn.Module, gradients, squared: bool) -> None:
