@@ -319,12 +319,9 @@ def _auto_layer_sites(model: nn.Module, tr: _Trace) -> list[Site]:
     # Stem: the last top-level module run before the stage holding the first block.
     if cnn_blocks and "." in cnn_blocks[0]:
         top = cnn_blocks[0].split(".")[0]
+        start = order.get(top, order.get(cnn_blocks[0], len(order)))  # a ModuleList never runs
         before = sorted(
-            (
-                c
-                for c in model._modules
-                if c in ran_once and c in tr.shapes and order[c] < order[top]
-            ),
+            (c for c in model._modules if c in ran_once and c in tr.shapes and order[c] < start),
             key=order.__getitem__,
         )
         if before:

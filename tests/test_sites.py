@@ -120,3 +120,11 @@ def test_windowed_sites_fold_each_images_windows_back_into_its_row(name, kw):
                 assert alone[s.name].shape[0] == 1
                 torch.testing.assert_close(alone[s.name][0], together[s.name][i],
                                            rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_layer_sites_when_the_first_blocks_sit_in_a_list_that_never_runs():
+    """Twins keeps its first blocks in a ModuleList (`pos_block`) that is never called as a
+    whole: the stem is found by the first block's own position (it was a KeyError)."""
+    model = load_encoder("twins_svt_small", img_size=64, depths=(1, 1, 1, 1))
+    layers = find_sites(model, "layers")
+    assert "blocks.0.0:after_attn" in [s.name for s in layers]
