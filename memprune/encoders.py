@@ -202,11 +202,11 @@ def _framework(model: nn.Module, info: dict, path) -> None:
             stacklevel=4,
         )
     mean, std = IMAGENET
-    if normalization(model) != (mean, std):
+    default = normalization(model)
+    if default != (mean, std):
         warnings.warn(
             f"{path}: {framework} trains with the ImageNet mean/std, not this model's timm"
-            f" default {normalization(model)}: using ImageNet's (pass mean= and std= to"
-            " choose others)",
+            f" default {default}: using ImageNet's (pass mean= and std= to choose others)",
             CheckpointWarning,
             stacklevel=4,
         )
