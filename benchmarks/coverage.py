@@ -90,7 +90,9 @@ def _cell(fn, seconds: int = 90) -> tuple[str, str]:
         return "CRASH", f"{type(err).__name__}: {str(err)[:120]} ({Path(where.filename).name})"
     finally:
         signal.alarm(0)
-    return ("-", "") if out is None else ("ok", "")
+    if out is None:
+        return "-", ""
+    return "ok", out if isinstance(out, str) else ""
 
 
 def _data(size: int, n: int = 8):
@@ -118,8 +120,9 @@ def _metapruner(model, size: int):
     return True
 
 
-def check(name: str, size: int, kw: dict) -> dict[str, tuple[str, str]]:
-    """Every column of one model."""
+def check(name: str, size: int, kw: dict):
+    """Every column of one model, and for the pruning columns the reasons of the groups that
+    were left unpruned."""
     from memprune.pruning import export_encoder, load_pruned, save_pruned
     from memprune.tuning import layer_modules
 
@@ -154,23 +157,28 @@ def check(name: str, size: int, kw: dict) -> dict[str, tuple[str, str]]:
             with torch.inference_mode():
                 if small(x).shape != model(x).shape or rep.params[1] >= rep.params[0]:
                     raise RuntimeError(f"params {rep.params}, output {small(x).shape}")
-            state["pruned"] = small
-            return True
+            state[f"pruned_{heads}"] = small
+            kind = "heads" if heads else "units"
+            mine = [g for g in rep.groups if (g["kind"] == "heads") == heads]
+            state[f"left_{heads}"] = sorted({g["blocked"].split(" (")[0] for g in mine
+                                             if g["blocked"]})  # fmt: skip
+            done = sum(g["pruned"] for g in mine)
+            return f"{done}/{len(mine)} {kind} groups, params x{rep.params[1] / rep.params[0]:.2f}"
 
         return run
 
     def saveload():
         with tempfile.TemporaryDirectory() as d:
-            save_pruned(state["pruned"], Path(d) / "m")
+            save_pruned(state["pruned_False"], Path(d) / "m")
             again = load_pruned(Path(d) / "m")
         with torch.inference_mode():
-            if not torch.equal(again(x), state["pruned"](x)):
+            if not torch.equal(again(x), state["pruned_False"](x)):
                 raise RuntimeError("loaded outputs differ")
         return True
 
     def export():
         with tempfile.TemporaryDirectory() as d:
-            export_encoder(state["pruned"], Path(d) / "m")
+            export_encoder(state["pruned_False"], Path(d) / "m")
         return True
 
     def tune():
@@ -184,15 +192,12 @@ def check(name: str, size: int, kw: dict) -> dict[str, tuple[str, str]]:
     needs = (row["unitmem"][0], f"needs UnitMem: {row['unitmem'][1]}")
     row["prune"] = _cell(pruned(False)) if scored else needs
     row["heads"] = _cell(pruned(True)) if scored else ("-", "")
-    if row["prune"][0] == "ok":
-        state["pruned"] = memprune.prune(model, state["scores"], 0.3, "lowest",
-                                         latency_batch=None)[0]  # fmt: skip
-    have = "pruned" in state
+    have = "pruned_False" in state
     row["save/load"] = _cell(saveload) if have else ("-", "")
     row["export"] = _cell(export) if have else ("-", "")
     row["finetune"] = _cell(tune)
     row["metapruner"] = _cell(lambda: _metapruner(model, size))
-    return row
+    return row, {"prune": state.get("left_False", []), "heads": state.get("left_True", [])}
 
 
 def main() -> None:
@@ -202,11 +207,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
-    rows = {}
+    rows, left = {}, {}
     for name in args.models:
         size, kw = MODELS.get(name, (64, {}))
         start = time.perf_counter()
-        rows[name] = check(name, size, kw)
+        rows[name], left[name] = check(name, size, kw)
         cells = " ".join(f"{c}={rows[name][c][0]}" for c in COLUMNS)
         print(f"{name:32s} {time.perf_counter() - start:5.1f}s {cells}", flush=True)
     head = "| model | " + " | ".join(COLUMNS) + " |"
@@ -222,7 +227,12 @@ def main() -> None:
               f" {v.count('timeout')} | {len(v)} |" for c, v in applies.items()]  # fmt: skip
     notes = [f"- {n} {c}: {r[c][0]}: {r[c][1]}" for n, r in rows.items() for c in COLUMNS
              if r[c][0] in ("refused", "CRASH", "timeout")]  # fmt: skip
-    text = "\n".join([*lines, "", "Refusals and crashes:", "", *notes, ""])
+    details = [f"- {n} {c}: {r[c][1]}" + (f"; left unpruned: {'; '.join(left[n][c])[:300]}"
+                                          if left[n][c] else "")
+               for n, r in rows.items() for c in ("prune", "heads") if r[c][0] == "ok"]  # fmt: skip
+    text = "\n".join([*lines, "", "Refusals and crashes:", "", *notes, "",
+                      "Groups pruned (of those holding scored sites) and why others were not:",
+                      "", *details, ""])  # fmt: skip
     print("\n" + text)
     if args.markdown:
         Path(args.markdown).write_text(text)

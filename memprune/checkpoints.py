@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from memprune._io import read_json
+from memprune.attention import fit_forwards
 from memprune.errors import CheckpointError, CheckpointWarning, ConfigError
 
 #: Keys under which training scripts nest a state dict.
@@ -124,7 +125,12 @@ def restore_pruned(model: nn.Module, path: str | os.PathLike, spec: dict) -> nn.
         raise CheckpointError(f"{path}: modules {unknown[:5]} are not in {spec['model']}")
     for name, attrs in spec["structure"].items():
         for attr, value in attrs.items():
-            setattr(modules[name], attr, tuple(value) if isinstance(value, list) else value)
+            keep_list = isinstance(getattr(modules[name], attr, None), list)  # MixedConv splits
+            setattr(
+                modules[name],
+                attr,
+                tuple(value) if isinstance(value, list) and not keep_list else value,
+            )
     state = load_file(str(Path(path) / WEIGHTS))
     current = model.state_dict()
     for key, tensor in state.items():
@@ -134,6 +140,7 @@ def restore_pruned(model: nn.Module, path: str | os.PathLike, spec: dict) -> nn.
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+    fit_forwards(model)  # BEiT / EVA / CaiT / ConViT / XCiT attention that lost heads
     if spec.get("mean"):
         model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(spec["mean"]),
                                 "std": tuple(spec["std"])}  # fmt: skip
@@ -172,13 +179,51 @@ FRAMEWORK_HEADS = {
     "DINO": {"vit_tiny": 3, "vit_small": 6, "vit_base": 12},
     "MoCo v3": {"vit_small": 12, "vit_base": 12, "vit_conv_small": 12, "vit_conv_base": 12},
     "MAE": {"vit_base": 12, "vit_large": 16, "vit_huge": 16},
+    # solo-learn builds MoCo v3's own ViT for method mocov3, a timm-like one otherwise
+    "solo-learn": {"mocov3:vit_tiny": 12, "mocov3:vit_small": 12, "mocov3:vit_base": 12,
+                   "mocov3:vit_large": 16, "vit_tiny": 3, "vit_small": 6, "vit_base": 12,
+                   "vit_large": 16},
 }  # fmt: skip
+#: solo-learn's normalization per data set (its pretraining pipelines); others: the cfg's own
+#: ``data.mean`` / ``data.std``, else ImageNet's.
+SOLO_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)),
+}
+
+
+def _field(obj, key: str):
+    """``obj[key]`` or ``obj.key`` (a dict, an argparse Namespace or an OmegaConf config)."""
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _solo_learn(obj: Mapping) -> dict:
+    """solo-learn's Lightning checkpoint: ``hyper_parameters.cfg`` names the backbone, the
+    method and the data set (an OmegaConf config: readable only with ``trust_pickle``)."""
+    cfg = _field(_field(obj, "hyper_parameters"), "cfg")
+    name = _field(_field(cfg, "backbone"), "name")
+    if not isinstance(name, str):
+        return {}
+    method = str(_field(cfg, "method") or "")
+    info = {"framework": "solo-learn", "arch": f"{method}:{name}" if method == "mocov3" else name}
+    data = _field(cfg, "data")
+    dataset = str(_field(data, "dataset") or "").lower()
+    mean, std = _field(data, "mean"), _field(data, "std")
+    if dataset in SOLO_STATS:
+        info["mean"], info["std"] = SOLO_STATS[dataset]
+    elif mean is not None and std is not None:
+        info["mean"], info["std"] = tuple(mean), tuple(std)
+    return info
 
 
 def framework_info(obj) -> dict:
     """What a training script's checkpoint says about itself: ``framework`` (DINO: teacher and
     student with ``args``; MAE: ``model`` with ``args.model``; MoCo v3: ``arch`` with
-    ``state_dict``) and the ``arch`` it records; empty for anything else."""
+    ``state_dict``; solo-learn: Lightning's ``hyper_parameters.cfg``), the ``arch`` it records
+    and, where it says, the ``mean`` / ``std`` it trained with; empty for anything else."""
     if not isinstance(obj, Mapping):
         return {}
     args = obj.get("args")
@@ -188,6 +233,8 @@ def framework_info(obj) -> dict:
         return {"framework": "MAE", "arch": args.model}
     if isinstance(obj.get("arch"), str) and isinstance(obj.get("state_dict"), Mapping):
         return {"framework": "MoCo v3", "arch": obj["arch"]}
+    if "hyper_parameters" in obj and isinstance(obj.get("state_dict"), Mapping):
+        return _solo_learn(obj)
     return {}
 
 

@@ -189,7 +189,8 @@ def _framework(model: nn.Module, info: dict, path) -> None:
     framework, arch = info.get("framework"), str(info.get("arch") or "")
     if framework is None:
         return
-    heads = [n for a, n in FRAMEWORK_HEADS.get(framework, {}).items() if a in arch]
+    table = FRAMEWORK_HEADS.get(framework, {})
+    heads = [table[arch]] if arch in table else [n for a, n in table.items() if a in arch]
     attn = getattr(next(iter(getattr(model, "blocks", [])), None), "attn", None)
     have = getattr(attn, "num_heads", None)
     if heads and have is not None and have != heads[0]:
@@ -201,16 +202,18 @@ def _framework(model: nn.Module, info: dict, path) -> None:
             CheckpointWarning,
             stacklevel=4,
         )
-    mean, std = IMAGENET
+    own = "mean" in info and "std" in info
+    mean, std = (tuple(info["mean"]), tuple(info["std"])) if own else IMAGENET
+    which = "the mean/std its config records" if own else "the ImageNet mean/std"
     default = normalization(model)
     if default != (mean, std):
         warnings.warn(
-            f"{path}: {framework} trains with the ImageNet mean/std, not this model's timm"
-            f" default {default}: using ImageNet's (pass mean= and std= to choose others)",
+            f"{path}: {framework} trained with {which} {mean, std}, not this model's timm"
+            f" default {default}: using them (pass mean= and std= to choose others)",
             CheckpointWarning,
             stacklevel=4,
         )
-    _set_normalization(model, mean, std, f"{framework} checkpoint (ImageNet statistics)")
+    _set_normalization(model, mean, std, f"{framework} checkpoint ({which})")
 
 
 def _set_normalization(model: nn.Module, mean, std, source: str) -> None:

@@ -7,17 +7,23 @@ modules run, so they work for any timm CNN or ViT:
 
 * CNN units: every activation that follows a conv + norm (timm ResNets: ``act1``,
   ``layerS.B.act1``, ``layerS.B.act2``; EfficientNet/MobileNet/RegNet: ``*.bn1.act``, ...).
-  Activations after a conv without a norm (squeeze-excite gates, heads) are not units.
+  Activations after a conv without a norm are units only when a BatchNorm over their
+  channels comes next (ConvMixer's conv -> act -> norm); squeeze-excite gates are not units.
 * MLP units: the activation inside an MLP (``fc1 -> act -> fc2``): ViT ``blocks.i.mlp.act``,
-  ConvNeXt ``stages.S.blocks.B.mlp.act``.
-* ViT attention units: the attention output projection ``blocks.i.attn.proj``, and the heads'
-  outputs entering it, ``blocks.i.attn:heads`` (``num_heads x head_dim`` units, read as the
-  input of ``attn.proj``), so that a head can be scored by the mean of its own units
-  (docs/method.md §9; an addition to §1, which lists only the projection's outputs).
+  ConvNeXt ``stages.S.blocks.B.mlp.act``; PVT's ``fc1 -> depthwise conv -> act`` counts as
+  ``fc1``'s units (a depthwise conv keeps channels apart).
+* Attention units: the output projection ``*.proj`` of a module with an integer
+  ``num_heads`` (ViT ``blocks.i.attn.proj``, EfficientFormer's ``token_mixer.proj``, CoAtNet's
+  1x1-conv attention), and the heads' outputs entering it, ``...attn:heads`` (``num_heads x
+  head_dim`` units, read as the input of ``proj``), so that a head can be scored by the mean
+  of its own units (docs/method.md §9; an addition to §1, which lists only the projection's
+  outputs).
 * CNN layers: the stem output and every block of every stage (a stage is a container whose
   children all hold convolutions); for a plain sequential CNN, every conv block.
 * ViT layers: two per transformer block, ``blocks.i:after_attn`` (block input + attention
   branch, read as the input of ``norm2``) and ``blocks.i:after_mlp`` (the block output).
+* Where neither layer rule finds anything (DLA's trees, LeViT's blocks without norms): the
+  stage outputs timm lists in ``model.feature_info``.
 
 Any ``nn.Module`` works when sites are named by module-name patterns (``include=``).
 """
@@ -199,7 +205,14 @@ def _unit_site(name: str, modules, tr: _Trace) -> Site | None:
         return Site(
             name, name, "units", "conv", shape[0], 1, shape=shape, nonneg=nonneg, source=first_name
         )
+    if isinstance(first, _CONV) and _norm_follows(name, modules, tr, shape):
+        # conv -> act -> norm (ConvMixer): the conv's channels, normalized after the act
+        return Site(
+            name, name, "units", "conv", shape[0], 1, shape=shape, nonneg=nonneg, source=first_name
+        )
     parent = modules.get(name.rpartition(".")[0])
+    if _depthwise(first) and len(preceding) > 1 and preceding[1][0].endswith(".fc1"):
+        first_name, first = preceding[1]  # PVT's fc1 -> depthwise conv -> act: fc1's units
     if (
         isinstance(first, _CONV + _LINEAR)
         and first_name.rpartition(".")[2] == "fc1"
@@ -214,6 +227,40 @@ def _unit_site(name: str, modules, tr: _Trace) -> Site | None:
     return None
 
 
+def _norm_follows(name: str, modules, tr: _Trace, shape) -> bool:
+    """The next conv / linear / norm to run after activation ``name`` is a BatchNorm over
+    its channels."""
+    if len(shape) != 3:
+        return False
+    after = tr.events[tr.events.index(("exit", name)) + 1 :]
+    kinds = _CONV + _LINEAR + _NORM
+    nxt = next(
+        (modules[n] for k, n in after if k == "enter" and isinstance(modules[n], kinds)), None
+    )
+    return isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == shape[0]
+
+
+def _head_proj(name: str, module: nn.Module, modules) -> bool:
+    """The output projection of a multi-head attention: ``*.proj``, a linear layer or a 1x1
+    convolution, in a module with an integer ``num_heads`` (timm's ``attn``, EfficientFormer's
+    ``token_mixer``, CoAtNet's ``Attention2d``)."""
+    if not name.endswith(".proj"):
+        return False
+    parent = modules.get(name.rpartition(".")[0])
+    if not isinstance(getattr(parent, "num_heads", None), int):
+        return False
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size == (1, 1) and module.groups == 1
+    return isinstance(module, nn.Linear)
+
+
+def _depthwise(module: nn.Module) -> bool:
+    """A depthwise conv keeps each channel apart: its units are those of the layer before."""
+    return (
+        isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
+    )
+
+
 def _auto_unit_sites(model: nn.Module, tr: _Trace) -> list[Site]:
     modules = dict(model.named_modules())
     sites = []
@@ -223,14 +270,16 @@ def _auto_unit_sites(model: nn.Module, tr: _Trace) -> list[Site]:
         mod = modules[name]
         if isinstance(mod, _ACTS):
             site = _unit_site(name, modules, tr)
-        elif isinstance(mod, _LINEAR) and name.endswith("attn.proj"):
+        elif _head_proj(name, mod, modules):
             attn = name.rpartition(".")[0]
-            if hasattr(modules[attn], "num_heads") and name in tr.in_shapes:
+            conv = isinstance(mod, nn.Conv2d)  # CoAtNet's 1x1 conv attention: channels first
+            axis, at = (1, 0) if conv else (-1, -1)  # traced shapes leave out the batch
+            if name in tr.in_shapes:
                 shape = tr.in_shapes[name]  # the heads' outputs, concatenated
-                heads = Site(f"{attn}:heads", name, "units", "heads", shape[-1], -1, "input")
+                heads = Site(f"{attn}:heads", name, "units", "heads", shape[at], axis, "input")
                 sites.append(replace(heads, shape=shape, source=name))
             shape = tr.shapes[name]
-            site = Site(name, name, "units", "attn", shape[-1], -1, shape=shape, source=name)
+            site = Site(name, name, "units", "attn", shape[at], axis, shape=shape, source=name)
         else:
             site = None
         if site is not None:
@@ -329,7 +378,22 @@ def _auto_layer_sites(model: nn.Module, tr: _Trace) -> list[Site]:
             axis = _layer_axis(shape)
             site = Site(stem, stem, "layers", "stem", _units(shape, axis), axis, shape=shape)
             sites.append((done[stem], site))
+    if not sites:  # neither rule fits (DLA's trees, LeViT's norm-free blocks): timm's stages
+        sites = _feature_info_sites(model, tr, done, ran_once)
     return [s for _, s in sorted(sites, key=lambda p: p[0])]
+
+
+def _feature_info_sites(model: nn.Module, tr: _Trace, done: dict, ran_once: set) -> list:
+    """The stage outputs timm lists in ``model.feature_info`` (its ``features_only`` taps)."""
+    sites = []
+    for info in getattr(model, "feature_info", None) or []:
+        n = info.get("module") if isinstance(info, dict) else None
+        if n in ran_once and n in tr.shapes:
+            shape = tr.shapes[n]
+            axis = _layer_axis(shape)
+            sites.append((done[n], Site(n, n, "layers", "block", _units(shape, axis), axis,
+                                        shape=shape)))  # fmt: skip
+    return sites
 
 
 def _custom_site(name: str, kind: str, modules, tr: _Trace) -> Site:

@@ -5,6 +5,7 @@ encoder whose outputs equal the original's."""
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import pytest
 import torch
@@ -227,7 +228,7 @@ def test_moco_v3_vit_small_has_12_heads_and_imagenet_normalization(tmp_path):
     data = torch.utils.data.Subset(memprune.load_dataset(), range(4))
     meta = memprune.unit_mem(twelve, data, n_views=1).meta["normalization"]
     assert meta == {"mean": list(imagenet[0]), "std": list(imagenet[1]),
-                    "source": "MoCo v3 checkpoint (ImageNet statistics)"}  # fmt: skip
+                    "source": "MoCo v3 checkpoint (the ImageNet mean/std)"}  # fmt: skip
     # chosen by the caller: used and recorded as given
     given = load_encoder("vit_small_patch16_224", checkpoint=tmp_path / "moco.pth.tar",
                          num_heads=12, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2),
@@ -303,3 +304,31 @@ def test_solo_learn_cifar_stem_is_read_as_such_and_survives_pruning(tmp_path):
     again = load_pruned(tmp_path / "pruned")
     assert again.conv1.kernel_size == (3, 3) and isinstance(again.maxpool, torch.nn.Identity)
     _same_outputs(pruned, again)
+
+
+def test_solo_learn_config_gives_the_head_count_and_the_data_sets_normalization(tmp_path):
+    """solo-learn's Lightning checkpoint records its config (method, backbone, data set): a
+    mocov3 vit_small has 12 heads (warned about on a 6-head encoder), and CIFAR-10's
+    statistics are used and recorded."""
+    import memprune
+
+    dims = dict(img_size=32, patch_size=8, depth=1, embed_dim=48)
+    solo = _randomized(load_encoder("vit_small_patch16_224", num_heads=12, **dims), 5)
+    cfg = {"method": "mocov3", "backbone": {"name": "vit_small"},
+           "data": {"dataset": "cifar10"}}  # fmt: skip
+    ckpt = {"epoch": 1, "state_dict": _wrap(solo.state_dict(), "backbone."),
+            "hyper_parameters": {"cfg": cfg}}  # fmt: skip
+    torch.save(ckpt, tmp_path / "solo.ckpt")
+    with pytest.warns(CheckpointWarning, match="solo-learn's mocov3:vit_small has 12 attention"):
+        load_encoder("vit_small_patch16_224", checkpoint=tmp_path / "solo.ckpt", **dims)
+    twelve = load_encoder("vit_small_patch16_224", checkpoint=tmp_path / "solo.ckpt",
+                          num_heads=12, **dims)  # fmt: skip
+    _same_outputs(solo, twelve)
+    cifar = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    assert memprune.encoders.normalization(twelve) == cifar
+    cfg["method"] = "simclr"  # solo-learn's own ViT-S for other methods: 6 heads, as timm's
+    torch.save(ckpt, tmp_path / "simclr.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_encoder("vit_small_patch16_224", checkpoint=tmp_path / "simclr.ckpt", **dims)
+    assert not [w for w in caught if "heads" in str(w.message)]

@@ -381,3 +381,29 @@ def test_img_size_resizes_the_built_in_data_and_a_wrong_size_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"takes 224x224 images .* got 32x32: .*--img-size 224"):
         memprune.unit_mem(vit, digits, n_views=1)
     assert memprune.load_dataset("digits", img_size=48)[0][0].shape == (3, 48, 48)
+
+
+def test_img_size_resizes_the_toy_data_and_keeps_its_augmentation(tmp_path):
+    """The toy images ([3, s, 2s]) are resized by repeating pixels, so the augmentation reads
+    the same patches back: a redraw keeps the signal patch and changes the noise patch."""
+    import pytest
+    import torch
+
+    import memprune
+    from memprune.errors import ConfigError
+
+    small, big = memprune.load_dataset("toy"), memprune.load_dataset("toy", img_size=32)
+    image, label, _ = big[3]
+    assert image.shape == (3, 32, 32) and label == small[3][1]
+    assert torch.equal(image[:, ::8, ::4], small[3][0])  # 4 x 8 pixels, each repeated
+    g = torch.Generator().manual_seed(0)
+    view = big.augment(image, g)
+    g.manual_seed(0)
+    assert torch.equal(view[:, ::8, ::4], small.augment(small[3][0], g))
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        memprune.load_dataset("toy", img_size=30)
+    out = tmp_path / "toy-vit"
+    args = ["score", "units", "--data", "toy", "--model", "vit_tiny_patch16_224",
+            "--img-size", "32", "--timm", "depth=1", "--n-points", "6", "--views", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0

@@ -17,9 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memprune"
 #: ``_io``, ``_table``, ``_dist`` are the package's private foundation: every layer may use
 #: their public names.
 LAYERS = [
-    "errors", "registry", "_dist", "_io", "_table", "results", "data", "checkpoints", "encoders",
-    "sites", "hooks", "stats", "engine", "scores", "probe", "train", "pruning", "tuning",
-    "report", "recipes", "cli",
+    "errors", "registry", "_dist", "_io", "_table", "results", "data", "attention",
+    "checkpoints", "encoders", "sites", "hooks", "stats", "engine", "scores", "probe", "train",
+    "pruning", "tuning", "report", "recipes", "cli",
 ]  # fmt: skip
 RANK = {name: i for i, name in enumerate(LAYERS)}
 

@@ -250,7 +250,8 @@ def load_dataset(
         root: folder holding a torchvision data set's files.
         download: let torchvision download missing files (needs internet).
         img_size: resize (shorter side) and centre-crop every image to this size; for digits,
-            the size it is upsampled to (default 32).
+            the size it is upsampled to (default 32); for toy, square images of this size
+            (pixels repeated; a multiple of the patch width ``2 s``).
         transform: for torchvision and folder data, replaces the resize: a callable from a
             PIL image to a float tensor ``[C, H, W]`` in ``[0, 1]``, such as
             :func:`memprune.encoders.eval_transform` (the encoder's own eval preprocessing).
@@ -266,7 +267,7 @@ def load_dataset(
         from memprune.data._toy import make_toy
 
         try:
-            return make_toy(split, **options)
+            return make_toy(split, img_size=img_size, **options)
         except TypeError as err:
             raise ConfigError(f"toy options: {err} (size, dim, snr, sigma, redraw, seed)") from err
     if key in BUILTIN:
@@ -302,7 +303,8 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
 
 def native_size(name: str, img_size: int | None) -> int | None:
     """The size to load ``name`` at: ``img_size``, or None for the built-in data sets at their
-    own size (digits at 32 px; the toy data set is always made at its own)."""
+    own size (digits at 32 px; the toy data set at its own unless a size is asked for
+    explicitly: see :meth:`memprune.recipes._context.Context.dataset`)."""
     key = str(name).lower()
     if key == "toy" or (key in BUILTIN and img_size in (None, DIGITS_SIZE)):
         return None

@@ -8,7 +8,8 @@ whose units are the same coupled channels (a ResNet stage's ``act2`` outputs and
 downsample feeding them) form one :class:`Group`, scored by the mean of their units' scores.
 
 Attention heads (``heads`` groups) are the input channels of ``attn.proj`` taken ``head_dim``
-at a time; the graph maps them back to the query, key and value rows of ``attn.qkv``.
+at a time, with their query, key and value rows; a head lives inside its attention module and
+is removed there (:mod:`memprune.pruning._heads`), not through the graph.
 
 A grouped convolution (``1 < groups < in_channels``, RegNet's 3x3) ties its input and output
 channels group by group, so its units go a whole convolution group at a time (``convgroups``
@@ -27,7 +28,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from memprune.attention import fit_forwards
 from memprune.errors import SiteError
+from memprune.pruning._glu import is_glu, remove_glu_units
+from memprune.pruning._heads import head_layout, remove_heads
 from memprune.pruning._importance import channel_scores
 from memprune.sites import Site, trace, weight_modules
 
@@ -36,7 +40,35 @@ KINDS = (UNITS, HEADS, CONV_GROUPS)
 
 
 def _is_grouped(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels
+    """A convolution whose channels go a group at a time: grouped (``1 < groups <
+    in_channels``) or depthwise with a channel multiplier (each input channel feeds
+    ``out / in`` output channels), which torch-pruning's depthwise rule (out = in) mangles."""
+    if not isinstance(module, nn.Conv2d) or module.groups == 1:
+        return False
+    return module.groups < module.in_channels or module.out_channels != module.in_channels
+
+
+def _refresh_mixed(conv: nn.Module) -> None:
+    """timm's ``MixedConv2d`` splits its input by a stored list of widths."""
+    conv.splits = [c.in_channels for c in conv.values()]
+    conv.in_channels = sum(conv.splits)
+    conv.out_channels = sum(c.out_channels for c in conv.values())
+
+
+#: Module class name -> what refreshes the widths it stores after channels were removed (its
+#: forward reads them, torch-pruning does not know them).
+STORED_WIDTHS = {"MixedConv2d": _refresh_mixed}
+
+
+def refresh_widths(model: nn.Module) -> None:
+    """Update the channel counts modules of ``model`` keep in plain attributes (and a
+    linear layer's ``in_features`` / ``out_features``, which torch-pruning lowers by the
+    indices it was given even when some fall outside the layer)."""
+    for m in model.modules():
+        if fix := STORED_WIDTHS.get(type(m).__name__):
+            fix(m)
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
 
 
 class _GroupedConvPruner(tp.pruner.function.ConvPruner):
@@ -97,6 +129,10 @@ class Group:
         blocked: why the group cannot be pruned ('' when it can).
         partner: ``convgroups`` only: the module producing the grouped conv's output
             channels, with ``partner_dim`` channels per conv group and ``partner_sites``.
+        glu: the gated MLP whose hidden units these are ('' for none;
+            :mod:`memprune.pruning._glu`), removed inside it rather than through the graph.
+        layout: ``heads`` only: the row order of the attention's fused projections
+            (:func:`~memprune.pruning._heads.head_layout`).
     """
 
     name: str
@@ -110,6 +146,8 @@ class Group:
     partner: str = ""
     partner_dim: int = 0
     partner_sites: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    layout: str = ""
+    glu: str = ""
 
     def _per_channel(self, sites, dim: int, site_scores) -> torch.Tensor:
         found = ((root_idx, site_scores[site][idx]) for site, (idx, root_idx) in sites.items()
@@ -149,10 +187,23 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGr
     grouped = any(isinstance(m, _GroupedConv2d) for m in model.modules())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example,
-            customized_pruners={_GroupedConv2d: _GROUPED} if grouped else None,
-        )  # fmt: skip
+        try:
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example,
+                customized_pruners={_GroupedConv2d: _GROUPED} if grouped else None,
+            )  # fmt: skip
+        except (RuntimeError, TypeError, IndexError, KeyError, ValueError) as err:
+            arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+            raise SiteError(
+                f"torch-pruning cannot trace the channel dependencies of"
+                f" {arch or type(model).__name__} ({type(err).__name__}: {_first_line(err)}):"
+                " its graph does not follow this architecture's concatenations or slices, so"
+                " its units cannot be removed; prune another encoder"
+            ) from None
+
+
+def _first_line(err: BaseException, n: int = 140) -> str:
+    return (str(err).splitlines() or [""])[0][:n]
 
 
 def out_fn(graph: tp.DependencyGraph, module: nn.Module):
@@ -196,10 +247,11 @@ def build_groups(
             out_members = set()
     groups: dict[frozenset | str, Group] = {}
     full_groups: dict[frozenset, object] = {}
+    layouts: dict[tuple, tuple[str, str]] = {}
     for site in sites:
         if site.role == HEADS:
             if heads:
-                groups[site.name] = _head_group(site, modules)
+                groups[site.name] = _head_group(site, modules, model, example, layouts)
             continue
         if not site.source or site.source not in modules:
             raise SiteError(
@@ -208,6 +260,9 @@ def build_groups(
             )
         src = modules[site.source]
         n = graph.get_out_channels(src)
+        if _is_glu(modules, site, n):
+            _add_glu(graph, groups, full_groups, site, src, n, out_members)
+            continue
         if n != site.n_units:
             raise SiteError(
                 f"site {site.name!r} has {site.n_units} units but {site.source!r} has {n} output"
@@ -228,8 +283,48 @@ def build_groups(
             if it.dep.target._name == site.source
             and graph.is_out_channel_pruning_fn(it.dep.handler)
         )
-        g.sites[site.name] = (torch.tensor(item.idxs), torch.tensor(item.root_idxs))
+        idx, root_idx = torch.tensor(item.idxs), torch.tensor(item.root_idxs)
+        if len(idx) and (idx.max() >= site.n_units or root_idx.max() >= g.width):
+            g.blocked = g.blocked or (
+                f"torch-pruning maps the channels of {site.source!r} outside its"
+                f" {site.n_units} units (a split or concatenation it does not follow)"
+            )
+            continue
+        g.sites[site.name] = (idx, root_idx)
+    _block_overlaps(groups)
     return graph, _merge_grouped(graph, groups, full_groups, modules)
+
+
+def _is_glu(modules: dict, site: Site, n: int) -> bool:
+    """A gated MLP's units (``fc1`` makes value and gate: twice the units)."""
+    return is_glu(modules.get(site.source.rpartition(".")[0])) and n == 2 * site.n_units
+
+
+def _add_glu(graph, groups, full_groups, site: Site, src, n: int, out_members) -> None:
+    """A gated MLP's units: one group of its own, removed inside the MLP."""
+    group = graph.get_pruning_group(src, out_fn(graph, src), list(range(n)))
+    members = frozenset(_out_members(graph, group))
+    idx = torch.arange(site.n_units)
+    full_groups[members] = group
+    groups[members] = Group(site.source, UNITS, site.source, site.n_units,
+                            {site.name: (idx, idx)}, output=bool(members & out_members),
+                            glu=site.source.rpartition(".")[0])  # fmt: skip
+
+
+def _block_overlaps(groups: dict) -> None:
+    """A group whose channels are a concatenation of other groups' channels (DenseNet's
+    norm before each layer reads every earlier layer's output) overlaps them: the two cannot
+    both be pruned by their own plans, so the larger one is left alone and its channels go
+    through the groups it is made of."""
+    keys = [k for k in groups if isinstance(k, frozenset)]
+    for k in keys:
+        for other in keys:
+            if other != k and k & other and (len(k), sorted(k)) > (len(other), sorted(other)):
+                groups[k].blocked = groups[k].blocked or (
+                    f"its channels are also those of group {groups[other].name!r} (a"
+                    " concatenation of other groups' outputs); pruned through those"
+                )
+                break
 
 
 def _grouped_conv(group) -> str:
@@ -243,26 +338,33 @@ def _grouped_conv(group) -> str:
 
 def _merge_grouped(graph, groups: dict, full_groups: dict, modules) -> list[Group]:
     """Each grouped convolution's two unit groups (the channels entering it, those leaving it)
-    become one ``convgroups`` group; where that mapping is not one to one, both stay blocked."""
-    merged, used = {}, set()
+    become one ``convgroups`` group. Where that mapping is not one to one (several groups on
+    a side, or a group that also enters or leaves another grouped convolution: a chain), both
+    stay blocked. Parallel grouped convolutions between the same two groups (FastViT's large
+    and small kernels) are one pair."""
+    pairs = {}
     for name, conv in modules.items():
         if not isinstance(conv, _GroupedConv2d):
             continue
         sides = {}
         for members, full in full_groups.items():
             for it in full:
-                if it.dep.target._name != name:
-                    continue
-                side = "out" if graph.is_out_channel_pruning_fn(it.dep.handler) else "in"
-                sides.setdefault(side, []).append(members)
-        ins, outs = sides.get("in", []), sides.get("out", [])
-        if len(ins) != 1 or len(outs) != 1 or ins[0] == outs[0] or {*ins, *outs} & used:
+                if it.dep.target._name == name:
+                    side = "out" if graph.is_out_channel_pruning_fn(it.dep.handler) else "in"
+                    sides.setdefault(side, set()).add(members)
+        ins, outs = sides.get("in", set()), sides.get("out", set())
+        if len(ins) == 1 and len(outs) == 1 and ins != outs:
+            pairs.setdefault((*ins, *outs), (name, conv))
+    uses = [m for pair in pairs for m in pair]
+    merged, used = {}, set()
+    for (a_key, b_key), (name, conv) in pairs.items():
+        a, b = groups[a_key], groups[b_key]
+        if uses.count(a_key) > 1 or uses.count(b_key) > 1 or a.output or b.output:
             continue
-        a, b = groups[ins[0]], groups[outs[0]]
-        if a.output or b.output or a.width % conv.groups or b.width % conv.groups:
+        if a.width % conv.groups or b.width % conv.groups:
             continue
-        used |= {ins[0], outs[0]}
-        merged[ins[0]] = Group(
+        used |= {a_key, b_key}
+        merged[a_key] = Group(
             name, CONV_GROUPS, a.root, conv.groups, a.sites, head_dim=a.width // conv.groups,
             partner=b.root, partner_dim=b.width // conv.groups, partner_sites=b.sites,
         )  # fmt: skip
@@ -271,23 +373,35 @@ def _merge_grouped(graph, groups: dict, full_groups: dict, modules) -> list[Grou
         if members in merged:
             out.append(merged[members])
         elif members not in used:
-            if g.blocked:
+            if g.blocked.startswith("grouped convolution"):
                 g.blocked += " (its input and output channels are not one group each)"
             out.append(g)
     return out
 
 
-def _head_group(site: Site, modules: dict[str, nn.Module]) -> Group:
+def _head_group(site: Site, modules: dict, model, example, layouts: dict) -> Group:
+    """The heads of one attention module, with the row layout of its projections (checked
+    once per attention class and shape; a module no layout fits is blocked with why)."""
     attn_name = site.module.rpartition(".")[0]
     attn = modules[attn_name]
-    n_heads, head_dim = attn.num_heads, getattr(attn, "head_dim", site.n_units // attn.num_heads)
-    if n_heads * head_dim != site.n_units:
-        raise SiteError(
-            f"{attn_name}: num_heads {n_heads} x head_dim {head_dim} != {site.n_units} channels"
-            f" entering {site.module}; heads can only be pruned in timm-style attention"
-        )
+    n_heads = attn.num_heads
+    head_dim = site.n_units // n_heads
     idx = torch.arange(site.n_units)
-    return Group(attn_name, HEADS, site.module, n_heads, {site.name: (idx, idx)}, head_dim=head_dim)
+    group = Group(attn_name, HEADS, site.module, n_heads, {site.name: (idx, idx)},
+                  head_dim=head_dim)  # fmt: skip
+    if n_heads * head_dim != site.n_units:
+        group.blocked = (
+            f"num_heads {n_heads} does not divide the {site.n_units} channels entering"
+            f" {site.module}"
+        )
+        return group
+    key = (type(attn).__name__, n_heads, head_dim, attn.proj.weight.shape[0])
+    if key not in layouts:
+        layouts[key] = head_layout(model, attn_name, example)
+    group.layout, why = layouts[key]
+    if why:
+        group.blocked = f"the heads of {type(attn).__name__} cannot be removed: {why}"
+    return group
 
 
 def prune_group(graph: tp.DependencyGraph, model: nn.Module, group: Group, units: torch.Tensor):
@@ -295,8 +409,14 @@ def prune_group(graph: tp.DependencyGraph, model: nn.Module, group: Group, units
     if len(units) == 0:
         return
     modules = dict(model.named_modules())
+    if group.kind == HEADS:  # inside one module: removed there (memprune.pruning._heads)
+        remove_heads(modules[group.name], sorted(units.tolist()), group.layout)
+        return
+    if group.glu:
+        remove_glu_units(modules[group.glu], sorted(units.tolist()))
+        return
     root = modules[group.root]
-    fn = tp.prune_linear_in_channels if group.kind == HEADS else out_fn(graph, root)
+    fn = out_fn(graph, root)
     parts = [(root, fn, group.channels(units))]
     if group.kind == CONV_GROUPS:  # the conv's output rows, then its input channels
         partner = modules[group.partner]
@@ -306,8 +426,5 @@ def prune_group(graph: tp.DependencyGraph, model: nn.Module, group: Group, units
         raise SiteError(f"torch-pruning refuses to remove {len(units)} units of {group.name!r}")
     for pg in pgs:
         pg.prune()
-    if group.kind == HEADS:  # timm attention reshapes by these attributes
-        attn = modules[group.name]
-        attn.num_heads -= len(units)
-        if hasattr(attn, "attn_dim"):
-            attn.attn_dim = attn.num_heads * group.head_dim
+    refresh_widths(model)
+    fit_forwards(model)  # BEiT / EVA attention after the residual stream narrowed

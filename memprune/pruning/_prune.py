@@ -9,6 +9,7 @@ import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -17,16 +18,20 @@ from torch import nn
 
 from memprune.encoders import evaluating, input_size
 from memprune.errors import ConfigError, SiteError
+from memprune.pruning._glu import glu_weights
 from memprune.pruning._groups import (
     CONV_GROUPS,
     HEADS,
     KINDS,
+    UNITS,
     Group,
     build_groups,
+    dependency_graph,
     grouped_convs,
     out_fn,
     prune_group,
 )
+from memprune.pruning._heads import clear_caches, head_weights
 from memprune.pruning._importance import SCORE_SIGNS
 from memprune.registry import Registry
 from memprune.results import Result
@@ -223,6 +228,7 @@ class _State:
     removed: dict[str, list[int]] = field(default_factory=dict)
     initial: dict[str, int] = field(default_factory=dict)
     info: dict[str, Group] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
 
 
 def _seed(seed: int, step: int, name: str) -> int:
@@ -236,7 +242,7 @@ def _group_importance(name: str, make: Callable[[], tp.importance.Importance]):
 
     def side(graph, model, group: Group, root_name: str, dim: int) -> torch.Tensor:
         root = dict(model.named_modules())[root_name]
-        fn = tp.prune_linear_in_channels if group.kind == HEADS else out_fn(graph, root)
+        fn = out_fn(graph, root)
         imp = make()(graph.get_pruning_group(root, fn, list(range(group.width * dim))))
         if imp is None:
             raise ConfigError(
@@ -247,12 +253,51 @@ def _group_importance(name: str, make: Callable[[], tp.importance.Importance]):
         return imp.float().cpu()
 
     def importance(graph, model, group: Group, state: _State) -> torch.Tensor:
+        if group.kind == HEADS or group.glu:  # units inside one module
+            return _inside_criterion(name, model, group)
         imp = side(graph, model, group, group.root, group.head_dim)
         if group.kind == CONV_GROUPS:  # both sides of each conv group
             return group.merge(imp, side(graph, model, group, group.partner, group.partner_dim))
         return imp.view(group.width, group.head_dim).mean(dim=1)
 
     return importance
+
+
+#: A criterion over a unit's own weights ``w`` and gradients ``g`` (summed over them).
+_INSIDE_CRITERIA = {
+    "magnitude": lambda w, g: w.pow(2).sum(),  # square-rooted after the sum: an L2 norm
+    "taylor": lambda w, g: (w * g).abs().sum(),
+    "hessian": lambda w, g: (w.pow(2) * g).sum(),  # g holds the mean squared gradient
+}
+
+
+def _inside_criterion(name: str, model, group: Group) -> torch.Tensor:
+    """Per unit of a group that lives inside one module (an attention's heads, a gated
+    MLP's units): ``magnitude`` (L2 norm), ``taylor`` or ``hessian`` over the unit's own
+    weights (a head's query / key / value rows and ``proj`` columns; a gated unit's two
+    ``fc1`` rows and ``fc2`` column), divided by their mean over the group (torch-pruning's
+    default normalization, so ``global`` compares groups on one scale)."""
+    if name not in _INSIDE_CRITERIA:
+        raise ConfigError(
+            f"strategy {name!r} does not score {group.kind if group.glu == '' else 'gated-MLP'}"
+            f" units of {group.name}: use {', '.join(sorted(_INSIDE_CRITERIA))}, random or a"
+            " UnitMem strategy"
+        )
+    modules = dict(model.named_modules())
+    if group.glu:
+        mlp = modules[group.glu]
+        slices = [glu_weights(mlp, u) for u in range(group.width)]
+    else:
+        attn = modules[group.name]
+        slices = [head_weights(attn, h, group.layout) for h in range(group.width)]
+    fn = _INSIDE_CRITERIA[name]
+    if name != "magnitude" and any(g is None for parts in slices for _, g in parts):
+        raise ConfigError(f"strategy {name!r}: {group.name} got no gradient from gradients(model)")
+    with torch.no_grad():
+        imp = torch.stack([sum(fn(w.float(), None if g is None else g.float()) for w, g in parts)
+                           for parts in slices]).cpu()  # fmt: skip
+    imp = imp.sqrt() if name == "magnitude" else imp
+    return imp / imp.mean().clamp_min(1e-12)
 
 
 def _by_score(sign: float):
@@ -457,7 +502,10 @@ def prune(
             imps = {g.name: entry.importance(graph, model, g, state) for g in todo}
             model.zero_grad(set_to_none=True)
             fraction = ratio * step / steps
-            plan = _plan(todo, imps, fraction, scope, max_layer_ratio, state.initial)
+            plan_fn = partial(_plan, imps=imps, fraction=fraction, scope=scope,
+                              max_layer_ratio=max_layer_ratio, initial=state.initial)  # fmt: skip
+            todo, plan = _checked_plan(model, todo, plan_fn, example_input, width,
+                                       keep_output_width, state)  # fmt: skip
             _remove(graph, model, todo, plan, state)
         if between_steps is not None and step < steps:
             between_steps(model)
@@ -494,6 +542,123 @@ def _check_runs(model: nn.Module, example: torch.Tensor, width: int, keep: bool)
             " keep_output_width=True: a group reaching the output was not recognised as one"
             " in this architecture; prune fewer sites, or pass keep_output_width=False if a"
             " narrower output is acceptable"
+        )
+
+
+#: What torch-pruning raises when a group's removal goes wrong inside it.
+_PRUNE_ERRORS = (RuntimeError, IndexError, TypeError, ValueError, KeyError, AssertionError)
+
+
+def _why(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+
+
+def _copy_and_graph(model, example):
+    clear_caches(model)  # tensors a traced forward cached cannot be deep-copied
+    trial = copy.deepcopy(model)
+    return trial, dependency_graph(trial, example)
+
+
+def _runs(trial, example, width: int, keep: bool) -> str:
+    """Why ``trial`` is broken ('' when it runs and, under ``keep``, keeps ``width``)."""
+    try:
+        with torch.inference_mode():
+            got = trial.eval()(example).shape[-1]
+    except _PRUNE_ERRORS as err:
+        return _why(err)
+    return f"changes the output width {width} -> {got}" if keep and got != width else ""
+
+
+def _trial(model, groups: list[Group], plan: dict, example, width: int, keep: bool) -> str:
+    """Why removing ``plan`` from ``groups`` breaks a copy of ``model`` ('')."""
+    trial, graph = _copy_and_graph(model, example)
+    try:
+        for g in groups:
+            prune_group(graph, trial, g, plan[g.name])
+    except (*_PRUNE_ERRORS, SiteError) as err:
+        return _why(err)
+    return _runs(trial, example, width, keep)
+
+
+def _broken_groups(model, groups: list[Group], plan: dict, example, width, keep) -> dict:
+    """Group name -> why, for the groups whose removal breaks a copy of ``model`` once the
+    groups before them are removed: they are pruned one after the other on one copy, run
+    after each; a break marks that group and starts a fresh copy holding the good ones (one
+    dependency graph per broken group, not one per group)."""
+    broken, good = {}, []
+    trial, graph = _copy_and_graph(model, example)
+    for g in groups:
+        try:
+            prune_group(graph, trial, g, plan[g.name])
+            why = _runs(trial, example, width, keep)
+        except (*_PRUNE_ERRORS, SiteError) as err:
+            why = _why(err)
+        if not why:
+            good.append(g)
+            continue
+        broken[g.name] = why
+        trial, graph = _copy_and_graph(model, example)
+        for ok in good:
+            prune_group(graph, trial, ok, plan[ok.name])
+    return broken
+
+
+def _checked_plan(model, todo, plan_fn, example, width, keep, state: _State):
+    """The groups to prune and their plan, after a trial on a copy of ``model``.
+
+    torch-pruning's dependency graph misses couplings of some architectures (channel splits
+    of fixed sizes, reshapes by a stored width, norms over a channel-last axis it does not
+    see): removing such a group leaves a model that fails at its next forward, or narrows
+    the output. The whole plan is tried first (one copy: the usual case); when it breaks,
+    the groups are tried one after another (:func:`_broken_groups`), the ones that break are
+    left unpruned, each with its reason in ``PruneResult.groups`` and a warning, and the rest
+    is planned again and tried again. Groups left out at one step stay out at the next.
+    """
+    todo = [g for g in todo if g.name not in state.broken]
+    plan = plan_fn(todo)
+    if not _trial(model, todo, plan, example, width, keep):
+        _check_left(model, todo, state)
+        return todo, plan
+    broken = _broken_groups(model, todo, plan, example, width, keep)
+    for name, reason in broken.items():
+        if reason.startswith("changes the output width"):  # its channels reach the output
+            state.info[name].output = True
+            state.broken[name] = reason
+            continue
+        state.broken[name] = f"removing its units breaks the model ({reason})"
+        state.info[name].blocked = state.broken[name]
+    warnings.warn(
+        f"{len(broken)} groups of {_architecture(model)} left unpruned, torch-pruning"
+        " cannot remove their units here: " + "; ".join(
+            f"{n}: {r}" for n, r in list(broken.items())[:3]),
+        UserWarning,
+        stacklevel=4,
+    )  # fmt: skip
+    todo = [g for g in todo if g.name not in broken]
+    plan = plan_fn(todo)
+    if why := _trial(model, todo, plan, example, width, keep):
+        raise SiteError(
+            f"pruning {_architecture(model)} breaks it ({why}) even without the groups that"
+            " break it alone: torch-pruning's graph misses a coupling between groups; prune"
+            " fewer sites (scores of some sites only)"
+        )
+    _check_left(model, todo, state)
+    return todo, plan
+
+
+def _check_left(model, todo: list[Group], state: _State) -> None:
+    """Refuse a run that can remove nothing of a kind it was asked to prune."""
+
+    def kind(g: Group) -> str:  # a grouped convolution's groups are units too
+        return HEADS if g.kind == HEADS else UNITS
+
+    for missing in {kind(g) for g in state.info.values()} - {kind(g) for g in todo}:
+        why = sorted({g.blocked or "its channels reach the output" for g in state.info.values()
+                      if kind(g) == missing})  # fmt: skip
+        raise SiteError(
+            f"no {missing} group of {_architecture(model)} can be pruned: "
+            + "; ".join(why[:3])
+            + ("; heads=False prunes the units alone" if missing == HEADS else "")
         )
 
 
@@ -541,7 +706,7 @@ def _start_groups(groups: list[Group], state: _State, entry: Strategy, keep_outp
         for g in groups:
             state.initial[g.name], state.info[g.name], state.removed[g.name] = g.width, g, []
             state.origin[g.name] = torch.arange(g.width)
-            if entry.needs == "scores":
+            if entry.needs == "scores" and not g.blocked:
                 state.base[g.name] = g.unit_scores(state.scores.scores())
         if blocked := [f"{g.name}: {g.blocked}" for g in groups if g.blocked]:
             more = f"; and {len(blocked) - 3} more" if len(blocked) > 3 else ""

@@ -13,11 +13,14 @@ from memprune._io import package_versions, write_json, write_safetensors
 from memprune.checkpoints import PRUNED_FORMAT, SPEC, WEIGHTS, checkpoint_kind
 from memprune.encoders import load_encoder
 from memprune.errors import CheckpointError, ConfigError
+from memprune.pruning._heads import WIDTH_ATTRS
 
-#: Structural attributes that pruning changes (torch layers and timm attention).
+#: Structural attributes that pruning changes (torch layers, timm attention and mixed convs).
 _ATTRS = (
     "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-    "normalized_shape", "num_groups", "num_channels", "num_heads", "head_dim", "attn_dim",
+    "normalized_shape", "num_groups", "num_channels", "num_heads", "head_dim", "splits",
+    "bias_shape",
+    *WIDTH_ATTRS,
 )  # fmt: skip
 
 
@@ -25,7 +28,7 @@ def _structure(model: nn.Module) -> dict[str, dict]:
     out = {}
     for name, mod in model.named_modules():
         own = vars(mod)  # plain attributes only (not properties computed from them)
-        attrs = {a: own[a] for a in _ATTRS if isinstance(own.get(a), (int, tuple))}
+        attrs = {a: own[a] for a in _ATTRS if isinstance(own.get(a), (int, tuple, list))}
         if attrs:
             out[name] = {a: list(v) if isinstance(v, tuple) else v for a, v in attrs.items()}
     return out
