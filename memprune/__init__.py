@@ -4,13 +4,14 @@ The root exports the workflow; lower-level pieces live in their subpackages
 (:mod:`memprune.hooks` ``capture``, :mod:`memprune.scores` ``cka_from_features``,
 :mod:`memprune.data` ``MultiView``, :mod:`memprune.pruning` ``UnitMemImportance``, ...).
 
-* load: :func:`load_dataset`, :func:`make_splits`, :func:`load_encoder`, :func:`find_sites`,
-  :func:`eval_transform`
+* load: :func:`load_dataset`, :func:`make_splits`, :func:`make_canaries`,
+  :func:`load_encoder`, :func:`find_sites`, :func:`eval_transform`
 * score: :func:`unit_mem`, :func:`class_mem`, :func:`ssl_mem`, :func:`layer_mem`, :func:`cka`,
-  :func:`learnedness`, :func:`member_gap` (one encoder, no reference); streaming:
+  :func:`learnedness`, :func:`member_gap` (one encoder, no reference), :func:`canary_audit`
+  and :func:`canary_units` (canaries included at random: a known answer); streaming:
   :class:`UnitMem`, :class:`ClassMem`, :class:`LayerMem`, :class:`CKA`
 * make encoders: :func:`pretrain_simclr`, :func:`pretrain_pair`, :func:`train_supervised`
-* act: :func:`prune`, :func:`recover`, :func:`save_pruned`, :func:`load_pruned`,
+* act: :func:`prune`, :func:`ablate`, :func:`recover`, :func:`save_pruned`, :func:`load_pruned`,
   :func:`select_layers` (by LayerMem, the member gap, :func:`unitmem_profile` or
   :func:`auto_rgn`), :func:`finetune`, :func:`finetune_units`
 * evaluate: :func:`linear_probe`, :func:`knn_probe`, :class:`LinearProbe`
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "CKA": "memprune.scores",
     "CKAResult": "memprune.scores",
+    "CanaryAuditResult": "memprune.scores",
     "CheckpointError": "memprune.errors",
     "CheckpointWarning": "memprune.errors",
     "ClassMem": "memprune.scores",
@@ -55,7 +57,10 @@ _EXPORTS = {
     "TrainResult": "memprune.train",
     "UnitMem": "memprune.scores",
     "UnitMemResult": "memprune.scores",
+    "ablate": "memprune.pruning",
     "auto_rgn": "memprune.tuning",
+    "canary_audit": "memprune.scores",
+    "canary_units": "memprune.scores",
     "cka": "memprune.scores",
     "class_mem": "memprune.scores",
     "find_sites": "memprune.sites",
@@ -70,6 +75,7 @@ _EXPORTS = {
     "load_encoder": "memprune.encoders",
     "load_pruned": "memprune.pruning",
     "load_recipe": "memprune.recipes",
+    "make_canaries": "memprune.data",
     "load_result": "memprune.results",
     "make_splits": "memprune.data",
     "member_gap": "memprune.scores",
@@ -87,7 +93,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from memprune.data import Splits, load_dataset, make_splits
+    from memprune.data import Splits, load_dataset, make_canaries, make_splits
     from memprune.encoders import eval_transform, load_encoder
     from memprune.errors import (
         CheckpointError,
@@ -100,11 +106,12 @@ if TYPE_CHECKING:  # pragma: no cover
         SiteError,
     )
     from memprune.probe import LinearProbe, ProbeResult, knn_probe, linear_probe
-    from memprune.pruning import PruneResult, load_pruned, prune, recover, save_pruned
+    from memprune.pruning import PruneResult, ablate, load_pruned, prune, recover, save_pruned
     from memprune.recipes import RecipeError, load_recipe, run_recipe
     from memprune.results import load_any as load_result
     from memprune.scores import (
         CKA,
+        CanaryAuditResult,
         CKAResult,
         ClassMem,
         ClassMemResult,
@@ -115,6 +122,8 @@ if TYPE_CHECKING:  # pragma: no cover
         SSLMemResult,
         UnitMem,
         UnitMemResult,
+        canary_audit,
+        canary_units,
         cka,
         class_mem,
         layer_mem,
@@ -168,6 +177,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CKA",
     "CKAResult",
+    "CanaryAuditResult",
     "CheckpointError",
     "CheckpointWarning",
     "ClassMem",
@@ -194,7 +204,10 @@ __all__ = [
     "TrainResult",
     "UnitMem",
     "UnitMemResult",
+    "ablate",
     "auto_rgn",
+    "canary_audit",
+    "canary_units",
     "cka",
     "class_mem",
     "eval_transform",
@@ -210,6 +223,7 @@ __all__ = [
     "load_pruned",
     "load_recipe",
     "load_result",
+    "make_canaries",
     "make_splits",
     "member_gap",
     "pretrain_pair",

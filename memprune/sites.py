@@ -9,6 +9,7 @@ modules run, so they work for any timm CNN or ViT:
   ``layerS.B.act1``, ``layerS.B.act2``; EfficientNet/MobileNet/RegNet: ``*.bn1.act``, ...).
   Activations after a conv without a norm are units only when a BatchNorm over their
   channels comes next (ConvMixer's conv -> act -> norm); squeeze-excite gates are not units.
+  LeViT's linear + BatchNorm1d -> act counts too (tokens, channels last).
 * MLP units: the activation inside an MLP (``fc1 -> act -> fc2``): ViT ``blocks.i.mlp.act``,
   ConvNeXt ``stages.S.blocks.B.mlp.act``; PVT's ``fc1 -> depthwise conv -> act`` counts as
   ``fc1``'s units (a depthwise conv keeps channels apart).
@@ -204,6 +205,13 @@ def _unit_site(name: str, modules, tr: _Trace) -> Site | None:
             return None
         return Site(
             name, name, "units", "conv", shape[0], 1, shape=shape, nonneg=nonneg, source=first_name
+        )
+    if (isinstance(first, nn.BatchNorm1d) and len(preceding) > 1
+            and isinstance(preceding[1][1], _LINEAR) and shape
+            and shape[-1] == first.num_features):  # fmt: skip
+        # LeViT's linear + BatchNorm1d -> act: the linear layer's units, tokens last
+        return Site(
+            name, name, "units", "mlp", shape[-1], -1, shape=shape, nonneg=nonneg, source=first_name
         )
     if isinstance(first, _CONV) and _norm_follows(name, modules, tr, shape):
         # conv -> act -> norm (ConvMixer): the conv's channels, normalized after the act

@@ -164,6 +164,23 @@ def test_the_section_names_every_claim_and_what_was_skipped(tmp_path):
     _layermem(tmp_path, [0.0, 0.2, 0.1, 0.12])
     lines = findings_lines(tmp_path, {})
     claims = [line for line in lines if line.startswith("- **")]
-    assert len(claims) == 7
-    assert sum(f"**{SKIPPED}**" in line for line in claims) == 5  # only LayerMem is here
-    assert "5 claims were not evaluated" in lines[-1]
+    assert len(claims) == 9
+    assert sum(f"**{SKIPPED}**" in line for line in claims) == 7  # only LayerMem is here
+    assert "7 claims were not evaluated" in lines[-1]
+
+
+def test_the_canary_claims_are_judged_on_the_stages_numbers():
+    from memprune.recipes._findings import canaries_ablation, canaries_atypical
+
+    def metrics(**kw):
+        base = dict(atypical_diff=0.1, atypical_se=0.02, canary_drop=0.05, random_drop=0.01,
+                    random_drop_se=0.01)  # fmt: skip
+        return {"canaries": {**base, **kw}}
+
+    assert canaries_atypical(None, metrics()).verdict == HOLDS
+    assert canaries_atypical(None, metrics(atypical_diff=-0.1)).verdict == FAILS
+    assert canaries_atypical(None, metrics(atypical_diff=0.01)).verdict == UNSURE
+    assert canaries_ablation(None, metrics()).verdict == HOLDS  # 0.04 > 2 x 0.01
+    assert canaries_ablation(None, metrics(canary_drop=0.0)).verdict == UNSURE
+    assert canaries_ablation(None, metrics(canary_drop=-0.05)).verdict == FAILS
+    assert canaries_atypical(None, {}).verdict == SKIPPED

@@ -14,6 +14,7 @@ from memprune.data._augment import (
     view_generator,
     view_place,
 )
+from memprune.data._canaries import CANARY_KINDS, Canaries, WithCanaries, make_canaries
 from memprune.data._datasets import (
     BUILTIN,
     ImageDataset,
@@ -30,16 +31,19 @@ from memprune.data._splits import PARTS, SETS, Splits, make_splits, read_indices
 __all__ = [
     "AUGMENTS",
     "BUILTIN",
+    "CANARY_KINDS",
     "CROP_FLIP",
     "PARTS",
     "SETS",
     "VIEW_PLACES",
     "AugmentSpec",
+    "Canaries",
     "ImageDataset",
     "IndexedDataset",
     "MultiView",
     "SimCLRAugment",
     "Splits",
+    "WithCanaries",
     "augment_spec",
     "available_datasets",
     "dataset_labels",
@@ -48,6 +52,7 @@ __all__ = [
     "load_dataset",
     "loop_views",
     "make_augment",
+    "make_canaries",
     "make_splits",
     "native_size",
     "read_indices",

@@ -1,6 +1,8 @@
 """Disjoint, seeded index sets for the encoder pair f and g (docs/method.md §4).
 
 f is trained on ``shared ∪ candidate``, g on ``shared ∪ extra``; ``test`` is held out from both.
+Canaries (appended to the data set, docs/method.md §8b) each get a seeded coin: the
+``included`` ones join f's training set; g never sees a canary.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from memprune._io import read_json, write_json
 from memprune.errors import ConfigError
 
 PARTS = ("shared", "candidate", "extra", "test")
-#: Every index set a splits file names: its parts, and the training sets of f and g.
-SETS = (*PARTS, "f", "g")
+#: Every index set a splits file names: its parts, the canaries (those included in f's
+#: training and those excluded), and the training sets of f and g.
+SETS = (*PARTS, "canaries", "included", "excluded", "f", "g")
 
 
 def _count(value: int | float, n: int, name: str) -> int:
@@ -42,10 +45,14 @@ class Splits:
     extra: list[int] = field(default_factory=list)
     test: list[int] = field(default_factory=list)
     seed: int | None = None
+    canaries: list[int] = field(default_factory=list)
+    included: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not set(self.included) <= set(self.canaries):
+            raise ConfigError("splits: every included canary must be one of the canaries")
         seen: dict[int, str] = {}
-        for part in PARTS:
+        for part in (*PARTS, "canaries"):
             for i in getattr(self, part):
                 if not 0 <= i < self.n:
                     raise ConfigError(f"split {part!r} holds index {i}, outside [0, {self.n})")
@@ -58,8 +65,13 @@ class Splits:
 
     @property
     def f_indices(self) -> list[int]:
-        """Training set of f: shared ∪ candidate."""
-        return sorted(self.shared + self.candidate)
+        """Training set of f: shared ∪ candidate ∪ the included canaries."""
+        return sorted(self.shared + self.candidate + self.included)
+
+    @property
+    def excluded(self) -> list[int]:
+        """The canaries f never saw."""
+        return sorted(set(self.canaries) - set(self.included))
 
     @property
     def g_indices(self) -> list[int]:
@@ -70,8 +82,8 @@ class Splits:
         """The index set ``name`` (one of :data:`SETS`)."""
         if name not in SETS:
             raise ConfigError(f"a splits file holds {', '.join(SETS)}, not {name!r}")
-        return {"f": self.f_indices, "g": self.g_indices}[name] if name in ("f", "g") else (
-            list(getattr(self, name)))  # fmt: skip
+        derived = {"f": self.f_indices, "g": self.g_indices, "excluded": self.excluded}
+        return derived[name] if name in derived else list(getattr(self, name))
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, asdict(self))
@@ -82,7 +94,7 @@ class Splits:
 
     @classmethod
     def _from_dict(cls, data: dict, path) -> Splits:
-        unknown = set(data) - {"n", "seed", *PARTS}
+        unknown = set(data) - {"n", "seed", *PARTS, "canaries", "included"}
         if unknown or "n" not in data:
             raise ConfigError(f"{path} is not a memprune splits file (keys {sorted(data)})")
         return cls(**{k: v if k in ("n", "seed") else [int(i) for i in v] for k, v in data.items()})
@@ -111,18 +123,34 @@ def make_splits(
     extra: int | float,
     test: int | float = 0,
     seed: int = 0,
+    canaries: int = 0,
+    p: float = 0.5,
 ) -> Splits:
-    """Draw disjoint seeded index sets from ``range(n)``; sizes are counts or fractions of ``n``."""
+    """Draw disjoint seeded index sets from ``range(n)``; sizes are counts or fractions of ``n``.
+
+    ``canaries``: the last this many indices are canaries (:class:`memprune.data.WithCanaries`):
+    the parts are drawn from the points before them (fractions too), and each canary is
+    included in f's training set by its own seeded coin of probability ``p``.
+    """
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"n must be a positive int, got {n!r}")
-    sizes = {p: _count(v, n, p) for p, v in zip(PARTS, (shared, candidate, extra, test))}
+    if isinstance(canaries, bool) or not isinstance(canaries, int) or not 0 <= canaries < n:
+        raise ConfigError(f"canaries must be a count in [0, {n}), got {canaries!r}")
+    if not 0 < p < 1:
+        raise ConfigError(f"p (the chance a canary is included) must be in (0, 1), got {p!r}")
+    base = n - canaries
+    sizes = {q: _count(v, base, q) for q, v in zip(PARTS, (shared, candidate, extra, test))}
     total = sum(sizes.values())
-    if total > n:
-        parts = " + ".join(f"{p}={s}" for p, s in sizes.items())
-        raise ConfigError(f"splits ask for {parts} = {total} points but the data set has {n}")
-    perm = np.random.default_rng(seed).permutation(n)
+    if total > base:
+        parts = " + ".join(f"{q}={s}" for q, s in sizes.items())
+        raise ConfigError(f"splits ask for {parts} = {total} points but the data set has {base}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(base)
     out, start = {}, 0
     for part in PARTS:
         out[part] = sorted(int(i) for i in perm[start : start + sizes[part]])
         start += sizes[part]
-    return Splits(n=n, seed=seed, **out)
+    coins = np.random.default_rng([seed, 1]).random(canaries) < p  # a stream of their own
+    marked = list(range(base, n))
+    included = [i for i, c in zip(marked, coins) if c]
+    return Splits(n=n, seed=seed, **out, canaries=marked, included=included)

@@ -8,8 +8,11 @@
 * :class:`UnitMemImportance`: UnitMem as a torch-pruning ``Importance`` for your own loop.
 * :func:`recover`: a short distillation (or supervised / SimCLR) training of a pruned encoder.
 * :func:`save_pruned` / :func:`load_pruned`: safetensors weights + a structure spec.
+* :func:`ablate`: units switched off (zeroed where they are made) in a copy, shapes unchanged;
+  :func:`canary_ablation`: the causal test of UnitMem's localization on canaries.
 """
 
+from memprune.pruning._ablate import ablate, canary_ablation
 from memprune.pruning._compare import COSTS, compare_pruning, mark_pareto, prune_verdicts
 from memprune.pruning._export import export_encoder, exported_module
 from memprune.pruning._gradients import head_gradient_fn, ssl_gradient_fn
@@ -38,6 +41,8 @@ __all__ = [
     "PruneResult",
     "Strategy",
     "UnitMemImportance",
+    "ablate",
+    "canary_ablation",
     "channel_scores",
     "check_options",
     "compare_pruning",

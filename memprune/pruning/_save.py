@@ -13,6 +13,7 @@ from memprune._io import package_versions, write_json, write_safetensors
 from memprune.checkpoints import PRUNED_FORMAT, SPEC, WEIGHTS, checkpoint_kind
 from memprune.encoders import load_encoder
 from memprune.errors import CheckpointError, ConfigError
+from memprune.pruning._ablate import ABLATED
 from memprune.pruning._heads import WIDTH_ATTRS
 
 #: Structural attributes that pruning changes (torch layers, timm attention and mixed convs).
@@ -55,6 +56,11 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fal
     written last, so an interrupted save never leaves a loadable mix of old and new.
     """
     path = Path(path)
+    if getattr(model, ABLATED, None):
+        raise ConfigError(
+            "this encoder is an ablated copy (memprune.ablate): its zeroed units are forward"
+            " hooks, which the weights do not hold; save the original encoder and the units"
+        )
     if path.exists() and not path.is_dir():
         raise ConfigError(
             f"{path} is a file: save_pruned writes a directory (encoder.safetensors and"

@@ -52,8 +52,19 @@ class Context:
                 opts = {"transform": self.transform()}
             else:
                 opts = {"img_size": size}
-            self._cache[key] = load_dataset(name, split, root=d.root, **opts)
+            data = load_dataset(name, split, root=d.root, **opts)
+            if d.canaries is not None and split == "train" and name == d.name:
+                data = self._with_canaries(data)
+            self._cache[key] = data
         return self._cache[key]
+
+    def _with_canaries(self, data):
+        """The train split with ``data.canaries`` appended (the same images for every stage)."""
+        from memprune.data import WithCanaries, make_canaries
+
+        c = self.recipe.data.canaries
+        seed = self.recipe.seed if c.seed is None else c.seed
+        return WithCanaries(data, make_canaries(data, c.n, c.kind, seed, c.strength))
 
     def input_size(self) -> int:
         """The image size data are loaded at (the built-in data sets are resized to it too):

@@ -254,3 +254,30 @@ def findings_lines(run: str | Path, metrics: dict) -> list[str]:
     out += ["", f"A comparison holds when its difference exceeds 2 standard errors; {skipped}"
             " claims were not evaluated (the reasons are given above)."]  # fmt: skip
     return out
+
+
+ATYPICAL_CLAIM = "atypical (canary) points are memorized more than typical points"
+ABLATION_CLAIM = ("UnitMem's most memorizing units are where ablation removes the canaries'"
+                  " signal")  # fmt: skip
+
+
+def canaries_atypical(run: Path, metrics: dict) -> Finding:
+    """Included canaries' SSLMem against that of f's typical training points (candidates)."""
+    c = metrics.get("canaries")
+    if not c:
+        return Finding(ATYPICAL_CLAIM, SKIPPED, "the run has no canaries")
+    d, se = c["atypical_diff"], c["atypical_se"]
+    return Finding(ATYPICAL_CLAIM, judge(d, se),
+                   f"SSLMem of included canaries − candidates: {d:+.4f} ± {se:.4f}")  # fmt: skip
+
+
+def canaries_ablation(run: Path, metrics: dict) -> Finding:
+    """Ablating the canary units lowers the canaries' SSLMem difference more than ablating as
+    many random units of the same sites (the spread over random seeds)."""
+    c = metrics.get("canaries")
+    if not c:
+        return Finding(ABLATION_CLAIM, SKIPPED, "the run has no canaries")
+    d, se = c["canary_drop"] - c["random_drop"], c["random_drop_se"]
+    return Finding(ABLATION_CLAIM, judge(d, se),
+                   f"drop of the canary SSLMem difference, canary units − random units:"
+                   f" {d:+.4f} (random spread ± {se:.4f} over seeds)")  # fmt: skip

@@ -70,6 +70,27 @@ class PointsCfg:
 
 
 @dataclass
+class CanariesCfg:
+    """Canaries appended to the train split (docs/method.md §8b): ``n`` atypical points of
+    ``kind`` (``pattern``, ``mix`` or ``noise``), each included in f's training set by its own
+    coin of probability ``p``; g never sees one. The ``canaries`` stage audits them.
+    ``strength``: the pattern's share of a ``pattern`` canary; ``seed``: which images and
+    patterns (None: the recipe's seed). ``n_typical``: f's other training points that UnitMem
+    scores beside the canaries; ``views`` / ``pairs``: UnitMem views and SSLMem view pairs;
+    ``seeds``: the random-unit ablations."""
+
+    n: int = field(default=40, metadata=_range(2))
+    kind: Literal["pattern", "mix", "noise"] = "pattern"
+    p: float = field(default=0.5, metadata=_range(0, 1, hi_open=True, lo_open=True))
+    strength: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
+    seed: int | None = None
+    n_typical: int = field(default=100, metadata=_range(2))
+    views: int = field(default=10, metadata=_range(1))
+    pairs: int = field(default=10, metadata=_range(1))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
 class DataCfg:
     """The data set the encoders are scored on (its train split) and probed on.
 
@@ -94,6 +115,7 @@ class DataCfg:
     downstream: str | None = "digits-shift"  # fine-tuning data (None: the same data set)
     members: PointsCfg | None = None
     nonmembers: PointsCfg | None = None
+    canaries: CanariesCfg | None = None
 
 
 @dataclass
@@ -525,6 +547,11 @@ def _check_scores(recipe: Recipe) -> None:
         raise RecipeError(
             "scores.sslmem: compares f's candidates with the extras of encoder.pretrain's"
             " split; add encoder.pretrain or set enabled: false"
+        )
+    if recipe.data.canaries is not None and (enc.pretrain is None or not enc.pretrain.pair):
+        raise RecipeError(
+            "data.canaries: canaries are included in f's training by a coin, so the recipe"
+            " must train the pair (encoder.pretrain with pair: true)"
         )
     if scores.membergap.enabled and enc.pretrain is None:
         missing = [k for k in ("members", "nonmembers") if getattr(recipe.data, k) is None]

@@ -8,6 +8,7 @@ from memprune.report._rundir import (
     read_marker,
 )
 from memprune.report.plots import (
+    plot_canaries,
     plot_cka,
     plot_confusion,
     plot_consistency,
@@ -24,6 +25,7 @@ __all__ = [
     "check_output",
     "check_writable",
     "open_output",
+    "plot_canaries",
     "plot_cka",
     "plot_confusion",
     "plot_consistency",

@@ -101,6 +101,29 @@ def plot_member_gap(result, path: str | os.PathLike) -> Path:
     return save_figure(fig, path)
 
 
+def plot_canaries(result, path: str | os.PathLike) -> Path:
+    """Membership AUC of the included against the excluded canaries per layer (two standard
+    errors shaded) and the TPR at 10% FPR."""
+    rows = result.table()
+    names = [r["layer"] for r in rows]
+    x = list(range(len(names)))
+    auc = [r["auc"] for r in rows]
+    se = [r["auc_se"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 3.5), layout="constrained")
+    ax.fill_between(x, [a - 2 * s for a, s in zip(auc, se)], [a + 2 * s for a, s in zip(auc, se)],
+                    alpha=0.2, color="C0")  # fmt: skip
+    ax.plot(x, auc, "o-", ms=3, color="C0", label="AUC (± 2 SE)")
+    ax.plot(x, [r["tpr_at_10pct_fpr"] for r in rows], "s--", ms=3, color="C1",
+            label="TPR at 10% FPR")  # fmt: skip
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(x, names, rotation=70, ha="right", fontsize=7)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{len(result.member_indices)} included vs {len(result.nonmember_indices)}"
+                 " excluded canaries", fontsize=9)  # fmt: skip
+    return save_figure(fig, path)
+
+
 def plot_consistency(result, path: str | os.PathLike, k: int | None = None) -> Path:
     """Heat maps of Kendall tau and top-k overlap of per-point SSLMem between layers."""
     cons = result.consistency(k)

@@ -4,10 +4,17 @@
   :class:`ClassMem`, :class:`LayerMem`, :class:`CKA`;
 * functions over an encoder and a data set: :func:`unit_mem`, :func:`class_mem`,
   :func:`ssl_mem`, :func:`layer_mem`, :func:`member_gap` (one encoder, no reference),
+  :func:`canary_audit` / :func:`canary_units` (canaries included at random: a known answer),
   :func:`cka`, :func:`cka_from_features`, :func:`learnedness`;
 * results (``kind``, ``meta``, ``to_rows``, ``save`` / ``load``).
 """
 
+from memprune.scores.canaries import (
+    CanaryAuditResult,
+    canary_audit,
+    canary_unit_map,
+    canary_units,
+)
 from memprune.scores.cka import CKA, CKAResult, cka, cka_from_features
 from memprune.scores.learnedness import LearnednessResult, learnedness
 from memprune.scores.membership import AlignmentLoss, MemberGapResult, member_gap
@@ -34,6 +41,7 @@ __all__ = [
     "PAIRS",
     "AlignmentLoss",
     "CKAResult",
+    "CanaryAuditResult",
     "ClassMem",
     "ClassMemResult",
     "LayerMem",
@@ -44,6 +52,9 @@ __all__ = [
     "SSLMemResult",
     "UnitMem",
     "UnitMemResult",
+    "canary_audit",
+    "canary_unit_map",
+    "canary_units",
     "cka",
     "cka_from_features",
     "class_mem",

@@ -36,13 +36,17 @@ def run(ctx, out: Path) -> PretrainResult:
         run = pretrain_simclr(r.encoder.model, ctx.train, out_dir=out, **common)
         ctx.log(f"encoder: {run.path} (loss per epoch: {_losses(run)})")
         return PretrainResult(final_loss=run.history[-1])
-    d = r.data
-    f, g, splits = pretrain_pair(
-        r.encoder.model, ctx.train, out, shared=d.shared, candidate=d.candidate, extra=d.extra,
-        test=d.test, split_seed=d.split_seed, **common,
-    )  # fmt: skip
+    from memprune.data import make_splits
+
+    d, train = r.data, ctx.train
+    canaries = 0 if d.canaries is None else d.canaries.n
+    p_in = 0.5 if d.canaries is None else d.canaries.p
+    splits = make_splits(len(train), d.shared, d.candidate, d.extra, d.test, seed=d.split_seed,
+                         canaries=canaries, p=p_in)  # fmt: skip
+    f, g, splits = pretrain_pair(r.encoder.model, train, out, splits=splits, **common)
     ctx.log(f"splits: shared {len(splits.shared)}, candidate {len(splits.candidate)}, extra"
-            f" {len(splits.extra)}, test {len(splits.test)} -> {out / 'splits.json'}")  # fmt: skip
+            f" {len(splits.extra)}, test {len(splits.test)}, canaries {len(splits.canaries)}"
+            f" ({len(splits.included)} in f's training) -> {out / 'splits.json'}")  # fmt: skip
     for name, run in (("f", f), ("g", g)):
         ctx.log(f"{name}: {run.path} (loss per epoch: {_losses(run)})")
     return PretrainResult(

@@ -1,0 +1,172 @@
+"""``canaries``: memorization with a known answer (docs/method.md §8b). Canaries were included
+in f's training by their own coins and g saw none: the audit (SSLMem and per-layer membership
+of included against excluded canaries), UnitMem's localization of them, and the causal test
+(ablating the units UnitMem attributes to the included canaries, against as many random and
+lowest-UnitMem units)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memprune.recipes._findings import canaries_ablation, canaries_atypical
+from memprune.recipes._stages import Stage, StageResult
+
+
+@dataclass
+class CanarySummary(StageResult):
+    kind: str
+    n_included: int
+    n_excluded: int
+    sslmem_diff: float
+    sslmem_se: float
+    output_auc: float
+    separable_layer: str | None
+    #: SSLMem of the included canaries minus that of typical training points (candidates)
+    atypical_diff: float
+    atypical_se: float
+    #: the canary units' share of included-canary argmaxes in the top-UnitMem decile,
+    #: and chance
+    top_share: float
+    chance: float
+    #: drops of the canaries' SSLMem difference: canary units, and random units (mean, SE)
+    canary_drop: float
+    random_drop: float
+    random_drop_se: float
+    canary_accuracy_drop: float | None
+    random_accuracy_drop: float | None
+    rows: list[dict] = field(default_factory=list)
+
+
+def _probe_accuracy(ctx):
+    """Linear-probe accuracy on the test split (the evaluate stage's protocol, one C)."""
+    from memprune.probe import linear_probe
+
+    r = ctx.recipe
+
+    def evaluate(model) -> float:
+        return linear_probe(model, ctx.train, ctx.test, device=r.device,
+                            precision=r.precision).accuracy  # fmt: skip
+
+    return evaluate
+
+
+def run(ctx, out: Path) -> CanarySummary:
+    import torch
+
+    from memprune._table import write_table
+    from memprune.pruning import canary_ablation
+    from memprune.report import plot_canaries
+    from memprune.scores import canary_audit, canary_units, ssl_mem, unit_mem
+
+    r, c = ctx.recipe, ctx.recipe.data.canaries
+    splits = ctx.splits()
+    f, g, train = ctx.encoder("f"), ctx.encoder("g"), ctx.train
+    run_kw = dict(augment=r.scores.augment, seed=r.seed, chunk_size=r.scores.chunk_size,
+                  device=r.device, num_workers=r.workers, precision=r.precision)  # fmt: skip
+    audit = canary_audit(f, g, train, splits.included, splits.excluded, n_pairs=c.pairs,
+                         **run_kw)  # fmt: skip
+    audit.save(out / "canaries")
+    write_table(out / "canaries", audit.table())
+    plot_canaries(audit, out / "canaries.png")
+    diff, se = audit.sslmem_difference()
+    typical = ssl_mem(f, g, train, seeded_subset_indices(splits.candidate, c.n_typical, r.seed),
+                      n_pairs=c.pairs, **run_kw).score  # fmt: skip
+    atypical, atypical_se = _difference(audit.sslmem_included, typical)
+
+    points = sorted(seeded_subset_indices(splits.shared + splits.candidate, c.n_typical, r.seed)
+                    + splits.canaries)  # fmt: skip
+    scores = unit_mem(
+        f,
+        torch.utils.data.Subset(train, points),
+        n_views=c.views,
+        **{k: v for k, v in run_kw.items() if k != "seed"},
+        seed=r.seed,
+    )
+    local = canary_units(scores, points, splits.included, splits.excluded)
+    write_table(out / "canary_units", local)
+    ablation = canary_ablation(f, g, train, scores, splits.included, splits.excluded,
+                               evaluate=_probe_accuracy(ctx), seeds=c.seeds, n_pairs=c.pairs,
+                               **run_kw)  # fmt: skip
+    write_table(out / "canary_ablation", ablation)
+    return _summary(c.kind, splits, audit, (diff, se), (atypical, atypical_se), local, ablation)
+
+
+def seeded_subset_indices(indices: list[int], n: int, seed: int) -> list[int]:
+    """``n`` of ``indices`` drawn by ``seed`` (all when there are fewer)."""
+    import torch
+
+    if len(indices) <= n:
+        return list(indices)
+    g = torch.Generator().manual_seed(seed)
+    return sorted(indices[i] for i in torch.randperm(len(indices), generator=g)[:n].tolist())
+
+
+def _difference(a, b) -> tuple[float, float]:
+    from memprune.scores.canaries import difference
+
+    return difference(a, b)
+
+
+def _summary(kind, splits, audit, d, atypical, local, ablation) -> CanarySummary:
+    top_rows = [row for row in local if row["units"]]
+    hits = sum(row["top_included"] * math.ceil(0.1 * row["units"]) for row in top_rows)
+    total = sum(math.ceil(0.1 * row["units"]) for row in top_rows)
+    by_arm = {}
+    for row in ablation:
+        by_arm.setdefault(row["arm"], []).append(row)
+    rand = [row["sslmem_drop"] for row in by_arm.get("random", [])]
+    mean = sum(rand) / len(rand) if rand else math.nan
+    spread = (math.sqrt(sum((x - mean) ** 2 for x in rand) / (len(rand) - 1) / len(rand))
+              if len(rand) > 1 else math.nan)  # fmt: skip
+    canary = by_arm["canary"][0] if "canary" in by_arm else {}
+    rand_acc = [row.get("accuracy_drop") for row in by_arm.get("random", [])]
+    rand_acc = [x for x in rand_acc if x is not None]
+    return CanarySummary(
+        kind=kind, n_included=len(splits.included), n_excluded=len(splits.excluded),
+        sslmem_diff=d[0], sslmem_se=d[1], output_auc=float(audit.auc()[-1]),
+        separable_layer=audit.separable_layer(), atypical_diff=atypical[0],
+        atypical_se=atypical[1], top_share=hits / total if total else math.nan,
+        chance=local[0]["chance_included"] if local else math.nan,
+        canary_drop=canary.get("sslmem_drop", math.nan), random_drop=mean,
+        random_drop_se=spread, canary_accuracy_drop=canary.get("accuracy_drop"),
+        random_accuracy_drop=sum(rand_acc) / len(rand_acc) if rand_acc else None,
+        rows=ablation,
+    )  # fmt: skip
+
+
+def headlines(s: CanarySummary) -> list[str]:
+    z = s.sslmem_diff / s.sslmem_se if s.sslmem_se else math.nan
+    where = s.separable_layer or "no layer (AUC within two standard errors of 0.5 everywhere)"
+    acc = ""
+    if s.canary_accuracy_drop is not None:
+        acc = (f"; probe accuracy drops {100 * s.canary_accuracy_drop:+.1f} points"
+               f" (random units {100 * (s.random_accuracy_drop or 0):+.1f})")  # fmt: skip
+    return [
+        f"Canaries ({s.kind}, {s.n_included} included in f's training by coin,"
+        f" {s.n_excluded} excluded): SSLMem included minus excluded {s.sslmem_diff:+.4f} ±"
+        f" {s.sslmem_se:.4f} ({z:.1f} SE), output membership AUC {s.output_auc:.3f};"
+        f" separable from {where}.",
+        f"UnitMem's top decile points at included canaries in {100 * s.top_share:.1f}% of"
+        f" units (chance {100 * s.chance:.1f}%). Ablating the units UnitMem attributes to them"
+        f" lowers the canaries' SSLMem difference by {s.canary_drop:+.4f}, as many random"
+        f" units by {s.random_drop:+.4f} ± {s.random_drop_se:.4f}{acc}.",
+    ]
+
+
+STAGE = Stage(
+    "canaries",
+    CanarySummary,
+    run,
+    enabled=lambda recipe: recipe.data.canaries is not None,
+    needs=lambda recipe: [("pretrain", None)],
+    headlines=headlines,
+    values=lambda s: {"canary SSLMem difference": s.sslmem_diff, "canary output AUC": s.output_auc},
+    findings=(canaries_atypical, canaries_ablation),
+    tables=(("canaries.md", "Canary audit per layer (included vs excluded)"),
+            ("canary_units.md", "UnitMem against the canaries"),
+            ("canary_ablation.md", "Ablation: the canary units against random and lowest")),
+    plots=(("canaries.png", "membership AUC of included vs excluded canaries per layer"),),
+    printed="canaries.md",
+)  # fmt: skip
