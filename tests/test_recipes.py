@@ -35,7 +35,8 @@ TINY = [
 
 def test_every_shipped_recipe_validates():
     names = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
-    assert names == ["cifar10-resnet18.yaml", "digits-checkpoint.yaml", "digits-pruning.yaml",
+    assert names == ["cifar10-resnet18.yaml", "digits-canaries.yaml", "digits-checkpoint.yaml",
+                     "digits-pruning.yaml",
                      "digits-resnet.yaml", "digits-vit.yaml", "stl10-vit.yaml"]  # fmt: skip
     from memprune.recipes._schema import RANKED_BY
     from memprune.tuning import BY
