@@ -37,3 +37,9 @@ class CheckpointWarning(UserWarning):
 
 class SiteError(MemPruneError, ValueError):
     """Unit or layer sites cannot be found or captured."""
+
+
+def first_line(err: BaseException, n: int = 120) -> str:
+    """The first line of an exception's message, at most ``n`` characters (for messages that
+    quote a library's error)."""
+    return (str(err).splitlines() or [""])[0][:n]

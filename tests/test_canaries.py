@@ -109,7 +109,9 @@ def planted(digits):
 AUDIT = dict(n_pairs=3, augment=noise_views, chunk_size=16)
 
 
-def test_an_encoder_storing_the_included_canaries_is_audited_with_the_known_answer(planted):
+def test_an_encoder_storing_the_included_canaries_is_audited_with_the_known_answer(
+    planted, tmp_path
+):
     data, splits, f, g = planted
     assert 2 <= len(splits.included) <= 10
     audit = canary_audit(f, g, data, splits.included, splits.excluded, layers=["output"], **AUDIT)
@@ -120,8 +122,7 @@ def test_an_encoder_storing_the_included_canaries_is_audited_with_the_known_answ
     assert audit.separable_layer() == "output"
     same = canary_audit(g, g, data, splits.included, splits.excluded, layers=["output"], **AUDIT)
     assert same.sslmem_difference()[0] == 0.0  # an encoder against itself: nothing
-    loaded = type(audit).load(audit.save(pytest.importorskip("pathlib").Path(
-        __import__("tempfile").mkdtemp()) / "audit"))  # fmt: skip
+    loaded = type(audit).load(audit.save(tmp_path / "audit"))
     assert torch.equal(loaded.sslmem_included, audit.sslmem_included)
     assert loaded.table() == audit.table()
 

@@ -94,10 +94,6 @@ def _check_zero(model: nn.Module, sites, units: dict[str, list[int]]) -> None:
             )
 
 
-def _counts_like(unit_map: dict[str, list[int]]) -> dict[str, int]:
-    return {site: len(u) for site, u in unit_map.items() if u}
-
-
 def _lowest(unitmem, counts: dict[str, int]) -> dict[str, list[int]]:
     return {site: torch.argsort(unitmem.sites[site]["score"].float())[:k].tolist()
             for site, k in counts.items()}  # fmt: skip
@@ -132,8 +128,8 @@ def canary_ablation(
     """
     from memprune.scores import canary_audit, canary_unit_map
 
-    counts = _counts_like(canary_unit_map(unitmem, included))
     canary = {s: u for s, u in canary_unit_map(unitmem, included).items() if u}
+    counts = {site: len(u) for site, u in canary.items()}
     arms = [
         ("none", None, {}),
         ("canary", None, canary),

@@ -29,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 from memprune.attention import fit_forwards
-from memprune.errors import SiteError
+from memprune.errors import SiteError, first_line
 from memprune.pruning._glu import is_glu, remove_glu_units
 from memprune.pruning._heads import head_layout, remove_heads
 from memprune.pruning._importance import channel_scores
@@ -196,14 +196,10 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGr
             arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
             raise SiteError(
                 f"torch-pruning cannot trace the channel dependencies of"
-                f" {arch or type(model).__name__} ({type(err).__name__}: {_first_line(err)}):"
+                f" {arch or type(model).__name__} ({type(err).__name__}: {first_line(err, 140)}):"
                 " its graph does not follow this architecture's concatenations or slices, so"
                 " its units cannot be removed; prune another encoder"
             ) from None
-
-
-def _first_line(err: BaseException, n: int = 140) -> str:
-    return (str(err).splitlines() or [""])[0][:n]
 
 
 def out_fn(graph: tp.DependencyGraph, module: nn.Module):

@@ -27,12 +27,13 @@ import torch_pruning as tp
 from torch import nn
 
 from memprune.attention import channel_children, use_pruned_forward
+from memprune.errors import first_line
 
 #: Child projections making queries, keys or values: name -> sections (q, k, v) it holds.
 PROJECTIONS = {"qkv": 3, "qk": 2, "kv": 2, "q": 1, "k": 1, "v": 1,
                "q_proj": 1, "k_proj": 1, "v_proj": 1}  # fmt: skip
-#: Per-channel biases of a fused ``qkv`` kept apart (BEiT, EVA): name -> section.
-QKV_BIASES = {"q_bias": 0, "k_bias": 1, "v_bias": 2}
+#: Per-channel biases of a fused ``qkv`` kept apart (BEiT, EVA).
+QKV_BIASES = ("q_bias", "k_bias", "v_bias")
 #: Parameters and buffers holding one slice per head: leaf name -> the usual head axis.
 PER_HEAD = {
     "relative_position_bias_table": -1,
@@ -97,7 +98,7 @@ def _per_head_tensors(attn: nn.Module):
 
 def _head_axis(t: torch.Tensor, heads: int, usual: int) -> int:
     axes = [d for d in range(t.dim()) if t.shape[d] == heads]
-    if usual % t.dim() in axes or usual in axes:
+    if usual % t.dim() in axes:
         return usual % t.dim()
     if len(axes) == 1:
         return axes[0]
@@ -238,9 +239,7 @@ def head_layout(model: nn.Module, attn_name: str, example: torch.Tensor) -> tupl
             with torch.inference_mode():
                 got = trial(x)
         except (RuntimeError, ValueError, IndexError) as err:
-            why = (
-                f"its forward fails with a head fewer ({(str(err).splitlines() or [''])[0][:100]})"
-            )
+            why = f"its forward fails with a head fewer ({first_line(err, 100)})"
             continue
         if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5):
             return layout, ""

@@ -17,7 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from memprune.encoders import evaluating, input_size
-from memprune.errors import ConfigError, SiteError
+from memprune.errors import ConfigError, SiteError, first_line
 from memprune.pruning._glu import glu_weights
 from memprune.pruning._groups import (
     CONV_GROUPS,
@@ -228,7 +228,6 @@ class _State:
     removed: dict[str, list[int]] = field(default_factory=dict)
     initial: dict[str, int] = field(default_factory=dict)
     info: dict[str, Group] = field(default_factory=dict)
-    broken: dict[str, str] = field(default_factory=dict)
 
 
 def _seed(seed: int, step: int, name: str) -> int:
@@ -279,7 +278,7 @@ def _inside_criterion(name: str, model, group: Group) -> torch.Tensor:
     default normalization, so ``global`` compares groups on one scale)."""
     if name not in _INSIDE_CRITERIA:
         raise ConfigError(
-            f"strategy {name!r} does not score {group.kind if group.glu == '' else 'gated-MLP'}"
+            f"strategy {name!r} does not score {'gated-MLP' if group.glu else group.kind}"
             f" units of {group.name}: use {', '.join(sorted(_INSIDE_CRITERIA))}, random or a"
             " UnitMem strategy"
         )
@@ -525,23 +524,13 @@ def _output_width(model: nn.Module, example: torch.Tensor) -> int:
 
 def _check_runs(model: nn.Module, example: torch.Tensor, width: int, keep: bool) -> None:
     """Refuse a pruned encoder that no longer runs, or (``keep_output_width``) whose output
-    width changed: torch-pruning's dependency graph missed a coupling of this architecture,
-    and the result would be a traceback later or a silently different feature width."""
-    arch = _architecture(model)
-    try:
-        got = _output_width(model, example)
-    except RuntimeError as err:
+    width changed, after all its steps (each step's plan was tried on a copy already: this
+    guards what ran between the steps)."""
+    if why := _runs(model, example, width, keep):
         raise SiteError(
-            f"pruning {arch} left it unable to run ({str(err).splitlines()[0][:160]}):"
-            " torch-pruning's dependency graph misses a coupling of this architecture; prune"
-            " fewer sites (scores of some sites only) or another encoder"
-        ) from None
-    if keep and got != width:
-        raise SiteError(
-            f"pruning {arch} changed its output width from {width} to {got} although"
-            " keep_output_width=True: a group reaching the output was not recognised as one"
-            " in this architecture; prune fewer sites, or pass keep_output_width=False if a"
-            " narrower output is acceptable"
+            f"pruning {_architecture(model)} left it broken ({why}): torch-pruning's"
+            " dependency graph misses a coupling of this architecture; prune fewer sites"
+            " (scores of some sites only) or another encoder"
         )
 
 
@@ -550,7 +539,7 @@ _PRUNE_ERRORS = (RuntimeError, IndexError, TypeError, ValueError, KeyError, Asse
 
 
 def _why(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def _copy_and_graph(model, example):
@@ -562,8 +551,7 @@ def _copy_and_graph(model, example):
 def _runs(trial, example, width: int, keep: bool) -> str:
     """Why ``trial`` is broken ('' when it runs and, under ``keep``, keeps ``width``)."""
     try:
-        with torch.inference_mode():
-            got = trial.eval()(example).shape[-1]
+        got = _output_width(trial, example)
     except _PRUNE_ERRORS as err:
         return _why(err)
     return f"changes the output width {width} -> {got}" if keep and got != width else ""
@@ -614,7 +602,12 @@ def _checked_plan(model, todo, plan_fn, example, width, keep, state: _State):
     left unpruned, each with its reason in ``PruneResult.groups`` and a warning, and the rest
     is planned again and tried again. Groups left out at one step stay out at the next.
     """
-    todo = [g for g in todo if g.name not in state.broken]
+
+    def left_out(g: Group) -> bool:  # by a trial at an earlier step
+        first = state.info.get(g.name)
+        return first is not None and bool(first.blocked or (keep and first.output))
+
+    todo = [g for g in todo if not left_out(g)]
     plan = plan_fn(todo)
     if not _trial(model, todo, plan, example, width, keep):
         _check_left(model, todo, state)
@@ -623,10 +616,8 @@ def _checked_plan(model, todo, plan_fn, example, width, keep, state: _State):
     for name, reason in broken.items():
         if reason.startswith("changes the output width"):  # its channels reach the output
             state.info[name].output = True
-            state.broken[name] = reason
-            continue
-        state.broken[name] = f"removing its units breaks the model ({reason})"
-        state.info[name].blocked = state.broken[name]
+        else:
+            state.info[name].blocked = f"removing its units breaks the model ({reason})"
     warnings.warn(
         f"{len(broken)} groups of {_architecture(model)} left unpruned, torch-pruning"
         " cannot remove their units here: " + "; ".join(

@@ -84,20 +84,26 @@ class CanaryAuditResult(MemberGapResult):
 
     to_rows = table
 
-    def separable_layer(self) -> str | None:
-        """The first layer whose AUC exceeds 0.5 by more than two standard errors."""
-        return next((r["layer"] for r in self.table() if r["auc"] - 2 * r["auc_se"] > 0.5), None)
+    def separable_layer(self, rows: list[dict] | None = None) -> str | None:
+        """The first layer whose AUC exceeds 0.5 by more than two standard errors (``rows``:
+        :meth:`table`, when already computed)."""
+        rows = self.table() if rows is None else rows
+        return next((r["layer"] for r in rows if r["auc"] - 2 * r["auc_se"] > 0.5), None)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {**super()._tensors(), "sslmem_included": self.sslmem_included,
                 "sslmem_excluded": self.sslmem_excluded}  # fmt: skip
 
     @classmethod
+    def of(cls, gap: MemberGapResult, included: torch.Tensor, excluded: torch.Tensor):
+        """A member-gap result of the canaries and their SSLMem scores, as one result."""
+        fields = {k: getattr(gap, k) for k in gap.__dataclass_fields__}
+        return cls(**fields, sslmem_included=included, sslmem_excluded=excluded)
+
+    @classmethod
     def _build(cls, t, fields, meta):
         gap = MemberGapResult._build(t, fields, meta)
-        return cls(**{k: getattr(gap, k) for k in gap.__dataclass_fields__},
-                   sslmem_included=t["sslmem_included"],
-                   sslmem_excluded=t["sslmem_excluded"])  # fmt: skip
+        return cls.of(gap, t["sslmem_included"], t["sslmem_excluded"])
 
 
 def canary_audit(
@@ -132,8 +138,7 @@ def canary_audit(
     gap = member_gap(f, dataset, dataset, list(included), list(excluded), layers=layers, **run)
     scores = [ssl_mem(f, g, dataset, list(idx), **run).score for idx in (included, excluded)]
     gap.meta["kind"] = "canaries"
-    return CanaryAuditResult(**{k: getattr(gap, k) for k in gap.__dataclass_fields__},
-                             sslmem_included=scores[0], sslmem_excluded=scores[1])  # fmt: skip
+    return CanaryAuditResult.of(gap, *scores)
 
 
 def _share(hits: int, n: int) -> tuple[float, float, float]:
@@ -162,7 +167,7 @@ def canary_units(unitmem, scored: list[int], included: list[int], excluded: list
         argmax, score = fields["argmax"].long(), fields["score"].float()
         k = max(1, math.ceil(top * len(score)))
         top_units = torch.topk(score, k).indices
-        row = {"site": site, "units": len(score),
+        row = {"site": site, "units": len(score), "top_units": k,
                "chance_included": len(inc) / len(scored_set),
                "chance_excluded": len(exc) / len(scored_set)}  # fmt: skip
         for name, units in (("all", torch.arange(len(score))), ("top", top_units)):

@@ -56,9 +56,11 @@ def run(ctx, out: Path) -> CanarySummary:
     import torch
 
     from memprune._table import write_table
+    from memprune.data import seeded_subset
     from memprune.pruning import canary_ablation
     from memprune.report import plot_canaries
     from memprune.scores import canary_audit, canary_units, ssl_mem, unit_mem
+    from memprune.scores.canaries import difference
 
     r, c = ctx.recipe, ctx.recipe.data.canaries
     splits = ctx.splits()
@@ -68,51 +70,29 @@ def run(ctx, out: Path) -> CanarySummary:
     audit = canary_audit(f, g, train, splits.included, splits.excluded, n_pairs=c.pairs,
                          **run_kw)  # fmt: skip
     audit.save(out / "canaries")
-    write_table(out / "canaries", audit.table())
+    rows = audit.table()
+    write_table(out / "canaries", rows)
     plot_canaries(audit, out / "canaries.png")
-    diff, se = audit.sslmem_difference()
-    typical = ssl_mem(f, g, train, seeded_subset_indices(splits.candidate, c.n_typical, r.seed),
+    typical = ssl_mem(f, g, train, list(seeded_subset(splits.candidate, c.n_typical, r.seed)),
                       n_pairs=c.pairs, **run_kw).score  # fmt: skip
-    atypical, atypical_se = _difference(audit.sslmem_included, typical)
+    atypical, atypical_se = difference(audit.sslmem_included, typical)
 
-    points = sorted(seeded_subset_indices(splits.shared + splits.candidate, c.n_typical, r.seed)
-                    + splits.canaries)  # fmt: skip
-    scores = unit_mem(
-        f,
-        torch.utils.data.Subset(train, points),
-        n_views=c.views,
-        **{k: v for k, v in run_kw.items() if k != "seed"},
-        seed=r.seed,
-    )
+    typical_points = list(seeded_subset(splits.shared + splits.candidate, c.n_typical, r.seed))
+    points = sorted(typical_points + splits.canaries)
+    scores = unit_mem(f, torch.utils.data.Subset(train, points), n_views=c.views, **run_kw)
     local = canary_units(scores, points, splits.included, splits.excluded)
     write_table(out / "canary_units", local)
     ablation = canary_ablation(f, g, train, scores, splits.included, splits.excluded,
                                evaluate=_probe_accuracy(ctx), seeds=c.seeds, n_pairs=c.pairs,
                                **run_kw)  # fmt: skip
     write_table(out / "canary_ablation", ablation)
-    return _summary(c.kind, splits, audit, (diff, se), (atypical, atypical_se), local, ablation)
+    return _summary(c.kind, splits, audit, rows, (atypical, atypical_se), local, ablation)
 
 
-def seeded_subset_indices(indices: list[int], n: int, seed: int) -> list[int]:
-    """``n`` of ``indices`` drawn by ``seed`` (all when there are fewer)."""
-    import torch
-
-    if len(indices) <= n:
-        return list(indices)
-    g = torch.Generator().manual_seed(seed)
-    return sorted(indices[i] for i in torch.randperm(len(indices), generator=g)[:n].tolist())
-
-
-def _difference(a, b) -> tuple[float, float]:
-    from memprune.scores.canaries import difference
-
-    return difference(a, b)
-
-
-def _summary(kind, splits, audit, d, atypical, local, ablation) -> CanarySummary:
-    top_rows = [row for row in local if row["units"]]
-    hits = sum(row["top_included"] * math.ceil(0.1 * row["units"]) for row in top_rows)
-    total = sum(math.ceil(0.1 * row["units"]) for row in top_rows)
+def _summary(kind, splits, audit, rows, atypical, local, ablation) -> CanarySummary:
+    d = audit.sslmem_difference()
+    hits = sum(row["top_included"] * row["top_units"] for row in local)
+    total = sum(row["top_units"] for row in local)
     by_arm = {}
     for row in ablation:
         by_arm.setdefault(row["arm"], []).append(row)
@@ -125,8 +105,8 @@ def _summary(kind, splits, audit, d, atypical, local, ablation) -> CanarySummary
     rand_acc = [x for x in rand_acc if x is not None]
     return CanarySummary(
         kind=kind, n_included=len(splits.included), n_excluded=len(splits.excluded),
-        sslmem_diff=d[0], sslmem_se=d[1], output_auc=float(audit.auc()[-1]),
-        separable_layer=audit.separable_layer(), atypical_diff=atypical[0],
+        sslmem_diff=d[0], sslmem_se=d[1], output_auc=rows[-1]["auc"],
+        separable_layer=audit.separable_layer(rows), atypical_diff=atypical[0],
         atypical_se=atypical[1], top_share=hits / total if total else math.nan,
         chance=local[0]["chance_included"] if local else math.nan,
         canary_drop=canary.get("sslmem_drop", math.nan), random_drop=mean,
