@@ -34,7 +34,9 @@ demo has; none of these settings reached 3 standard errors yet.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +44,8 @@ from pathlib import Path
 from memprune.recipes import load_recipe, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ("kind", "n", "repeat", "seed", "included", "SSLMem diff", "SE", "z", "AUC",
+           "separable", "top share", "chance", "canary drop", "random drop", "s")  # fmt: skip
 #: Everything but the pretraining and the canary audit is off.
 ONLY_CANARIES = [
     "encoder.supervised.enabled=false", "scores.unitmem.enabled=false",
@@ -56,36 +60,41 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["pattern", "mix", "noise"])
     parser.add_argument("--n", nargs="+", type=int, default=[40])
     parser.add_argument("--strength", type=float, default=0.5)
+    parser.add_argument(
+        "--repeat",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="times each included canary is in f's training set per epoch",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--set", nargs="*", default=[], help="more recipe keys (KEY=VALUE)")
-    args = parser.parse_args()
-    print(
-        "| kind | n | seed | included | SSLMem diff | SE | z | AUC | separable | top share |"
-        " chance | canary drop | random drop | s |"
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep each run's canary tables under this folder"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for kind in args.kinds:
-        for n in args.n:
-            for seed in args.seeds:
-                canaries = (
-                    f"data.canaries={{n: {n}, kind: {kind}, strength: {args.strength},"
-                    " n_typical: 100, views: 5, pairs: 10, seeds: [0, 1, 2]}"
-                )
-                keys = [*ONLY_CANARIES, canaries, f"seed={seed}", *args.set]
-                recipe = load_recipe(ROOT / "recipes" / "digits-resnet.yaml", keys)
-                start = time.perf_counter()
-                with tempfile.TemporaryDirectory() as d:
-                    run = run_recipe(recipe, Path(d) / "run", log=lambda line: None)
-                    c = json.loads((run / "metrics.json").read_text())["canaries"]
-                z = c["sslmem_diff"] / c["sslmem_se"]
-                print(
-                    f"| {kind} | {n} | {seed} | {c['n_included']} | {c['sslmem_diff']:+.4f} |"
-                    f" {c['sslmem_se']:.4f} | {z:+.1f} | {c['output_auc']:.3f} |"
-                    f" {c['separable_layer']} | {c['top_share']:.3f} | {c['chance']:.3f} |"
-                    f" {c['canary_drop']:+.4f} | {c['random_drop']:+.4f} |"
-                    f" {time.perf_counter() - start:.0f} |",
-                    flush=True,
-                )
+    args = parser.parse_args()
+    print(f"| {' | '.join(COLUMNS)} |")
+    print("|" + "---|" * len(COLUMNS))
+    for kind, n, repeat, seed in itertools.product(args.kinds, args.n, args.repeat, args.seeds):
+        canaries = (
+            f"data.canaries={{n: {n}, kind: {kind}, strength: {args.strength}, repeat: {repeat},"
+            " n_typical: 100, views: 5, pairs: 10, seeds: [0, 1, 2]}"
+        )
+        recipe = load_recipe(ROOT / "recipes" / "digits-resnet.yaml",
+                             [*ONLY_CANARIES, canaries, f"seed={seed}", *args.set])  # fmt: skip
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            run = run_recipe(recipe, Path(d) / "run", log=lambda line: None)
+            c = json.loads((run / "metrics.json").read_text())["canaries"]
+            if args.keep is not None:
+                kept = args.keep / f"{kind}-{n}-r{repeat}-s{seed}"
+                shutil.copytree(run / "canaries", kept, dirs_exist_ok=True)
+        cells = [kind, n, repeat, seed, c["n_included"], f"{c['sslmem_diff']:+.4f}",
+                 f"{c['sslmem_se']:.4f}", f"{c['sslmem_diff'] / c['sslmem_se']:+.1f}",
+                 f"{c['output_auc']:.3f}", c["separable_layer"], f"{c['top_share']:.3f}",
+                 f"{c['chance']:.3f}", f"{c['canary_drop']:+.4f}", f"{c['random_drop']:+.4f}",
+                 f"{time.perf_counter() - start:.0f}"]  # fmt: skip
+        print(f"| {' | '.join(str(x) for x in cells)} |", flush=True)
 
 
 if __name__ == "__main__":

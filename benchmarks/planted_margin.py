@@ -15,11 +15,17 @@ budgets gave a worse mean/SD ratio: 64 points with a shared half and 40 epochs, 
 SD 0.090 (mean - 4 SD below 0); 128 points with a shared half, mean +0.235, SD 0.058.
 
 ``--canaries`` measures the same for canaries (docs/method.md §8b): the mean SSLMem of the
-included minus the excluded canaries of a toy pair. Measured (2 cores, seeds 0-9): 32
-``pattern`` canaries beside a shared half, mean +0.071, SD 0.091 (min -0.103); 64 ``pattern``
-canaries with f on candidates and g on extras only (the settings below), mean +0.051, SD 0.067
-(min -0.056). Both give mean - 4 SD below 0, so no test asserts a trained canary margin yet;
-tests/test_canaries.py asserts the known answers of a constructed encoder instead.
+included minus the excluded canaries of a toy pair (f on the candidates and the included
+canaries, g on the extras). Measured (2 cores, 1 thread): 64 ``pattern`` canaries, each once
+per epoch: mean +0.051, SD 0.067, min -0.056 over seeds 0-9 (32 beside a shared half: mean
++0.071, SD 0.091), too weak to assert. Repeating each included canary raises it: 4 times,
++0.183 / +0.225 / +0.069 (seeds 0-2); 8 times (the settings below, 8 view pairs), mean +0.233,
+SD 0.082, min +0.117 over seeds 0-10; with the data seed fixed at 0 and only the training
+seed varied (what another machine's trajectory changes), mean +0.206, SD 0.070, min +0.119
+over 10 seeds. 16 times: +0.302 / +0.490 / +0.103; 8 times for 120 epochs: +0.186 / +0.367 /
++0.145; temperature 0.2: +0.147 / +0.340 / +0.215. mean - 4 SD stays below 0 in every
+setting (the spread between trajectories grows with the mean), so
+tests/test_canaries.py asserts +0.05, 2.2 SD below the mean of the training seeds.
 """
 
 from __future__ import annotations
@@ -64,23 +70,27 @@ def paired_difference(seed: int, out_dir: str, toy: dict = TOY, pair: dict = PAI
 CANARY_TOY = dict(size=128, dim=48, snr=1.0, redraw=0.3)
 CANARY_PAIR = dict(shared=0.0, candidate=0.5, extra=0.5, epochs=60, lr=1e-2, batch_size=32,
                    proj_dim=32, img_size=8, progress=False, channels=[8, 16, 32, 64])  # fmt: skip
-CANARIES = dict(n=64, kind="pattern")
+CANARIES = dict(n=64, kind="pattern", repeat=8)
+#: View pairs per canary when scoring them.
+CANARY_VIEWS = 8
 
 
-def canary_difference(seed: int, out_dir: str, views: int = VIEWS) -> float:
+def canary_difference(seed: int, out_dir: str, views: int = CANARY_VIEWS, canaries: dict = CANARIES,
+                      toy: dict = CANARY_TOY, pair: dict = CANARY_PAIR) -> float:  # fmt: skip
     """Mean SSLMem of the included canaries minus that of the excluded ones, for the toy pair
     trained at ``seed`` with canaries (their images and coins drawn by ``seed``)."""
     from memprune.data import WithCanaries, make_canaries, make_splits
 
-    toy = load_dataset("toy", "train", seed=seed, **CANARY_TOY)
-    data = WithCanaries(toy, make_canaries(toy, CANARIES["n"], CANARIES["kind"], seed=seed))
-    pair = {k: v for k, v in CANARY_PAIR.items() if k not in ("shared", "candidate", "extra")}
-    splits = make_splits(len(data), CANARY_PAIR["shared"], CANARY_PAIR["candidate"],
-                         CANARY_PAIR["extra"], seed=seed, canaries=CANARIES["n"])  # fmt: skip
+    toy_data = load_dataset("toy", "train", seed=seed, **toy)
+    n = canaries["n"]
+    data = WithCanaries(toy_data, make_canaries(toy_data, n, canaries["kind"], seed=seed))
+    train = {k: v for k, v in pair.items() if k not in ("shared", "candidate", "extra")}
+    splits = make_splits(len(data), pair["shared"], pair["candidate"], pair["extra"], seed=seed,
+                         canaries=n, repeat=canaries.get("repeat", 1))  # fmt: skip
     f, g, splits = pretrain_pair("resnet18", data, out_dir, splits=splits, seed=seed,
-                                 augment=toy.augment, **pair)  # fmt: skip
+                                 augment=toy_data.augment, **train)  # fmt: skip
     means = [
-        ssl_mem(f.encoder, g.encoder, data, idx, n_pairs=views, augment=toy.augment, seed=seed,
+        ssl_mem(f.encoder, g.encoder, data, idx, n_pairs=views, augment=toy_data.augment, seed=seed,
                 progress=False).score.mean().item()
         for idx in (splits.included, splits.excluded)
     ]  # fmt: skip
@@ -109,7 +119,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=TOY["size"], help="toy points")
     parser.add_argument("--epochs", type=int, default=PAIR["epochs"])
-    parser.add_argument("--views", type=int, default=VIEWS)
+    parser.add_argument(
+        "--views",
+        type=int,
+        default=None,
+        help=f"view pairs per point (default {VIEWS}, {CANARY_VIEWS} for canaries)",
+    )
     parser.add_argument("--shared", type=float, default=PAIR["shared"], help="shared fraction")
     parser.add_argument("--supervised", action="store_true",
                         help="measure test_train's supervised margins instead")  # fmt: skip
@@ -119,6 +134,14 @@ def main() -> None:
         action="store_true",
         help="measure test_canaries' included - excluded margin instead",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=CANARIES["repeat"],
+        help="with --canaries: times each included canary is trained on",
+    )
+    parser.add_argument("--kind", default=CANARIES["kind"], help="with --canaries: the kind")
+    parser.add_argument("--n", type=int, default=CANARIES["n"], help="with --canaries: how many")
     args = parser.parse_args()
     if args.supervised:
         torch.set_num_threads(args.threads)
@@ -144,9 +167,10 @@ def main() -> None:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             if args.canaries:
-                diffs.append(canary_difference(seed, tmp, args.views))
+                canaries = dict(n=args.n, kind=args.kind, repeat=args.repeat)
+                diffs.append(canary_difference(seed, tmp, args.views or CANARY_VIEWS, canaries))
             else:
-                diffs.append(paired_difference(seed, tmp, toy, pair, args.views))
+                diffs.append(paired_difference(seed, tmp, toy, pair, args.views or VIEWS))
         print(f"seed {seed}: {diffs[-1]:+.4f} ({time.perf_counter() - start:.1f} s)", flush=True)
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
     print(f"{len(diffs)} seeds, {args.threads} thread(s): mean {mean:+.4f}, SD {sd:.4f},"

@@ -9,7 +9,11 @@ Atypical points are the ones memorized most (Feldman 2020), so canaries are made
   pixel of each channel a seeded coin, 0 or 1), ``(1 - strength) * image + strength * pattern``;
 * ``mix``: two training images of different classes blended half and half (the label is the
   first image's), a point between classes;
-* ``noise``: a seeded texture, uniform noise smoothed over 2x2 pixels, out of distribution.
+* ``noise``: a seeded texture, uniform noise smoothed over 2x2 pixels, out of distribution;
+* ``smooth``: a seeded smooth colour image, uniform noise on an 8x8 grid upsampled bilinearly
+  to the image size: out of distribution, but at the grain of a small image, so that random
+  crops keep most of it (a 2x2 texture or a per-pixel pattern is resampled into another
+  texture by every crop, and only weak crops let an encoder learn it).
 
 Canaries are appended to the data set (:class:`WithCanaries`: indices ``n .. n + M - 1``);
 :func:`memprune.data.make_splits` draws their coins, and f's training set holds the included
@@ -31,14 +35,15 @@ CANARY_KINDS = Registry(
     "canary kind",
     {"pattern": "a training image blended with a unique seeded high-frequency pattern",
      "mix": "two training images of different classes blended half and half",
-     "noise": "a seeded smoothed-noise texture (out of distribution)"},
+     "noise": "a seeded smoothed-noise texture (out of distribution)",
+     "smooth": "a seeded smooth colour image (8x8 noise upsampled; out of distribution)"},
 )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Canaries:
     """``images [M, C, H, W]``, their ``labels [M]``, the ``kind`` and the base indices each
-    was made from (``sources``: one or two per canary; none for ``noise``)."""
+    was made from (``sources``: one or two per canary; none for ``noise`` and ``smooth``)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -80,6 +85,11 @@ def make_canaries(
             image = small.repeat_interleave(2, 1).repeat_interleave(2, 2)[
                 :, : first.shape[1], : first.shape[2]
             ]
+            label, src = int(torch.randint(0, max(label0 + 1, 2), (1,), generator=g)), []
+        elif kind == "smooth":
+            grid = torch.rand(1, first.shape[0], 8, 8, generator=g)
+            image = torch.nn.functional.interpolate(grid, size=tuple(first.shape[1:]),
+                                                    mode="bilinear", align_corners=False)[0]
             label, src = int(torch.randint(0, max(label0 + 1, 2), (1,), generator=g)), []
         else:
             i = int(torch.randint(0, size, (1,), generator=g))

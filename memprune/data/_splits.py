@@ -47,8 +47,12 @@ class Splits:
     seed: int | None = None
     canaries: list[int] = field(default_factory=list)
     included: list[int] = field(default_factory=list)
+    #: how many times each included canary appears in f's training set per epoch
+    repeat: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
+            raise ConfigError(f"splits: repeat must be an int >= 1, got {self.repeat!r}")
         if not set(self.included) <= set(self.canaries):
             raise ConfigError("splits: every included canary must be one of the canaries")
         seen: dict[int, str] = {}
@@ -67,6 +71,13 @@ class Splits:
     def f_indices(self) -> list[int]:
         """Training set of f: shared ∪ candidate ∪ the included canaries."""
         return sorted(self.shared + self.candidate + self.included)
+
+    @property
+    def f_training(self) -> list[int]:
+        """What f trains on per epoch: :attr:`f_indices` with each included canary
+        :attr:`repeat` times (a repeated canary is memorized more, as in Carlini et al.'s
+        secret-sharer canaries)."""
+        return sorted(self.shared + self.candidate + self.included * self.repeat)
 
     @property
     def excluded(self) -> list[int]:
@@ -94,10 +105,11 @@ class Splits:
 
     @classmethod
     def _from_dict(cls, data: dict, path) -> Splits:
-        unknown = set(data) - {"n", "seed", *PARTS, "canaries", "included"}
+        unknown = set(data) - {"n", "seed", "repeat", *PARTS, "canaries", "included"}
         if unknown or "n" not in data:
             raise ConfigError(f"{path} is not a memprune splits file (keys {sorted(data)})")
-        return cls(**{k: v if k in ("n", "seed") else [int(i) for i in v] for k, v in data.items()})
+        scalars = ("n", "seed", "repeat")
+        return cls(**{k: v if k in scalars else [int(i) for i in v] for k, v in data.items()})
 
 
 def read_indices(path: str | os.PathLike, part: str | None = None) -> list[int]:
@@ -125,12 +137,14 @@ def make_splits(
     seed: int = 0,
     canaries: int = 0,
     p: float = 0.5,
+    repeat: int = 1,
 ) -> Splits:
     """Draw disjoint seeded index sets from ``range(n)``; sizes are counts or fractions of ``n``.
 
     ``canaries``: the last this many indices are canaries (:class:`memprune.data.WithCanaries`):
     the parts are drawn from the points before them (fractions too), and each canary is
-    included in f's training set by its own seeded coin of probability ``p``.
+    included in f's training set by its own seeded coin of probability ``p``, and appears there
+    ``repeat`` times per epoch.
     """
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"n must be a positive int, got {n!r}")
@@ -153,4 +167,4 @@ def make_splits(
     coins = np.random.default_rng([seed, 1]).random(canaries) < p  # a stream of their own
     marked = list(range(base, n))
     included = [i for i, c in zip(marked, coins) if c]
-    return Splits(n=n, seed=seed, **out, canaries=marked, included=included)
+    return Splits(n=n, seed=seed, **out, canaries=marked, included=included, repeat=repeat)

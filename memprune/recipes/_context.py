@@ -95,6 +95,13 @@ class Context:
         return self.dataset(self.recipe.data.name, "train")
 
     @property
+    def probe_train(self):
+        """The train split the probes fit on: without the canaries, whose labels mean nothing
+        (a noise canary's is drawn at random), so that canaries change what the probes
+        measure only through the encoder."""
+        return getattr(self.train, "base", self.train) if self.recipe.data.canaries else self.train
+
+    @property
     def test(self):
         return self.dataset(self.recipe.data.name, "test")
 

@@ -71,14 +71,16 @@ def epoch_loader(data: Dataset, batch_size: int, seed: int, epoch: int, num_work
     )  # fmt: skip
 
 
-def check_indices(dataset: Dataset, indices: Sequence[int] | None, batch_size: int) -> list[int]:
+def check_indices(dataset: Dataset, indices: Sequence[int] | None, batch_size: int,
+                  repeats: bool = False) -> list[int]:  # fmt: skip
+    """The training indices, checked; ``repeats``: a point may appear more than once."""
     indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     if not indices:
         raise ConfigError("no training points: indices is empty")
     bad = [i for i in indices if not 0 <= i < len(dataset)]
     if bad:
         raise ConfigError(f"indices {bad[:5]} are outside the data set of {len(dataset)} points")
-    if len(set(indices)) != len(indices):
+    if not repeats and len(set(indices)) != len(indices):
         raise ConfigError("indices hold duplicates; each training point must appear once")
     if batch_size > len(indices):
         raise ConfigError(f"batch_size={batch_size} exceeds the {len(indices)} training points")

@@ -102,6 +102,7 @@ def pretrain_simclr(
     num_workers: int | None = None,
     progress: bool | None = None,
     callback: Callback | None = None,
+    repeats: bool = False,
     **timm_kwargs,
 ) -> TrainResult:
     """Train ``model_name`` with SimCLR on ``dataset[indices]`` and save it to ``out_dir``.
@@ -115,12 +116,14 @@ def pretrain_simclr(
     :func:`memprune.load_encoder` reads (``load_encoder(checkpoint=out_dir)``); checkpoints
     every epoch. With ``resume`` (default) an interrupted run continues where it stopped and
     ends with the same weights as an uninterrupted one; a finished run is loaded, not redone.
-    ``callback(epoch, history)`` runs after each epoch's checkpoint.
+    ``callback(epoch, history)`` runs after each epoch's checkpoint. ``repeats``: ``indices``
+    may name a point more than once (it is then trained on that many times per epoch: the
+    repeated canaries of :func:`pretrain_pair`); otherwise a duplicate is an error.
     """
     out_dir = Path(out_dir)
     if (done := finished(out_dir, resume)) is not None:
         return done
-    indices = check_indices(dataset, indices, batch_size)
+    indices = check_indices(dataset, indices, batch_size, repeats)
     if batch_size < 2:
         raise ConfigError(
             f"batch_size={batch_size}: SimCLR needs at least 2 points per batch (the other points"
@@ -187,6 +190,7 @@ def pretrain_pair(
         raise ConfigError("the pair needs non-empty candidate and extra sets")
     out_dir.mkdir(parents=True, exist_ok=True)
     splits.save(out_dir / "splits.json")
-    f = pretrain_simclr(model_name, dataset, splits.f_indices, out_dir=out_dir / "f", **recipe)
+    f = pretrain_simclr(model_name, dataset, splits.f_training, out_dir=out_dir / "f",
+                        repeats=splits.repeat > 1, **recipe)
     g = pretrain_simclr(model_name, dataset, splits.g_indices, out_dir=out_dir / "g", **recipe)
     return f, g, splits

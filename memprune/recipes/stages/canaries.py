@@ -46,7 +46,7 @@ def _probe_accuracy(ctx):
     r = ctx.recipe
 
     def evaluate(model) -> float:
-        return linear_probe(model, ctx.train, ctx.test, device=r.device,
+        return linear_probe(model, ctx.probe_train, ctx.test, device=r.device,
                             precision=r.precision).accuracy  # fmt: skip
 
     return evaluate

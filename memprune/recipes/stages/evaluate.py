@@ -59,7 +59,7 @@ def run(ctx, out: Path) -> ProbeAccuracies:
     r, e = ctx.recipe, ctx.recipe.evaluation
     names = encoders(r)
     models = [ctx.encoder(n) for n in names]  # every encoder is read before any work
-    train, test = ctx.train, ctx.test
+    train, test = ctx.probe_train, ctx.test
     opts = probe_options(ctx)
     knn_opts = {k: v for k, v in opts.items() if k not in ("backend", "Cs")}
     rows, records, accuracy = [], [], {}

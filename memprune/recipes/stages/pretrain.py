@@ -41,12 +41,14 @@ def run(ctx, out: Path) -> PretrainResult:
     d, train = r.data, ctx.train
     canaries = 0 if d.canaries is None else d.canaries.n
     p_in = 0.5 if d.canaries is None else d.canaries.p
+    repeat = 1 if d.canaries is None else d.canaries.repeat
     splits = make_splits(len(train), d.shared, d.candidate, d.extra, d.test, seed=d.split_seed,
-                         canaries=canaries, p=p_in)  # fmt: skip
+                         canaries=canaries, p=p_in, repeat=repeat)  # fmt: skip
     f, g, splits = pretrain_pair(r.encoder.model, train, out, splits=splits, **common)
     ctx.log(f"splits: shared {len(splits.shared)}, candidate {len(splits.candidate)}, extra"
             f" {len(splits.extra)}, test {len(splits.test)}, canaries {len(splits.canaries)}"
-            f" ({len(splits.included)} in f's training) -> {out / 'splits.json'}")  # fmt: skip
+            f" ({len(splits.included)} in f's training, {splits.repeat}x each)"
+            f" -> {out / 'splits.json'}")  # fmt: skip
     for name, run in (("f", f), ("g", g)):
         ctx.log(f"{name}: {run.path} (loss per epoch: {_losses(run)})")
     return PretrainResult(

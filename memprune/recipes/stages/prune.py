@@ -57,7 +57,7 @@ def run(ctx, out: Path) -> PruneTable:
         check_scores_match(scores, ctx)
 
     def evaluate(model) -> float:
-        return accuracy(ctx, model, ctx.train, ctx.test)
+        return accuracy(ctx, model, ctx.probe_train, ctx.test)
 
     def rescore(model):  # UnitMem of the shrunken encoder
         return unit_score(ctx, model, progress=False)
