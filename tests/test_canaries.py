@@ -159,13 +159,21 @@ def test_unitmem_finds_the_memory_units_and_ablating_them_removes_the_signal(pla
     assert rows["act"]["top_included"] > rows["act"]["chance_included"]
     assert rows["act"]["top_excluded"] < rows["act"]["top_included"]
 
+    from memprune.pruning._ablate import ABLATED
+
+    def accuracy(model):  # a known cost: one point of accuracy per ablated unit
+        return 0.9 - 0.01 * sum(len(u) for u in getattr(model, ABLATED, {}).values())
+
     table = canary_ablation(f, g, data, scores, splits.included, splits.excluded,
-                            seeds=(0, 1), **AUDIT)  # fmt: skip
+                            evaluate=accuracy, seeds=(0, 1), **AUDIT)  # fmt: skip
     arms = {(r["arm"], r["seed"]): r for r in table}
     assert arms[("none", None)]["auc"] == 1.0
+    assert arms[("none", None)]["removed_per_point"] is None  # nothing lost: no ratio
     canary = arms[("canary", None)]
     assert canary["units"] == n and canary["sslmem_diff"] == 0.0  # f without its memory is g
     assert canary["auc_drop"] > 0.2
+    assert canary["accuracy_drop"] == pytest.approx(0.01 * n)
+    assert canary["removed_per_point"] == pytest.approx(canary["sslmem_drop"] / n)
     for seed in (0, 1):  # as many random units of the site: the memory mostly survives
         assert arms[("random", seed)]["auc"] >= 0.9
         assert arms[("random", seed)]["sslmem_drop"] < 0.5 * canary["sslmem_drop"]

@@ -608,3 +608,48 @@ def test_a_mixed_conv_keeps_its_splits_through_pruning_and_save_load(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(_roundtrip(small, tmp_path)(x), small.eval()(x))
+
+
+def test_forward_only_criteria_activation_and_fpgm(digits):
+    """``activation``: a unit that is 0 on every input goes first, and the means are
+    accumulated over every batch (torch-pruning's own hook keeps only the last, where a unit
+    active only in the first batch would look dead); ``fpgm`` prunes through the same groups."""
+    from torch.utils.data import Subset
+
+    from memprune.pruning import ssl_gradient_fn
+    from memprune.pruning._prune import _activations
+
+    model = tiny_resnet()
+    bn, conv, nxt = model.layer1[0].bn1, model.layer1[0].conv1, model.layer1[0].conv2
+    with torch.no_grad():
+        conv.weight[5].zero_(), bn.bias[5].fill_(-1.0)  # never active after the ReLU
+    data = Subset(digits, range(48))
+    feed = ssl_gradient_fn(data, batch_size=16)
+    pruned, report = prune(model, ratio=0.125, strategy="activation", gradients=feed, **FAST)
+    assert group(report, "layer1.0.bn1")["removed"] == [5]
+    assert not any(hasattr(m, "_importance") for m in pruned.modules())
+    with pytest.raises(ConfigError, match="'activation' ranks units by their mean activation"):
+        prune(model, ratio=0.5, strategy="activation", **FAST)
+
+    first, second = torch.zeros(4, 3, 32, 32), torch.zeros(4, 3, 32, 32)
+    first[:, 0], second[:, 1] = 1.0, 2.0  # channel 0 only in the first batch, 1 in the second
+
+    def two_batches(m):
+        for x in (first, second):
+            m(x).sum().backward()
+            yield
+
+    _activations(model, two_batches)
+    stem = model.conv1._importance  # the stem conv reads the input's channels
+    assert torch.allclose(stem, torch.tensor([0.5, 1.0, 0.0]))
+
+    # FPGM (on |w|, as torch-pruning computes it): a filter at the centre of its layer's
+    # filters, on both sides of the group, is the most replaceable and goes first
+    model = tiny_resnet()
+    conv, nxt = model.layer1[0].conv1, model.layer1[0].conv2
+    with torch.no_grad():
+        conv.weight[3] = conv.weight.abs().mean(0)
+        nxt.weight[:, 3] = nxt.weight.abs().mean(1)
+    pruned, report = prune(model, ratio=0.125, strategy="fpgm", **FAST)
+    assert group(report, "layer1.0.bn1")["removed"] == [3]
+    assert pruned(torch.zeros(2, 3, 32, 32)).shape == model(torch.zeros(2, 3, 32, 32)).shape

@@ -88,8 +88,9 @@ def make_canaries(
             label, src = int(torch.randint(0, max(label0 + 1, 2), (1,), generator=g)), []
         elif kind == "smooth":
             grid = torch.rand(1, first.shape[0], 8, 8, generator=g)
-            image = torch.nn.functional.interpolate(grid, size=tuple(first.shape[1:]),
-                                                    mode="bilinear", align_corners=False)[0]
+            image = torch.nn.functional.interpolate(
+                grid, size=tuple(first.shape[1:]), mode="bilinear", align_corners=False
+            )[0]
             label, src = int(torch.randint(0, max(label0 + 1, 2), (1,), generator=g)), []
         else:
             i = int(torch.randint(0, size, (1,), generator=g))

@@ -26,6 +26,9 @@ class ProbeResult(Result):
         choice: the hyperparameter chosen on validation (``C`` of the linear probe, ``k`` of
             kNN), and ``val_scores`` its validation accuracy for every candidate.
         confusion: counts ``[true class, predicted class]``.
+        predictions, labels, indices: per test point ``[n_test]``, sorted by data index: the
+            predicted class, the true class and the point's index (what two encoders' probes
+            disagree on, example by example: :func:`memprune.probe.flips`).
         n_train, n_test: points the probe was fitted and tested on.
         timings: seconds spent extracting features and fitting.
         meta: ``probe`` (``linear`` / ``knn``), the backend and what else made it.
@@ -40,12 +43,27 @@ class ProbeResult(Result):
     n_test: int
     timings: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    predictions: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
 
     def to_rows(self) -> list[dict]:
         return [{"probe": self.meta.get("probe"), "accuracy": self.accuracy, **self.choice}]
 
+    def correct(self) -> torch.Tensor:
+        """Per test point (sorted by data index): whether the probe got it right."""
+        if self.predictions is None:
+            raise ConfigError("this probe result holds no per-example predictions (saved by an"
+                              " older memprune): probe the encoder again")  # fmt: skip
+        return self.predictions == self.labels
+
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {"confusion": self.confusion}
+        per_point = {"predictions": self.predictions, "labels": self.labels,
+                     "indices": self.indices}  # fmt: skip
+        return {
+            "confusion": self.confusion,
+            **{k: v for k, v in per_point.items() if v is not None},
+        }
 
     def _fields(self) -> dict:
         scores = {str(k): v for k, v in self.val_scores.items()}
@@ -56,7 +74,8 @@ class ProbeResult(Result):
 
     @classmethod
     def _build(cls, t, fields, meta):
-        return cls(confusion=t["confusion"], meta=meta, **fields)
+        per_point = {k: t[k] for k in ("predictions", "labels", "indices") if k in t}
+        return cls(confusion=t["confusion"], meta=meta, **per_point, **fields)
 
 
 #: Rows a probe reads at a time from features on disk (``store``): 64 Ki rows of 2048 float64
@@ -100,6 +119,8 @@ def _result(tr, te, pred, choice, val_scores, timings, meta) -> ProbeResult:
         accuracy=float((pred == te.labels).double().mean()), choice=choice,
         val_scores=val_scores, confusion=confusion_matrix(te.labels, pred, n_classes),
         n_train=len(tr.labels), n_test=len(te.labels), timings=timings, meta=meta,
+        predictions=pred.long().cpu(), labels=te.labels.long().cpu(),
+        indices=te.indices.long().cpu(),
     )  # fmt: skip
 
 

@@ -79,7 +79,7 @@ def ablate(encoder: nn.Module, units: dict[str, list[int]], check: bool = True) 
 
 def _check_zero(model: nn.Module, sites, units: dict[str, list[int]]) -> None:
     """Every ablated unit reads 0 on a random batch (its activation maps 0 to 0)."""
-    param = next(model.parameters())
+    param = next(model.parameters(), torch.zeros(()))  # a model may hold no weights
     x = torch.rand(2, *input_size(model), generator=torch.Generator().manual_seed(0))
     reducers = {s.name: unit_reducer(s, "abs") for s in sites}
     with evaluating(model), torch.inference_mode(), capture(model, sites, reduce=reducers) as got:
@@ -123,7 +123,9 @@ def canary_ablation(
     sites (``random``, one row per seed), and measures on each copy the canaries' membership
     signal (the output AUC of included against excluded, and their SSLMem difference, f
     against ``g``) and ``evaluate(model)`` (e.g. linear-probe accuracy on a test split). One
-    row per arm, ``none`` being f itself; the drops are against ``none``.
+    row per arm, ``none`` being f itself; the drops are against ``none``, and
+    ``removed_per_point`` is the SSLMem drop per point of accuracy lost (None where no
+    accuracy was lost: the ratio is then unbounded, and the two drops say more).
     ``audit``: arguments of :func:`memprune.canary_audit`.
     """
     from memprune.scores import canary_audit, canary_unit_map
@@ -150,5 +152,6 @@ def canary_ablation(
         row["auc_drop"] = base["auc"] - row["auc"]
         row["sslmem_drop"] = base["sslmem_diff"] - row["sslmem_diff"]
         if base["accuracy"] is not None:
-            row["accuracy_drop"] = base["accuracy"] - row["accuracy"]
+            row["accuracy_drop"] = lost = base["accuracy"] - row["accuracy"]
+            row["removed_per_point"] = row["sslmem_drop"] / (100 * lost) if lost > 0 else None
     return rows

@@ -7,7 +7,7 @@ import math
 import warnings
 import zlib
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Literal
@@ -172,8 +172,10 @@ def check_options(
     if between_steps is not None and not callable(between_steps):
         raise ConfigError("between_steps must be a callable model -> None (e.g. a recovery)")
     if needs == "gradients" and not callable(gradients):
+        what = ("their mean activation on data (the forward passes of a loss)"
+                if strategy == "activation" else "the gradient of a loss")  # fmt: skip
         raise ConfigError(
-            f"strategy {strategy!r} ranks units by the gradient of a loss: pass gradients="
+            f"strategy {strategy!r} ranks units by {what}: pass gradients="
             "memprune.pruning.ssl_gradient_fn(data) (no labels) or head_gradient_fn(data)"
         )
 
@@ -344,7 +346,13 @@ PRUNING_STRATEGIES = Registry(
      "taylor": _criterion("taylor", tp.importance.GroupTaylorImportance, "gradients"),
      # Optimal Brain Damage (LeCun et al. 1990): weight^2 x the Hessian's diagonal, estimated
      # by the mean squared gradient of the loss's batches (an empirical Fisher)
-     "hessian": _criterion("hessian", tp.importance.GroupHessianImportance, "gradients")},
+     "hessian": _criterion("hessian", tp.importance.GroupHessianImportance, "gradients"),
+     # forward-only and data-driven, the field's criteria closest to UnitMem: the mean
+     # |activation| of a unit into the layers that read it, over every batch that
+     # ``gradients`` runs (its forward passes; the gradient is not used), and FPGM (He et al.
+     # 2019), the filters nearest the geometric median of their layer's go first
+     "activation": _criterion("activation", lambda: _AccumulatedActivation(), "gradients"),
+     "fpgm": _criterion("fpgm", tp.importance.FPGMImportance)},
 )  # fmt: skip
 #: The strategies compared when none are named: UnitMem both ways against the baselines.
 DEFAULT_STRATEGIES = ("lowest", "highest", "random", "magnitude")
@@ -496,10 +504,13 @@ def prune(
         with grouped_convs(model):
             graph, groups = build_groups(model, sites, example_input, heads)
             todo = _start_groups(groups, state, entry, keep_output_width)
-            if entry.needs == "gradients":
+            if strategy == "activation":
+                _activations(model, gradients)
+            elif entry.needs == "gradients":
                 _gradients(model, gradients, squared=strategy == "hessian")
             imps = {g.name: entry.importance(graph, model, g, state) for g in todo}
             model.zero_grad(set_to_none=True)
+            _forget_activations(model)
             fraction = ratio * step / steps
             plan_fn = partial(_plan, imps=imps, fraction=fraction, scope=scope,
                               max_layer_ratio=max_layer_ratio, initial=state.initial)  # fmt: skip
@@ -651,6 +662,50 @@ def _check_left(model, todo: list[Group], state: _State) -> None:
             + "; ".join(why[:3])
             + ("; heads=False prunes the units alone" if missing == HEADS else "")
         )
+
+
+class _AccumulatedActivation(tp.importance.ActivationImportance):
+    """torch-pruning's activation criterion (the mean |input| of each channel into the layers
+    that consume it), read from :func:`_activations`' means over every batch; torch-pruning's
+    own hook keeps only the last forward pass's."""
+
+    @contextmanager
+    def compute_importance(self, model):  # the means are already in place
+        yield
+
+
+def _activations(model: nn.Module, feed) -> None:
+    """Leave on each conv and linear layer ``_importance``: the mean |input| per input channel
+    over every batch that ``feed(model)`` runs through the model (in eval mode)."""
+    sums: dict[nn.Module, list] = {}
+
+    def hook(module, inputs, output):
+        x = inputs[0].detach().abs()
+        x = x.transpose(0, 1).flatten(1) if isinstance(module, nn.Conv2d) else x.flatten(0, -2).T
+        total = sums.setdefault(module, [0.0, 0])
+        total[0] = total[0] + x.sum(1).double()
+        total[1] += x.shape[1]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]  # fmt: skip
+    try:
+        with evaluating(model), torch.enable_grad():
+            for _ in feed(model) or ():
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    if not sums:
+        raise ConfigError("strategy 'activation': gradients(model) ran no batch through the model")
+    for module, (total, n) in sums.items():
+        module._importance = (total / n).float()
+
+
+def _forget_activations(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "_importance"):
+            del m._importance
 
 
 def _gradients(model: nn.Module, gradients, squared: bool) -> None:

@@ -190,7 +190,13 @@ def pretrain_pair(
         raise ConfigError("the pair needs non-empty candidate and extra sets")
     out_dir.mkdir(parents=True, exist_ok=True)
     splits.save(out_dir / "splits.json")
-    f = pretrain_simclr(model_name, dataset, splits.f_training, out_dir=out_dir / "f",
-                        repeats=splits.repeat > 1, **recipe)
+    f = pretrain_simclr(
+        model_name,
+        dataset,
+        splits.f_training,
+        out_dir=out_dir / "f",
+        repeats=splits.repeat > 1,
+        **recipe,
+    )
     g = pretrain_simclr(model_name, dataset, splits.g_indices, out_dir=out_dir / "g", **recipe)
     return f, g, splits

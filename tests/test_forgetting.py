@@ -1,0 +1,107 @@
+"""What pruning forgets, example by example: flips of the probe's per-example outcomes, how a
+per-point score predicts them, and McNemar's test, on constructed encoders with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import memprune
+from memprune.errors import ConfigError
+from memprune.probe import flip_auc, flips, linear_probe, mcnemar, top_share
+
+
+class Points(Dataset):
+    """Feature vectors as 'images' ``[4, 1, 1]``, items ``(image, label, index)``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.labels = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i].view(4, 1, 1), int(self.labels[i]), i
+
+
+class Identity(torch.nn.Module):
+    """An encoder whose units are the input features (site ``act``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = torch.nn.Identity()
+        self.num_features = 4
+        self.pretrained_cfg = {"architecture": "identity", "input_size": (4, 1, 1)}
+
+    def forward(self, x):
+        return self.act(x.flatten(1))
+
+
+def _points(n: int, served: int, seed: int) -> Points:
+    """Feature 0 gives the class (+-1); ``served`` points of class 1 carry -1 in feature 0, as
+    class 0 does, and +3 in feature 1: only unit 1 tells them apart. Features 2 and 3 are 0.
+    ``seed`` shifts feature 1 a little (another draw of the same construction)."""
+    y = torch.arange(n) % 2
+    x = torch.zeros(n, 4)
+    x[:, 0] = 2.0 * y - 1
+    ones = torch.nonzero(y == 1).flatten()[:served]
+    x[ones, 0], x[ones, 1] = -1.0, 3.0 + 0.1 * seed
+    return Points(x, y)
+
+
+@pytest.fixture(scope="module")
+def probes():
+    train, test = _points(200, 40, seed=0), _points(100, 20, seed=1)
+    run = dict(Cs=[10.0], progress=False, normalize=None)
+    f = Identity()
+    base = linear_probe(f, train, test, **run)
+    served = memprune.ablate(f, {"act": [1]})  # the units that alone serve the 20 points
+    idle = memprune.ablate(f, {"act": [2]})  # a unit that carries nothing
+    return (
+        test,
+        base,
+        linear_probe(served, train, test, **run),
+        linear_probe(idle, train, test, **run),
+    )
+
+
+def test_exactly_the_points_served_by_the_pruned_units_are_forgotten(probes):
+    test, base, served, _ = probes
+    assert base.accuracy == 1.0
+    fl = flips(base, served)
+    expected = test.x[:, 1] > 0
+    assert torch.equal(fl.forgotten, expected) and not fl.learned.any()
+    assert fl.counts() == {"n_test": 100, "forgotten": 20, "learned": 0, "net_forgotten": 20,
+                           "flip_rate": 0.2}  # fmt: skip
+    score = test.x[:, 1] + 0.001 * torch.arange(100)  # a score that knows which are served
+    assert flip_auc(fl.forgotten, score) == 1.0
+    assert flip_auc(fl.forgotten, -score) == 0.0
+    assert top_share(fl.forgotten, score, top=0.2) == 1.0
+    m = mcnemar(base, served)
+    assert m["a_only"] == 20 and m["b_only"] == 0 and m["p"] == pytest.approx(2 * 0.5**20)
+
+
+def test_a_flip_free_pruning_has_no_flips_and_an_undefined_auc(probes):
+    test, base, _, idle = probes
+    fl = flips(base, idle)
+    assert fl.counts()["forgotten"] == 0 and fl.counts()["learned"] == 0
+    assert flip_auc(fl.forgotten, test.x[:, 1]) is None  # undefined, reported as such
+    assert top_share(fl.forgotten, test.x[:, 1]) is None
+    assert mcnemar(base, idle) == {"a_only": 0, "b_only": 0, "p": 1.0}
+
+
+def test_per_example_predictions_survive_save_and_load(probes, tmp_path):
+    _, base, served, _ = probes
+    served.save(tmp_path / "probe")
+    back = memprune.probe.ProbeResult.load(tmp_path / "probe")
+    assert torch.equal(back.predictions, served.predictions)
+    assert torch.equal(flips(base, back).forgotten, flips(base, served).forgotten)
+
+
+def test_probes_on_other_points_are_refused(probes):
+    _, base, _, _ = probes
+    other = linear_probe(Identity(), _points(200, 40, 0), _points(50, 10, 2), Cs=[10.0],
+                         progress=False, normalize=None)  # fmt: skip
+    with pytest.raises(ConfigError, match="different points"):
+        flips(base, other)
