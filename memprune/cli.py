@@ -334,6 +334,8 @@ PRUNE = [("--scores", A + "scores", "saved UnitMem of this encoder (score units 
           " method's)"),
          ("--export", A + "export", "also each pruned encoder as a torch.export program"),
          ("--onnx", A + "onnx", "with --export: ONNX too (needs onnx)"),
+         ("--forgetting", A + "forgetting", "per test example: what each pruned encoder"
+          " forgets against f (forgetting.md, pies.md)"),
          ("--views", "scores.unitmem.views", "views per point for UnitMem"),
          ("--n-points --max-points", "scores.unitmem.n_points", "UnitMem of a seeded subset"),
          ("--latency-batch", A + "latency_batch", "batch for latency (0: skip)"),

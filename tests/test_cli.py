@@ -161,16 +161,30 @@ def test_prune_command_compares_strategies(tmp_path, capsys):
     tiny = ["--timm", "channels=[8,16,32,64]", "--data", "digits", "--ratio", "0.5"]
     args = [*tiny, "--strategy", "lowest", "random", "--views", "2", "--max-points", "200",
             "--latency-batch", "8"]  # fmt: skip
-    assert main(["prune", *args, "--out", str(out)]) == 0
+    assert main(["prune", *args, "--forgetting", "--out", str(out)]) == 0
     for name in (
         "results.json",
         "comparison.md",
         "comparison.csv",
         "tradeoff.png",
         "unitmem/unitmem.json",
+        "forgetting.md",
+        "pies.md",
     ):
         assert (out / name).is_file(), name
+    # what each pruned encoder forgets, from the saved per-example outcomes
+    from safetensors.torch import load_file
+
+    per = load_file(out / "forgetting.safetensors")
+    names = json.loads((out / "forgetting.json").read_text())["encoders"]
+    assert names[0] == "unpruned" and per["correct"].shape == (len(names), 360)
+    with open(out / "forgetting.csv") as fh:
+        rows = list(__import__("csv").DictReader(fh))
+    for row in rows:
+        right, now = per["correct"][0].bool(), per["correct"][names.index(row["model"])].bool()
+        assert int(row["forgotten"]) == int((right & ~now).sum()), row
     report = json.loads((out / "results.json").read_text())
+    assert all("test set's noise" in v for v in report["verdicts"] if " wins " in v)
     assert [(r["strategy"], r["ratio"]) for r in report["table"]] == [
         ("none", 0.0), ("lowest", 0.5), ("random", 0.5)
     ]  # fmt: skip

@@ -164,9 +164,26 @@ def test_the_section_names_every_claim_and_what_was_skipped(tmp_path):
     _layermem(tmp_path, [0.0, 0.2, 0.1, 0.12])
     lines = findings_lines(tmp_path, {})
     claims = [line for line in lines if line.startswith("- **")]
-    assert len(claims) == 9
-    assert sum(f"**{SKIPPED}**" in line for line in claims) == 7  # only LayerMem is here
-    assert "7 claims were not evaluated" in lines[-1]
+    assert len(claims) == 10
+    assert sum(f"**{SKIPPED}**" in line for line in claims) == 8  # only LayerMem is here
+    assert "8 claims were not evaluated" in lines[-1]
+
+
+def test_the_forgetting_claim_is_judged_per_criterion_against_chance():
+    from memprune.recipes._findings import FAILS, HOLDS, UNSURE, pruning_forgets_atypical
+
+    def verdict(*rows):
+        return pruning_forgets_atypical(None, {"prune": {"forgetting": list(rows)}}).verdict
+
+    atypical = {"strategy": "lowest", "auc": 0.70, "auc_se": 0.05, "n": 4, "forgotten": 9}
+    typical = {"strategy": "random", "auc": 0.35, "auc_se": 0.05, "n": 4, "forgotten": 9}
+    noisy = {"strategy": "magnitude", "auc": 0.55, "auc_se": 0.05, "n": 4, "forgotten": 9}
+    one = {"strategy": "fpgm", "auc": 0.9, "auc_se": None, "n": 1, "forgotten": 2}
+    none = {"strategy": "bnscale", "auc": None, "auc_se": None, "n": 0, "forgotten": 0}
+    assert verdict(atypical) == HOLDS and verdict(atypical, typical) == FAILS
+    assert verdict(atypical, noisy) == UNSURE and verdict(one) == UNSURE
+    assert verdict(none) == UNSURE
+    assert pruning_forgets_atypical(None, {"prune": {"rows": []}}).verdict == SKIPPED
 
 
 def test_the_canary_claims_are_judged_on_the_stages_numbers():

@@ -3,6 +3,8 @@ per-point score predicts them, and McNemar's test, on constructed encoders with 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -105,3 +107,26 @@ def test_probes_on_other_points_are_refused(probes):
                          progress=False, normalize=None)  # fmt: skip
     with pytest.raises(ConfigError, match="different points"):
         flips(base, other)
+
+
+def test_verdicts_between_deterministic_criteria_weigh_the_test_sets_noise(probes):
+    """McNemar on the paired outcomes: 20 points apart, all one way, is beyond the test set's
+    noise; a lead of one disagreeing point is within it, whatever the accuracies say."""
+    from memprune.pruning import prune_verdicts
+
+    _, base, served, idle = probes
+    row = dict(params=1, params_ratio=0.5, macs=1, macs_ratio=0.5, std=0.0, seeds=1, steps=1)
+    rows = [
+        {**row, "strategy": "none", "ratio": 0.0, "recovery": "none", "accuracy": 1.0},
+        {**row, "strategy": "a", "ratio": 0.5, "recovery": "none", "accuracy": 1.0},
+        {**row, "strategy": "b", "ratio": 0.5, "recovery": "none", "accuracy": 0.8},
+    ]
+    outcomes = {("a", 0.5, 1, "none"): [idle], ("b", 0.5, 1, "none"): [served]}
+    line = prune_verdicts(rows, outcomes=outcomes)[-1]
+    assert "a wins" in line and "beyond the test set's noise (McNemar p = 1.91e-06" in line
+    one = dataclasses.replace(served, predictions=base.predictions.clone())
+    one.predictions[1] = 1 - one.predictions[1]  # wrong on one point only
+    outcomes[("b", 0.5, 1, "none")] = [one]
+    line = prune_verdicts(rows, outcomes=outcomes)[-1]
+    assert "within the test set's noise (McNemar p = 1" in line
+    assert "noise" not in prune_verdicts(rows)[-1]  # without outcomes: the seed spread only

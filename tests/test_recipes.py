@@ -30,6 +30,7 @@ TINY = [
     "actions.prune.seeds=[0]", "actions.prune.recover.steps=2", "actions.finetune.epochs=1",
     "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
     "actions.finetune.strategies=[top,last]", "evaluation.knn=false", "evaluation.cs=[1.0]",
+    "data.canaries={n: 40, kind: noise, n_typical: 16, views: 2, pairs: 2, seeds: [0]}",
 ]  # fmt: skip
 
 
@@ -168,7 +169,7 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     monkeypatch.setitem(STAGES, "prune", real)
     log = []
     run_recipe(recipe, crashed, resume=True, log=log.append)
-    assert "[1/10] pretrain: done earlier, skipped" in log
+    assert "[1/11] pretrain: done earlier, skipped" in log
     assert not (crashed / "prune" / "models" / "half-written").exists()
     a = json.loads((whole / "metrics.json").read_text())
     b = json.loads((crashed / "metrics.json").read_text())

@@ -29,6 +29,7 @@ SMALL = [
     "scores.unitmem.enabled=false", "scores.classmem.enabled=false", "scores.sslmem.pairs=1",
     "scores.layermem.enabled=false", "actions.prune.enabled=false",
     "actions.finetune.enabled=false", "evaluation.linear=false", "data.shared=0.2",
+    "data.canaries=null",
 ]  # fmt: skip
 
 

@@ -15,6 +15,7 @@
 from memprune.pruning._ablate import ablate, canary_ablation
 from memprune.pruning._compare import COSTS, compare_pruning, mark_pareto, prune_verdicts
 from memprune.pruning._export import export_encoder, exported_module
+from memprune.pruning._forgetting import by_setting, forgetting_rows, pie_rows, typicality
 from memprune.pruning._gradients import head_gradient_fn, ssl_gradient_fn
 from memprune.pruning._importance import SCORE_SIGNS, UnitMemImportance, channel_scores
 from memprune.pruning._prune import (
@@ -42,20 +43,24 @@ __all__ = [
     "Strategy",
     "UnitMemImportance",
     "ablate",
+    "by_setting",
     "canary_ablation",
     "channel_scores",
     "check_options",
     "compare_pruning",
     "export_encoder",
     "exported_module",
+    "forgetting_rows",
     "head_gradient_fn",
     "load_pruned",
     "mark_pareto",
     "measure_latency",
+    "pie_rows",
     "prune",
     "prune_verdicts",
     "recover",
     "recovery_fn",
     "save_pruned",
     "ssl_gradient_fn",
+    "typicality",
 ]

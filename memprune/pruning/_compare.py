@@ -78,6 +78,7 @@ def compare_pruning(
     onnx: bool = False,
     latency_batch: int | None = 64,
     latency_time: float = 0.5,
+    outcomes: dict | None = None,
     **options,
 ) -> tuple[list[dict], list[dict]]:
     """Prune ``encoder`` by each strategy at each ratio and schedule (``options``: arguments
@@ -93,7 +94,10 @@ def compare_pruning(
     ``export`` each pruned one is also exported there (:func:`export_encoder`, ``onnx`` too)
     and its exported program's latency measured (``latency_export_ms``). Latency: batches of
     ``latency_batch`` (None: not measured), ``latency_time`` seconds each, once per distinct
-    architecture.
+    architecture. ``evaluate`` may return a :class:`memprune.probe.ProbeResult` instead of a
+    float; ``outcomes`` (a dict) then receives each one by encoder name (``unpruned``, and the
+    names under ``models_dir``), for what each pruned encoder forgets example by example
+    (:func:`memprune.probe.flips`).
 
     Returns table rows, one per (strategy, ratio, steps, recovery), the unpruned encoder
     first (strategy ``none``), with the accuracy's mean, ``std`` over seeds and ``seeds``, the
@@ -114,7 +118,8 @@ def compare_pruning(
                               **{k: options[k] for k in keys if k in options})  # fmt: skip
     sweep = _Sweep(encoder, scores, evaluate, recover, options, models_dir=models_dir,
                    overwrite=overwrite, log=log, export={"onnx": onnx} if export else None,
-                   latency_batch=latency_batch, latency_time=latency_time)  # fmt: skip
+                   latency_batch=latency_batch, latency_time=latency_time,
+                   outcomes=outcomes)  # fmt: skip
     rows = []
     for strategy in strategies:
         for ratio in ratios:
@@ -132,6 +137,10 @@ def compare_pruning(
     return mark_pareto(rows), sweep.runs
 
 
+#: The unpruned encoder's name in ``outcomes``.
+NONE_NAME = "unpruned"
+
+
 class _Sweep:
     """Runs one setting of the sweep, saving, timing and evaluating each encoder it makes.
 
@@ -140,14 +149,22 @@ class _Sweep:
     """
 
     def __init__(self, encoder, scores, evaluate, recover, options, *, models_dir, overwrite,
-                 log, export, latency_batch, latency_time):  # fmt: skip
-        self.encoder, self.scores, self.evaluate = encoder, scores, evaluate
+                 log, export, latency_batch, latency_time, outcomes=None):  # fmt: skip
+        self.encoder, self.scores, self._evaluate = encoder, scores, evaluate
+        self.outcomes = outcomes
         self.recover, self.options = recover, options
         self.method = getattr(recover, "method", "recovered") if recover is not None else None
         self.models_dir, self.overwrite, self.log = models_dir, overwrite, log
         self.export, self.batch, self.time = export, latency_batch, latency_time
         self.runs: list[dict] = []
         self.latency: dict[str, float] = {}
+
+    def evaluate(self, model: nn.Module, name: str) -> float:
+        """``evaluate(model)``'s accuracy; a probe result is kept in ``outcomes``."""
+        result = self._evaluate(model)
+        if self.outcomes is not None and hasattr(result, "predictions"):
+            self.outcomes[name] = result
+        return float(getattr(result, "accuracy", result))
 
     def _time(self, model: nn.Module, like: nn.Module) -> float:
         """Seconds of ``model`` on a seeded batch shaped for ``like``."""
@@ -200,7 +217,7 @@ class _Sweep:
     def _score(self, model, name, setting, recovery, seed, report=None) -> float:
         if self.models_dir is not None:
             save_pruned(model, Path(self.models_dir) / name, overwrite=self.overwrite)
-        accuracy = self.evaluate(model)
+        accuracy = self.evaluate(model, name)
         record = {"model_dir": f"models/{name}", **setting, "recovery": recovery, "seed": seed,
                   "accuracy": accuracy}  # fmt: skip
         self.runs.append(record if report is None else {**record, **report.to_dict()})
@@ -231,7 +248,7 @@ class _Sweep:
                 with tempfile.TemporaryDirectory() as tmp:
                     export_encoder(self.encoder, tmp)
                     row["latency_export_ms"] = 1e3 * self._time(exported_module(tmp), self.encoder)
-        return {**row, "accuracy": self.evaluate(self.encoder), "std": 0.0, "seeds": 1}
+        return {**row, "accuracy": self.evaluate(self.encoder, NONE_NAME), "std": 0.0, "seeds": 1}
 
 
 def _label(row: dict) -> str:
@@ -250,11 +267,40 @@ def _margin(best: dict, second: dict) -> str:
     return f"{verdict} the seed spread (2 SE = {200 * se:.1f} points)"
 
 
-def prune_verdicts(rows: list[dict], tolerance: float = 0.01) -> list[str]:
+def _test_noise(best: dict, second: dict, outcomes: dict | None) -> str:
+    """Whether the lead exceeds the test set's own noise, from the two settings' per-example
+    outcomes (``outcomes``: setting -> probe results over its seeds): McNemar's exact test
+    where each has one encoder, else twice the paired standard error over test points of
+    the difference of their per-example accuracy (averaged over seeds)."""
+    from memprune.probe import mcnemar
+
+    key = lambda r: (r["strategy"], r["ratio"], r.get("steps", 1), r["recovery"])  # noqa: E731
+    a, b = (outcomes or {}).get(key(best)), (outcomes or {}).get(key(second))
+    if not a or not b:
+        return ""
+    if len(a) == 1 and len(b) == 1:
+        m = mcnemar(a[0], b[0])
+        verdict = "beyond" if m["p"] < 0.05 else "within"
+        return (
+            f"; {verdict} the test set's noise (McNemar p = {m['p']:.3g}: right on"
+            f" {m['a_only']} points the other gets wrong, wrong on {m['b_only']})"
+        )
+    ca = torch.stack([r.correct() for r in a]).double().mean(0)
+    cb = torch.stack([r.correct() for r in b]).double().mean(0)
+    d = ca - cb
+    se = float(d.std(unbiased=True) / len(d) ** 0.5) if len(d) > 1 else 0.0
+    lead = float(d.mean())
+    verdict = "beyond" if lead > 2 * se else "within"
+    return f"; {verdict} the test set's noise (paired 2 SE = {200 * se:.1f} points)"
+
+
+def prune_verdicts(rows: list[dict], tolerance: float = 0.01,
+                   outcomes: dict | None = None) -> list[str]:  # fmt: skip
     """What a :func:`compare_pruning` table says, in sentences: per criterion (with and
     without recovery), the smallest encoder within ``tolerance`` of the unpruned accuracy;
     per ratio, one-shot schedule and recovery, which criterion wins, by how much over the
-    runner-up, and whether that exceeds the seed spread."""
+    runner-up, and whether that exceeds the seed spread, and with ``outcomes`` ((strategy,
+    ratio, steps, recovery) -> the probe results of its seeds) the test set's noise."""
     base = next(r for r in rows if r["strategy"] == NONE)
     pruned = [r for r in rows if r["strategy"] != NONE]
     lines = []
@@ -288,6 +334,6 @@ def prune_verdicts(rows: list[dict], tolerance: float = 0.01) -> list[str]:
             lines.append(
                 f"{100 * ratio:g}% removed, {rec_text}: {best['strategy']} wins with"
                 f" {100 * best['accuracy']:.1f}%, {lead:.1f} points over {second['strategy']};"
-                f" {_margin(best, second)}"
+                f" {_margin(best, second)}{_test_noise(best, second, outcomes)}"
             )
     return lines

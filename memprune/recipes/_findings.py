@@ -202,6 +202,27 @@ def pruning_highest(run: Path, metrics: dict) -> Finding:
     return Finding(claim, combine(verdicts), "; ".join(parts))
 
 
+FORGET_CLAIM = "pruning forgets atypical examples first (Hooker et al.'s PIEs)"
+
+
+def pruning_forgets_atypical(run: Path, metrics: dict) -> Finding:
+    """Per criterion, the mean over its pruned encoders of the AUC with which the test points'
+    atypicality (f's kNN distance) predicts a forgotten point, against 0.5 (chance)."""
+    per = (metrics.get("prune") or {}).get("forgetting")
+    if not per:
+        return Finding(FORGET_CLAIM, SKIPPED, "the run did not record forgetting"
+                       " (actions.prune.forgetting: true)")  # fmt: skip
+    verdicts, parts = [], []
+    for row in per:
+        if row["auc"] is None:
+            parts.append(f"{row['strategy']}: nothing forgotten")
+            continue
+        verdicts.append(judge(row["auc"] - 0.5, row["auc_se"]))
+        se = "one encoder: no spread" if row["auc_se"] is None else f"± {row['auc_se']:.3f}"
+        parts.append(f"{row['strategy']} AUC {row['auc']:.3f} ({se}, {row['n']} encoders)")
+    return Finding(FORGET_CLAIM, combine(verdicts) if verdicts else UNSURE, "; ".join(parts))
+
+
 def finetune_top(run: Path, metrics: dict) -> Finding:
     claim = FINETUNE_CLAIM
     rows = (metrics.get("finetune") or {}).get("rows")

@@ -309,6 +309,10 @@ class PruneCfg:
     #: a saved UnitMem of f to rank by (a result stem, or a directory holding one); null:
     #: the run's unitmem stage
     scores: str | None = None
+    #: per test example, what each pruned encoder forgets against f (flips of the probe's
+    #: outcome, PIEs over seeds, how atypical points concentrate among them; McNemar's test
+    #: in the verdicts between deterministic criteria): forgetting.md, pies.md
+    forgetting: bool = False
 
 
 @dataclass

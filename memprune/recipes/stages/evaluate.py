@@ -40,14 +40,19 @@ def probe_options(ctx) -> dict:
                 chunk_size=e.chunk_size, cache_dir=e.cache_dir, store=e.store)  # fmt: skip
 
 
-def accuracy(ctx, model, train, test, seed: int | None = None) -> float:
-    """Linear-probe test accuracy of ``model`` as every stage of the run fits it."""
+def probe(ctx, model, train, test, seed: int | None = None):
+    """The linear probe of ``model`` as every stage of the run fits it (a ProbeResult)."""
     from memprune.probe import linear_probe
 
     opts = probe_options(ctx)
     if seed is not None:
         opts["seed"] = seed
-    return linear_probe(model, train, test, **opts).accuracy
+    return linear_probe(model, train, test, **opts)
+
+
+def accuracy(ctx, model, train, test, seed: int | None = None) -> float:
+    """Linear-probe test accuracy of ``model`` as every stage of the run fits it."""
+    return probe(ctx, model, train, test, seed).accuracy
 
 
 def run(ctx, out: Path) -> ProbeAccuracies:

@@ -8,17 +8,20 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from memprune.recipes._findings import pruning_highest
+from memprune.recipes._findings import pruning_forgets_atypical, pruning_highest
 from memprune.recipes._stages import Stage, StageResult
-from memprune.recipes.stages.evaluate import accuracy
+from memprune.recipes.stages.evaluate import probe
 from memprune.recipes.stages.unitmem import score as unit_score
 
 
 @dataclass
 class PruneTable(StageResult):
-    """One row per (strategy, ratio, steps, recovery), the unpruned encoder first."""
+    """One row per (strategy, ratio, steps, recovery), the unpruned encoder first; with
+    forgetting, per strategy the mean flip AUC of atypicality over its encoders (``auc``,
+    ``auc_se``, ``n``, ``forgotten``: mean forgotten test points)."""
 
     rows: list[dict]
+    forgetting: list[dict] = dataclasses.field(default_factory=list)
 
 
 def _needs(recipe) -> list[tuple[str, str | None]]:
@@ -43,6 +46,7 @@ def run(ctx, out: Path) -> PruneTable:
     from memprune.encoders import resolve_device
     from memprune.pruning import (
         PRUNING_STRATEGIES,
+        by_setting,
         compare_pruning,
         prune_verdicts,
         recovery_fn,
@@ -56,8 +60,8 @@ def run(ctx, out: Path) -> PruneTable:
     if scores is not None and p.scores is not None:
         check_scores_match(scores, ctx)
 
-    def evaluate(model) -> float:
-        return accuracy(ctx, model, ctx.probe_train, ctx.test)
+    def evaluate(model):  # the probe's result: its accuracy, and per example for forgetting
+        return probe(ctx, model, ctx.probe_train, ctx.test)
 
     def rescore(model):  # UnitMem of the shrunken encoder
         return unit_score(ctx, model, progress=False)
@@ -73,14 +77,16 @@ def run(ctx, out: Path) -> PruneTable:
                            **options)  # fmt: skip
     # iterative schedules rescore each step's encoder, unless the scores were given
     iterative = max(p.steps) > 1 and "scores" in needs and p.scores is None
+    outcomes = {} if p.forgetting else None
     rows, runs = compare_pruning(
         f, scores, evaluate, p.ratios, p.strategies, out / "models", overwrite=ctx.overwrite,
         log=ctx.log, recover=recover, seeds=p.seeds, steps=p.steps, export=p.export,
         onnx=p.onnx, scope=p.scope, gradients=grads, rescore=rescore if iterative else None,
         max_layer_ratio=p.max_layer_ratio, heads=p.heads, keep_output_width=p.keep_output_width,
-        latency_batch=p.latency_batch,
+        latency_batch=p.latency_batch, outcomes=outcomes,
     )  # fmt: skip
-    verdicts = prune_verdicts(rows)
+    forgetting = [] if outcomes is None else _forgetting(ctx, f, runs, outcomes, out)
+    verdicts = prune_verdicts(rows, outcomes=outcomes and by_setting(runs, outcomes))
     for line in verdicts:
         ctx.log(line)
     write_json(out / "results.json", {"model": ctx.model_name("f"), "checkpoint":
@@ -90,7 +96,38 @@ def run(ctx, out: Path) -> PruneTable:
     write_table(out / "comparison", rows)
     title = f"pruning {ctx.model_name('f')} ({p.scope} scope), linear probe on {r.data.name}"
     plot_prune_tradeoff(rows, out / "tradeoff.png", title)
-    return PruneTable(rows)
+    return PruneTable(rows, forgetting)
+
+
+def _forgetting(ctx, f, runs, outcomes, out: Path) -> list[dict]:
+    """forgetting.md (per pruned encoder), pies.md (per setting) and forgetting.safetensors
+    (per encoder and test point: right or wrong), against f's atypicality of each test point."""
+    import torch
+    from safetensors.torch import save_file
+
+    from memprune._io import atomic_write, write_json
+    from memprune._table import write_table
+    from memprune.pruning import forgetting_rows, pie_rows, typicality
+
+    r = ctx.recipe
+    score = typicality(f, ctx.probe_train, ctx.test, device=r.device, precision=r.precision,
+                       progress=False)  # fmt: skip
+    rows = forgetting_rows(runs, outcomes, score)
+    write_table(out / "forgetting", rows)
+    write_table(out / "pies", pie_rows(runs, outcomes, score))
+    names = ["unpruned", *(n for n in outcomes if n != "unpruned")]
+    tensors = {"correct": torch.stack([outcomes[n].correct() for n in names]).to(torch.uint8),
+               "predictions": torch.stack([outcomes[n].predictions for n in names]),
+               "indices": outcomes[names[0]].indices, "labels": outcomes[names[0]].labels,
+               "typicality": score}  # fmt: skip
+    atomic_write(out / "forgetting.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    write_json(
+        out / "forgetting.json",
+        {
+            "encoders": names,
+            "score": "typicality: mean cosine distance to the 10 nearest probe-train points",
+        },
+    )
 
 
 def check_scores_match(scores, ctx) -> None:
@@ -135,8 +172,12 @@ STAGE = Stage(
     needs=_needs,
     headlines=headlines,
     values=values,
-    findings=(pruning_highest,),
-    tables=(("comparison.md", "Pruning"),),
+    findings=(pruning_highest, pruning_forgets_atypical),
+    tables=(
+        ("comparison.md", "Pruning"),
+        ("forgetting.md", "What each pruned encoder forgets (test points that flip against f)"),
+        ("pies.md", "Pruning-identified exemplars per setting (modal prediction over seeds)"),
+    ),
     plots=(("tradeoff.png", "linear-probe accuracy against parameters, MACs and latency"),),
     printed="comparison.md",
 )

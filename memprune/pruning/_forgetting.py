@@ -1,0 +1,85 @@
+"""What a pruning sweep forgets, example by example (docs/method.md §9c; Hooker et al. 2019):
+per pruned encoder, the test points whose probe outcome flips against the unpruned encoder
+and how a per-point score (memorization or atypicality) predicts the forgotten ones; per
+setting, the pruning-identified exemplars (PIEs): points whose most common prediction over
+the setting's seeds differs from the unpruned encoder's."""
+
+from __future__ import annotations
+
+import torch
+
+from memprune.errors import ConfigError
+from memprune.probe import flip_auc, flips, top_share
+
+#: The settings a sweep's run records are grouped by for PIEs.
+SETTING = ("strategy", "ratio", "steps", "recovery")
+
+
+def _name(record: dict) -> str:
+    return record["model_dir"].split("/", 1)[-1]
+
+
+def by_setting(runs: list[dict], outcomes: dict, base: str = "unpruned") -> dict:
+    """(strategy, ratio, steps, recovery) -> the probe results of its seeds, the unpruned
+    encoder's under ``("none", 0.0, 0, "none")`` (what :func:`prune_verdicts` takes)."""
+    groups = {("none", 0.0, 0, "none"): [outcomes[base]]}
+    for record in runs:
+        groups.setdefault(tuple(record[k] for k in SETTING), []).append(outcomes[_name(record)])
+    return groups
+
+
+def forgetting_rows(runs: list[dict], outcomes: dict, score: torch.Tensor | None,
+                    top: float = 0.1, base: str = "unpruned") -> list[dict]:  # fmt: skip
+    """One row per run of :func:`compare_pruning` (``outcomes``: its probe results by name,
+    ``base`` the unpruned one): forgotten / learned counts against ``base``, and with
+    ``score`` (per test point, sorted by index; higher = more memorized or atypical) the AUC
+    with which it predicts a forgotten point and the forgotten points' share in its ``top``
+    fraction (chance: ``top``). An AUC is None where nothing (or everything) was forgotten."""
+    if base not in outcomes:
+        raise ConfigError(f"outcomes hold no {base!r} probe result to compare against")
+    rows = []
+    for record in runs:
+        fl = flips(outcomes[base], outcomes[_name(record)])
+        row = {**{k: record[k] for k in (*SETTING, "seed")}, "model": _name(record),
+               **fl.counts()}  # fmt: skip
+        if score is not None:
+            row["flip_auc"] = flip_auc(fl.forgotten, score)
+            row["top_share"] = top_share(fl.forgotten, score, top)
+        rows.append(row)
+    return rows
+
+
+def pie_rows(runs: list[dict], outcomes: dict, score: torch.Tensor | None,
+             base: str = "unpruned") -> list[dict]:  # fmt: skip
+    """Per setting of the sweep: the PIEs (points whose modal prediction over the setting's
+    seeds differs from ``base``'s prediction), how many, the share that ``base`` got right,
+    and with ``score`` the AUC with which it predicts a PIE (None without PIEs)."""
+    ref = outcomes[base]
+    groups = by_setting(runs, outcomes, base)
+    rows = []
+    for key, results in list(groups.items())[1:]:  # the unpruned encoder is the reference
+        preds = torch.stack([r.predictions for r in results])  # [seeds, N]
+        modal = torch.mode(preds, dim=0).values
+        pie = modal != ref.predictions
+        row = {**dict(zip(SETTING, key)), "seeds": len(results), "pies": int(pie.sum()),
+               "pies_base_right": float(ref.correct()[pie].double().mean()) if pie.any()
+               else None}  # fmt: skip
+        if score is not None:
+            row["pie_auc"] = flip_auc(pie, score)
+        rows.append(row)
+    return rows
+
+
+def typicality(encoder, train, test, k: int = 10, **features) -> torch.Tensor:
+    """Per test point (sorted by index): the mean cosine distance of its features to its
+    ``k`` nearest training points', under ``encoder``; higher = more atypical (a score for
+    test points, which no encoder trained on, so they have no SSLMem)."""
+    from memprune.probe import extract_features
+
+    tr = extract_features(encoder, train, **features).features
+    te = extract_features(encoder, test, **features).features
+    tr = torch.nn.functional.normalize(tr.double(), dim=1)
+    te = torch.nn.functional.normalize(te.double(), dim=1)
+    sims = te @ tr.T
+    k = min(k, sims.shape[1])
+    return (1 - sims.topk(k, dim=1).values).mean(1).float()
