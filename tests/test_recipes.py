@@ -123,7 +123,7 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     for title in named:
         assert title in report, title
     claims = report.split("## The papers' findings")[1].split("\n## ")[0]
-    assert claims.count("- **") == 9 and "**not evaluated**: in ViTs" in claims  # a ResNet
+    assert claims.count("- **") == 10 and "**not evaluated**: in ViTs" in claims  # a ResNet
     for name in ("recipe.yaml", "environment.json", "metrics.json", "metrics.csv"):
         assert (whole / name).is_file()
     env = json.loads((whole / "environment.json").read_text())

@@ -299,6 +299,7 @@ def canaries_ablation(run: Path, metrics: dict) -> Finding:
     if not c:
         return Finding(ABLATION_CLAIM, SKIPPED, "the run has no canaries")
     d, se = c["canary_drop"] - c["random_drop"], c["random_drop_se"]
+    spread = "one random seed: no spread" if se is None else f"random spread ± {se:.4f} over seeds"
     return Finding(ABLATION_CLAIM, judge(d, se),
                    f"drop of the canary SSLMem difference, canary units − random units:"
-                   f" {d:+.4f} (random spread ± {se:.4f} over seeds)")  # fmt: skip
+                   f" {d:+.4f} ({spread})")  # fmt: skip

@@ -33,7 +33,8 @@ class CanarySummary(StageResult):
     #: drops of the canaries' SSLMem difference: canary units, and random units (mean, SE)
     canary_drop: float
     random_drop: float
-    random_drop_se: float
+    #: None with fewer than two random seeds (no spread)
+    random_drop_se: float | None
     canary_accuracy_drop: float | None
     random_accuracy_drop: float | None
     rows: list[dict] = field(default_factory=list)
@@ -99,7 +100,7 @@ def _summary(kind, splits, audit, rows, atypical, local, ablation) -> CanarySumm
     rand = [row["sslmem_drop"] for row in by_arm.get("random", [])]
     mean = sum(rand) / len(rand) if rand else math.nan
     spread = (math.sqrt(sum((x - mean) ** 2 for x in rand) / (len(rand) - 1) / len(rand))
-              if len(rand) > 1 else math.nan)  # fmt: skip
+              if len(rand) > 1 else None)  # fmt: skip
     canary = by_arm["canary"][0] if "canary" in by_arm else {}
     rand_acc = [row.get("accuracy_drop") for row in by_arm.get("random", [])]
     rand_acc = [x for x in rand_acc if x is not None]
@@ -119,6 +120,8 @@ def _summary(kind, splits, audit, rows, atypical, local, ablation) -> CanarySumm
 def headlines(s: CanarySummary) -> list[str]:
     z = s.sslmem_diff / s.sslmem_se if s.sslmem_se else math.nan
     where = s.separable_layer or "no layer (AUC within two standard errors of 0.5 everywhere)"
+    spread = ("(one seed: no spread)" if s.random_drop_se is None
+              else f"± {s.random_drop_se:.4f}")  # fmt: skip
     acc = ""
     if s.canary_accuracy_drop is not None:
         acc = (f"; probe accuracy drops {100 * s.canary_accuracy_drop:+.1f} points"
@@ -131,7 +134,7 @@ def headlines(s: CanarySummary) -> list[str]:
         f"UnitMem's top decile points at included canaries in {100 * s.top_share:.1f}% of"
         f" units (chance {100 * s.chance:.1f}%). Ablating the units UnitMem attributes to them"
         f" lowers the canaries' SSLMem difference by {s.canary_drop:+.4f}, as many random"
-        f" units by {s.random_drop:+.4f} ± {s.random_drop_se:.4f}{acc}.",
+        f" units by {s.random_drop:+.4f} {spread}{acc}.",
     ]
 
 
