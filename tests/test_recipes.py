@@ -30,7 +30,7 @@ TINY = [
     "actions.prune.seeds=[0]", "actions.prune.recover.steps=2", "actions.finetune.epochs=1",
     "actions.finetune.seeds=[0]", "actions.finetune.k=[1]",
     "actions.finetune.strategies=[top,last]", "evaluation.knn=false", "evaluation.cs=[1.0]",
-    "data.canaries={n: 40, kind: noise, n_typical: 16, views: 2, pairs: 2, seeds: [0]}",
+    "data.canaries={n: 20, kind: noise, n_typical: 8, views: 1, pairs: 1, seeds: [0]}",
 ]  # fmt: skip
 
 
