@@ -130,3 +130,29 @@ def test_verdicts_between_deterministic_criteria_weigh_the_test_sets_noise(probe
     line = prune_verdicts(rows, outcomes=outcomes)[-1]
     assert "within the test set's noise (McNemar p = 1" in line
     assert "noise" not in prune_verdicts(rows)[-1]  # without outcomes: the seed spread only
+
+
+def test_the_privacy_utility_front_keeps_the_undominated_rows(probes):
+    """A row is on the front unless another has at least its accuracy, at most its canary
+    AUC and at most its MACs, one strictly; each row averages its setting's encoders."""
+    from memprune.pruning import privacy_rows
+
+    _, base, _, _ = probes
+
+    def result(auc, ssl):
+        return dataclasses.replace(base, meta={"canary_auc": auc, "canary_gap": ssl})
+
+    def row(strategy, ratio, acc, macs):
+        return {"strategy": strategy, "ratio": ratio, "steps": 1 if ratio else 0,
+                "recovery": "none", "accuracy": acc, "macs_ratio": macs}  # fmt: skip
+
+    rows = [row("none", 0.0, 0.90, 1.0), row("a", 0.5, 0.80, 0.5), row("b", 0.5, 0.70, 0.5),
+            row("c", 0.5, 0.85, 0.5)]  # fmt: skip
+    groups = {("none", 0.0, 0, "none"): [result(0.9, 0.2)],
+              ("a", 0.5, 1, "none"): [result(0.6, 0.1), result(0.8, 0.3)],  # mean 0.7
+              ("b", 0.5, 1, "none"): [result(0.7, 0.1)],  # as private as a, less accurate
+              ("c", 0.5, 1, "none"): [result(0.75, 0.1)]}  # fmt: skip
+    table = {r["strategy"]: r for r in privacy_rows(rows, groups)}
+    assert table["a"]["canary_auc"] == pytest.approx(0.7) and table["a"]["encoders"] == 2
+    assert table["a"]["canary_gap"] == pytest.approx(0.2)
+    assert {s for s, r in table.items() if r["front"]} == {"none", "a", "c"}

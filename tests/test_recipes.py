@@ -119,11 +119,15 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
              "## Pruning", "## Fine-tuning", "layermem/layermem.png", "SSLMem: candidates",
              "unitmem/unitmem_per_site.png", "classmem/classmem_vs_unitmem.png",
              "prune/tradeoff.png", "finetune/comparison.png",
-             "## The papers' findings, checked on this run"]  # fmt: skip
+             "## The papers' findings, checked on this run", "## What each pruned encoder forgets",
+             "## Privacy-utility front", "pruning forgets atypical examples first"]  # fmt: skip
     for title in named:
         assert title in report, title
     claims = report.split("## The papers' findings")[1].split("\n## ")[0]
     assert claims.count("- **") == 10 and "**not evaluated**: in ViTs" in claims  # a ResNet
+    privacy = (whole / "prune" / "privacy.csv").read_text().splitlines()
+    assert privacy[0].startswith("strategy,ratio") and "canary_auc" in privacy[0]
+    assert len(privacy) == 1 + 1 + 2 * 2  # unpruned; lowest and random, with and without distill
     for name in ("recipe.yaml", "environment.json", "metrics.json", "metrics.csv"):
         assert (whole / name).is_file()
     env = json.loads((whole / "environment.json").read_text())

@@ -15,7 +15,13 @@
 from memprune.pruning._ablate import ablate, canary_ablation
 from memprune.pruning._compare import COSTS, compare_pruning, mark_pareto, prune_verdicts
 from memprune.pruning._export import export_encoder, exported_module
-from memprune.pruning._forgetting import by_setting, forgetting_rows, pie_rows, typicality
+from memprune.pruning._forgetting import (
+    by_setting,
+    forgetting_rows,
+    pie_rows,
+    privacy_rows,
+    typicality,
+)
 from memprune.pruning._gradients import head_gradient_fn, ssl_gradient_fn
 from memprune.pruning._importance import SCORE_SIGNS, UnitMemImportance, channel_scores
 from memprune.pruning._prune import (
@@ -56,6 +62,7 @@ __all__ = [
     "mark_pareto",
     "measure_latency",
     "pie_rows",
+    "privacy_rows",
     "prune",
     "prune_verdicts",
     "recover",

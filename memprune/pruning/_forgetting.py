@@ -83,3 +83,33 @@ def typicality(encoder, train, test, k: int = 10, **features) -> torch.Tensor:
     sims = te @ tr.T
     k = min(k, sims.shape[1])
     return (1 - sims.topk(k, dim=1).values).mean(1).float()
+
+
+def privacy_rows(rows: list[dict], groups: dict) -> list[dict]:
+    """The privacy-utility table: per row of a :func:`compare_pruning` table (the unpruned
+    first), the accuracy, the MACs and the means over the setting's encoders of what their
+    probe results' ``meta`` holds of the canaries (``canary_auc``: membership AUC of included
+    against excluded canaries at the output; ``canary_gap``: their member gap, excluded minus
+    included alignment loss). ``front``: on the privacy-utility front, where no other row has
+    at least the accuracy, at most the canary AUC and at most the MACs, one of them strictly.
+    ``groups``: :func:`by_setting`."""
+    out = []
+    for row in rows:
+        key = tuple(row[k] for k in SETTING)
+        metas = [r.meta for r in groups.get(key, []) if "canary_auc" in r.meta]
+        if not metas:
+            continue
+        means = {k: sum(m[k] for m in metas) / len(metas) for k in ("canary_auc", "canary_gap")}
+        out.append({k: row[k] for k in (*SETTING, "accuracy", "macs_ratio")} | means
+                   | {"encoders": len(metas)})  # fmt: skip
+    for r in out:
+        r["front"] = not any(_dominates(o, r) for o in out if o is not r)
+    return out
+
+
+def _dominates(a: dict, b: dict) -> bool:
+    better = (a["accuracy"] >= b["accuracy"], a["canary_auc"] <= b["canary_auc"],
+              a["macs_ratio"] <= b["macs_ratio"])  # fmt: skip
+    strictly = (a["accuracy"] > b["accuracy"], a["canary_auc"] < b["canary_auc"],
+                a["macs_ratio"] < b["macs_ratio"])  # fmt: skip
+    return all(better) and any(strictly)

@@ -60,8 +60,13 @@ def run(ctx, out: Path) -> PruneTable:
     if scores is not None and p.scores is not None:
         check_scores_match(scores, ctx)
 
+    canaries = _canary_signal(ctx) if p.forgetting else None
+
     def evaluate(model):  # the probe's result: its accuracy, and per example for forgetting
-        return probe(ctx, model, ctx.probe_train, ctx.test)
+        result = probe(ctx, model, ctx.probe_train, ctx.test)
+        if canaries is not None:  # what the encoder still shows of f's canaries
+            result.meta.update(canaries(model))
+        return result
 
     def rescore(model):  # UnitMem of the shrunken encoder
         return unit_score(ctx, model, progress=False)
@@ -86,6 +91,10 @@ def run(ctx, out: Path) -> PruneTable:
         latency_batch=p.latency_batch, outcomes=outcomes,
     )  # fmt: skip
     forgetting = [] if outcomes is None else _forgetting(ctx, f, runs, outcomes, out)
+    if canaries is not None:
+        from memprune.pruning import by_setting, privacy_rows
+
+        write_table(out / "privacy", privacy_rows(rows, by_setting(runs, outcomes)))
     verdicts = prune_verdicts(rows, outcomes=outcomes and by_setting(runs, outcomes))
     for line in verdicts:
         ctx.log(line)
@@ -97,6 +106,28 @@ def run(ctx, out: Path) -> PruneTable:
     title = f"pruning {ctx.model_name('f')} ({p.scope} scope), linear probe on {r.data.name}"
     plot_prune_tradeoff(rows, out / "tradeoff.png", title)
     return PruneTable(rows, forgetting)
+
+
+def _canary_signal(ctx):
+    """With canaries in the run: ``fn(model)`` -> the membership signal of the included
+    against the excluded canaries at the model's output, from the model alone (a pruned
+    encoder has another architecture than g, so no SSLMem): the AUC (a member has the lower
+    alignment loss) and the member gap (excluded minus included mean loss); else None."""
+    splits = ctx.splits()
+    if ctx.recipe.data.canaries is None or splits is None or not splits.included:
+        return None
+    from memprune.scores import member_gap
+
+    r, c = ctx.recipe, ctx.recipe.data.canaries
+
+    def signal(model) -> dict:
+        gap = member_gap(model, ctx.train, ctx.train, splits.included, splits.excluded,
+                         n_pairs=c.pairs, layers=["output"], augment=r.scores.augment,
+                         seed=r.seed, device=r.device, precision=r.precision,
+                         progress=False)  # fmt: skip
+        return {"canary_auc": float(gap.auc()[-1]), "canary_gap": float(gap.gap()[-1])}
+
+    return signal
 
 
 def _forgetting(ctx, f, runs, outcomes, out: Path) -> list[dict]:
@@ -177,6 +208,7 @@ STAGE = Stage(
         ("comparison.md", "Pruning"),
         ("forgetting.md", "What each pruned encoder forgets (test points that flip against f)"),
         ("pies.md", "Pruning-identified exemplars per setting (modal prediction over seeds)"),
+        ("privacy.md", "Privacy-utility front: accuracy, canary membership signal and MACs"),
     ),
     plots=(("tradeoff.png", "linear-probe accuracy against parameters, MACs and latency"),),
     printed="comparison.md",
