@@ -1,4 +1,4 @@
-"""The canary study: which canaries the demo can audit (docs/method.md §10).
+"""The canary study: which canaries the demo can audit (docs/method.md §8b).
 
 Trains the demo's pair (recipes/digits-resnet.yaml: 60 epochs, its split and augmentation) with
 canaries of each kind and count, and prints per run the included-minus-excluded SSLMem
