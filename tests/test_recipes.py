@@ -125,6 +125,9 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
         assert title in report, title
     claims = report.split("## The papers' findings")[1].split("\n## ")[0]
     assert claims.count("- **") == 10 and "**not evaluated**: in ViTs" in claims  # a ResNet
+    assert "**not evaluated**: pruning forgets" not in claims  # judged on the run's flips
+    verdicts = json.loads((whole / "prune" / "done.json").read_text())["verdicts"]
+    assert verdicts and all("test set's noise" in v for v in verdicts if " wins " in v)
     privacy = (whole / "prune" / "privacy.csv").read_text().splitlines()
     assert privacy[0].startswith("strategy,ratio") and "canary_auc" in privacy[0]
     assert len(privacy) == 1 + 1 + 2 * 2  # unpruned; lowest and random, with and without distill

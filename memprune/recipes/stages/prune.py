@@ -22,6 +22,8 @@ class PruneTable(StageResult):
 
     rows: list[dict]
     forgetting: list[dict] = dataclasses.field(default_factory=list)
+    #: prune_verdicts of the run (with the test set's noise where forgetting was recorded)
+    verdicts: list[str] = dataclasses.field(default_factory=list)
 
 
 def _needs(recipe) -> list[tuple[str, str | None]]:
@@ -105,7 +107,7 @@ def run(ctx, out: Path) -> PruneTable:
     write_table(out / "comparison", rows)
     title = f"pruning {ctx.model_name('f')} ({p.scope} scope), linear probe on {r.data.name}"
     plot_prune_tradeoff(rows, out / "tradeoff.png", title)
-    return PruneTable(rows, forgetting)
+    return PruneTable(rows, forgetting, verdicts)
 
 
 def _canary_signal(ctx):
@@ -159,6 +161,22 @@ def _forgetting(ctx, f, runs, outcomes, out: Path) -> list[dict]:
             "score": "typicality: mean cosine distance to the 10 nearest probe-train points",
         },
     )
+    return _per_strategy(rows)
+
+
+def _per_strategy(rows: list[dict]) -> list[dict]:
+    """Mean flip AUC (and its standard error over encoders) and forgotten points per strategy."""
+    import statistics
+
+    out = []
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        mine = [r for r in rows if r["strategy"] == strategy]
+        aucs = [r["flip_auc"] for r in mine if r["flip_auc"] is not None]
+        se = statistics.stdev(aucs) / len(aucs) ** 0.5 if len(aucs) > 1 else None
+        out.append({"strategy": strategy, "auc": statistics.mean(aucs) if aucs else None,
+                    "auc_se": se, "n": len(aucs),
+                    "forgotten": statistics.mean(r["forgotten"] for r in mine)})  # fmt: skip
+    return out
 
 
 def check_scores_match(scores, ctx) -> None:
@@ -181,7 +199,7 @@ def check_scores_match(scores, ctx) -> None:
 def headlines(p: PruneTable) -> list[str]:
     from memprune.pruning import prune_verdicts
 
-    return [f"Pruning, {line}." for line in prune_verdicts(p.rows)]
+    return [f"Pruning, {line}." for line in p.verdicts or prune_verdicts(p.rows)]
 
 
 def _label(row: dict) -> str:
