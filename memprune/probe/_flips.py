@@ -68,12 +68,11 @@ def flip_auc(event: torch.Tensor, score: torch.Tensor) -> float | None:
     event, score = event.bool().flatten(), score.double().flatten()
     if len(event) != len(score):
         raise ConfigError(f"{len(event)} events but {len(score)} scores")
-    pos, neg = score[event], score[~event]
-    if len(pos) == 0 or len(neg) == 0:
+    if event.all() or not event.any():
         return None
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(event.numpy(), score.numpy()))
 
 
 def top_share(event: torch.Tensor, score: torch.Tensor, top: float = 0.1) -> float | None:

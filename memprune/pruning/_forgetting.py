@@ -13,6 +13,8 @@ from memprune.probe import flip_auc, flips, top_share
 
 #: The settings a sweep's run records are grouped by for PIEs.
 SETTING = ("strategy", "ratio", "steps", "recovery")
+#: The unpruned encoder's setting in :func:`by_setting`.
+UNPRUNED = ("none", 0.0, 0, "none")
 
 
 def _name(record: dict) -> str:
@@ -22,7 +24,7 @@ def _name(record: dict) -> str:
 def by_setting(runs: list[dict], outcomes: dict, base: str = "unpruned") -> dict:
     """(strategy, ratio, steps, recovery) -> the probe results of its seeds, the unpruned
     encoder's under ``("none", 0.0, 0, "none")`` (what :func:`prune_verdicts` takes)."""
-    groups = {("none", 0.0, 0, "none"): [outcomes[base]]}
+    groups = {UNPRUNED: [outcomes[base]]}
     for record in runs:
         groups.setdefault(tuple(record[k] for k in SETTING), []).append(outcomes[_name(record)])
     return groups
@@ -57,7 +59,9 @@ def pie_rows(runs: list[dict], outcomes: dict, score: torch.Tensor | None,
     ref = outcomes[base]
     groups = by_setting(runs, outcomes, base)
     rows = []
-    for key, results in list(groups.items())[1:]:  # the unpruned encoder is the reference
+    for key, results in groups.items():
+        if key == UNPRUNED:  # the reference itself
+            continue
         preds = torch.stack([r.predictions for r in results])  # [seeds, N]
         modal = torch.mode(preds, dim=0).values
         pie = modal != ref.predictions
