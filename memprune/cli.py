@@ -336,6 +336,8 @@ PRUNE = [("--scores", A + "scores", "saved UnitMem of this encoder (score units 
          ("--onnx", A + "onnx", "with --export: ONNX too (needs onnx)"),
          ("--forgetting", A + "forgetting", "per test example: what each pruned encoder"
           " forgets against f (forgetting.md, pies.md)"),
+         ("--reference", "encoder.reference", "g of f's pair: with --forgetting, each pruned"
+          " encoder's SSLMem of f's candidates (splits.json beside f) against it"),
          ("--views", "scores.unitmem.views", "views per point for UnitMem"),
          ("--n-points --max-points", "scores.unitmem.n_points", "UnitMem of a seeded subset"),
          ("--latency-batch", A + "latency_batch", "batch for latency (0: skip)"),

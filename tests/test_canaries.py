@@ -3,6 +3,8 @@ causal ablation test, on a constructed encoder with known answers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.data import Subset
@@ -244,6 +246,46 @@ def test_a_recipe_with_canaries_records_their_coins_and_reports_the_audit(tmp_pa
     with pytest.raises(ConfigError, match="pair: true"):
         load_recipe(ROOT / "recipes" / "digits-resnet.yaml",
                     [canaries, "encoder.pretrain.pair=false"])  # fmt: skip
+    # the split records what makes the canaries; a run on f's checkpoint reads it from beside
+    # f, and only with the canaries f was trained with
+    assert splits.canary_spec == {"n": 10, "kind": "mix", "seed": 0, "strength": 0.5}
+    from memprune.recipes._context import Context
+
+    f = run / "pretrain" / "f"
+    on_f = [*off, "encoder.pretrain=null", f"encoder.checkpoint={f}",
+            f"encoder.reference={run / 'pretrain' / 'g'}"]  # fmt: skip
+
+    def ctx(*sets):
+        recipe = load_recipe(ROOT / "recipes" / "digits-resnet.yaml", [*on_f, *sets])
+        return Context(recipe, tmp_path / "other", log=lambda line: None)
+
+    assert ctx(canaries).splits().included == splits.included
+    with pytest.raises(ConfigError, match="f was trained with canaries .*'kind': 'mix'"):
+        ctx(canaries.replace("mix", "noise")).splits()
+    plain = ctx("data.canaries=null")  # the base points only: the parts still index them
+    assert plain.splits().candidate == splits.candidate and len(plain.train) == splits.n - 10
+    with pytest.raises(ConfigError, match="data.canaries make .* but f was trained with"):
+        ctx(canaries.replace("n: 10", "n: 12")).splits()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    dataclasses.replace(splits, n=splits.n - 10, canaries=[], included=[],
+                        canary_spec=None).save(bare / "splits.json")  # fmt: skip
+    with pytest.raises(ConfigError, match="f was trained without canaries"):
+        ctx(canaries, f"encoder.checkpoint={bare / 'f'}").splits()
+    # `memprune prune --reference g --forgetting` on f: each pruned encoder's SSLMem of f's
+    # candidates against g, beside that of unseen points; the verdict names the criterion
+    from memprune.cli import main
+
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--checkpoint", str(f), "--reference", str(run / "pretrain" / "g"),
+                 "--forgetting", "--data", "digits", "--ratio", "0.5", "--strategy",
+                 "magnitude", "random", "--seeds", "0", "1", "--latency-batch", "0",
+                 "--out", str(pruned)]) == 0  # fmt: skip
+    header, *lines = (pruned / "privacy.csv").read_text().splitlines()
+    assert "sslmem_unseen" in header and "memorization" in header and "canary" not in header
+    assert [line.split(",")[0] for line in lines] == ["none", "magnitude", "random"]
+    verdicts = json.loads((pruned / "results.json").read_text())["verdicts"]
+    assert any("leaves the least memorization" in v for v in verdicts), verdicts
 
 
 #: The toy canary pair of benchmarks/planted_margin.py (``--canaries``): f trains on 64

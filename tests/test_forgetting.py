@@ -156,3 +156,85 @@ def test_the_privacy_utility_front_keeps_the_undominated_rows(probes):
     assert table["a"]["canary_auc"] == pytest.approx(0.7) and table["a"]["encoders"] == 2
     assert table["a"]["canary_gap"] == pytest.approx(0.2)
     assert {s for s, r in table.items() if r["front"]} == {"none", "a", "c"}
+    assert table["a"]["canary_auc_se"] == pytest.approx(0.1)  # (0.8 - 0.6) / sqrt(2) / sqrt(2)
+    assert "canary_auc_se" not in table["b"]  # one encoder: no spread
+
+
+def _privacy_row(strategy, ratio, acc, macs, recovery="none", **signals):
+    return {"strategy": strategy, "ratio": ratio, "steps": 1 if ratio else 0,
+            "recovery": recovery, "accuracy": acc, "macs_ratio": macs, **signals}  # fmt: skip
+
+
+def test_the_front_minimizes_the_candidates_memorization_beside_the_canaries():
+    """With SSLMem against g recorded, the front also asks for at most the memorization: a
+    row as accurate and as private on the canaries but holding more is dominated."""
+    from memprune.pruning._forgetting import _dominates
+
+    a = _privacy_row("a", 0.5, 0.8, 0.5, canary_auc=0.6, memorization=0.01)
+    b = _privacy_row("b", 0.5, 0.8, 0.5, canary_auc=0.6, memorization=0.05)
+    assert _dominates(a, b) and not _dominates(b, a)
+    c = _privacy_row("c", 0.5, 0.8, 0.5, canary_auc=0.6)  # no memorization recorded
+    assert not _dominates(a, c) and not _dominates(c, a)  # equal on what both hold
+
+
+def test_privacy_verdicts_name_the_criterion_leaving_least_memorization_and_its_spread():
+    from memprune.pruning import privacy_verdicts
+
+    rows = [_privacy_row("none", 0.0, 0.90, 1.0, memorization=0.080,
+                         memorization_point_se=0.012),
+            _privacy_row("highest", 0.5, 0.70, 0.5, "distill", memorization=0.010,
+                         memorization_se=0.002),
+            _privacy_row("random", 0.5, 0.80, 0.5, "distill", memorization=0.030,
+                         memorization_se=0.003),
+            _privacy_row("lowest", 0.5, 0.75, 0.5, "distill", memorization=0.050,
+                         memorization_se=0.004),
+            _privacy_row("lowest", 0.3, 0.85, 0.7, memorization=0.060),
+            _privacy_row("magnitude", 0.3, 0.84, 0.7, memorization=0.061)]  # fmt: skip
+    first, *rest = privacy_verdicts(rows)
+    assert first == (
+        "candidates' SSLMem beyond unseen points: 0.080 unpruned ± 0.012"
+        " (standard error over the scored points)"
+    )
+    at30 = next(line for line in rest if line.startswith("30%"))
+    assert "lowest leaves the least" in at30 and "0.001 below magnitude" in at30
+    assert "no seed spread, not judged" in at30 and "the most accurate too" in at30
+    at50 = next(line for line in rest if line.startswith("50%"))
+    assert "after distill: highest leaves the least" in at50 and "0.020 below random" in at50
+    assert "beyond the seed spread (2 SE 0.007)" in at50  # 2 * sqrt(0.002² + 0.003²)
+    assert "10.0 points below random's 80.0%" in at50
+    rows[2]["memorization_se"] = 0.02  # a wide spread: the same lead is within it
+    at50 = next(line for line in privacy_verdicts(rows) if line.startswith("50%"))
+    assert "within the seed spread" in at50
+
+
+def test_privacy_verdicts_weigh_the_lead_against_the_scored_points_paired_noise():
+    """Per-point SSLMem of each setting's encoders: a lead that every point shares is beyond
+    the points' noise; the same mean lead made of large per-point swings is within it."""
+    from types import SimpleNamespace
+
+    from memprune.pruning import privacy_verdicts
+
+    gen = torch.Generator().manual_seed(0)
+    members, unseen = torch.rand(64, generator=gen), torch.rand(64, generator=gen)
+
+    def result(shift, swing):
+        wiggle = swing * torch.randn(64, generator=gen)
+        wiggle -= wiggle.mean()  # the same mean lead, however large the swings
+        return SimpleNamespace(meta={"sslmem_points": (members + shift + wiggle).tolist(),
+                                     "sslmem_unseen_points": unseen.tolist()})  # fmt: skip
+
+    def rows_and_groups(swing):
+        a, b = [result(0.0, 0.0)], [result(0.02, swing)]
+        lead = sum(b[0].meta["sslmem_points"]) / 64 - sum(a[0].meta["sslmem_points"]) / 64
+        rows = [_privacy_row("a", 0.5, 0.8, 0.5, memorization=0.0),
+                _privacy_row("b", 0.5, 0.8, 0.5, memorization=lead)]  # fmt: skip
+        return rows, {("a", 0.5, 1, "none"): a, ("b", 0.5, 1, "none"): b}
+
+    line = privacy_verdicts(*rows_and_groups(0.0))[-1]
+    assert (
+        "a leaves the least" in line
+        and "beyond the scored points' noise (paired 2 SE 0.000)" in line
+    )
+    line = privacy_verdicts(*rows_and_groups(0.3))[-1]
+    assert "within the scored points' noise" in line
+    assert "points' noise" not in privacy_verdicts(rows_and_groups(0.0)[0])[-1]  # not recorded

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import Subset
 
 from memprune import LayerMemResult, layer_mem, load_dataset, ssl_mem
+from memprune.encoders import feature_dim
 from memprune.errors import ConfigError
 from memprune.train import pretrain_pair
 
@@ -156,3 +157,29 @@ def test_layermem_two_processes_equal_one(tmp_path, pair):
     two = LayerMemResult.load(tmp_path / "layermem")
     assert torch.equal(two.indices, one.indices)
     torch.testing.assert_close(two.sslmem, one.sslmem, atol=1e-6, rtol=1e-5)
+
+
+def test_many_encoders_against_one_reference_equal_ssl_mem_and_take_a_pruned_f(pair):
+    """ssl_mem_against(g)(f) is ssl_mem(f, g) (the same views); a pruned f, of another
+    width than g, is scored against g's unchanged losses, its own losses those that the
+    member gap (same views, the encoder alone) measures."""
+    from memprune.pruning import prune
+    from memprune.scores import member_gap, ssl_mem_against
+
+    f, g, splits, data = pair
+    points = splits.candidate[:12]
+    against = ssl_mem_against(g, data, points, n_pairs=2, seed=3)
+    direct = ssl_mem(f, g, data, points, n_pairs=2, seed=3)
+    mine = against(f)
+    for name in ("indices", "score", "raw", "loss_f", "loss_g"):
+        torch.testing.assert_close(getattr(mine, name), getattr(direct, name), rtol=0, atol=1e-6)
+    small, _ = prune(f, None, 0.5, "magnitude", keep_output_width=False, latency_batch=None)
+    with pytest.raises(ConfigError, match="same architecture"):
+        ssl_mem(small, g, data, points, n_pairs=2)
+    assert feature_dim(small) < feature_dim(g)
+    shrunk = against(small)
+    torch.testing.assert_close(shrunk.loss_g, direct.loss_g, rtol=0, atol=0)
+    gap = member_gap(small, data, data, points, splits.extra[:2], n_pairs=2, layers=["output"],
+                     seed=3, progress=False)  # fmt: skip
+    torch.testing.assert_close(shrunk.loss_f, gap.member_loss[:, -1].float(), rtol=0, atol=1e-6)
+    assert not torch.allclose(shrunk.score, mine.score)

@@ -49,6 +49,9 @@ class Splits:
     included: list[int] = field(default_factory=list)
     #: how many times each included canary appears in f's training set per epoch
     repeat: int = 1
+    #: what makes the canaries' images (kind, seed, strength), so that a run that reads this
+    #: split with other canaries is refused rather than scoring images f never saw
+    canary_spec: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
@@ -105,10 +108,11 @@ class Splits:
 
     @classmethod
     def _from_dict(cls, data: dict, path) -> Splits:
-        unknown = set(data) - {"n", "seed", "repeat", *PARTS, "canaries", "included"}
+        unknown = set(data) - {"n", "seed", "repeat", "canary_spec", *PARTS, "canaries",
+                               "included"}  # fmt: skip
         if unknown or "n" not in data:
             raise ConfigError(f"{path} is not a memprune splits file (keys {sorted(data)})")
-        scalars = ("n", "seed", "repeat")
+        scalars = ("n", "seed", "repeat", "canary_spec")
         return cls(**{k: v if k in scalars else [int(i) for i in v] for k, v in data.items()})
 
 

@@ -20,6 +20,7 @@ from memprune.pruning._forgetting import (
     forgetting_rows,
     pie_rows,
     privacy_rows,
+    privacy_verdicts,
     typicality,
 )
 from memprune.pruning._gradients import head_gradient_fn, ssl_gradient_fn
@@ -63,6 +64,7 @@ __all__ = [
     "measure_latency",
     "pie_rows",
     "privacy_rows",
+    "privacy_verdicts",
     "prune",
     "prune_verdicts",
     "recover",

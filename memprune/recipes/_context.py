@@ -105,11 +105,59 @@ class Context:
     def test(self):
         return self.dataset(self.recipe.data.name, "test")
 
+    def canary_spec(self) -> dict | None:
+        """What makes this run's canaries' images (recorded in the split f trains on)."""
+        c = self.recipe.data.canaries
+        if c is None:
+            return None
+        seed = self.recipe.seed if c.seed is None else c.seed
+        return {"n": c.n, "kind": c.kind, "seed": seed, "strength": c.strength}
+
     def splits(self):
+        """The split f was trained on: the pretrain stage's, else the ``splits.json`` beside
+        ``encoder.checkpoint`` (where ``memprune pretrain`` writes it); None if neither. Its
+        canaries must be this run's (else a canary index would name another image)."""
         from memprune.data import Splits
 
         path = self.dir("pretrain") / "splits.json"
-        return Splits.load(path) if path.is_file() else None
+        enc = self.recipe.encoder
+        if enc.pretrain is None and enc.checkpoint is not None:
+            path = Path(enc.checkpoint).parent / "splits.json"
+        if not path.is_file():
+            if self.recipe.data.canaries is not None:
+                raise ConfigError(
+                    f"data.canaries: no splits.json at {path} says which canaries f was trained"
+                    " with: name the f of a pair memprune trained (encoder.checkpoint)"
+                )
+            return None
+        if path not in self._cache:
+            splits = Splits.load(path)
+            self._check_canaries(splits, path)
+            self._cache[path] = splits
+        return self._cache[path]
+
+    def _check_canaries(self, splits, path: Path) -> None:
+        """The split must index this run's train split: with ``data.canaries``, the canaries
+        f was trained with; without, the base points (a split's canaries come after them)."""
+        spec, n = self.canary_spec(), len(self.train)
+        if spec is not None and not splits.canaries:
+            raise ConfigError(
+                f"data.canaries is set but f was trained without canaries ({path}): remove"
+                " data.canaries, or use an f trained with them"
+            )
+        recorded = splits.canary_spec
+        if spec is not None and recorded is not None and recorded != spec:
+            raise ConfigError(
+                f"data.canaries make {spec}, but f was trained with canaries {recorded}"
+                f" ({path}): copy data.canaries from the recipe that trained f"
+            )
+        expected = splits.n if spec is not None else splits.n - len(splits.canaries)
+        if expected != n:
+            raise ConfigError(
+                f"{path} splits {expected} points but this run's train split has {n}"
+                f"{' with its canaries' if spec else ''}: use the data (and data.canaries) f was"
+                " trained on"
+            )
 
     def indices(self, cfg, key: str, default_part: str | None) -> tuple[object, list | None]:
         """The data set and indices of a :class:`PointsCfg` (``key`` names it in errors):

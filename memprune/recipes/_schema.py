@@ -554,10 +554,17 @@ def _check_scores(recipe: Recipe) -> None:
             "scores.sslmem: compares f's candidates with the extras of encoder.pretrain's"
             " split; add encoder.pretrain or set enabled: false"
         )
-    if recipe.data.canaries is not None and (enc.pretrain is None or not enc.pretrain.pair):
+    pair = enc.pretrain.pair if enc.pretrain is not None else enc.checkpoint is not None
+    if recipe.data.canaries is not None and not pair:
         raise RecipeError(
             "data.canaries: canaries are included in f's training by a coin, so the recipe"
-            " must train the pair (encoder.pretrain with pair: true)"
+            " must train the pair (encoder.pretrain with pair: true) or name an f such a"
+            " pair trained (encoder.checkpoint, with its splits.json beside it)"
+        )
+    if recipe.data.canaries is not None and enc.pretrain is None and enc.reference is None:
+        raise RecipeError(
+            "data.canaries: the canary audit scores f against the g of its pair: add"
+            " encoder.reference (beside encoder.checkpoint)"
         )
     if scores.membergap.enabled and enc.pretrain is None:
         missing = [k for k in ("members", "nonmembers") if getattr(recipe.data, k) is None]

@@ -3,7 +3,8 @@
 * metrics (``update`` / ``merge`` / ``compute`` / ``reset`` / ``sync``): :class:`UnitMem`,
   :class:`ClassMem`, :class:`LayerMem`, :class:`CKA`;
 * functions over an encoder and a data set: :func:`unit_mem`, :func:`class_mem`,
-  :func:`ssl_mem`, :func:`layer_mem`, :func:`member_gap` (one encoder, no reference),
+  :func:`ssl_mem`, :func:`ssl_mem_against` (many f, one g), :func:`layer_mem`,
+  :func:`member_gap` (one encoder, no reference),
   :func:`canary_audit` / :func:`canary_units` (canaries included at random: a known answer),
   :func:`cka`, :func:`cka_from_features`, :func:`learnedness`;
 * results (``kind``, ``meta``, ``to_rows``, ``save`` / ``load``).
@@ -26,6 +27,7 @@ from memprune.scores.sslmem import (
     SSLMemResult,
     layer_mem,
     ssl_mem,
+    ssl_mem_against,
 )
 from memprune.scores.unitmem import (
     ClassMem,
@@ -62,5 +64,6 @@ __all__ = [
     "learnedness",
     "member_gap",
     "ssl_mem",
+    "ssl_mem_against",
     "unit_mem",
 ]

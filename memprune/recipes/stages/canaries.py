@@ -143,7 +143,7 @@ STAGE = Stage(
     CanarySummary,
     run,
     enabled=lambda recipe: recipe.data.canaries is not None,
-    needs=lambda recipe: [("pretrain", None)],
+    needs=lambda recipe: [("pretrain", None)] if recipe.encoder.pretrain is not None else [],
     headlines=headlines,
     values=lambda s: {"canary SSLMem difference": s.sslmem_diff, "canary output AUC": s.output_auc},
     findings=(canaries_atypical, canaries_ablation),

@@ -3,6 +3,7 @@ on the split of ``data``, or of one encoder on the whole train split (``pair: fa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def run(ctx, out: Path) -> PretrainResult:
     repeat = 1 if d.canaries is None else d.canaries.repeat
     splits = make_splits(len(train), d.shared, d.candidate, d.extra, d.test, seed=d.split_seed,
                          canaries=canaries, p=p_in, repeat=repeat)  # fmt: skip
+    splits = dataclasses.replace(splits, canary_spec=ctx.canary_spec())
     f, g, splits = pretrain_pair(r.encoder.model, train, out, splits=splits, **common)
     ctx.log(f"splits: shared {len(splits.shared)}, candidate {len(splits.candidate)}, extra"
             f" {len(splits.extra)}, test {len(splits.test)}, canaries {len(splits.canaries)}"

@@ -22,8 +22,11 @@ class PruneTable(StageResult):
 
     rows: list[dict]
     forgetting: list[dict] = dataclasses.field(default_factory=list)
-    #: prune_verdicts of the run (with the test set's noise where forgetting was recorded)
+    #: prune_verdicts of the run (with the test set's noise where forgetting was recorded),
+    #: then privacy_verdicts (which criterion leaves the least memorization)
     verdicts: list[str] = dataclasses.field(default_factory=list)
+    #: privacy_rows: per setting, accuracy, MACs and the memorization signals left
+    privacy: list[dict] = dataclasses.field(default_factory=list)
 
 
 def _needs(recipe) -> list[tuple[str, str | None]]:
@@ -62,12 +65,12 @@ def run(ctx, out: Path) -> PruneTable:
     if scores is not None and p.scores is not None:
         check_scores_match(scores, ctx)
 
-    canaries = _canary_signal(ctx) if p.forgetting else None
+    memorized = _memorization_signal(ctx) if p.forgetting else None
 
     def evaluate(model):  # the probe's result: its accuracy, and per example for forgetting
         result = probe(ctx, model, ctx.probe_train, ctx.test)
-        if canaries is not None:  # what the encoder still shows of f's canaries
-            result.meta.update(canaries(model))
+        if memorized is not None:  # what the encoder still shows of f's memorization
+            result.meta.update(memorized(model))
         return result
 
     def rescore(model):  # UnitMem of the shrunken encoder
@@ -93,11 +96,15 @@ def run(ctx, out: Path) -> PruneTable:
         latency_batch=p.latency_batch, outcomes=outcomes,
     )  # fmt: skip
     forgetting = [] if outcomes is None else _forgetting(ctx, f, runs, outcomes, out)
-    if canaries is not None:
-        from memprune.pruning import by_setting, privacy_rows
-
-        write_table(out / "privacy", privacy_rows(rows, by_setting(runs, outcomes)))
     verdicts = prune_verdicts(rows, outcomes=outcomes and by_setting(runs, outcomes))
+    privacy = []
+    if memorized is not None:
+        from memprune.pruning import privacy_rows, privacy_verdicts
+
+        groups = by_setting(runs, outcomes)
+        privacy = privacy_rows(rows, groups)
+        write_table(out / "privacy", privacy)
+        verdicts += privacy_verdicts(privacy, groups)
     for line in verdicts:
         ctx.log(line)
     write_json(out / "results.json", {"model": ctx.model_name("f"), "checkpoint":
@@ -107,29 +114,73 @@ def run(ctx, out: Path) -> PruneTable:
     write_table(out / "comparison", rows)
     title = f"pruning {ctx.model_name('f')} ({p.scope} scope), linear probe on {r.data.name}"
     plot_prune_tradeoff(rows, out / "tradeoff.png", title)
-    return PruneTable(rows, forgetting, verdicts)
+    return PruneTable(rows, forgetting, verdicts, privacy)
 
 
-def _canary_signal(ctx):
-    """With canaries in the run: ``fn(model)`` -> the membership signal of the included
-    against the excluded canaries at the model's output, from the model alone (a pruned
-    encoder has another architecture than g, so no SSLMem): the AUC (a member has the lower
-    alignment loss) and the member gap (excluded minus included mean loss); else None."""
+#: candidates (and as many unseen test points) whose SSLMem each pruned encoder gets, with
+#: this many view pairs each (the points, not the views, limit its standard error)
+MEMORIZATION_POINTS, MEMORIZATION_PAIRS = 128, 5
+
+
+def _memorization_signal(ctx):
+    """``fn(model) -> dict``: what a pruned encoder still shows of f's memorization, or None
+    when the run has neither canaries nor a reference g.
+
+    With canaries: the membership signal of the included against the excluded canaries at
+    the output, from the model alone (``canary_auc``: a member has the lower alignment loss;
+    ``canary_gap``: excluded minus included mean loss). With g: the mean output SSLMem against
+    g of (up to) :data:`MEMORIZATION_POINTS` candidates (``sslmem``) and of as many test
+    points neither encoder saw (``sslmem_unseen``): pruning that only blurs the encoder's
+    invariance lowers both, so ``memorization`` = their difference is what f still holds of
+    its candidates beyond g (``memorization_point_se``: its standard error over the scored
+    points, which every encoder shares, so it bounds the unpruned value, not the differences
+    between pruned encoders)."""
     splits = ctx.splits()
-    if ctx.recipe.data.canaries is None or splits is None or not splits.included:
+    r = ctx.recipe
+    parts = []
+    c = r.data.canaries
+    if c is not None and splits is not None and splits.included:
+        from memprune.scores import member_gap
+
+        def canary(model) -> dict:
+            gap = member_gap(model, ctx.train, ctx.train, splits.included, splits.excluded,
+                             n_pairs=c.pairs, layers=["output"], augment=r.scores.augment,
+                             seed=r.seed, device=r.device, precision=r.precision,
+                             progress=False)  # fmt: skip
+            return {"canary_auc": float(gap.auc()[-1]), "canary_gap": float(gap.gap()[-1])}
+
+        parts.append(canary)
+    has_g = r.encoder.pretrain is not None or r.encoder.reference is not None
+    if has_g and splits is not None and splits.candidate:
+        from torch.utils.data import Subset
+
+        from memprune.data import seeded_subset
+        from memprune.scores import ssl_mem_against
+
+        g = ctx.encoder("g")
+        options = dict(n_pairs=MEMORIZATION_PAIRS, augment=r.scores.augment, seed=r.seed,
+                       device=r.device, precision=r.precision)  # fmt: skip
+        members = seeded_subset(Subset(ctx.train, splits.candidate), MEMORIZATION_POINTS, r.seed)
+        unseen = seeded_subset(ctx.test, len(members), r.seed)
+        on_members = ssl_mem_against(g, members, **options)
+        on_unseen = ssl_mem_against(g, unseen, **options)
+
+        def sslmem(model) -> dict:
+            a, b = on_members(model).score.double(), on_unseen(model).score.double()
+            se = (a.var() / len(a) + b.var() / len(b)).sqrt()  # over the scored points
+            return {
+                "sslmem": float(a.mean()),
+                "sslmem_unseen": float(b.mean()),
+                "memorization": float(a.mean() - b.mean()),
+                "memorization_point_se": float(se),
+                "sslmem_points": a.tolist(),
+                "sslmem_unseen_points": b.tolist(),
+            }
+
+        parts.append(sslmem)
+    if not parts:
         return None
-    from memprune.scores import member_gap
-
-    r, c = ctx.recipe, ctx.recipe.data.canaries
-
-    def signal(model) -> dict:
-        gap = member_gap(model, ctx.train, ctx.train, splits.included, splits.excluded,
-                         n_pairs=c.pairs, layers=["output"], augment=r.scores.augment,
-                         seed=r.seed, device=r.device, precision=r.precision,
-                         progress=False)  # fmt: skip
-        return {"canary_auc": float(gap.auc()[-1]), "canary_gap": float(gap.gap()[-1])}
-
-    return signal
+    return lambda model: {k: v for part in parts for k, v in part(model).items()}
 
 
 def _forgetting(ctx, f, runs, outcomes, out: Path) -> list[dict]:
@@ -226,7 +277,11 @@ STAGE = Stage(
         ("comparison.md", "Pruning"),
         ("forgetting.md", "What each pruned encoder forgets (test points that flip against f)"),
         ("pies.md", "Pruning-identified exemplars per setting (modal prediction over seeds)"),
-        ("privacy.md", "Privacy-utility front: accuracy, canary membership signal and MACs"),
+        (
+            "privacy.md",
+            "Privacy-utility front: accuracy, memorization left (canaries, the"
+            " candidates' SSLMem against g) and MACs",
+        ),
     ),
     plots=(("tradeoff.png", "linear-probe accuracy against parameters, MACs and latency"),),
     printed="comparison.md",
