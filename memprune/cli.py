@@ -62,15 +62,31 @@ def _recipe(args, enable: dict, **names: str):
         put_key(data, _fill(VERBS[args.verb][3], names), parse_augment(args.augment))
     if getattr(args, "recover_augment", None) and args.recover:
         put_key(data, "actions.prune.recover.augment", parse_augment(args.recover_augment))
+    args.names = names
     try:
         return validate(data)
     except RecipeError as err:
-        message = str(err)
-        for action in args.parser._actions:  # the key's flag, where a flag set it
-            key = _fill(action.dest[len(SET) :], names)
-            if action.dest.startswith(SET) and message.startswith((key + ":", key + "[")):
-                message = action.option_strings[0] + message[len(key) :]
-        raise ConfigError(message) from None
+        raise ConfigError(_flagged(str(err), args)) from None
+
+
+def _flagged(message: str, args) -> str:
+    """``message`` with the recipe key it starts with replaced by its flag, where a flag
+    sets that key."""
+    for action in args.parser._actions:
+        key = _fill(action.dest[len(SET) :], getattr(args, "names", {}))
+        if action.dest.startswith(SET) and message.startswith((key + ":", key + "[")):
+            return action.option_strings[0] + message[len(key) :]
+    for key, flag in ENCODER_FLAGS.items():  # the encoder flags every verb shares
+        if (
+            message.startswith(key + ":")
+            and getattr(args, flag[2:].replace("-", "_"), None) is not None
+        ):
+            return flag + message[len(key) :]
+    return message
+
+
+#: recipe keys the encoder flags set (through :func:`_encoder`, not a key of their own)
+ENCODER_FLAGS = {"encoder.img_size": "--img-size", "encoder.model": "--model"}
 
 
 def _run(args, recipe, main: str) -> int:
@@ -78,8 +94,11 @@ def _run(args, recipe, main: str) -> int:
     from memprune.recipes import STAGES, run_verb
 
     command = {"verb": args.verb, "recipe": recipe.to_dict()}
-    out = run_verb(recipe, args.out, main, command, force=bool(args.force),
-                   log=lambda m: print(m, flush=True))  # fmt: skip
+    try:
+        out = run_verb(recipe, args.out, main, command, force=bool(args.force),
+                       log=lambda m: print(m, flush=True))  # fmt: skip
+    except ConfigError as err:  # a check that needs the data or the encoder
+        raise type(err)(_flagged(str(err), args)) from None
     if not is_main():
         return 0
     printed = STAGES[main].printed
@@ -194,7 +213,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     needs = {PRUNING_STRATEGIES[s].needs for s in given.get(key) or schema_default(key)}
     recover = {"method": args.recover} if args.recover else None
     if not args.recover and any(k.startswith("actions.prune.recover.") for k in given):
-        raise ConfigError("--recover-epochs, --recover-steps and --recover-lr need --recover")
+        raise ConfigError(
+            "--recover-epochs, --recover-steps, --recover-lr and --recover-batch-size"
+            " need --recover"
+        )
     unitmem = "scores" in needs and not given.get("actions.prune.scores")
     enable = {"encoder": _encoder(args.checkpoint, args),
               "scores": {"unitmem": {"enabled": unitmem}},
@@ -330,6 +352,7 @@ PRUNE = [("--scores", A + "scores", "saved UnitMem of this encoder (score units 
          ("--recover-epochs", A + "recover.epochs", "recovery epochs"),
          ("--recover-steps", A + "recover.steps", "recovery steps (not epochs)"),
          ("--recover-lr", A + "recover.lr", "recovery learning rate"),
+         ("--recover-batch-size", A + "recover.batch_size", "recovery batch size"),
          ("--recover-augment", "=str+", "recovery views, PRESET|KEY=VALUE (default: the"
           " method's)"),
          ("--export", A + "export", "also each pruned encoder as a torch.export program"),

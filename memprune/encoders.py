@@ -12,6 +12,7 @@ import hashlib
 import os
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from memprune.checkpoints import (
     read_timm_dir,
     restore_pruned,
 )
-from memprune.errors import CheckpointWarning, ConfigError, EncoderError
+from memprune.errors import CheckpointError, CheckpointWarning, ConfigError, EncoderError
 
 #: Input size used for plain ``nn.Module`` encoders that declare none.
 DEFAULT_INPUT_SIZE = (3, 32, 32)
@@ -148,6 +149,8 @@ def _from_timm(path, name, img_size, options, timm_kwargs) -> nn.Module:
 
 def _from_weights(path, name, img_size, options, timm_kwargs) -> nn.Module:
     if name is None:
+        if path is not None and not Path(path).exists():
+            raise CheckpointError(f"checkpoint {path} does not exist")
         raise EncoderError(
             "load_encoder needs a timm model name, or checkpoint=RUN_DIR of a memprune run"
         )

@@ -55,7 +55,13 @@ class Result:
                 f" with the result class of {found or 'its own kind'}"
                 f" (e.g. memprune.load_result), not {cls.__name__}"
             )
-        return cls._build(tensors, record["fields"], record["meta"])
+        try:
+            return cls._build(tensors, record["fields"], record["meta"])
+        except KeyError as err:  # the .json names what the .safetensors lacks
+            raise ConfigError(
+                f"{path}: the .json names {err.args[0]!r}, which its .safetensors lacks: the two"
+                " files were not saved together (or one was edited); compute the result again"
+            ) from None
 
 
 def load_any(path: str | os.PathLike) -> Result:

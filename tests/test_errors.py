@@ -204,6 +204,123 @@ def c_prune_scores_of_another_checkpoint(tmp):
     return args, "were computed on checkpoint"
 
 
+def _scored(tmp, score=memprune.unit_mem, edit=None, on=None):
+    """A checkpoint ``a`` and scores saved at tmp/scores (computed on ``on``, default a's own
+    weights; ``edit`` changes the saved tensors), as `prune --scores` would read them."""
+    from safetensors.torch import load_file
+
+    a = _weights(tmp / "a.safetensors")
+    model = on or memprune.load_encoder("resnet18", checkpoint=str(a), channels=(8, 16, 32, 64))
+    result = score(model, Subset(memprune.load_dataset(), range(6)), n_views=1, sites="layer4.*")
+    result.meta.update(checkpoint=str(a))
+    stem = tmp / "scores" / result.kind
+    result.save(stem)
+    if edit is not None:
+        tensors = load_file(stem.with_suffix(".safetensors"))
+        edit(tensors)
+        save_file(tensors, str(stem.with_suffix(".safetensors")))
+    args = ["prune", *TINY, "--checkpoint", str(a), "--scores", str(stem),
+            "--latency-batch", "0", "--out", str(tmp / "out")]  # fmt: skip
+    return args
+
+
+def c_prune_scores_of_other_weights(tmp):  # another init, or the checkpoint overwritten since
+    torch.manual_seed(1)
+    other = memprune.load_encoder("resnet18", channels=(8, 16, 32, 64))
+    return _scored(tmp, on=other), "computed on an encoder with other weights"
+
+
+def c_prune_scores_with_nan(tmp):
+    def edit(t):
+        t["layer4.0.act1/score"][3] = math.nan
+
+    return _scored(tmp, edit=edit), "site 'layer4.0.act1' has 1 non-finite UnitMem scores"
+
+
+def c_prune_scores_out_of_range(tmp):
+    def edit(t):
+        t["layer4.1.act2/score"][0] = 5.0
+
+    return _scored(tmp, edit=edit), "UnitMem scores outside [0, 1] (min"
+
+
+def c_prune_classmem_as_unitmem(tmp):
+    def class_mem(model, data, n_views, sites):
+        return memprune.class_mem(model, data, n_views=n_views, sites=sites)
+
+    return _scored(tmp, score=class_mem), "but the scores are a classmem result"
+
+
+def c_prune_scores_files_that_disagree(tmp):  # a site the .safetensors lacks
+    def edit(t):
+        for key in [k for k in t if k.startswith("layer4.0.act1/")]:
+            t[key.replace("act1/", "actX/")] = t.pop(key)
+
+    return _scored(tmp, edit=edit), "the two files were not saved together"
+
+
+def c_recover_batch_above_the_data(tmp):  # refused before any stage runs
+    args = ["prune", *TINY, "--recover", "distill", "--recover-batch-size", "5000", "--out",
+            str(tmp / "out")]  # fmt: skip
+    return args, "recover.batch_size 5000 exceeds the 1437 training points"
+
+
+def _prune_args(tmp, *extra, model=TINY):
+    return ["prune", *model, "--ratio", "0.3", "--latency-batch", "0", "--views", "1",
+            "--max-points", "50", *extra, "--out", str(tmp / "out")]  # fmt: skip
+
+
+VIT = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--timm", "patch_size=8",
+       "depth=1", "embed_dim=32", "num_heads=2"]  # fmt: skip
+
+
+def c_prune_seeds_repeated(tmp):
+    return _prune_args(
+        tmp, "--strategy", "random", "--seeds", "0", "0"
+    ), "--seeds: [0, 0] repeats 0"
+
+
+def c_prune_ratios_repeated(tmp):
+    args = _prune_args(tmp, "--strategy", "random")
+    i = args.index("--ratio")
+    args[i + 1 : i + 2] = ["0.3", "0.3"]
+    return args, "--ratio: [0.3, 0.3] repeats 0.3; list each once"
+
+
+def c_prune_bnscale_on_a_vit(tmp):
+    return _prune_args(tmp, "--strategy", "bnscale", model=VIT), "bnscale"
+
+
+def c_prune_heads_on_a_cnn(tmp):
+    return _prune_args(tmp, "--strategy", "random", "--heads"), "--heads: resnet18 has no attention"
+
+
+def c_device_cuda_absent(tmp):  # this machine has no GPU (CI neither)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    return _prune_args(tmp, "--strategy", "random", "--device", "cuda"), "cuda"
+
+
+def c_img_size_zero(tmp):
+    return [*_units(tmp), "--img-size", "0"], "--img-size: 0 is below the minimum 1"
+
+
+def c_latency_batch_negative(tmp):
+    return _prune_args(tmp, "--latency-batch", "-1"), "--latency-batch: -1 is below the minimum 0"
+
+
+def c_lr_infinite(tmp):
+    return ["finetune", "--f", "x", "--lr", "inf", "--out", str(tmp / "out")], (
+        "--lr: inf must be a finite number"
+    )
+
+
+def c_lr_zero(tmp):
+    return ["finetune", "--f", "x", "--lr", "0", "--out", str(tmp / "out")], (
+        "--lr: 0.0 must be above 0"
+    )
+
+
 def c_finetune_k_zero(tmp):
     return [
         "finetune",

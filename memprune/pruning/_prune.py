@@ -184,11 +184,53 @@ def _architecture(model: nn.Module) -> str:
     return (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
 
 
+def check_unit_scores(scores, model: nn.Module) -> None:
+    """Refuse scores that do not belong to ``model`` or are not UnitMem: another kind of
+    result, scores recorded on other weights (another init, a checkpoint overwritten since),
+    and values UnitMem cannot take (NaN or infinite; outside [0, 1] where :func:`unit_mem`
+    made them with bounded activations, ``signed`` other than ``"raw"``: an edited file).
+    Scores built by hand without that record (a planted ranking) are checked for finiteness
+    only."""
+    from memprune.encoders import weights_hash
+
+    kind = getattr(scores, "kind", None)
+    if kind != "unitmem":
+        raise ConfigError(
+            f"lowest / highest prune by UnitMem, but the scores are a"
+            f" {kind or type(scores).__name__} result: pass the UnitMem of the encoder"
+            " (memprune score units, memprune.unit_mem)"
+        )
+    meta = getattr(scores, "meta", None) or {}
+    made_on = meta.get("weights")
+    if made_on is not None and made_on != weights_hash(model)[: len(made_on)]:
+        raise ConfigError(
+            f"the UnitMem scores were computed on an encoder with other weights (weights"
+            f" {made_on}, this one {weights_hash(model)[: len(made_on)]}): another init or a"
+            " checkpoint changed since; score the encoder you prune"
+        )
+    bounded = "signed" in meta and meta["signed"] != "raw"  # made by unit_mem, bounded
+    for name, fields in scores.sites.items():
+        values = torch.as_tensor(fields["score"], dtype=torch.float64)
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            raise ConfigError(
+                f"site {name!r} has {int(bad.sum())} non-finite UnitMem scores (NaN or inf):"
+                " these scores are damaged; score the encoder again"
+            )
+        if bounded and values.numel() and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
+            raise ConfigError(
+                f"site {name!r} has UnitMem scores outside [0, 1] (min {float(values.min()):.4g},"
+                f" max {float(values.max()):.4g}): not UnitMem of non-negative activations;"
+                " score the encoder again"
+            )
+
+
 def prune_sites(model: nn.Module, scores, size: tuple[int, ...]) -> list[Site]:
     """The unit sites to prune: those of ``scores`` (checked against ``model``), or all."""
     auto = {s.name: s for s in find_sites(model, "units", input_size=size)}
     if scores is None:
         return list(auto.values())
+    check_unit_scores(scores, model)
     made_on = scores.meta.get("model")
     if made_on and made_on != _architecture(model):
         raise SiteError(

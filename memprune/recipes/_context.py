@@ -76,6 +76,21 @@ class Context:
             return d.img_size or enc.img_size or 32
         return input_size(self.encoder((self.recipe.evaluation.encoders or ["f"])[0]))[1]
 
+    def input_note(self) -> str:
+        """Which input size the run uses and where it comes from (logged before it starts)."""
+        d, enc = self.recipe.data, self.recipe.encoder
+        size = self.input_size()
+        if d.img_size:
+            source = "data.img_size"
+        elif enc.img_size:
+            source = "encoder.img_size (--img-size)"
+        elif enc.pretrain is not None:
+            source = "the default; set encoder.img_size (--img-size) for another"
+        else:
+            source = ("what the encoder's checkpoint records (else its architecture's default);"
+                      " --img-size for another")  # fmt: skip
+        return f"input size: {size} px, from {source}"
+
     def transform(self):
         """The encoder's eval preprocessing (from its timm data config): of the architecture
         the run trains, or of the first encoder it loads."""

@@ -92,6 +92,29 @@ def _preflight(ctx: Context) -> None:
         from memprune.scores.membership import check_disjoint
 
         check_disjoint(ctx.points("members"), ctx.points("nonmembers"))
+    if recipe.actions.prune.enabled and recipe.actions.prune.heads and enc.pretrain is None:
+        from memprune.sites import find_sites
+
+        f = ctx.encoder("f")
+        if not any(s.role == "heads" for s in find_sites(f, "units", input_size=_size(f))):
+            raise ConfigError(
+                f"actions.prune.heads: {ctx.model_name('f')} has no attention heads to prune;"
+                " leave heads off (it prunes its units all the same)"
+            )
+    rec = recipe.actions.prune.recover if recipe.actions.prune.enabled else None
+    if rec is not None and rec.batch_size > len(ctx.train):
+        raise ConfigError(
+            f"actions.prune.recover.batch_size {rec.batch_size} exceeds the {len(ctx.train)}"
+            " training points the recovery trains on: set it (CLI --recover-batch-size) to at"
+            f" most {len(ctx.train)}"
+        )
+    ctx.log(ctx.input_note())
+
+
+def _size(model) -> tuple[int, ...]:
+    from memprune.encoders import input_size
+
+    return tuple(input_size(model))
 
 
 def _splits_needed(recipe: Recipe) -> list[str]:

@@ -9,6 +9,7 @@ is allowed there. ``--set key=value`` overrides are applied before validation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -102,7 +103,7 @@ class DataCfg:
 
     name: str = "digits"
     root: str | None = None
-    img_size: int | None = None
+    img_size: int | None = field(default=None, metadata=_range(1))
     #: torchvision / folder data: ``encoder`` = the encoder's own eval preprocessing (timm's
     #: data config: resize, centre crop, interpolation); ``resize`` = resize and centre-crop
     #: to img_size. An explicit data.img_size always resizes; the built-in data sets come at
@@ -125,7 +126,7 @@ class PretrainCfg:
     """SimCLR pretraining of f (shared + candidates) and g (shared + extras)."""
 
     epochs: int = field(default=30, metadata=_range(1))
-    lr: float = field(default=3e-3, metadata=_range(0))
+    lr: float = field(default=3e-3, metadata=_range(0, lo_open=True))
     batch_size: int = field(default=128, metadata=_range(2))
     temperature: float = field(default=0.5, metadata=_range(0))
     proj_dim: int = field(default=64, metadata=_range(1))
@@ -144,7 +145,7 @@ class SupervisedCfg:
 
     enabled: bool = False
     epochs: int = field(default=15, metadata=_range(1))
-    lr: float = field(default=1e-3, metadata=_range(0))
+    lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
     batch_size: int = field(default=128, metadata=_range(2))
     points: Literal["f", "all"] = "f"
     random_labels: bool = False
@@ -163,7 +164,7 @@ class EncoderCfg:
 
     #: null with a checkpoint that records its model (a memprune run or pruned directory)
     model: str | None = "resnet18"
-    img_size: int | None = 32
+    img_size: int | None = field(default=32, metadata=_range(1))
     timm: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     checkpoint_from: str | None = None
@@ -283,7 +284,7 @@ class RecoverCfg:
     method: Recovery = "distill"
     epochs: int = field(default=3, metadata=_range(1))
     steps: int | None = field(default=None, metadata=_range(1))  # replaces epochs when set
-    lr: float = field(default=1e-3, metadata=_range(0))
+    lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
     batch_size: int = field(default=64, metadata=_range(2))
     loss: DistillLoss = "cosine"
     sites: list[str] = field(default_factory=list)
@@ -299,7 +300,7 @@ class PruneCfg:
     max_layer_ratio: float | None = field(default=None, metadata=_range(0, 1))
     heads: bool = False
     keep_output_width: bool = True
-    latency_batch: int | None = 64
+    latency_batch: int | None = field(default=64, metadata=_range(0))  # 0: not measured
     seeds: list[int] = field(default_factory=lambda: [0])  # random pruning, recovery
     #: numbers of pruning steps compared (1: one shot; N: N equal steps, recovered between)
     steps: list[int] = field(default_factory=lambda: [1], metadata=_range(1))
@@ -324,7 +325,7 @@ class FinetuneCfg:
     )
     by: By | list[By] | None = None  # rankings `top` uses (None: every one this run has)
     epochs: int = field(default=20, metadata=_range(1))
-    lr: float = field(default=1e-2, metadata=_range(0))
+    lr: float = field(default=1e-2, metadata=_range(0, lo_open=True))
     batch_size: int = field(default=32, metadata=_range(1))
     augment: Preset | dict[str, Any] = "none"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -399,6 +400,8 @@ def _type_name(tp) -> str:
 
 
 def _check_range(value, meta: dict, path: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{path}: {value!r} must be a finite number")
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and meta.get("min_open") and value <= lo:
         raise RecipeError(f"{path}: {value!r} must be above {lo}")
@@ -583,8 +586,19 @@ def _check_scores(recipe: Recipe) -> None:
             )
 
 
+#: lists whose entries each name one run or row: a repeat would write or count it twice
+DISTINCT = ("actions.prune.ratios", "actions.prune.strategies", "actions.prune.seeds",
+            "actions.prune.steps", "actions.finetune.k", "actions.finetune.strategies",
+            "actions.finetune.seeds", "evaluation.cs")  # fmt: skip
+
+
 def _check_actions(recipe: Recipe) -> None:
     act, scores = recipe.actions, recipe.scores
+    for key in DISTINCT:
+        values = _value(recipe, key)
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+        if repeated:
+            raise RecipeError(f"{key}: {values!r} repeats {repeated[0]!r}; list each once")
     if act.finetune.enabled and act.finetune.by and not act.finetune.scores:
         for i, by in enumerate(act.finetune.by):
             stage = RANKED_BY[by]

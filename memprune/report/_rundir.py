@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,9 +114,15 @@ def check_output(path: str | os.PathLike, command: dict, force: bool = False) ->
 def open_output(path: str | os.PathLike, command: dict, force: bool = False) -> OutputDir:
     """Create (or reuse, see :func:`check_output`) the output directory of one command run and
     leave the unfinished marker in it. Call it once every input has been validated and just
-    before the first output is written, so that a bad input leaves nothing behind."""
+    before the first output is written, so that a bad input leaves nothing behind. With
+    ``force``, a directory that holds a previous memprune output is emptied first, so that
+    none of that output (a pruned encoder of another ratio) passes for this one's; a folder
+    memprune did not write is written into and nothing in it removed."""
     overwrite = check_output(path, command, force)
     path = Path(path)
+    if force and (path / MARKER).is_file():  # a previous memprune output: none of it stays
+        for child in path.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / MARKER, {"command": _plain(command), "finished": False})
     return OutputDir(path, overwrite=overwrite)

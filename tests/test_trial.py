@@ -1,0 +1,110 @@
+"""What a new user's trial found (a checkpoint made at its own image size, scores that belong
+to another encoder): each verb works at the size the checkpoint records, with no flag, and
+says which size it used."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from memprune.cli import main
+
+SIZE = 48  # neither the 32 px of the built-in data nor timm's 224
+TINY = ["--timm", "channels=[8,16,32,64]"]
+
+
+def _folder(root, n=16):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = (rng.random((SIZE, SIZE, 3)) * 80 + 60 * c).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_every_verb_works_at_the_size_the_checkpoint_records(tmp_path, capsys):
+    data = str(_folder(tmp_path / "folder"))
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--model", "resnet18", *TINY, "--img-size", str(SIZE), "--data",
+                 data, "--epochs", "1", "--batch-size", "16", "--no-pair", "--out",
+                 str(pre)]) == 0  # fmt: skip
+    assert json.loads((pre / "card.json").read_text())["img_size"] == SIZE
+    capsys.readouterr()
+    note = f"input size: {SIZE} px, from what the encoder's checkpoint records"
+
+    units = tmp_path / "units"
+    assert main(["score", "units", "--checkpoint", str(pre), "--data", data, "--views", "1",
+                 "--out", str(units)]) == 0  # fmt: skip
+    assert note in capsys.readouterr().out
+    shape = json.loads((units / "unitmem.json").read_text())["meta"]["sites"]["act1"]["shape"]
+    assert shape == [64, SIZE // 2, SIZE // 2]  # the stem conv halves the input
+
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--checkpoint", str(pre), "--data", data, "--ratio", "0.5",
+                 "--strategy", "lowest", "--scores", str(units), "--recover", "distill",
+                 "--recover-epochs", "1", "--recover-batch-size", "16", "--latency-batch", "0",
+                 "--out", str(pruned)]) == 0  # fmt: skip
+    assert note in capsys.readouterr().out
+    import torch_pruning as tp
+
+    from memprune import load_encoder
+
+    f = load_encoder(checkpoint=pre)
+    macs, _ = tp.utils.count_ops_and_params(f, torch.zeros(1, 3, SIZE, SIZE))
+    table = json.loads((pruned / "results.json").read_text())["table"]
+    assert table[0]["macs"] == macs  # measured at the checkpoint's size, as everything else
+
+    probe = tmp_path / "probe"
+    recovered = pruned / "models" / "lowest_0.5_distill"
+    assert main(["probe", "--checkpoint", str(pre), str(recovered), "--data", data,
+                 "--out", str(probe)]) == 0  # fmt: skip
+    assert note in capsys.readouterr().out
+
+    tuned = tmp_path / "tuned"
+    assert main(["finetune", "--f", str(pre), "--unit-scores", str(units), "--by", "unitmem",
+                 "--data", data, "--k", "1", "--strategy", "top", "last", "--epochs", "1",
+                 "--batch-size", "16", "--seeds", "0", "--out", str(tuned)]) == 0  # fmt: skip
+    assert note in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_vit_checkpoint_is_scored_and_pruned_at_its_own_size(tmp_path, capsys):
+    """A ViT's patch grid fixes its input size: every verb must use the recorded one (at 32
+    px the patch embedding refuses the images)."""
+    data = str(_folder(tmp_path / "folder", n=8))
+    pre = tmp_path / "pre"
+    vit = ["--model", "vit_tiny_patch16_224", "--timm", "patch_size=16", "depth=1",
+           "embed_dim=32", "num_heads=2"]  # fmt: skip
+    assert main(["pretrain", *vit, "--img-size", str(SIZE), "--data", data, "--epochs", "1",
+                 "--batch-size", "16", "--no-pair", "--out", str(pre)]) == 0  # fmt: skip
+    capsys.readouterr()
+    units = tmp_path / "units"
+    assert main(["score", "units", "--checkpoint", str(pre), "--data", data, "--views", "1",
+                 "--out", str(units)]) == 0  # fmt: skip
+    assert f"input size: {SIZE} px" in capsys.readouterr().out
+    sites = json.loads((units / "unitmem.json").read_text())["meta"]["sites"]
+    assert sites["blocks.0.mlp.act"]["shape"][0] == (SIZE // 16) ** 2 + 1  # patches + class
+    assert main(["prune", "--checkpoint", str(pre), "--data", data, "--ratio", "0.5",
+                 "--strategy", "lowest", "random", "--scores", str(units), "--heads",
+                 "--latency-batch", "0", "--out", str(tmp_path / "pruned")]) == 0  # fmt: skip
+
+
+def test_force_leaves_nothing_of_the_previous_output(tmp_path):
+    out = tmp_path / "out"
+    prune = ["prune", *TINY, "--latency-batch", "0", "--out", str(out)]
+    assert main([*prune, "--strategy", "magnitude", "--ratio", "0.5"]) == 0
+    assert (out / "models" / "magnitude_0.5").is_dir()
+    assert main([*prune, "--strategy", "random", "--ratio", "0.3", "--force"]) == 0
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["random_0.3"]
+    mine = tmp_path / "mine"  # a folder memprune did not write: --force removes none of it
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main([*prune[:-1], str(mine), "--strategy", "random", "--ratio", "0.3", "--force"]) == 0
+    assert (mine / "notes.txt").read_text() == "keep"
