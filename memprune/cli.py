@@ -364,7 +364,8 @@ PRUNE = [("--scores", A + "scores", "saved UnitMem of this encoder (score units 
          ("--views", "scores.unitmem.views", "views per point for UnitMem"),
          ("--n-points --max-points", "scores.unitmem.n_points", "UnitMem of a seeded subset"),
          ("--latency-batch", A + "latency_batch", "batch for latency (0: skip)"),
-         ("--backend", "evaluation.backend", "linear-probe fit")]
+         ("--backend", "evaluation.backend", "linear-probe fit"),
+         ("--cs", "evaluation.cs", "inverse L2 strengths the linear probe sweeps")]
 FINETUNE = [("--f", "=str!", "the pretrained encoder: run dir or weights"),
             ("--g", "=str", "reference encoder, to compute LayerMem"),
             ("--layer-scores", "=str", "LayerMem or member gap of f (score layers --out)"),
@@ -379,7 +380,8 @@ FINETUNE = [("--f", "=str!", "the pretrained encoder: run dir or weights"),
             ("--epochs", F + "epochs", "epochs per run"),
             ("--lr", F + "lr", "AdamW learning rate"),
             ("--batch-size", F + "batch_size", "batch size"),
-            ("--seeds", F + "seeds", "one run per seed")]
+            ("--seeds", F + "seeds", "one run per seed"),
+            ("--cs", "evaluation.cs", "inverse L2 strengths of the linear-probe baseline")]
 SITES = [("--split", "=str", "which split (default: train)"),
          ("--views", "=int", "views per point (default: 4)"),
          ("--points", "=int", "points in the batch pushed through (default: 8)")]

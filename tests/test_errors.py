@@ -321,6 +321,41 @@ def c_lr_zero(tmp):
     )
 
 
+def _split_folder(root, counts):
+    """train/ and test/ of 12-px images, ``counts`` images per class in each."""
+    for split in ("train", "test"):
+        for c, n in counts.items():
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (12, 12), (40 * i, 100, 60 * len(c))).save(
+                    root / split / c / f"{i}.png"
+                )
+    return str(root)
+
+
+def c_probe_too_few_points_to_choose_c(tmp):
+    data = _split_folder(tmp / "imgs", {"a": 2, "b": 2})
+    args = ["probe", *TINY, "--data", data, "--out", str(tmp / "out")]
+    return args, "too few for its 2 classes: give it more training points, or one C"
+
+
+def c_probe_too_few_points_to_choose_k(tmp):
+    data = _split_folder(tmp / "imgs", {"a": 2, "b": 2})
+    args = ["probe", *TINY, "--data", data, "--cs", "1.0", "--out", str(tmp / "out")]
+    return args, "leave the kNN probe out (evaluation.knn: false; CLI --no-knn)"
+
+
+def c_prune_too_few_points_to_choose_c(tmp):
+    data = _split_folder(tmp / "imgs", {"a": 2, "b": 2})
+    return _prune_args(tmp, "--strategy", "random", "--data", data), "CLI --cs 1.0"
+
+
+def c_finetune_batch_of_one(tmp):
+    return ["finetune", "--f", "x", "--batch-size", "1", "--out", str(tmp / "out")], (
+        "--batch-size: 1 is below the minimum 2"
+    )
+
+
 def c_finetune_k_zero(tmp):
     return [
         "finetune",

@@ -108,3 +108,22 @@ def test_force_leaves_nothing_of_the_previous_output(tmp_path):
     (mine / "notes.txt").write_text("keep")
     assert main([*prune[:-1], str(mine), "--strategy", "random", "--ratio", "0.3", "--force"]) == 0
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_small_and_unbalanced_data_are_probed_fine_tuned_and_pruned(tmp_path):
+    """A class with one image (no stratified split: a plain one), and four images with one C
+    and no kNN (nothing to choose, no validation split needed)."""
+    from .test_errors import _split_folder, _weights
+
+    one = _split_folder(tmp_path / "one", {"a": 1, "b": 6, "c": 6})
+    assert main(["probe", *TINY, "--data", one, "--out", str(tmp_path / "p1")]) == 0
+    f = str(_weights(tmp_path / "f.safetensors"))
+    assert main(["finetune", "--model", "resnet18", *TINY, "--f", f, "--data", one, "--k", "1",
+                 "--strategy", "last", "--epochs", "1", "--seeds", "0", "--batch-size", "4",
+                 "--out", str(tmp_path / "ft")]) == 0  # fmt: skip
+    tiny = _split_folder(tmp_path / "tiny", {"a": 2, "b": 2})
+    assert main(["probe", *TINY, "--data", tiny, "--cs", "1.0", "--no-knn",
+                 "--out", str(tmp_path / "p2")]) == 0  # fmt: skip
+    assert main(["prune", *TINY, "--data", tiny, "--cs", "1.0", "--strategy", "random",
+                 "--ratio", "0.3", "--latency-batch", "0",
+                 "--out", str(tmp_path / "pr")]) == 0  # fmt: skip

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from memprune.errors import ConfigError
 from memprune.probe._linear import _as_tensor, check_xy
+from memprune.probe._split import validation_split
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -103,10 +102,13 @@ def knn_accuracy(
             f"test classes {missing} never occur in train: no neighbour can vote for them"
         )
     n_classes = int(max(train_y.max(), test_y.max())) + 1
-    counts = torch.bincount(train_y)
-    stratify = train_y.numpy() if int(counts[counts > 0].min()) >= 2 else None
-    tr, va = train_test_split(np.arange(len(train_x)), test_size=val_fraction,
-                              random_state=seed, stratify=stratify)  # fmt: skip
+    tr, va = validation_split(
+        train_y,
+        val_fraction,
+        seed,
+        "the kNN probe chooses k",
+        "leave the kNN probe out (evaluation.knn: false; CLI --no-knn)",
+    )
     tr, va = torch.as_tensor(tr), torch.as_tensor(va)
     if chunk is not None:  # a memory-mapped bank is read in order
         tr, va = tr.sort().values, va.sort().values

@@ -32,9 +32,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from memprune.errors import ConfigError
+from memprune.probe._split import validation_split
 from memprune.registry import Registry
 
 #: ``auto`` fits with scikit-learn when the features are on the CPU (1.2 s against torch's 3.3 s
@@ -279,12 +279,20 @@ class LinearProbe:
             )
         self.mean_, scale = _moments(x, self.chunk_rows, device)
         self.scale_ = scale.clamp_min(1e-12)
-        counts = torch.bincount(y_idx)
-        stratify = y_idx.cpu().numpy() if int(counts.min()) >= 2 else None
-        tr, va = train_test_split(np.arange(len(x)), test_size=self.val_fraction,
-                                  random_state=self.seed, stratify=stratify)  # fmt: skip
-        train, val = self._rows(x, torch.as_tensor(tr)), self._rows(x, torch.as_tensor(va))
         self.val_scores_, self.gradients_ = {}, {}
+        try:
+            fix = "one C (Cs=[1.0]; CLI --cs 1.0) to skip the choice"
+            tr, va = validation_split(y_idx, self.val_fraction, self.seed,
+                                      "the linear probe chooses C", fix)  # fmt: skip
+        except ConfigError:
+            if len(self.Cs) > 1:
+                raise
+            # one C, nothing to choose: fit on every point, with no validation score
+            self.C_ = float(self.Cs[0])
+            self.coef_, self.intercept_ = self._fit_one(self._rows(x, None), y_idx, self.C_, None)
+            self._warn_unconverged()
+            return self
+        train, val = self._rows(x, torch.as_tensor(tr)), self._rows(x, torch.as_tensor(va))
         fits, init = {}, None
         for c in sorted(self.Cs):  # ascending: each fit starts from the previous solution
             w, b = init = fits[float(c)] = self._fit_one(train, y_idx, c, init)

@@ -326,7 +326,7 @@ class FinetuneCfg:
     by: By | list[By] | None = None  # rankings `top` uses (None: every one this run has)
     epochs: int = field(default=20, metadata=_range(1))
     lr: float = field(default=1e-2, metadata=_range(0, lo_open=True))
-    batch_size: int = field(default=32, metadata=_range(1))
+    batch_size: int = field(default=32, metadata=_range(2))
     augment: Preset | dict[str, Any] = "none"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     #: saved scores of f to rank layers by (LayerMem, member gap or UnitMem results, or

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,14 +76,13 @@ class FinetuneResult(Result):
 
 def split_validation(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
     """A seeded stratified ``fraction`` of ``train`` as validation, the rest to train on."""
-    from sklearn.model_selection import train_test_split
+    from memprune.probe._split import validation_split
 
     if not 0 < fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1), got {fraction}")
-    labels = dataset_labels(train).numpy()
-    fit, val = train_test_split(
-        np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=labels
-    )
+    fit, val = validation_split(dataset_labels(train), fraction, seed,
+                                "fine-tuning keeps its best epoch", "pass a validation split"
+                                " (val=...; a data set's own val split)")  # fmt: skip
     return Subset(train, sorted(fit.tolist())), Subset(train, sorted(val.tolist()))
 
 
@@ -118,6 +116,11 @@ def _train(encoder, masks, train_modules, train, val, test, *, epochs, lr, batch
     """Train ``masks``' parameters (a mask limits which entries change) and a linear head."""
     if val is None:
         train, val = split_validation(train, val_fraction, seed)
+    if batch_size < 2:
+        raise ConfigError(
+            f"batch_size {batch_size}: the head standardizes each batch's features (BatchNorm),"
+            " which takes at least 2 points: use a batch_size of 2 or more"
+        )
     if len(train) < batch_size:
         raise ConfigError(
             f"batch_size {batch_size} exceeds the {len(train)} training points: lower it"
