@@ -229,9 +229,13 @@ def encoder_device(encoder: nn.Module, device: str | torch.device | None) -> tor
 
 
 def image_size(dataset: Dataset) -> tuple[int, int, int]:
+    from memprune.data._augment import check_image
+
     if len(dataset) == 0:
         raise ConfigError("the data set is empty")
-    return tuple(dataset[0][0].shape)
+    item = dataset[0]
+    check_image(item[0], item[2] if len(item) > 2 else 0)
+    return tuple(item[0].shape)
 
 
 def view_batches(

@@ -35,6 +35,10 @@ class CheckpointWarning(UserWarning):
     """A checkpoint was loaded with parts left out (training-only heads, or ``strict=False``)."""
 
 
+class DataWarning(UserWarning):
+    """Part of a data set is left out (files of an image folder that are not images)."""
+
+
 class SiteError(MemPruneError, ValueError):
     """Unit or layer sites cannot be found or captured."""
 

@@ -127,3 +127,45 @@ def test_small_and_unbalanced_data_are_probed_fine_tuned_and_pruned(tmp_path):
     assert main(["prune", *TINY, "--data", tiny, "--cs", "1.0", "--strategy", "random",
                  "--ratio", "0.3", "--latency-batch", "0",
                  "--out", str(tmp_path / "pr")]) == 0  # fmt: skip
+
+
+def test_image_folders_read_what_a_user_puts_in_them(tmp_path):
+    """16-bit PNGs keep their brightness, a hidden folder is no class, GIFs are read, other
+    files are named in a warning; mixed sizes without a resize and grayscale tensors through
+    the API are refused in one line."""
+    from memprune import load_dataset
+    from memprune.errors import DataError, DataWarning
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    wide = np.full((8, 8), 0.305 * 65535, dtype=np.uint16)  # a 16-bit grey of 0.305
+    Image.fromarray(wide).save(root / "a" / "grey16.png")
+    Image.new("RGB", (8, 8), (200, 10, 10)).convert("P").save(root / "b" / "red.gif")
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".ipynb_checkpoints" / "x.png")
+    (root / "b" / "notes.txt").write_text("not an image")
+    with pytest.warns(DataWarning, match="1 files are not read.*notes.txt"):
+        data = load_dataset(str(root), "train")
+    assert data.classes == ["a", "b"] and len(data) == 2
+    grey = data[0][0]
+    assert grey.shape == (3, 8, 8) and abs(float(grey.mean()) - 0.305) < 0.01
+    assert abs(float(data[1][0][0].mean()) - 200 / 255) < 0.02  # the GIF's red channel
+
+    Image.new("RGB", (10, 10)).save(root / "a" / "bigger.png")
+    with pytest.warns(DataWarning):
+        mixed = load_dataset(str(root), "train")
+    with pytest.raises(DataError, match=r"is \(8, 8\) but the folder's first image is \(10, 10\)"):
+        [mixed[i] for i in range(len(mixed))]
+    with pytest.warns(DataWarning):
+        assert load_dataset(str(root), "train", img_size=8)[0][0].shape == (3, 8, 8)
+
+    from torch.utils.data import TensorDataset
+
+    import memprune
+    from memprune.data import IndexedDataset
+
+    gray = IndexedDataset(TensorDataset(torch.rand(6, 1, 32, 32), torch.arange(6) % 2))
+    model = memprune.load_encoder("resnet18", channels=(8, 16, 32, 64))
+    with pytest.raises(DataError, match=r"is \(1, 32, 32\): the encoders take RGB images"):
+        memprune.unit_mem(model, gray, n_views=1, sites="layer4.*")

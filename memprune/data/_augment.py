@@ -311,6 +311,18 @@ def describe_augment(augment: AugmentSpec, default: str = "simclr") -> dict[str,
     return getattr(spec, "__name__", type(spec).__name__) if callable(spec) else spec
 
 
+def check_image(image, index) -> None:
+    """An item's image must be an RGB tensor ``[3, H, W]`` (a grayscale one is refused, with
+    the fix, before a convolution refuses it with a shape error)."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] == 1:
+        shape = tuple(image.shape) if hasattr(image, "shape") else type(image).__name__
+        raise DataError(
+            f"the image of data index {int(index)} is {shape}: the encoders take RGB images"
+            " [3, H, W] in [0, 1]; expand a grayscale one to 3 channels"
+            " (image.expand(3, -1, -1); load_dataset does it)"
+        )
+
+
 class MultiView(Dataset):
     """``K`` reproducible augmented views of every item of a data set.
 
@@ -364,6 +376,7 @@ class MultiView(Dataset):
                 " with memprune.data.IndexedDataset"
             )
         image, label, index = item
+        check_image(image, index)
         if not torch.isfinite(image).all():
             raise DataError(
                 f"the image of data index {int(index)} holds NaN or inf values: fix or drop it"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from memprune.errors import ConfigError, DataError, DatasetNotFoundError
+from memprune.errors import ConfigError, DataError, DatasetNotFoundError, DataWarning
 
 SPLITS = ("train", "test")
 
@@ -93,11 +94,22 @@ class _TorchvisionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    #: (H, W) every image must have (a folder read at the images' own size), or None
+    size: tuple[int, int] | None = None
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         image, label = self.base[index]
         image = self.to_tensor(image)
         if image.shape[0] == 1:
             image = image.expand(3, -1, -1)
+        if self.size is not None and tuple(image.shape[-2:]) != self.size:
+            where = getattr(self.base, "samples", None)
+            name = where[index][0] if where else f"image {index}"
+            raise DataError(
+                f"{name} is {tuple(image.shape[-2:])} but the folder's first image is"
+                f" {self.size}: pass img_size (CLI --img-size, data.img_size) to resize them"
+                " all to one size"
+            )
         return image, int(label), int(index)
 
 
@@ -168,15 +180,34 @@ def _load_torchvision(
     return _TorchvisionDataset(base, labels, name, img_size, transform)
 
 
+#: PIL modes of 16-bit images: converted to RGB they would clip at 255 (all white)
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: the files an image folder reads (torchvision's, and GIF)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                  ".gif")  # fmt: skip
+
+
 def _read_image(path: str):
+    """An image file as 8-bit RGB: 16-bit grayscale scaled from 0-65535 to 0-255 (PIL's own
+    conversion clips it, every image white); 32-bit float images are refused (their range
+    is not known)."""
     from PIL import Image
 
     try:
         with open(path, "rb") as fh:
             img = Image.open(fh)
-            return img.convert("RGB")
+            img.load()
     except Exception as err:  # PIL raises many types for a bad file
         raise DataError(f"cannot read image {path}: {err}") from err
+    if img.mode in WIDE_MODES:
+        wide = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.round(wide.clip(0, 65535) / 257).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        raise DataError(
+            f"image {path} holds 32-bit floats, whose range is not known: save it as an 8- or"
+            " 16-bit image"
+        )
+    return img.convert("RGB")
 
 
 def _load_folder(path: Path, split: str, img_size: int | None, transform) -> Dataset:
@@ -193,7 +224,10 @@ def _load_folder(path: Path, split: str, img_size: int | None, transform) -> Dat
     # classes are mapped by folder name across train/ and test/, so a split that lacks a class
     # does not shift the labels of the classes after it
     splits = [path / s for s in SPLITS if (path / s).is_dir()] if folder != path else [path]
-    names = sorted({d.name for s in splits for d in s.iterdir() if d.is_dir()})
+    # hidden folders (.ipynb_checkpoints, .git) are not classes
+    names = sorted({d.name for s in splits for d in s.iterdir()
+                    if d.is_dir() and not d.name.startswith(".")})  # fmt: skip
+    _warn_skipped(folder, names)
 
     class _Folder(tvd.ImageFolder):
         def find_classes(self, directory):
@@ -202,7 +236,8 @@ def _load_folder(path: Path, split: str, img_size: int | None, transform) -> Dat
             return names, {c: i for i, c in enumerate(names)}
 
     try:
-        base = _Folder(str(folder), loader=_read_image, allow_empty=True)
+        base = _Folder(str(folder), loader=_read_image, allow_empty=True,
+                       is_valid_file=_is_image)  # fmt: skip
     except (FileNotFoundError, RuntimeError) as err:
         raise DatasetNotFoundError(
             f"no images in ImageFolder layout under {folder} (expected {folder}/CLASS/IMAGE): {err}"
@@ -211,7 +246,28 @@ def _load_folder(path: Path, split: str, img_size: int | None, transform) -> Dat
         raise DatasetNotFoundError(
             f"no images in ImageFolder layout under {folder} (expected {folder}/CLASS/IMAGE)"
         )
-    return _TorchvisionDataset(base, torch.as_tensor(base.targets), str(path), img_size, transform)
+    data = _TorchvisionDataset(base, torch.as_tensor(base.targets), str(path), img_size, transform)
+    if img_size is None and transform is None:  # images at their own size: one size for all
+        data.size = tuple(data[0][0].shape[-2:])
+    return data
+
+
+def _is_image(path: str) -> bool:
+    name = Path(path).name
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _warn_skipped(folder: Path, classes: list[str]) -> None:
+    """Say which files of the class folders are not read (not images by their suffix)."""
+    skipped = [p for c in classes if (folder / c).is_dir() for p in (folder / c).rglob("*")
+               if p.is_file() and not p.name.startswith(".") and not _is_image(str(p))]  # fmt: skip
+    if skipped:
+        warnings.warn(
+            f"{folder}: {len(skipped)} files are not read, their suffix is not an image's"
+            f" ({', '.join(IMAGE_SUFFIXES)}): {', '.join(str(p) for p in skipped[:3])}",
+            DataWarning,
+            stacklevel=4,
+        )
 
 
 BUILTIN = ("digits", "digits-shift", "toy")
