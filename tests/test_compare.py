@@ -143,3 +143,27 @@ def test_sweep_exports_and_times_every_program_beside_the_eager_one(tmp_path):
     assert all(r["latency_export_ms"] > 0 and r["latency_ms"] > 0 for r in rows)
     assert runs[0]["export"]["program"] == "models/magnitude_0.5/encoder.pt2"
     assert (tmp_path / "magnitude_0.5" / "encoder.pt2").is_file()
+
+
+def test_a_sweep_exports_the_recovered_encoders_too(tmp_path):
+    """The recovered encoder is the one a user ships: it is exported beside its weights, and
+    the program computes what the recovered weights compute."""
+    model = tiny_resnet(img_size=32)
+
+    def recover(pruned, seed):  # a stand-in recovery that changes the weights
+        out = copy.deepcopy(pruned)
+        with torch.no_grad():
+            for p in out.parameters():
+                p.mul_(1.1)
+        return out
+
+    _, runs = compare_pruning(model, None, lambda m: 0.5, [0.5], ["magnitude"], tmp_path,
+                              export=True, recover=recover, seeds=[0], latency_batch=None,
+                              log=lambda m: None)  # fmt: skip
+    rec = next(r for r in runs if r["recovery"] != "none")
+    assert rec["export"]["program"] == f"{rec['model_dir']}/encoder.pt2"
+    where = tmp_path / rec["model_dir"].split("/", 1)[1]
+    x = torch.rand(2, 3, 32, 32)
+    from memprune.pruning import load_pruned
+
+    torch.testing.assert_close(exported_module(where)(x), load_pruned(where)(x))

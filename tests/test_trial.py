@@ -66,6 +66,14 @@ def test_every_verb_works_at_the_size_the_checkpoint_records(tmp_path, capsys):
     assert main(["probe", "--checkpoint", str(pre), str(recovered), "--data", data,
                  "--out", str(probe)]) == 0  # fmt: skip
     assert note in capsys.readouterr().out
+    # one preprocessing per encoder everywhere: the probe verb and the sweep agree on f
+    probed = json.loads((probe / "probe.json").read_text())
+    swept = json.loads((pruned / "results.json").read_text())
+    assert probed["preprocessing"] == swept["preprocessing"]
+    assert "eval preprocessing (timm)" in probed["preprocessing"]
+    assert probed["encoders"][0]["linear"]["accuracy"] == table[0]["accuracy"]
+    recovered_row = next(r for r in swept["runs"] if r["recovery"] == "distill")
+    assert probed["encoders"][1]["linear"]["accuracy"] == recovered_row["accuracy"]
 
     tuned = tmp_path / "tuned"
     assert main(["finetune", "--f", str(pre), "--unit-scores", str(units), "--by", "unitmem",

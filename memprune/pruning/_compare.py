@@ -202,7 +202,10 @@ class _Sweep:
             if self.recover is not None:
                 for s in [seed] if per_seed else seeds:
                     rec = f"{name}_{self.method}" + ("" if per_seed or not many else f"_s{s}")
-                    after.append(self._score(self.recover(pruned, s), rec, setting, self.method, s))
+                    recovered = self.recover(pruned, s)
+                    after.append(self._score(recovered, rec, setting, self.method, s))
+                    if self.export is not None:  # the encoder a user ships: exported too
+                        self._export(recovered, rec, time=False)  # its architecture's timed
         return before, after, reports, exported
 
     def _between(self, steps: int, seed: int):
@@ -224,15 +227,16 @@ class _Sweep:
         self.log(f"{name}: accuracy {accuracy:.4f}")
         return accuracy
 
-    def _export(self, model: nn.Module, name: str) -> list[float]:
+    def _export(self, model: nn.Module, name: str, time: bool = True) -> list[float]:
         """Export beside the saved encoder; the exported program's latency (timed like the
-        eager one), or nothing when latency is not measured."""
+        eager one), or nothing when latency is not measured (or ``time`` is off: a recovered
+        encoder has its pruned one's architecture, timed already)."""
         where = Path(self.models_dir) / name
         info = export_encoder(model, where, **self.export)
         info.update(program=f"models/{name}/{Path(info['program']).name}",
                     onnx=info["onnx"] and f"models/{name}/{Path(info['onnx']).name}")  # fmt: skip
         self.runs[-1]["export"] = info
-        if not self.batch:
+        if not self.batch or not time:
             return []
         info["latency_s"] = self._time(exported_module(where), model)
         return [info["latency_s"]]

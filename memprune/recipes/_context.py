@@ -3,6 +3,7 @@ encoders (each made once, lazily)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,25 @@ class Context:
             return d.img_size or enc.img_size or 32
         return input_size(self.encoder((self.recipe.evaluation.encoders or ["f"])[0]))[1]
 
+    def preprocessing(self, name: str | None = None) -> str:
+        """How data set ``name`` (default: the run's) is turned into images, one way for
+        every stage and encoder of the run (recorded beside the results)."""
+        from memprune.data import BUILTIN, native_size
+
+        name = self.recipe.data.name if name is None else name
+        d, size = self.recipe.data, self.input_size()
+        if str(name).lower() in BUILTIN:
+            at = native_size(name, size)
+            return f"built-in {name} at {at or 'its own size'} px"
+        if d.transform == "encoder" and d.img_size is None:
+            from timm.data import resolve_data_config
+
+            cfg = resolve_data_config({}, model=self._transform_model())
+            side = cfg["input_size"][-1]
+            return (f"the encoder's eval preprocessing (timm): {cfg['interpolation']} resize to"
+                    f" {math.floor(side / cfg['crop_pct'])}, centre crop {side}")  # fmt: skip
+        return f"resize and centre crop to {size} px"
+
     def input_note(self) -> str:
         """Which input size the run uses and where it comes from (logged before it starts)."""
         d, enc = self.recipe.data, self.recipe.encoder
@@ -89,21 +109,26 @@ class Context:
         else:
             source = ("what the encoder's checkpoint records (else its architecture's default);"
                       " --img-size for another")  # fmt: skip
-        return f"input size: {size} px, from {source}"
+        return f"input size: {size} px, from {source}; data: {self.preprocessing()}"
 
     def transform(self):
         """The encoder's eval preprocessing (from its timm data config): of the architecture
         the run trains, or of the first encoder it loads."""
-        from memprune.encoders import create_encoder, eval_transform
+        from memprune.encoders import eval_transform
 
         if "transform" not in self._cache:
-            enc = self.recipe.encoder
-            if enc.pretrain is not None or enc.random_init:
-                model = create_encoder(enc.model, img_size=enc.img_size, **enc.timm)
-            else:
-                model = self.encoder((self.recipe.evaluation.encoders or ["f"])[0])
-            self._cache["transform"] = eval_transform(model)
+            self._cache["transform"] = eval_transform(self._transform_model())
         return self._cache["transform"]
+
+    def _transform_model(self):
+        """The encoder whose eval preprocessing the run uses: the architecture it trains, or
+        the first encoder it loads."""
+        from memprune.encoders import create_encoder
+
+        enc = self.recipe.encoder
+        if enc.pretrain is not None or enc.random_init:
+            return create_encoder(enc.model, img_size=enc.img_size, **enc.timm)
+        return self.encoder((self.recipe.evaluation.encoders or ["f"])[0])
 
     @property
     def train(self):

@@ -97,6 +97,7 @@ def run(ctx, out: Path) -> ProbeAccuracies:
         rows.append(row)
         accuracy[name] = {kind: p.accuracy for kind, p in probes.items()}
     write_json(out / "probe.json", {"data": r.data.name, "classes": classes,
+                                    "preprocessing": ctx.preprocessing(),
                                     "n_train": len(train), "n_test": len(test),
                                     "encoders": records})  # fmt: skip
     write_table(out / "probe", rows)

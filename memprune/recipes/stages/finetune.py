@@ -112,6 +112,7 @@ def run(ctx, out: Path) -> FinetuneTable:
                                     c.seeds, baseline=baseline, log=ctx.log,
                                     **budget)  # fmt: skip
     write_json(out / "results.json", {"f": ctx.checkpoint("f"), "data": name,
+                                      "preprocessing": ctx.preprocessing(name),
                                       "options": asdict(c), "by": list(made),
                                       "layer_values": values, "table": rows,
                                       "runs": runs})  # fmt: skip

@@ -109,6 +109,7 @@ def run(ctx, out: Path) -> PruneTable:
         ctx.log(line)
     write_json(out / "results.json", {"model": ctx.model_name("f"), "checkpoint":
                                       ctx.checkpoint("f"), "data": r.data.name,
+                                      "preprocessing": ctx.preprocessing(),
                                       "options": dataclasses.asdict(p), "table": rows,
                                       "verdicts": verdicts, "runs": runs})  # fmt: skip
     write_table(out / "comparison", rows)
