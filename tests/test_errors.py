@@ -356,6 +356,28 @@ def c_finetune_batch_of_one(tmp):
     )
 
 
+def _recipe_file(tmp, text):
+    (tmp / "r.yaml").write_text(text)
+    return ["run", str(tmp / "r.yaml"), "--out", str(tmp / "out")]
+
+
+def c_recipe_key_twice(tmp):
+    text = "name: x\nactions:\n  prune: {ratios: [0.3]}\nactions:\n  finetune: {k: [1]}\n"
+    return _recipe_file(tmp, text), "line 4: key 'actions' is given twice in one mapping"
+
+
+def c_recipe_yaml_syntax(tmp):
+    return _recipe_file(tmp, "name: x\nactions: [\n"), "is not valid YAML at line 3, column 1"
+
+
+def c_recipe_empty(tmp):
+    return _recipe_file(tmp, ""), "is empty: start from one in recipes/"
+
+
+def c_recipe_name_a_path(tmp):
+    return _recipe_file(tmp, "name: /abs/path\n"), "name: '/abs/path' names the run's folder"
+
+
 def c_finetune_k_zero(tmp):
     return [
         "finetune",

@@ -21,7 +21,7 @@ import yaml
 
 from memprune.data import AUGMENTS, SETS
 from memprune.engine import PRECISIONS
-from memprune.errors import ConfigError
+from memprune.errors import ConfigError, first_line
 from memprune.hooks import REPRESENTATIONS, SIGNED
 from memprune.probe import BACKENDS, DEFAULT_CS
 from memprune.pruning import DEFAULT_STRATEGIES as DEFAULT_PRUNE
@@ -507,10 +507,20 @@ def validate(data: dict) -> Recipe:
     recipe = _build_dataclass(Recipe, data, "")
     if isinstance(recipe.actions.finetune.by, str):
         recipe.actions.finetune.by = [recipe.actions.finetune.by]
-    for check in (_check_seeds, _check_encoder, _check_scores, _check_actions):
+    for check in (_check_name, _check_seeds, _check_encoder, _check_scores, _check_actions):
         check(recipe)
     check_needs(recipe)
     return recipe
+
+
+def _check_name(recipe: Recipe) -> None:
+    """The name is the run's folder under runs/: a plain name, not a path."""
+    name = recipe.name
+    if not name or name in (".", "..") or any(c in name for c in "/\\") or name.startswith("."):
+        raise RecipeError(
+            f"name: {name!r} names the run's folder under runs/, so it is a plain name (letters,"
+            " digits, -, _, .); choose where the run goes with --out"
+        )
 
 
 def _check_seeds(recipe: Recipe) -> None:
@@ -645,6 +655,36 @@ def _set(data: dict, assignment: str) -> None:
         raise RecipeError(f"--set {err}") from None
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    one silently, so a second ``actions:`` would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise RecipeError(
+                    f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in one"
+                    f" mapping (first at line {seen[key] + 1}); merge the two"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path):
+    """A recipe file's contents; a syntax error or a repeated key as one line."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeys)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise RecipeError(f"{path} is not valid YAML{where}: {problem}") from None
+
+
 def load_recipe(path: str | os.PathLike | None = None, overrides=()) -> Recipe:
     """Read YAML at ``path`` (None: all defaults), apply ``--set`` overrides, validate."""
     data: dict = {}
@@ -652,12 +692,16 @@ def load_recipe(path: str | os.PathLike | None = None, overrides=()) -> Recipe:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe {path} does not exist (see recipes/ for examples)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{path} is not valid YAML: {err}") from err
+        data = read_yaml(path)
+        if data is None or data == {}:
+            raise RecipeError(
+                f"recipe {path} is empty: start from one in recipes/ (e.g."
+                " recipes/digits-resnet.yaml)"
+            )
         if not isinstance(data, dict):
-            raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data)}")
+            raise RecipeError(
+                f"{path}: a recipe is a mapping of sections, got a {type(data).__name__}"
+            )
     for assignment in overrides:
         _set(data, assignment)
     return validate(data)
