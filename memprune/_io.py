@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from memprune._dist import is_main
+from memprune.errors import OutputError
 
 
 def _file_mode() -> int:
@@ -41,11 +43,36 @@ def atomic_write(
         write(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        refused = _refused(err)
+        if refused:
+            raise OutputError(f"cannot write {path}: {refused}") from None
         raise
     return path
+
+
+#: what a file system's refusal to write means, and the fix
+_FULL = (
+    "the disk is full, or a file size limit (ulimit -f) was reached: free space or write elsewhere"
+)
+_REFUSALS = {errno.ENOSPC: _FULL, errno.EFBIG: _FULL, errno.EDQUOT: "the disk quota is used up",
+             errno.EROFS: "the file system is read-only: write elsewhere",
+             errno.EACCES: "permission denied: write elsewhere"}  # fmt: skip
+
+
+def _refused(err: BaseException) -> str | None:
+    """Why the file system refused a write (an ``OSError``, or safetensors' own error that
+    wraps one), or None for any other error."""
+    if isinstance(err, OSError) and err.errno in _REFUSALS:
+        return _REFUSALS[err.errno]
+    if type(err).__name__ == "SafetensorError":  # its message quotes the OS error's code
+        text = str(err)
+        for code, why in _REFUSALS.items():
+            if f"(os error {code})" in text or f"code: {code}," in text:
+                return why
+    return None
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

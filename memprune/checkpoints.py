@@ -140,11 +140,42 @@ def restore_pruned(model: nn.Module, path: str | os.PathLike, spec: dict) -> nn.
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+    _check_widths(model, path)
     fit_forwards(model)  # BEiT / EVA / CaiT / ConViT / XCiT attention that lost heads
     if spec.get("mean"):
         model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(spec["mean"]),
                                 "std": tuple(spec["std"])}  # fmt: skip
     return model
+
+
+def _check_widths(model: nn.Module, path) -> None:
+    """The widths the spec declared must be those of the weights (an edited ``pruned.json``
+    would otherwise describe a model that is not the one loaded)."""
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            real = {"out_channels": w.shape[0], "in_channels": w.shape[1] * m.groups}
+        elif isinstance(m, nn.Linear):
+            real = {"out_features": w.shape[0], "in_features": w.shape[1]}
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            real = {"num_features": w.shape[0]}
+        elif isinstance(m, nn.GroupNorm):
+            real = {"num_channels": w.shape[0]}
+        elif isinstance(m, nn.LayerNorm):
+            real = {"normalized_shape": tuple(w.shape)}
+        else:
+            continue
+        for attr, width in real.items():
+            declared = getattr(m, attr)
+            declared = tuple(declared) if isinstance(declared, (list, tuple)) else declared
+            if declared != width:
+                raise CheckpointError(
+                    f"{path}: {SPEC} declares {name}.{attr} = {declared} but its weights hold"
+                    f" {width}: the spec was edited or belongs to other weights; save the"
+                    " encoder again"
+                )
 
 
 def _unwrap(obj, path: Path, entry: str | None):

@@ -516,6 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemPruneError as err:
         print(f"memprune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what finished is on disk, whole (files are written atomically)
+        print(f"memprune {args.command}: interrupted; the finished parts are kept: run the same"
+              " command again to finish (memprune run: --resume)", file=sys.stderr)  # fmt: skip
+        return 130
     finally:
         import torch.distributed as dist
 

@@ -39,6 +39,10 @@ class DataWarning(UserWarning):
     """Part of a data set is left out (files of an image folder that are not images)."""
 
 
+class OutputError(MemPruneError, OSError):
+    """An output cannot be written (a full disk, a file size limit, a read-only folder)."""
+
+
 class SiteError(MemPruneError, ValueError):
     """Unit or layer sites cannot be found or captured."""
 

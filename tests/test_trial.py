@@ -177,3 +177,53 @@ def test_image_folders_read_what_a_user_puts_in_them(tmp_path):
     model = memprune.load_encoder("resnet18", channels=(8, 16, 32, 64))
     with pytest.raises(DataError, match=r"is \(1, 32, 32\): the encoders take RGB images"):
         memprune.unit_mem(model, gray, n_views=1, sites="layer4.*")
+
+
+def test_interruptions_full_disks_and_edited_files_end_in_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import memprune
+    from memprune.errors import CheckpointError, ConfigError, OutputError
+    from memprune.pruning import export_encoder, load_pruned, prune, save_pruned
+
+    units = ["score", "units", *TINY, "--max-points", "16", "--views", "1",
+             "--out", str(tmp_path / "u")]  # fmt: skip
+    import memprune.recipes._run as runner
+
+    real = runner.run_stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_stage", interrupted)
+    assert main(units) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "interrupted; the finished parts are kept" in err
+    monkeypatch.setattr(runner, "run_stage", real)
+    assert main(units) == 0  # the same command finishes the interrupted output
+
+    import memprune._io as io
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match="the disk is full"):
+        io.atomic_write(tmp_path / "x.bin", full)
+    assert list(tmp_path.glob(".x.bin*")) == []  # no temporary file left
+
+    model = memprune.load_encoder("resnet18", channels=(8, 16, 32, 64))
+    with pytest.raises(ConfigError, match="is a file: export_encoder writes a directory"):
+        export_encoder(model, _touch(tmp_path / "file"))
+    pruned, _ = prune(model, None, 0.5, "random", latency_batch=None)
+    save_pruned(pruned, tmp_path / "p")
+    spec = json.loads((tmp_path / "p" / "pruned.json").read_text())
+    conv = next(n for n, a in spec["structure"].items() if "out_channels" in a)
+    spec["structure"][conv]["out_channels"] += 3  # declared wider than its weights
+    (tmp_path / "p" / "pruned.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match=rf"declares {conv}\.out_channels = \d+ but its"):
+        load_pruned(tmp_path / "p")
+
+
+def _touch(path):
+    path.write_text("x")
+    return path

@@ -44,6 +44,11 @@ def export_encoder(
     if onnx:
         _check_onnx()
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"{path} is a file: export_encoder writes a directory (encoder.pt2, encoder.onnx);"
+            " pass a directory's path"
+        )
     path.mkdir(parents=True, exist_ok=True)
     param = next(model.parameters())
     size = tuple(example_input.shape[1:]) if example_input is not None else input_size(model)
