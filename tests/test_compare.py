@@ -117,12 +117,19 @@ def test_verdicts_name_the_winner_its_lead_and_the_spread():
                                                               "distill", 30),
     ]  # fmt: skip
     text = "\n".join(prune_verdicts(rows))
-    assert "lowest: smallest within 1 point(s) of the unpruned 90.0%: 50% of units" in text
-    assert "magnitude: no ratio stays within 1 point(s)" in text
+    assert (
+        "lowest: removing 50% of units, the most of the ratios tried that keeps accuracy"
+        " within 1 point of the unpruned 90.0%, gives 89.5%"
+    ) in text
+    assert "magnitude: every ratio tried loses more than 1 point of accuracy" in text
     assert (
         "50% removed, without recovery: lowest wins with 89.5%, 4.5 points over magnitude;"
-        " both deterministic" in text
+        " not judged against a seed spread (lowest: deterministic, one encoder; magnitude:"
+        " deterministic, one encoder)" in text
     )
+    one_seed = [rows[0], row("random", 0.5, 0.225), row("lowest", 0.5, 0.20)]
+    line = prune_verdicts(one_seed)[-1]  # random pruning with one seed is not deterministic
+    assert "(random: one seed; lowest: deterministic, one encoder)" in line
     assert (
         "50% removed, after distill: lowest wins with 88.0%, 8.0 points over random; beyond" in text
     )

@@ -378,6 +378,11 @@ def c_recipe_name_a_path(tmp):
     return _recipe_file(tmp, "name: /abs/path\n"), "name: '/abs/path' names the run's folder"
 
 
+def c_prune_scores_missing(tmp):
+    args = _prune_args(tmp, "--strategy", "lowest", "--scores", str(tmp / "nope"))
+    return args, f"no saved unitmem result at {tmp / 'nope'}: nothing is there; pass the --out"
+
+
 def c_finetune_k_zero(tmp):
     return [
         "finetune",

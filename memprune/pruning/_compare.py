@@ -266,9 +266,19 @@ def _margin(best: dict, second: dict) -> str:
     se = difference_se(best["std"], best["seeds"], second["std"], second["seeds"])
     lead = best["accuracy"] - second["accuracy"]
     if se is None:
-        return "both deterministic: no seed spread to compare with"
+        why = "; ".join(f"{r['strategy']}: {_one_encoder(r)}" for r in (best, second)
+                        if r["seeds"] < 2)  # fmt: skip
+        return f"not judged against a seed spread ({why})"
     verdict = "beyond" if lead > 2 * se else "within"
     return f"{verdict} the seed spread (2 SE = {200 * se:.1f} points)"
+
+
+def _one_encoder(row: dict) -> str:
+    """Why a setting has a single encoder: one seed of random pruning or of the recovery,
+    or a deterministic criterion."""
+    if row["strategy"] == "random" or row.get("recovery", NONE) != NONE:
+        return "one seed"
+    return "deterministic, one encoder"
 
 
 def _test_noise(best: dict, second: dict, outcomes: dict | None) -> str:
@@ -314,13 +324,18 @@ def prune_verdicts(rows: list[dict], tolerance: float = 0.01,
         if ok:
             r = min(ok, key=lambda r: (r["params"], -r["accuracy"]))
             lines.append(
-                f"{label}: smallest within {100 * tolerance:g} point(s) of the unpruned"
-                f" {100 * base['accuracy']:.1f}%: {100 * r['ratio']:g}% of units removed,"
-                f" {100 * r['params_ratio']:.0f}% of the parameters, {100 * r['macs_ratio']:.0f}%"
-                f" of the MACs, accuracy {100 * r['accuracy']:.1f}%"
+                f"{label}: removing {100 * r['ratio']:g}% of units, the most of the ratios"
+                f" tried that keeps accuracy within {100 * tolerance:g}"
+                f" point{'s' if tolerance != 0.01 else ''} of the unpruned"
+                f" {100 * base['accuracy']:.1f}%, gives {100 * r['accuracy']:.1f}% with"
+                f" {100 * r['params_ratio']:.0f}% of the parameters and"
+                f" {100 * r['macs_ratio']:.0f}% of the MACs"
             )
         else:
-            lines.append(f"{label}: no ratio stays within {100 * tolerance:g} point(s)")
+            lines.append(
+                f"{label}: every ratio tried loses more than {100 * tolerance:g}"
+                f" point{'s' if tolerance != 0.01 else ''} of accuracy"
+            )
     for ratio in sorted({r["ratio"] for r in pruned}):
         for rec in dict.fromkeys(r["recovery"] for r in pruned):
             at = sorted((r for r in pruned if r["ratio"] == ratio and r["recovery"] == rec

@@ -307,5 +307,9 @@ def find_result(given: str, stage: str, name: str) -> Path:
         )
     stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
     if not stem.with_suffix(".json").is_file():
-        raise ConfigError(f"no saved result at {given} ({stem.name}.json missing)")
+        there = "" if path.exists() else ": nothing is there"
+        raise ConfigError(
+            f"no saved {name} result at {given}{there}; pass the --out of the command that made"
+            f" it, or its {name}.json"
+        )
     return stem
