@@ -383,6 +383,14 @@ def c_prune_scores_missing(tmp):
     return args, f"no saved unitmem result at {tmp / 'nope'}: nothing is there; pass the --out"
 
 
+def c_prune_onnx_without_onnx(tmp):
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is not None:
+        pytest.skip("onnx is installed here")
+    return _prune_args(tmp, "--strategy", "random", "--export", "--onnx"), "onnx"
+
+
 def c_finetune_k_zero(tmp):
     return [
         "finetune",
