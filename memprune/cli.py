@@ -329,7 +329,11 @@ PRETRAIN = [("--resume", "=on", "continue an interrupted run in --out"),
             ("--temperature", "encoder.pretrain.temperature", "NT-Xent temperature"),
             ("--proj-dim", "encoder.pretrain.proj_dim", "projection head output width"),
             ("--mixed-precision", "encoder.TRAIN.mixed_precision", "of training"),
-            ("--keep-checkpoints", "encoder.TRAIN.keep_checkpoints", "keep every epoch's encoder")]
+            ("--keep-checkpoints", "encoder.TRAIN.keep_checkpoints", "keep every epoch's encoder"),
+            ("--batch-scope", "encoder.pretrain.batch_scope", "many processes: --batch-size is"
+             " the global batch (split among them) or each process's"),
+            ("--sync-bn", "encoder.pretrain.sync_bn", "many processes: BatchNorm over the"
+             " global batch")]
 PROBE = [("--checkpoint", "=str+", "encoders: weights, runs or pruned dirs (one table)"),
          ("--backend", "evaluation.backend", "linear-probe fit"),
          ("--cs", "evaluation.cs", "inverse L2 strengths the linear probe sweeps"),

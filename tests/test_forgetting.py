@@ -205,6 +205,12 @@ def test_privacy_verdicts_name_the_criterion_leaving_least_memorization_and_its_
     rows[2]["memorization_se"] = 0.02  # a wide spread: the same lead is within it
     at50 = next(line for line in privacy_verdicts(rows) if line.startswith("50%"))
     assert "within the seed spread" in at50
+    # two criteria that leave exactly the same (LAMP is magnitude within a layer): a tie,
+    # and the lead is taken over the next criterion
+    rows.append(_privacy_row("lamp", 0.5, 0.70, 0.5, "distill", memorization=0.010,
+                             memorization_se=0.002))  # fmt: skip
+    at50 = next(line for line in privacy_verdicts(rows) if line.startswith("50%"))
+    assert "highest and lamp (equal) leave the least" in at50 and "below random" in at50
 
 
 def test_privacy_verdicts_weigh_the_lead_against_the_scored_points_paired_noise():

@@ -172,9 +172,16 @@ def privacy_verdicts(rows: list[dict], groups: dict | None = None) -> list[str]:
                         key=lambda r: r[signal])  # fmt: skip
             if len(at) < 2:
                 continue
-            low, second = at[0], at[1]
-            top = max(at, key=lambda r: r["accuracy"])
             rec_text = "without recovery" if rec == "none" else f"after {rec}"
+            tied = [r["strategy"] for r in at if r[signal] == at[0][signal]]
+            others = [r for r in at if r[signal] != at[0][signal]]
+            if not others:  # every criterion leaves the same (e.g. identical encoders)
+                value = f"{at[0][signal]:.3f}"
+                lines.append(f"{100 * ratio:g}% removed, {rec_text}: {', '.join(tied)} tie at"
+                             f" {what} {value}")  # fmt: skip
+                continue
+            low, second = at[0], others[0]
+            top = max(at, key=lambda r: r["accuracy"])
             lead = second[signal] - low[signal]
             ses = [r.get(f"{signal}_se") for r in (low, second)]
             if None in ses:
@@ -190,8 +197,10 @@ def privacy_verdicts(rows: list[dict], groups: dict | None = None) -> list[str]:
                 else f"{cost:.1f} points below {top['strategy']}'s {100 * top['accuracy']:.1f}%"
             )
             noise = _point_noise(low, second, lead, groups) if signal == "memorization" else ""
+            who = low["strategy"] if len(tied) == 1 else f"{' and '.join(tied)} (equal)"
+            verb = "leaves" if len(tied) == 1 else "leave"
             lines.append(
-                f"{100 * ratio:g}% removed, {rec_text}: {low['strategy']} leaves the least"
+                f"{100 * ratio:g}% removed, {rec_text}: {who} {verb} the least"
                 f" memorization ({what} {low[signal]:.3f}, {lead:.3f} below"
                 f" {second['strategy']}; {spread}{noise}), accuracy"
                 f" {100 * low['accuracy']:.1f}%, {acc}"

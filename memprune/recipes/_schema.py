@@ -136,6 +136,10 @@ class PretrainCfg:
     #: whole train split
     pair: bool = True
     keep_checkpoints: bool = False
+    #: many processes: ``batch_size`` is the global batch split among them (``global``) or
+    #: each process's (``process``); ``sync_bn``: BatchNorm over the global batch
+    batch_scope: Literal["global", "process"] = "global"
+    sync_bn: bool = False
 
 
 @dataclass

@@ -123,14 +123,43 @@ def finished(out_dir: Path, resume: bool) -> TrainResult | None:
 Callback = Callable[[int, list[float]], None]
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int):
-    """This process's batches (position lists) of one epoch: a permutation seeded by
-    (seed, epoch), cut into full batches, dealt round-robin; every process gets as many."""
+#: ``batch_scope``: what ``batch_size`` counts under many processes.
+BATCH_SCOPES = Registry("batch scope", {
+    "global": "the batch of all processes together, split evenly among them (one process's"
+              " steps, whatever the process count)",
+    "process": "each process's own batch (the global batch grows with the process count)",
+})  # fmt: skip
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                  scope: str = "global"):  # fmt: skip
+    """This process's batches (position lists) of one epoch, from a permutation seeded by
+    (seed, epoch) cut into full batches of ``batch_size``. ``global``: each batch split into
+    ``world`` equal parts, this process taking part ``rank`` (the one-process batches and
+    steps for any ``world``; ``batch_size`` must split evenly); ``process``: whole batches
+    dealt round-robin, every process getting as many."""
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     perm = torch.randperm(n, generator=g).tolist()
     batches = [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    if BATCH_SCOPES.check(scope) == "global":
+        part = batch_size // world
+        return [b[rank * part : (rank + 1) * part] for b in batches]
     batches = batches[: len(batches) - len(batches) % world] if world > 1 else batches
     return batches[rank::world]
+
+
+def check_batch(batch_size: int, world: int, scope: str) -> int:
+    """The per-process batch of ``batch_size`` under ``scope`` (refused where a global batch
+    does not split evenly over the processes)."""
+    if BATCH_SCOPES.check(scope) == "process":
+        return batch_size
+    if batch_size % world:
+        raise ConfigError(
+            f"batch_size {batch_size} is the global batch and does not split evenly over"
+            f" {world} processes: use a multiple of {world}, or batch_scope 'process' for"
+            f" {batch_size} points per process"
+        )
+    return batch_size // world
 
 
 def _resume(last: Path, config: dict, net, opt, sched) -> tuple[int, list[float]]:
@@ -149,6 +178,18 @@ def _resume(last: Path, config: dict, net, opt, sched) -> tuple[int, list[float]
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     return ckpt["epoch"] + 1, list(ckpt["history"])
+
+
+def _epochs_for(max_steps: int, n: int, batch_size: int, seed: int, rank: int, world: int,
+                scope: str) -> int:  # fmt: skip
+    """The epochs ``max_steps`` optimizer steps take (the last one cut short)."""
+    per_epoch = len(epoch_batches(n, batch_size, seed, 0, rank, world, scope))
+    if max_steps < 1 or per_epoch < 1:
+        raise ConfigError(
+            f"need max_steps >= 1 and at least one full batch per process; got max_steps="
+            f"{max_steps}, {per_epoch} batches of {batch_size} per epoch"
+        )
+    return -(-max_steps // per_epoch)
 
 
 def run_training(
@@ -174,6 +215,8 @@ def run_training(
     set_mode: Callable[[nn.Module], None] | None = None,
     max_steps: int | None = None,
     views: str = "auto",
+    batch_scope: str = "global",
+    sync_bn: bool = False,
 ) -> list[float]:
     """Train ``net`` (encoder + head) with AdamW and a per-epoch cosine schedule.
 
@@ -187,6 +230,10 @@ def run_training(
     ``epochs`` as the budget: as many epochs as it takes, the last one cut short (the cosine
     schedule spans those epochs). ``views``: where the augmented views are made (``auto``: in
     batches on a CUDA device for the built-in augmentations; :data:`memprune.data.VIEW_PLACES`).
+    ``batch_scope`` (:data:`BATCH_SCOPES`): ``batch_size`` is the global batch, split evenly
+    over the processes (default), or each process's. ``sync_bn``: BatchNorm statistics over
+    the global batch (:func:`memprune.train._syncbn.sync_batchnorm`), as one process computes
+    them; otherwise each process normalizes with its own part.
     Returns the per-epoch mean loss.
     """
     from accelerate import Accelerator
@@ -195,14 +242,10 @@ def run_training(
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
                               cpu=not torch.cuda.is_available())  # fmt: skip
     rank, world = accelerator.process_index, accelerator.num_processes
+    check_batch(batch_size, world, batch_scope)
     if max_steps is not None:
-        per_epoch = len(epoch_batches(len(epoch_data(0)), batch_size, seed, 0, rank, world))
-        if max_steps < 1 or per_epoch < 1:
-            raise ConfigError(
-                f"need max_steps >= 1 and at least one full batch per process; got max_steps="
-                f"{max_steps}, {per_epoch} batches of {batch_size} per epoch"
-            )
-        epochs = -(-max_steps // per_epoch)
+        n = len(epoch_data(0))
+        epochs = _epochs_for(max_steps, n, batch_size, seed, rank, world, batch_scope)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ConfigError(
             f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
@@ -217,12 +260,17 @@ def run_training(
     nhwc = uses_channels_last(net, accelerator.device)
     if nhwc:  # a CNN on CUDA: cuDNN's NHWC kernels (weights are saved contiguous)
         net.to(memory_format=torch.channels_last)
+    restore = None
+    if sync_bn and world > 1:  # the synced modules share the parameters the optimizer holds
+        from memprune.train._syncbn import sync_batchnorm
+
+        restore = sync_batchnorm(net, accelerator.device)
     model, opt = accelerator.prepare(net, opt)
     norm = Normalizer(resolve_normalize(encoder, "auto"), accelerator.device)
     loading = loader_options(accelerator.device, num_workers)
     for epoch in range(start, epochs):
         data, make_views = loop_views(epoch_data(epoch), accelerator.device, views)
-        batches = epoch_batches(len(data), batch_size, seed, epoch, rank, world)
+        batches = epoch_batches(len(data), batch_size, seed, epoch, rank, world, batch_scope)
         if max_steps is not None:
             batches = batches[: max_steps - epoch * len(batches)]
         loader = DataLoader(data, batch_sampler=batches, **loading)
@@ -258,5 +306,7 @@ def run_training(
             callback(epoch, history)
     if nhwc:
         net.to(memory_format=torch.contiguous_format)
+    if restore is not None:
+        restore()
     encoder.eval()
     return history

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from memprune._dist import rank_world
 from memprune.data import (
     AugmentSpec,
     MultiView,
@@ -23,8 +24,10 @@ from memprune.data import (
 from memprune.encoders import feature_dim, load_encoder
 from memprune.errors import ConfigError
 from memprune.train._common import (
+    BATCH_SCOPES,
     Callback,
     TrainResult,
+    check_batch,
     check_indices,
     epoch_seed,
     finished,
@@ -34,19 +37,37 @@ from memprune.train._common import (
 )
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
+            gather: bool = False) -> torch.Tensor:  # fmt: skip
     """NT-Xent loss of two batches of projections ``[B, D]``: view ``i`` of ``z1`` must pick its
     positive ``i`` of ``z2`` (and back) among the other ``2B - 1`` views, by cosine similarity
-    over ``temperature``; the mean over the ``2B`` views."""
+    over ``temperature``; the mean over the ``2B`` views.
+
+    ``gather`` (under many processes): the negatives are the views of every process's batch
+    (all-gathered, the gradient flowing back to the process that made each view), and the
+    loss the mean over this process's views. With equal batches per process, the mean of the
+    processes' losses (which DDP's gradient averaging takes) is the one-process loss of the
+    whole batch: SimCLR's large-batch training, as lightly and solo-learn gather."""
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ConfigError(
             f"nt_xent needs two [B, D] batches, got {tuple(z1.shape)}, {tuple(z2.shape)}"
         )
-    b = len(z1)
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # [2B, D]
-    sim = (z @ z.T) / temperature  # [2B, 2B]
-    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    b, rank, world = len(z1), 0, 1
+    if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        z1, z2 = torch.cat(all_gather(z1.contiguous())), torch.cat(all_gather(z2.contiguous()))
+    n = len(z1)  # the whole batch's points
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # [2N, D]
+    mine = torch.cat([torch.arange(rank * b, (rank + 1) * b),
+                      torch.arange(n + rank * b, n + (rank + 1) * b)]).to(z.device)  # fmt: skip
+    sim = (z[mine] @ z.T) / temperature  # [2b, 2N]: this process's views against all
+    sim = sim.masked_fill(
+        torch.arange(2 * n, device=z.device)[None] == mine[:, None], float("-inf")
+    )
+    targets = torch.cat([mine[b:], mine[:b]])  # view i of z1 <-> view i of z2
     return F.cross_entropy(sim, targets)
 
 
@@ -103,14 +124,23 @@ def pretrain_simclr(
     progress: bool | None = None,
     callback: Callback | None = None,
     repeats: bool = False,
+    batch_scope: str = "global",
+    sync_bn: bool = False,
     **timm_kwargs,
 ) -> TrainResult:
     """Train ``model_name`` with SimCLR on ``dataset[indices]`` and save it to ``out_dir``.
 
     Two views per point from :class:`MultiView` (the epoch's views seeded by (seed, epoch)),
     NT-Xent with ``temperature`` on a ``proj_dim`` projection head, AdamW with a cosine
-    schedule over epochs. ``batch_size`` is per process. Uses accelerate: the device, many
-    GPUs under ``accelerate launch``/``torchrun``, ``mixed_precision`` ("no", "fp16", "bf16").
+    schedule over epochs. Uses accelerate: the device, many processes under ``accelerate
+    launch`` / ``torchrun``, ``mixed_precision`` ("no", "fp16", "bf16").
+
+    Many processes: ``batch_size`` is the global batch, split evenly over them
+    (``batch_scope="process"``: each process's), and NT-Xent takes its negatives from every
+    process's views (gathered with their gradients), so that N processes take one process's
+    steps on one process's batches and loss; ``sync_bn`` computes BatchNorm statistics over
+    the global batch too (SimCLR's global BN). The card records the process count and the
+    per-process batch.
 
     Writes ``encoder.safetensors`` (no projection head) and ``card.json``, which
     :func:`memprune.load_encoder` reads (``load_encoder(checkpoint=out_dir)``); checkpoints
@@ -141,7 +171,10 @@ def pretrain_simclr(
         "hidden_dim": hidden_dim, "weight_decay": weight_decay,
         "augment": describe_augment(augment), "seed": seed,
         "mixed_precision": resolve_mixed_precision(mixed_precision),
+        "batch_scope": BATCH_SCOPES.check(batch_scope), "sync_bn": bool(sync_bn),
     }  # fmt: skip
+    world = rank_world()[1]
+    per_process = check_batch(batch_size, world, batch_scope)
     net = SimCLRNet(encoder, proj_dim, hidden_dim)
     train = Subset(dataset, indices)
 
@@ -150,16 +183,17 @@ def pretrain_simclr(
 
     def loss_fn(model: nn.Module, x: torch.Tensor, _labels) -> torch.Tensor:
         z = model(x).view(len(x) // 2, 2, -1)  # [B, 2, proj_dim]: the two views of each point
-        return nt_xent(z[:, 0], z[:, 1], temperature)
+        return nt_xent(z[:, 0], z[:, 1], temperature, gather=True)
 
     history = run_training(
         net=net, encoder=encoder, loss_fn=loss_fn, epoch_data=epoch_data, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, out_dir=out_dir,
         config=config, mixed_precision=mixed_precision, keep_checkpoints=keep_checkpoints,
         resume=resume, num_workers=num_workers, progress=progress, callback=callback,
-        desc="SimCLR",
+        desc="SimCLR", batch_scope=batch_scope, sync_bn=sync_bn,
     )  # fmt: skip
-    write_outputs(out_dir, encoder, {**config, "indices": indices, "history": history})
+    card = {**config, "processes": world, "batch_per_process": per_process}
+    write_outputs(out_dir, encoder, {**card, "indices": indices, "history": history})
     return TrainResult(encoder, out_dir, history)
 
 

@@ -31,7 +31,7 @@ def run(ctx, out: Path) -> PretrainResult:
         epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, temperature=p.temperature,
         proj_dim=p.proj_dim, seed=r.seed, img_size=r.encoder.img_size, augment=p.augment,
         mixed_precision=p.mixed_precision, keep_checkpoints=p.keep_checkpoints, resume=True,
-        num_workers=r.workers, **r.encoder.timm,
+        num_workers=r.workers, batch_scope=p.batch_scope, sync_bn=p.sync_bn, **r.encoder.timm,
     )  # fmt: skip
     if not p.pair:
         run = pretrain_simclr(r.encoder.model, ctx.train, out_dir=out, **common)
