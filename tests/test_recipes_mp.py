@@ -35,8 +35,8 @@ def _flat(node, prefix="", out=None) -> dict:
 def test_demo_recipe_on_two_processes_equals_one(tmp_path):
     """`memprune run` under torchrun (2 CPU processes, gloo) against one process on the same
     trained encoders: every score, probe and pruning structure agrees; only what is trained
-    inside a stage (the distilled encoders, the fine-tuned ones) may differ, because a step of
-    two processes averages the gradients of two batches (half the steps per epoch)."""
+    inside a stage (the distilled encoders, the fine-tuned ones) may differ: the same batches
+    and steps, but BatchNorm normalizes each process's half of a batch (docs/scale.md)."""
     two = tmp_path / "two"
     sets = [token for item in TINY for token in ("--set", item)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
