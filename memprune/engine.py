@@ -229,7 +229,7 @@ def encoder_device(encoder: nn.Module, device: str | torch.device | None) -> tor
 
 
 def image_size(dataset: Dataset) -> tuple[int, int, int]:
-    from memprune.data._augment import check_image
+    from memprune.data import check_image
 
     if len(dataset) == 0:
         raise ConfigError("the data set is empty")

@@ -69,6 +69,11 @@ def test_demo_recipe_on_two_processes_equals_one(tmp_path):
     # the per-criterion forgetting summary averages over the distilled encoders too (the
     # unrecovered encoders' flips agree: checked in forgetting.csv by test_cli's counts)
     trained |= {k for k in a if k.startswith("prune.forgetting")}
+    # the privacy rows of the distilled settings move with them, and the front with those
+    recovered = {k.rsplit(".", 1)[0] for k in a if k.startswith("prune.privacy")
+                 and k.endswith(".recovery") and a[k] != "none"}  # fmt: skip
+    trained |= {k for k in a if k.startswith("prune.privacy")
+                and (k.rsplit(".", 1)[0] in recovered or k.endswith(".front"))}  # fmt: skip
     trained |= {k for k in a if k.startswith("prune.verdicts") and (" after " in a[k]
                 or "+ " in a[k])}  # verdicts on the recovered encoders  # fmt: skip
     # minibatch CKA pairs the points each process holds, so its minibatches (an estimator

@@ -5,6 +5,7 @@ from memprune.probe._features import Features, extract_features
 from memprune.probe._flips import Flips, flip_auc, flips, mcnemar, top_share
 from memprune.probe._knn import knn_accuracy
 from memprune.probe._linear import BACKENDS, DEFAULT_CS, LinearProbe, ProbeConvergenceWarning
+from memprune.probe._split import validation_split
 
 __all__ = [
     "BACKENDS",
@@ -23,4 +24,5 @@ __all__ = [
     "linear_probe",
     "mcnemar",
     "top_share",
+    "validation_split",
 ]

@@ -18,7 +18,12 @@ from memprune.scores.canaries import (
 )
 from memprune.scores.cka import CKA, CKAResult, cka, cka_from_features
 from memprune.scores.learnedness import LearnednessResult, learnedness
-from memprune.scores.membership import AlignmentLoss, MemberGapResult, member_gap
+from memprune.scores.membership import (
+    AlignmentLoss,
+    MemberGapResult,
+    member_gap,
+    ssl_mem_against,
+)
 from memprune.scores.sslmem import (
     PAIRS,
     LayerMem,
@@ -27,7 +32,6 @@ from memprune.scores.sslmem import (
     SSLMemResult,
     layer_mem,
     ssl_mem,
-    ssl_mem_against,
 )
 from memprune.scores.unitmem import (
     ClassMem,

@@ -32,12 +32,14 @@ from memprune.errors import ConfigError
 from memprune.results import Result
 from memprune.scores.sslmem import (
     PairedViews,
+    SSLMemResult,
     _check_pairs,
     _layer_sites,
     _subset,
     normalized_gap,
     pair_distance,
 )
+from memprune.sites import OUTPUT, Site
 from memprune.stats import Metric, RowsState
 
 
@@ -255,3 +257,53 @@ def member_gap(
                       normalize=normalize)  # fmt: skip
     (im, lm), (inn, ln) = losses
     return MemberGapResult([s.name for s in sites], im, lm, inn, ln, meta, n_boot, seed, level)
+
+
+def ssl_mem_against(
+    g: nn.Module,
+    dataset: Dataset,
+    indices: list[int] | None = None,
+    n_pairs: int = 10,
+    pair: str = "views",
+    representation: str = "flatten",
+    augment="simclr",
+    normalize="auto",
+    seed: int = 0,
+    chunk_size: int = 32,
+    device=None,
+    num_workers: int | None = None,
+    precision: str = "auto",
+):
+    """``fn(f) -> SSLMemResult``: output-layer SSLMem of many encoders f against one
+    reference g, whose alignment losses are computed once (a pruning sweep scores every
+    pruned f). Each f sees the views g saw, so ``fn(f)`` equals :func:`ssl_mem` ``(f, g, ...)``.
+
+    Unlike :func:`ssl_mem`, f need not have g's architecture: at the output each loss is a
+    distance between one encoder's own L2-normalized vectors, defined whatever their widths,
+    so a pruned f is scored against the unpruned g. (The layer sites of a pruned f differ in
+    width, and LayerMem compares layers of equal architectures, so only the output is scored.)
+    """
+    data = _subset(dataset, indices)
+    if len(data) == 0:
+        raise ConfigError("no points to score")
+    _check_pairs(n_pairs)
+    views = PairedViews(data, n_pairs, pair, augment, seed)
+    compute = Compute(chunk_size, device, num_workers, False, precision)
+
+    def losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, list[Site]]:
+        sites = _layer_sites(model, None, data, [OUTPUT])
+        idx, loss = alignment_losses(model, views, sites, representation, normalize, compute)
+        return idx, loss[:, 0].float(), sites
+
+    g_idx, loss_g, _ = losses(g)
+
+    def score(f: nn.Module) -> SSLMemResult:
+        idx, loss_f, sites = losses(f)
+        assert torch.equal(idx, g_idx), "the same points in the same order for f and g"
+        meta = score_meta("sslmem", f, data, sites, site=OUTPUT, n_pairs=n_pairs, pair=pair,
+                          representation=representation, augment=augment, seed=seed,
+                          compute=compute, normalize=normalize)  # fmt: skip
+        return SSLMemResult(idx, normalized_gap(loss_f, loss_g), loss_g - loss_f, loss_f,
+                            loss_g, meta)  # fmt: skip
+
+    return score

@@ -76,7 +76,7 @@ class FinetuneResult(Result):
 
 def split_validation(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
     """A seeded stratified ``fraction`` of ``train`` as validation, the rest to train on."""
-    from memprune.probe._split import validation_split
+    from memprune.probe import validation_split
 
     if not 0 < fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1), got {fraction}")
