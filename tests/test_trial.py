@@ -102,6 +102,15 @@ def test_a_vit_checkpoint_is_scored_and_pruned_at_its_own_size(tmp_path, capsys)
     assert main(["prune", "--checkpoint", str(pre), "--data", data, "--ratio", "0.5",
                  "--strategy", "lowest", "random", "--scores", str(units), "--heads",
                  "--latency-batch", "0", "--out", str(tmp_path / "pruned")]) == 0  # fmt: skip
+    # the probe verb and the sweep preprocess alike (timm's eval crop of a ViT) and agree
+    lowest = str(tmp_path / "pruned" / "models" / "lowest_0.5")
+    assert main(["probe", "--checkpoint", str(pre), lowest, "--data", data, "--no-knn",
+                 "--out", str(tmp_path / "probe")]) == 0  # fmt: skip
+    probed = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    swept = json.loads((tmp_path / "pruned" / "results.json").read_text())
+    assert probed["preprocessing"] == swept["preprocessing"]
+    assert [e["linear"]["accuracy"] for e in probed["encoders"]] == [
+        swept["table"][0]["accuracy"], swept["runs"][0]["accuracy"]]  # fmt: skip
 
 
 def test_force_leaves_nothing_of_the_previous_output(tmp_path):
@@ -227,3 +236,32 @@ def test_interruptions_full_disks_and_edited_files_end_in_one_line(tmp_path, cap
 def _touch(path):
     path.write_text("x")
     return path
+
+
+def test_fine_tuning_without_room_for_a_validation_split_says_so(tmp_path, capsys):
+    """32 points of 10 classes: a stratified fifth (7 points) cannot hold every class."""
+    from .test_errors import _split_folder, _weights
+
+    data = _split_folder(tmp_path / "imgs", {f"c{i}": (4 if i < 2 else 3) for i in range(10)})
+    f = str(_weights(tmp_path / "f.safetensors"))
+    code = main(["finetune", "--model", "resnet18", *TINY, "--f", f, "--data", data, "--k", "1",
+                 "--strategy", "last", "--epochs", "1", "--seeds", "0", "--batch-size", "4",
+                 "--cs", "1.0", "--out", str(tmp_path / "ft")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "fine-tuning keeps its best epoch on a validation split of 0.2 of its 32" in err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_full_disk_reported_by_safetensors_is_one_line():
+    """safetensors wraps the OS error in its own exception: its code is read from the text."""
+    from memprune._io import _refused
+
+    class SafetensorError(Exception):  # the name safetensors' Rust error carries
+        pass
+
+    err = SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    assert "file size limit" in _refused(err)
+    err = SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+    assert "the disk is full" in _refused(err)
+    assert _refused(SafetensorError("header too large")) is None
