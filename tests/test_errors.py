@@ -391,6 +391,38 @@ def c_prune_onnx_without_onnx(tmp):
     return _prune_args(tmp, "--strategy", "random", "--export", "--onnx"), "onnx"
 
 
+def c_recipe_device_cuda_absent(tmp):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    return _recipe_file(tmp, "name: x\ndevice: cuda\n"), "cuda"
+
+
+def c_finetune_too_few_points(tmp):
+    data = _split_folder(tmp / "imgs", {"a": 2, "b": 2})
+    f = str(_weights(tmp / "f.safetensors"))
+    args = [
+        "finetune",
+        "--model",
+        "resnet18",
+        *TINY,
+        "--f",
+        f,
+        "--data",
+        data,
+        "--k",
+        "1",
+        "--strategy",
+        "last",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp / "out"),
+    ]
+    return args, "too few for its 2 classes"
+
+
 def c_finetune_k_zero(tmp):
     return [
         "finetune",

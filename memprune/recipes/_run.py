@@ -64,9 +64,12 @@ def _preflight(ctx: Context) -> None:
     from memprune.encoders import load_encoder
     from memprune.report import check_writable
 
+    from memprune.encoders import resolve_device
+
     recipe = ctx.recipe
     check_writable(ctx.run)
     check_needs(recipe)
+    resolve_device(recipe.device)  # a device this machine lacks fails before any write
     for split in _splits_needed(recipe):  # an unknown data set fails here
         ctx.dataset(recipe.data.name, split)
     if recipe.actions.finetune.enabled and recipe.data.downstream:
