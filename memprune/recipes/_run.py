@@ -61,10 +61,8 @@ def environment(device: str | None) -> dict:
 def _preflight(ctx: Context) -> None:
     """Build what every stage starts from (data, encoders named by the recipe) and check
     what each stage needs, so that a bad name or path fails before anything is written."""
-    from memprune.encoders import load_encoder
+    from memprune.encoders import load_encoder, resolve_device
     from memprune.report import check_writable
-
-    from memprune.encoders import resolve_device
 
     recipe = ctx.recipe
     check_writable(ctx.run)
