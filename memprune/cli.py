@@ -76,6 +76,9 @@ def _flagged(message: str, args) -> str:
         key = _fill(action.dest[len(SET) :], getattr(args, "names", {}))
         if action.dest.startswith(SET) and message.startswith((key + ":", key + "[")):
             return action.option_strings[0] + message[len(key) :]
+    for key, flag in getattr(args, "flags", {}).items():  # keys a verb filled from a flag
+        if message.startswith(key + ":"):
+            return flag + message[len(key) :]
     for key, flag in ENCODER_FLAGS.items():  # the encoder flags every verb shares
         if (
             message.startswith(key + ":")
@@ -231,9 +234,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.g and (Path(args.f).parent / "splits.json").is_file():  # f's candidates
         layermem["points"] = {"indices": str(Path(args.f).parent / "splits.json"),
                               "part": "candidate"}  # fmt: skip
-    scores = [s for s in (args.layer_scores, args.unit_scores) if s]
-    enable = {"encoder": _encoder(args.f, args, args.g), "scores": {"layermem": layermem},
-              "actions": {"finetune": {"enabled": True, "scores": scores}}}  # fmt: skip
+    given = [(flag, s) for flag, s in (("--layer-scores", args.layer_scores),
+                                       ("--unit-scores", args.unit_scores)) if s]  # fmt: skip
+    # a message about actions.finetune.scores[i] names the flag that gave it
+    args.flags = {f"actions.finetune.scores[{i}]": flag for i, (flag, _) in enumerate(given)}
+    enable = {
+        "encoder": _encoder(args.f, args, args.g),
+        "scores": {"layermem": layermem},
+        "actions": {"finetune": {"enabled": True, "scores": [s for _, s in given]}},
+    }
     return _run(args, _recipe(args, enable), "finetune")
 
 

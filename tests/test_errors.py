@@ -423,6 +423,13 @@ def c_finetune_too_few_points(tmp):
     return args, "too few for its 2 classes"
 
 
+def c_finetune_unit_scores_missing(tmp):
+    f = str(_weights(tmp / "f.safetensors"))
+    args = ["finetune", "--model", "resnet18", *TINY, "--f", f, "--unit-scores",
+            str(tmp / "nope"), "--by", "unitmem", "--out", str(tmp / "out")]  # fmt: skip
+    return args, "--unit-scores: no LayerMem, member-gap or UnitMem result at"
+
+
 def c_finetune_k_zero(tmp):
     return [
         "finetune",
