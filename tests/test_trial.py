@@ -195,6 +195,8 @@ def test_interruptions_full_disks_and_edited_files_end_in_one_line(tmp_path, cap
     from memprune.errors import CheckpointError, ConfigError, OutputError
     from memprune.pruning import export_encoder, load_pruned, prune, save_pruned
 
+    from .test_errors import _touch
+
     units = ["score", "units", *TINY, "--max-points", "16", "--views", "1",
              "--out", str(tmp_path / "u")]  # fmt: skip
     import memprune.recipes._run as runner
@@ -231,11 +233,6 @@ def test_interruptions_full_disks_and_edited_files_end_in_one_line(tmp_path, cap
     (tmp_path / "p" / "pruned.json").write_text(json.dumps(spec))
     with pytest.raises(CheckpointError, match=rf"declares {conv}\.out_channels = \d+ but its"):
         load_pruned(tmp_path / "p")
-
-
-def _touch(path):
-    path.write_text("x")
-    return path
 
 
 def test_fine_tuning_without_room_for_a_validation_split_says_so(tmp_path, capsys):

@@ -96,12 +96,12 @@ def run(ctx, out: Path) -> PruneTable:
         latency_batch=p.latency_batch, outcomes=outcomes,
     )  # fmt: skip
     forgetting = [] if outcomes is None else _forgetting(ctx, f, runs, outcomes, out)
-    verdicts = prune_verdicts(rows, outcomes=outcomes and by_setting(runs, outcomes))
+    groups = by_setting(runs, outcomes) if outcomes else None
+    verdicts = prune_verdicts(rows, outcomes=groups)
     privacy = []
     if memorized is not None:
         from memprune.pruning import privacy_rows, privacy_verdicts
 
-        groups = by_setting(runs, outcomes)
         privacy = privacy_rows(rows, groups)
         write_table(out / "privacy", privacy)
         verdicts += privacy_verdicts(privacy, groups)
