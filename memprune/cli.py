@@ -246,6 +246,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return _run(args, _recipe(args, enable), "finetune")
 
 
+def cmd_shifts(args: argparse.Namespace) -> int:
+    """Fine-tune f on each shift of the data set: every block (the oracle) and every rule, with
+    its regret; the recommendation for --shift (LayerMem of --f against --g first, when given)."""
+    layermem: dict = {"enabled": bool(args.g)}
+    if args.g and (Path(args.f).parent / "splits.json").is_file():  # f's candidates
+        layermem["points"] = {"indices": str(Path(args.f).parent / "splits.json"),
+                              "part": "candidate"}  # fmt: skip
+    given = [(flag, s) for flag, s in (("--layer-scores", args.layer_scores),
+                                       ("--unit-scores", args.unit_scores)) if s]  # fmt: skip
+    args.flags = {f"actions.finetune.scores[{i}]": flag for i, (flag, _) in enumerate(given)}
+    enable = {
+        "encoder": _encoder(args.f, args, args.g),
+        "data": {"downstream": None},
+        "scores": {"layermem": layermem},
+        "actions": {"finetune": {"enabled": False, "scores": [s for _, s in given]},
+                    "shifts": {"enabled": True}},
+    }  # fmt: skip
+    return _run(args, _recipe(args, enable), "shifts")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a YAML recipe end to end into a run directory and print the headline findings."""
     from memprune.recipes import headlines, load_recipe, read_metrics, run_recipe
@@ -395,6 +415,22 @@ FINETUNE = [("--f", "=str!", "the pretrained encoder: run dir or weights"),
             ("--batch-size", F + "batch_size", "batch size"),
             ("--seeds", F + "seeds", "one run per seed"),
             ("--cs", "evaluation.cs", "inverse L2 strengths of the linear-probe baseline")]
+S = "actions.shifts."
+SHIFTS = [*FINETUNE[:4], ("--data", "data.name", "the data set f was trained on (shifts are"
+                          " made from it)"),
+          FINETUNE[6], FINETUNE[7],
+          ("--shifts", S + "shifts", "turn, corrupt:CORRUPTION:SEVERITY, subpopulation, relabel"),
+          ("--shift", S + "shift", "your shift: input, feature, output or one of --shifts"
+           " (default: estimated from the features)"),
+          ("--k", S + "k", "layers to fine-tune (the oracle: every block of each k)"),
+          ("--strategy", S + "strategies", "layer choices compared"),
+          ("--by", S + "by", "rankings `top` uses (null: every one on offer, and rgn)"),
+          ("--epochs", S + "epochs", "epochs per run"),
+          ("--lr", S + "lr", "AdamW learning rate"),
+          ("--batch-size", S + "batch_size", "batch size"),
+          ("--seeds", S + "seeds", "one run per seed"),
+          ("--n-points", S + "n_points", "fine-tuning points per shift (a seeded subset)"),
+          ("--cs", "evaluation.cs", "inverse L2 strengths of the linear-probe baseline")]
 SITES = [("--split", "=str", "which split (default: train)"),
          ("--views", "=int", "views per point (default: 4)"),
          ("--points", "=int", "points in the batch pushed through (default: 8)")]
@@ -426,6 +462,8 @@ VERBS = {
     "finetune": (cmd_finetune, "fine-tune the top layers by each ranking against last-k,"
                  " first-k, random-k, all", [*FINETUNE, *MODEL, *RUN, *OUT],
                  "actions.finetune.augment"),
+    "shifts": (cmd_shifts, "which layers to fine-tune by kind of shift: the oracle and every"
+               " rule's regret", [*SHIFTS, *MODEL, *RUN, *OUT], "actions.shifts.augment"),
     "run": (cmd_run, "run a YAML recipe: data -> scores -> actions -> report", RECIPE, None),
     "report": (cmd_report, "re-render report.md of a run directory",
                [("run_dir", "=str", "a directory written by memprune run")], None),

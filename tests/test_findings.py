@@ -164,9 +164,9 @@ def test_the_section_names_every_claim_and_what_was_skipped(tmp_path):
     _layermem(tmp_path, [0.0, 0.2, 0.1, 0.12])
     lines = findings_lines(tmp_path, {})
     claims = [line for line in lines if line.startswith("- **")]
-    assert len(claims) == 10
-    assert sum(f"**{SKIPPED}**" in line for line in claims) == 8  # only LayerMem is here
-    assert "8 claims were not evaluated" in lines[-1]
+    assert len(claims) == 11
+    assert sum(f"**{SKIPPED}**" in line for line in claims) == 9  # only LayerMem is here
+    assert "9 claims were not evaluated" in lines[-1]
 
 
 def test_the_forgetting_claim_is_judged_per_criterion_against_chance():

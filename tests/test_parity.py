@@ -192,6 +192,31 @@ def test_probe_prune_and_finetune(tmp_path, pair):
     assert_same(cli / "layermem", run / "layermem")
 
 
+def test_shifts(tmp_path, pair):
+    f = str(pair / "f")
+    cli = tmp_path / "shifts"
+    assert main(["shifts", "--f", f, "--shifts", "relabel", "--k", "1", "--strategy", "last",
+                 "--by", "rgn", "--seeds", "0", "1", "--epochs", "1", "--n-points", "64",
+                 "--batch-size", "16", "--cs", "1.0", "--out", str(cli)]) == 0  # fmt: skip
+    run = _recipe_run(tmp_path, "shifts", _only(
+        encoder={"checkpoint": f, "model": None, "img_size": None},
+        data={"downstream": None}, evaluation={"cs": [1.0]},
+        actions={"shifts": {"enabled": True, "shifts": ["relabel"], "k": [1],
+                            "strategies": ["last"], "by": ["rgn"], "seeds": [0, 1],
+                            "epochs": 1, "n_points": 64, "batch_size": 16}}))  # fmt: skip
+    assert_same(cli, run / "shifts")
+    results = json.loads((cli / "results.json").read_text())
+    assert len(results["oracle"]) == 9  # every layer of the tiny ResNet, once
+    oracle = max(r["mean"] for r in results["oracle"])
+    rows = {r["rule"]: r for r in results["rows"]}
+    assert set(rows) == {"oracle k=1", "last", "linear probe"}
+    for rule in ("last", "linear probe"):
+        assert rows[rule]["regret"] == pytest.approx(oracle - rows[rule]["mean"], abs=1e-9)
+    report = (run / "report.md").read_text()
+    assert "Recommendation: your shift is output-level" in report
+    assert "Regret of every rule against the oracle" in report
+
+
 def test_a_verb_leaves_nothing_behind_for_the_next():
     """Two verbs in one process: the first one's flags do not leak into the second's recipe."""
     import argparse

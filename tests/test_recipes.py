@@ -37,8 +37,8 @@ TINY = [
 def test_every_shipped_recipe_validates():
     names = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
     assert names == ["cifar10-resnet18.yaml", "digits-canaries.yaml", "digits-checkpoint.yaml",
-                     "digits-pruning.yaml",
-                     "digits-resnet.yaml", "digits-vit.yaml", "stl10-vit.yaml"]  # fmt: skip
+                     "digits-pruning.yaml", "digits-resnet.yaml", "digits-shifts.yaml",
+                     "digits-vit.yaml", "stl10-vit.yaml"]  # fmt: skip
     from memprune.recipes._schema import RANKED_BY
     from memprune.tuning import BY
 
@@ -124,7 +124,7 @@ def test_demo_recipe_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     for title in named:
         assert title in report, title
     claims = report.split("## The papers' findings")[1].split("\n## ")[0]
-    assert claims.count("- **") == 10 and "**not evaluated**: in ViTs" in claims  # a ResNet
+    assert claims.count("- **") == 11 and "**not evaluated**: in ViTs" in claims  # a ResNet
     assert "**not evaluated**: pruning forgets" not in claims  # judged on the run's flips
     verdicts = json.loads((whole / "prune" / "done.json").read_text())["verdicts"]
     assert verdicts and all("test set's noise" in v for v in verdicts if " wins " in v)

@@ -27,21 +27,34 @@ from memprune.data._datasets import (
     native_size,
     seeded_subset,
 )
+from memprune.data._shifts import (
+    CORRUPTIONS,
+    FAMILIES,
+    SHIFT_KINDS,
+    Shift,
+    Shifted,
+    shifted,
+)
 from memprune.data._splits import PARTS, SETS, Splits, make_splits, read_indices
 
 __all__ = [
     "AUGMENTS",
     "BUILTIN",
     "CANARY_KINDS",
+    "CORRUPTIONS",
     "CROP_FLIP",
+    "FAMILIES",
     "PARTS",
     "SETS",
+    "SHIFT_KINDS",
     "VIEW_PLACES",
     "AugmentSpec",
     "Canaries",
     "ImageDataset",
     "IndexedDataset",
     "MultiView",
+    "Shift",
+    "Shifted",
     "SimCLRAugment",
     "Splits",
     "WithCanaries",
@@ -59,6 +72,7 @@ __all__ = [
     "native_size",
     "read_indices",
     "seeded_subset",
+    "shifted",
     "view_generator",
     "view_place",
 ]

@@ -26,10 +26,6 @@ SPLITS = ("train", "test")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SIZE = 32
-#: The fixed shift of ``digits-shift``: colour inversion, a quarter turn counter-clockwise, then
-#: this RGB tint (a downstream task that differs from the pretraining data, as STL-10 from
-#: CIFAR-10 in the paper; same images, labels and split as ``digits``).
-DIGITS_SHIFT_TINT = (1.0, 0.75, 0.45)
 
 
 class ImageDataset(Dataset):
@@ -132,8 +128,9 @@ def _load_digits(split: str, img_size: int | None, shift: bool = False) -> Image
     idx = torch.from_numpy(np.sort(train_idx if split == "train" else test_idx))
     images = images[idx]
     if shift:
-        tint = torch.tensor(DIGITS_SHIFT_TINT)[None, :, None, None]
-        images = torch.rot90(1.0 - images, k=1, dims=(2, 3)).expand(-1, 3, -1, -1) * tint
+        from memprune.data._shifts import turn
+
+        images = turn(images)
     name = "digits-shift" if shift else "digits"
     return ImageDataset(images.contiguous(), labels[idx], name, [str(i) for i in range(10)])
 
@@ -286,6 +283,7 @@ def load_dataset(
     download: bool = False,
     img_size: int | None = None,
     transform: Callable | None = None,
+    shift=None,
     **options,
 ) -> Dataset:
     """Load a data set whose items are ``(image [3, H, W] in [0, 1], label, index)``.
@@ -294,7 +292,7 @@ def load_dataset(
         name: ``digits`` (built-in, offline: scikit-learn's 8x8 digits upsampled bilinearly to
             32x32 RGB, a fixed stratified 80/20 train/test split with seed 0: 1437/360 images),
             ``digits-shift`` (the same images and split, colour-inverted, turned a quarter
-            counter-clockwise and tinted by ``DIGITS_SHIFT_TINT``: a downstream task for
+            counter-clockwise and tinted: the ``turn`` shift; a downstream task for
             encoders pretrained on ``digits``), ``toy`` (the synthetic signal/noise patch
             model, see :mod:`memprune.data._toy`; ``options``: ``size``, ``dim``, ``snr``,
             ``sigma``, ``redraw``, ``seed``; its ``augment`` keeps the signal and redraws the
@@ -311,7 +309,21 @@ def load_dataset(
         transform: for torchvision and folder data, replaces the resize: a callable from a
             PIL image to a float tensor ``[C, H, W]`` in ``[0, 1]``, such as
             :func:`memprune.encoders.eval_transform` (the encoder's own eval preprocessing).
+        shift: a distribution shift applied to the split (:mod:`memprune.data._shifts`):
+            ``turn``, ``corrupt:CORRUPTION:SEVERITY``, ``subpopulation`` or ``relabel``, or a
+            :class:`~memprune.data.Shift`. A ``subpopulation`` shift fits its styles on the
+            train split, which is loaded for it.
     """
+    if shift is not None:
+        from memprune.data._shifts import Shift, shifted
+
+        shift = Shift.parse(shift)
+        kw = dict(root=root, download=download, img_size=img_size, transform=transform)
+        data = load_dataset(name, split, **kw, **options)
+        train = None
+        if shift.kind == "subpopulation" and split != "train":
+            train = load_dataset(name, "train", **kw, **options)
+        return shifted(data, shift, split, train)
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     if img_size is not None and img_size < 1:

@@ -241,6 +241,37 @@ def finetune_top(run: Path, metrics: dict) -> Finding:
     return Finding(claim, combine(verdicts), "; ".join(parts))
 
 
+SHIFT_CLAIM = ("input-level shifts are best fine-tuned in earlier layers than feature- and"
+               " output-level shifts (surgical fine-tuning)")
+
+
+def shifts_depth(run: Path, metrics: dict) -> Finding:
+    """Per shift and seed, the depth (0 first, 1 last) of the single layer whose fine-tuning
+    scored best; non-input minus input shifts, with the Welch standard error over those."""
+    import json
+
+    path = run / "shifts" / "results.json"
+    if metrics.get("shifts") is None or not path.is_file():
+        return Finding(SHIFT_CLAIM, SKIPPED, "the run has no shifts stage")
+    results = json.loads(path.read_text())
+    depth: dict[str, list[float]] = {}
+    for shift in dict.fromkeys(r["shift"] for r in results["oracle"]):
+        single = [r for r in results["oracle"] if r["shift"] == shift and r["k"] == 1]
+        accs = torch.tensor([[float(a) for a in r["accuracies"].split()] for r in single])
+        family = single[0]["family"]
+        best = accs.argmax(0).double() / max(1, len(single) - 1)  # per seed
+        depth.setdefault("input" if family == "input" else "other", []).extend(best.tolist())
+    if len(depth) < 2 or min(len(v) for v in depth.values()) < 2:
+        return Finding(SHIFT_CLAIM, SKIPPED, "the run needs input-level and other shifts")
+    a, b = torch.tensor(depth["other"]), torch.tensor(depth["input"])
+    d = float(a.mean() - b.mean())
+    se = math.sqrt(float(a.var()) / len(a) + float(b.var()) / len(b))
+    figure = (f"depth of the best single layer (0 first, 1 last), per shift and seed: input"
+              f" {float(b.mean()):.2f}, feature and output {float(a.mean()):.2f}; difference"
+              f" {d:+.2f} ± {se:.2f}")  # fmt: skip
+    return Finding(SHIFT_CLAIM, judge(d, se), figure)
+
+
 def cka_depth(run: Path, metrics: dict) -> Finding:
     claim = "SSL and supervised encoders agree in early layers and diverge with depth (CKA)"
     c = metrics.get("cka")

@@ -339,9 +339,37 @@ class FinetuneCfg:
 
 
 @dataclass
+class ShiftsCfg:
+    """Which layers to fine-tune, by kind of shift (docs/method.md §10b): each of ``shifts``
+    (made from ``data.name``: ``turn``, ``corrupt:CORRUPTION:SEVERITY``, ``subpopulation``,
+    ``relabel``) is fine-tuned by every block (the oracle) and every rule, at one budget over
+    ``seeds``; ``shift`` is the user's shift for the recommendation: a family (``input``,
+    ``feature``, ``output``), one of ``shifts``, or None to estimate it from where f's features
+    move. ``n_points``: fine-tuning training points per shift (a seeded subset; None: all)."""
+
+    enabled: bool = False
+    shifts: list[str] = field(
+        default_factory=lambda: ["turn", "corrupt:gaussian_noise:3", "subpopulation", "relabel"]
+    )
+    shift: str | None = None
+    k: list[int] = field(default_factory=lambda: [1, 2], metadata=_range(1))
+    strategies: list[LayerStrategy] = field(
+        default_factory=lambda: ["top", "last", "first", "random", "all"]
+    )
+    by: By | list[By] | None = None  # rankings `top` uses (None: every one this run has)
+    epochs: int = field(default=8, metadata=_range(1))
+    lr: float = field(default=1e-2, metadata=_range(0, lo_open=True))
+    batch_size: int = field(default=32, metadata=_range(2))
+    augment: Preset | dict[str, Any] = "none"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_points: int | None = field(default=None, metadata=_range(2))
+
+
+@dataclass
 class ActionsCfg:
     prune: PruneCfg = field(default_factory=PruneCfg)
     finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
+    shifts: ShiftsCfg = field(default_factory=ShiftsCfg)
 
 
 @dataclass
@@ -509,8 +537,9 @@ def _build_dataclass(cls, value, path: str):
 def validate(data: dict) -> Recipe:
     """A :class:`Recipe` from a plain mapping, or a RecipeError with the bad key's path."""
     recipe = _build_dataclass(Recipe, data, "")
-    if isinstance(recipe.actions.finetune.by, str):
-        recipe.actions.finetune.by = [recipe.actions.finetune.by]
+    for cfg in (recipe.actions.finetune, recipe.actions.shifts):
+        if isinstance(cfg.by, str):
+            cfg.by = [cfg.by]
     for check in (_check_name, _check_seeds, _check_encoder, _check_scores, _check_actions):
         check(recipe)
     check_needs(recipe)
@@ -603,7 +632,8 @@ def _check_scores(recipe: Recipe) -> None:
 #: lists whose entries each name one run or row: a repeat would write or count it twice
 DISTINCT = ("actions.prune.ratios", "actions.prune.strategies", "actions.prune.seeds",
             "actions.prune.steps", "actions.finetune.k", "actions.finetune.strategies",
-            "actions.finetune.seeds", "evaluation.cs")  # fmt: skip
+            "actions.finetune.seeds", "actions.shifts.shifts", "actions.shifts.k",
+            "actions.shifts.strategies", "actions.shifts.seeds", "evaluation.cs")  # fmt: skip
 
 
 def _check_actions(recipe: Recipe) -> None:
@@ -613,17 +643,40 @@ def _check_actions(recipe: Recipe) -> None:
         repeated = sorted({v for v in values if values.count(v) > 1}, key=values.index)
         if repeated:
             raise RecipeError(f"{key}: {values!r} repeats {repeated[0]!r}; list each once")
-    if act.finetune.enabled and act.finetune.by and not act.finetune.scores:
-        for i, by in enumerate(act.finetune.by):
+    for name, cfg in (("finetune", act.finetune), ("shifts", act.shifts)):
+        if not (cfg.enabled and cfg.by and not act.finetune.scores):
+            continue
+        for i, by in enumerate(cfg.by):
             stage = RANKED_BY[by]
             if stage and not getattr(scores, stage).enabled:
                 raise RecipeError(
-                    f"actions.finetune.by[{i}]: {by!r} ranks layers by scores.{stage}; enable"
+                    f"actions.{name}.by[{i}]: {by!r} ranks layers by scores.{stage}; enable"
                     f" it, or rank by another of {', '.join(BY)}"
                 )
+    if act.shifts.enabled:
+        _check_shifts(act.shifts)
     if act.prune.onnx and not act.prune.export:
         raise RecipeError("actions.prune.onnx: exports beside the torch.export program; set"
                           " actions.prune.export")  # fmt: skip
+
+
+def _check_shifts(cfg: ShiftsCfg) -> None:
+    from memprune.data import FAMILIES, Shift
+
+    if not cfg.shifts:
+        raise RecipeError("actions.shifts.shifts: list at least one shift, e.g. [turn, relabel]")
+    names = []
+    for i, spec in enumerate(cfg.shifts):
+        try:
+            names.append(Shift.parse(spec).name)
+        except ConfigError as err:
+            raise RecipeError(f"actions.shifts.shifts[{i}]: {err}") from None
+    if cfg.shift is not None and cfg.shift not in (*FAMILIES, *names):
+        raise RecipeError(
+            f"actions.shifts.shift: {cfg.shift!r} is neither a family ({', '.join(FAMILIES)})"
+            f" nor one of actions.shifts.shifts ({', '.join(names)}); or leave it out to"
+            " estimate the shift from the features"
+        )
 
 
 def check_needs(recipe) -> None:

@@ -17,6 +17,7 @@ from memprune.report.plots import (
     plot_learnedness,
     plot_member_gap,
     plot_prune_tradeoff,
+    plot_regret,
     plot_unit_scores,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "plot_learnedness",
     "plot_member_gap",
     "plot_prune_tradeoff",
+    "plot_regret",
     "plot_unit_scores",
     "read_marker",
 ]

@@ -232,6 +232,32 @@ def plot_finetune(rows: list[dict], path: str | os.PathLike, title: str = "") ->
     return save_figure(fig, path)
 
 
+def plot_regret(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Regret (oracle minus rule accuracy, mean ± standard error over seeds) per rule and k,
+    one bar colour per shift (``rows``: the shifts stage's, each with ``shift``)."""
+    rows = [r for r in rows if not r["rule"].startswith("oracle")]
+    shifts = list(dict.fromkeys(r["shift"] for r in rows))
+    rules = list(dict.fromkeys((r["rule"], r["k"]) for r in rows))
+    width = 0.8 / max(1, len(shifts))
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rules) * len(shifts) + 2), 4))
+    for j, shift in enumerate(shifts):
+        at = {(r["rule"], r["k"]): r for r in rows if r["shift"] == shift}
+        xs = [i + (j - (len(shifts) - 1) / 2) * width for i, key in enumerate(rules) if key in at]
+        got = [at[key] for key in rules if key in at]
+        ax.bar(xs, [100 * r["regret"] for r in got], width,
+               yerr=[100 * (r["regret_se"] or 0) for r in got], capsize=2, label=shift,
+               color=f"C{j}")  # fmt: skip
+    labels = [rule if k in (0,) or rule == "all" else f"{rule} k={k}" for rule, k in rules]
+    ax.set_xticks(range(len(rules)), labels, rotation=45, ha="right", fontsize=8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_ylabel("regret (points below the oracle)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
 def plot_class_vs_unit(pairs: dict, path: str | os.PathLike) -> Path:
     """ClassMem against UnitMem per unit, one colour per encoder (e.g. SSL vs supervised)."""
     fig, ax = plt.subplots(figsize=(5, 4.5))

@@ -54,6 +54,31 @@ def _rankings(rankings, by: str | None) -> dict[str, object]:
     return dict(rankings)
 
 
+class FinetuneRuns:
+    """Fine-tuning runs of one encoder on one task at one budget, each run once: calling it
+    with ``(layers, seed)`` fine-tunes (``finetune(encoder, layers, train, None, test, seed=seed,
+    **budget)``) or returns the record of the same run made before. Rules that pick the same
+    layers with the same seed share a run, whose result is the same on one device."""
+
+    def __init__(self, encoder: nn.Module, train: Dataset, test: Dataset, **budget) -> None:
+        self.encoder, self.train, self.test, self.budget = encoder, train, test, budget
+        self.records: dict[tuple[tuple[str, ...], int], dict] = {}
+
+    def __call__(self, layers, seed: int) -> dict:
+        key = (tuple(layers), int(seed))
+        if key not in self.records:
+            r = finetune(self.encoder, list(layers), self.train, None, self.test, seed=seed,
+                         **self.budget)  # fmt: skip
+            self.records[key] = {"layers": list(layers), "seed": int(seed),
+                                 "accuracy": r.accuracy, "best_epoch": r.best_epoch,
+                                 "val_accuracy": r.val_accuracy,
+                                 "train_loss": r.train_loss}  # fmt: skip
+        return self.records[key]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
 def compare_finetuning(
     encoder: nn.Module,
     rankings,
@@ -65,6 +90,7 @@ def compare_finetuning(
     by: str | None = None,
     baseline: Callable[[nn.Module, int], float] | None = None,
     log=print,
+    runs: FinetuneRuns | None = None,
     **budget,
 ) -> tuple[list[dict], list[dict]]:
     """Fine-tune ``encoder`` with the layers each rule picks for each k, once per seed, all
@@ -79,15 +105,22 @@ def compare_finetuning(
     layer. ``baseline(encoder, seed)``, when given, is the frozen encoder's accuracy without
     fine-tuning (e.g. a linear probe on the same data): the first row, ``linear probe``.
 
+    ``runs``: a :class:`FinetuneRuns` of this encoder, task and budget to share runs with
+    (``budget`` is then its own).
+
     Returns table rows (mean, standard deviation and per-seed test accuracy) and one record
     per run (layers, accuracy, best epoch, curves).
     """
+    if runs is None:
+        runs = FinetuneRuns(encoder, train, test, **budget)
+    elif budget or runs.encoder is not encoder:
+        raise ConfigError("pass the budget to FinetuneRuns, and runs of this encoder")
     for strategy in strategies:  # every name is checked before any training
         LAYER_STRATEGIES.check(strategy)
     rankings = _rankings(rankings, by)
     for result in rankings.values():
         check_same_encoder(result, encoder)
-    rows, runs = [], []
+    rows, records = [], []
     if baseline is not None:
         rows.append(_row("linear probe", 0, [baseline(encoder, s) for s in seeds], []))
     first = next(iter(rankings))
@@ -100,14 +133,10 @@ def compare_finetuning(
             for seed in seeds:
                 sel = select_layers(rankings[by_name], k, by=by_name, strategy=strategy,
                                     seed=seed)  # fmt: skip
-                r = finetune(encoder, sel, train, None, test, seed=seed, **budget)
-                accs.append(r.accuracy)
+                r = runs(sel.layers, seed)
+                accs.append(r["accuracy"])
                 layers = layers or sel.layers
-                runs.append({
-                    "strategy": rule, "k": k, "seed": seed, "layers": sel.layers,
-                    "accuracy": r.accuracy, "best_epoch": r.best_epoch,
-                    "val_accuracy": r.val_accuracy, "train_loss": r.train_loss,
-                })  # fmt: skip
+                records.append({"strategy": rule, "k": k, **r})
             rows.append(_row(rule, k, accs, ["(per seed)"] if strategy == "random" else layers))
             log(f"{rule} k={k}: {rows[-1]['mean']:.4f} ± {rows[-1]['std']:.4f}")
-    return rows, runs
+    return rows, records

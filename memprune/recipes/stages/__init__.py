@@ -1,6 +1,6 @@
 """The built-in stages, one module each, registered in run order: encoders (pretrain,
 supervised), scores (unitmem, classmem, sslmem, layermem, membergap, canaries, cka), evaluate,
-then actions (prune, finetune). See :mod:`memprune.recipes._stages`."""
+then actions (prune, finetune, shifts). See :mod:`memprune.recipes._stages`."""
 
 from memprune.recipes._stages import register
 from memprune.recipes.stages import (
@@ -13,6 +13,7 @@ from memprune.recipes.stages import (
     membergap,
     pretrain,
     prune,
+    shifts,
     sslmem,
     supervised,
     unitmem,
@@ -21,6 +22,6 @@ from memprune.recipes.stages import (
 #: The built-in stages in the order a run runs them.
 BUILTIN = (pretrain.STAGE, supervised.STAGE, unitmem.STAGE, classmem.STAGE, sslmem.STAGE,
            layermem.STAGE, membergap.STAGE, canaries.STAGE, cka.STAGE, evaluate.STAGE,
-           prune.STAGE, finetune.STAGE)  # fmt: skip
+           prune.STAGE, finetune.STAGE, shifts.STAGE)  # fmt: skip
 for _stage in BUILTIN:
     register(_stage)

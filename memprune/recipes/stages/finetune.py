@@ -48,37 +48,39 @@ def _given(ctx) -> list:
     return out
 
 
-def rankings(ctx, train) -> dict:
-    """``by`` name -> the result ranking by it: the ``by`` of the recipe, or every ranking its
-    scores stages and saved scores offer, then Auto-RGN (computed on the fine-tuning data)."""
+def rankings(ctx, train, by=None, key: str = "actions.finetune.by") -> dict:
+    """Ranking name -> the result ranking by it: the names ``by`` (default: those of
+    ``actions.finetune.by``), or every ranking the scores stages and saved scores offer, then
+    Auto-RGN (computed on the fine-tuning data ``train``). ``key`` names ``by`` in errors."""
     from memprune.tuning import auto_rgn, unitmem_profile
 
-    r, c = ctx.recipe, ctx.recipe.actions.finetune
+    r = ctx.recipe
+    by = r.actions.finetune.by if by is None else by
     f, offered = ctx.encoder("f"), {}
     given = _given(ctx)
     for result in given:
-        for by in result.rankings:
-            offered.setdefault(by, result)
-    wanted = list(c.by) if c.by else [
-        *[by for by, stage in (("delta", "layermem"), ("gap", "membergap"), ("unitmem", "unitmem"))
+        for name in result.rankings:
+            offered.setdefault(name, result)
+    wanted = list(by) if by else [
+        *[n for n, stage in (("delta", "layermem"), ("gap", "membergap"), ("unitmem", "unitmem"))
           if getattr(r.scores, stage).enabled],
         *[g.rankings[0] for g in given], "rgn",
     ]  # fmt: skip
     made: dict = {}
-    for by in dict.fromkeys(wanted):
-        stage = RANKED_BY[by]
-        if by in offered:
-            made[by] = offered[by]
+    for name in dict.fromkeys(wanted):
+        stage = RANKED_BY[name]
+        if name in offered:
+            made[name] = offered[name]
         elif stage is None:
-            made[by] = auto_rgn(f, train, seed=r.seed, device=r.device)
+            made[name] = auto_rgn(f, train, seed=r.seed, device=r.device)
         elif stage in ("layermem", "membergap") and getattr(r.scores, stage).enabled:
-            made[by] = ctx.result(stage, stage)
+            made[name] = ctx.result(stage, stage)
         elif stage == "unitmem" and r.scores.unitmem.enabled:
             same = made.get("unitmem") or made.get("unitmem_frac")
-            made[by] = same or unitmem_profile(ctx.result("unitmem", "unitmem"), f)
+            made[name] = same or unitmem_profile(ctx.result("unitmem", "unitmem"), f)
         else:
             raise ConfigError(
-                f"actions.finetune.by: {by!r} ranks layers by scores.{stage}: enable it, give"
+                f"{key}: {name!r} ranks layers by scores.{stage}: enable it, give"
                 " its saved result in actions.finetune.scores (CLI: --layer-scores,"
                 " --unit-scores), or rank by rgn"
             )
@@ -160,9 +162,14 @@ def values(f: FinetuneTable) -> dict[str, float]:
     return out
 
 
+def needs_of(by) -> list[tuple[str, str | None]]:
+    """The scores stages the rankings ``by`` come from (or saved scores in
+    ``actions.finetune.scores``)."""
+    return [(RANKED_BY[b], "actions.finetune.scores") for b in by or () if RANKED_BY[b]]
+
+
 def _needs(recipe) -> list[tuple[str, str | None]]:
-    c = recipe.actions.finetune
-    return [(RANKED_BY[by], "actions.finetune.scores") for by in c.by or () if RANKED_BY[by]]
+    return needs_of(recipe.actions.finetune.by)
 
 
 STAGE = Stage(
