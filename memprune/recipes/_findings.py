@@ -241,8 +241,10 @@ def finetune_top(run: Path, metrics: dict) -> Finding:
     return Finding(claim, combine(verdicts), "; ".join(parts))
 
 
-SHIFT_CLAIM = ("input-level shifts are best fine-tuned in earlier layers than feature- and"
-               " output-level shifts (surgical fine-tuning)")
+SHIFT_CLAIM = (
+    "input-level shifts are best fine-tuned in earlier layers than feature- and"
+    " output-level shifts (surgical fine-tuning)"
+)
 
 
 def shifts_depth(run: Path, metrics: dict) -> Finding:

@@ -23,7 +23,7 @@ MEMORIZATION = ("delta", "layermem", "gap", "auc", "unitmem", "unitmem_frac")
 class ShiftsTable(StageResult):
     data: str
     rows: list[dict]
-    #: family -> the rule with the least mean regret, its regret and standard error
+    #: family -> the rules with the least mean regret (:func:`family_best`)
     best: dict = field(default_factory=dict)
     #: the user's shift: ``named`` (family) or the estimate, and the recommendation
     recommendation: dict = field(default_factory=dict)
@@ -43,28 +43,56 @@ def _data(ctx, spec: str, split: str):
     return seeded_subset(data, c.n_points, r.seed) if split == "train" else data
 
 
-def family_best(rows: list[dict]) -> dict:
-    """Family -> the non-oracle rule (and k) with the least regret averaged over the family's
-    shifts, its mean regret and the standard error of that mean."""
-    by_family: dict[str, dict[tuple, list[dict]]] = {}
+#: Rules that choose no k layers: every layer, or none (the linear probe).
+WHOLE = ("all", "linear probe")
+
+
+def family_rules(rows: list[dict]) -> dict[str, dict[tuple[str, int], dict]]:
+    """Family -> (rule, k) -> its regret averaged over the family's shifts (``regret``, the
+    standard error of that mean ``regret_se``, ``parameters``, ``shifts``); rules missing on
+    some of the family's shifts are left out."""
+    grouped: dict[str, dict[tuple, list[dict]]] = {}
     for row in rows:
         if not row["rule"].startswith("oracle"):
-            by_family.setdefault(row["family"], {}).setdefault((row["rule"], row["k"]), [])
-            by_family[row["family"]][(row["rule"], row["k"])].append(row)
-    out = {}
-    for family, rules in by_family.items():
+            grouped.setdefault(row["family"], {}).setdefault((row["rule"], row["k"]), [])
+            grouped[row["family"]][(row["rule"], row["k"])].append(row)
+    out: dict[str, dict] = {}
+    for family, rules in grouped.items():
         n = max(len(v) for v in rules.values())
-        scored = {key: _mean_regret(v) for key, v in rules.items() if len(v) == n}
-        (rule, k), (regret, se) = min(scored.items(), key=lambda kv: kv[1][0])
-        out[family] = {"rule": rule, "k": k, "regret": regret, "regret_se": se, "shifts": n}
+        out[family] = {}
+        for (rule, k), found in rules.items():
+            if len(found) < n:
+                continue
+            ses = [r["regret_se"] for r in found]
+            se = None if None in ses else math.sqrt(sum(x * x for x in ses)) / n
+            out[family][(rule, k)] = {
+                "rule": rule, "k": k, "regret": sum(r["regret"] for r in found) / n,
+                "regret_se": se, "parameters": round(sum(r["parameters"] for r in found) / n),
+                "shifts": n,
+            }  # fmt: skip
     return out
 
 
-def _mean_regret(rows: list[dict]) -> tuple[float, float | None]:
-    regret = sum(r["regret"] for r in rows) / len(rows)
-    ses = [r["regret_se"] for r in rows]
-    se = None if None in ses else math.sqrt(sum(s * s for s in ses)) / len(rows)
-    return regret, se
+def _least(rules: dict, keep) -> dict | None:
+    kept = [r for (rule, _), r in rules.items() if keep(rule)]
+    return min(kept, key=lambda r: r["regret"]) if kept else None
+
+
+def family_best(rows: list[dict]) -> dict:
+    """Family -> the rule with the least mean regret over the family's shifts (``any``), the
+    least among rules that choose k layers (``k_layers``: not all, not the linear probe), among
+    the memorization rankings (``memorization``) and Auto-RGN at its best k (``rgn``)."""
+    out = {}
+    for family, rules in family_rules(rows).items():
+        picks = {
+            "any": _least(rules, lambda rule: True),
+            "k_layers": _least(rules, lambda rule: rule not in WHOLE),
+            "memorization": _least(rules, lambda rule: rule.startswith("top ")
+                                   and rule[4:] in MEMORIZATION),
+            "rgn": _least(rules, lambda rule: rule == "top rgn"),
+        }  # fmt: skip
+        out[family] = {k: v for k, v in picks.items() if v is not None}
+    return out
 
 
 def run(ctx, out: Path) -> ShiftsTable:
@@ -126,7 +154,7 @@ def _slug(name: str) -> str:
 
 def _recommend(ctx, c, estimates: dict, best: dict) -> dict:
     """The user's shift (``actions.shifts.shift``: a family or a shift; else the estimate of
-    the first shift, the task the recipe names first) and the family's best rule."""
+    the first shift, the task the recipe names first) and the family's best rules."""
     from memprune.data import FAMILIES, Shift
 
     if c.shift in FAMILIES:
@@ -140,10 +168,8 @@ def _recommend(ctx, c, estimates: dict, best: dict) -> dict:
         where = f", moved most at {est['layer']}" if est["layer"] else ""
         how = f"estimated from f's features on {first}{where}"
     hits = sum(e["family"] == e["true"] for e in estimates.values())
-    out = {"family": family, "how": how, "estimates_right": hits, "estimates": len(estimates)}
-    if family in best:
-        out.update(best[family])
-    return out
+    return {"family": family, "how": how, "estimates_right": hits,
+            "estimates": len(estimates), **best.get(family, {})}  # fmt: skip
 
 
 def _rule(row: dict) -> str:
@@ -154,38 +180,38 @@ def _pts(x: float | None) -> str:
     return "no spread" if x is None else f"{100 * x:.1f}"
 
 
+def _said(r: dict) -> str:
+    return (f"{_rule(r)} {100 * r['regret']:+.1f} ± {_pts(r['regret_se'])} points"
+            f" ({r['parameters']:,} parameters)")  # fmt: skip
+
+
 def headlines(s: ShiftsTable) -> list[str]:
     out = []
     for family, b in s.best.items():
-        at = [r for r in s.rows if r["family"] == family and not r["rule"].startswith("oracle")]
-        mem = [r for r in at if r["rule"].split(" ", 1)[-1] in MEMORIZATION
-               and r["rule"].startswith("top ")]  # fmt: skip
-        rgn = [r for r in at if r["rule"] == "top rgn"]
-        parts = [
-            f"{family}-level shifts ({b['shifts']}): the least regret (oracle accuracy"
-            f" minus the rule's; negative: better than every block) is {_rule(b)}'s,"
-            f" {100 * b['regret']:+.1f} ± {_pts(b['regret_se'])} points"
-        ]
-        if mem:
-            m = min(mem, key=lambda r: r["regret"])
-            parts.append(
-                f"best memorization ranking {m['rule']} k={m['k']}"
-                f" {100 * m['regret']:+.1f} ± {_pts(m['regret_se'])} ({m['shift']})"
-            )
-        if rgn:
-            g = min(rgn, key=lambda r: r["regret"])
-            parts.append(
-                f"Auto-RGN k={g['k']} {100 * g['regret']:+.1f} ±"
-                f" {_pts(g['regret_se'])} ({g['shift']})"
-            )
+        parts = [f"{family}-level shifts ({b['any']['shifts']}), regret against the oracle"
+                 f" (its accuracy minus the rule's, averaged over the shifts): least"
+                 f" {_said(b['any'])}"]  # fmt: skip
+        shown = [b["any"]]
+        for key, name in (("k_layers", "of the k-layer choices"),
+                          ("memorization", "of the memorization rankings"),
+                          ("rgn", "Auto-RGN")):  # fmt: skip
+            if key in b and all(b[key] is not x for x in shown):
+                parts.append(f"{name} {_said(b[key])}")
+                shown.append(b[key])
         out.append("; ".join(parts) + ".")
     rec = s.recommendation
-    if rec.get("rule"):
+    if rec.get("any"):
+        pick = rec.get("k_layers") or rec["any"]
+        also = "" if pick is rec["any"] else f"; least regret of all: {_said(rec['any'])}"
         out.append(
             f"Recommendation: your shift is {rec['family']}-level ({rec['how']}): fine-tune by"
-            f" {_rule(rec)}, measured regret {100 * rec['regret']:+.1f} ±"
-            f" {_pts(rec['regret_se'])} points against the oracle. The feature estimate named"
-            f" the right family for {rec['estimates_right']} of {rec['estimates']} shifts."
+            f" {_said(pick)} against the oracle{also}. The feature estimate named the right"
+            f" family for {rec['estimates_right']} of {rec['estimates']} shifts."
+        )
+    elif rec:
+        out.append(
+            f"No recommendation: your shift is {rec['family']}-level ({rec['how']}),"
+            " and the run has no shift of that family: add one to actions.shifts.shifts."
         )
     return out
 
