@@ -229,3 +229,15 @@ def test_the_surgical_claim_is_judged_on_the_best_single_layer_per_seed(tmp_path
         )
         assert shifts_depth(tmp_path, {"shifts": {}}).verdict == verdict
     assert shifts_depth(tmp_path, {}).verdict == SKIPPED
+
+
+def test_the_permutation_distances_equal_the_direct_formula():
+    from memprune.tuning._oracle import _distances
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 5, generator=g, dtype=torch.float64) * torch.arange(1, 6)
+    first = torch.stack([torch.randperm(30, generator=g) < 12 for _ in range(4)]).double()
+    for row, d in zip(first, _distances(x, first)):
+        a, b = x[row.bool()], x[~row.bool()]
+        spread = 0.5 * (a.var(0).sum() + b.var(0).sum())
+        assert float(d) == pytest.approx(float((a.mean(0) - b.mean(0)).pow(2).sum() / spread))

@@ -21,12 +21,12 @@ from memprune.data._datasets import (
     ImageDataset,
     IndexedDataset,
     available_datasets,
-    dataset_labels,
     dataset_name,
     load_dataset,
     native_size,
     seeded_subset,
 )
+from memprune.data._labels import dataset_labels
 from memprune.data._shifts import (
     CORRUPTIONS,
     FAMILIES,

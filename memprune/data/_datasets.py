@@ -359,16 +359,6 @@ def load_dataset(
     )
 
 
-def dataset_labels(dataset: Dataset) -> torch.Tensor:
-    """Labels of every item of ``dataset`` in order (fast path for memprune's own data sets)."""
-    labels = getattr(dataset, "labels", None)
-    if isinstance(labels, torch.Tensor) and len(labels) == len(dataset):
-        return labels
-    if isinstance(dataset, torch.utils.data.Subset):
-        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices)]
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
-
-
 def native_size(name: str, img_size: int | None) -> int | None:
     """The size to load ``name`` at: ``img_size``, or None for the built-in data sets at their
     own size (digits at 32 px; the toy data set at its own unless a size is asked for

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from memprune.data._labels import dataset_labels
 from memprune.errors import ConfigError
 from memprune.registry import Registry
 
@@ -130,8 +131,6 @@ def corrupt(image: torch.Tensor, corruption: str, severity: int, seed: int) -> t
 
 
 def _labels(dataset: Dataset) -> torch.Tensor:
-    from memprune.data._datasets import dataset_labels
-
     return dataset_labels(dataset).long()
 
 

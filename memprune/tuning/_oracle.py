@@ -201,10 +201,19 @@ def _grid_reducer(site, pool):
     return reduce
 
 
-def _distance(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
-    """Squared distance of the two means over the mean total variance."""
-    spread = 0.5 * (fa.var(0).sum() + fb.var(0).sum())
-    return (fa.mean(0) - fb.mean(0)).pow(2).sum() / spread.clamp_min(1e-12)
+def _distances(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """For pooled features ``x [N, D]`` and masks ``first [R, N]`` (1: the point is in the
+    first sample), the squared distance of the two samples' means over their mean total
+    (unbiased) variance ``[R]``, every split at once through sums."""
+    n_a = first.sum(1, keepdim=True)
+    n_b = len(x) - n_a
+    s_a, q_a = first @ x, first @ (x * x)
+    s_b, q_b = x.sum(0) - s_a, (x * x).sum(0) - q_a
+    mean_a, mean_b = s_a / n_a, s_b / n_b
+    var_a = ((q_a - n_a * mean_a**2) / (n_a - 1)).sum(1)
+    var_b = ((q_b - n_b * mean_b**2) / (n_b - 1)).sum(1)
+    spread = (0.5 * (var_a + var_b)).clamp_min(1e-12)
+    return (mean_a - mean_b).pow(2).sum(1) / spread
 
 
 def feature_shift(encoder: nn.Module, a: Dataset, b: Dataset, n_points: int = 256,
@@ -221,18 +230,12 @@ def feature_shift(encoder: nn.Module, a: Dataset, b: Dataset, n_points: int = 25
     fa, fb = _layer_features(encoder, a, n_points, seed, **kw), _layer_features(
         encoder, b, n_points, seed, **kw)  # fmt: skip
     names = list(fa)
-    moved = torch.stack([_distance(fa[n], fb[n]) for n in names])
+    n_a, n = len(fa[names[0]]), len(fa[names[0]]) + len(fb[names[0]])
     g = torch.Generator().manual_seed(seed)
-    n_a = len(next(iter(fa.values())))
-    null = []
-    for _ in range(permutations):
-        perm = torch.randperm(n_a + len(next(iter(fb.values()))), generator=g)
-        row = []
-        for n in names:
-            pooled = torch.cat([fa[n], fb[n]])[perm]
-            row.append(_distance(pooled[:n_a], pooled[n_a:]))
-        null.append(torch.stack(row))
-    null = torch.stack(null)  # [R, L]
+    dealt = torch.stack([torch.randperm(n, generator=g) < n_a for _ in range(permutations)])
+    masks = torch.cat([(torch.arange(n) < n_a)[None], dealt]).double()  # row 0: as drawn
+    d = torch.stack([_distances(torch.cat([fa[k], fb[k]]), masks) for k in names], 1)
+    moved, null = d[0], d[1:]  # [L], [R, L]
     mean = null.mean(0).clamp_min(1e-12)
     ratio, null_max = moved / mean, (null / mean).amax(1)
     p = float((1 + (null_max >= ratio.max()).sum()) / (1 + permutations))
