@@ -189,20 +189,20 @@ def headlines(s: ShiftsTable) -> list[str]:
     out = []
     for family, b in s.best.items():
         parts = [f"{family}-level shifts ({b['any']['shifts']}), regret against the oracle"
-                 f" (its accuracy minus the rule's, averaged over the shifts): least"
+                 f" (its accuracy minus the rule's, averaged over the shifts): least:"
                  f" {_said(b['any'])}"]  # fmt: skip
         shown = [b["any"]]
         for key, name in (("k_layers", "of the k-layer choices"),
                           ("memorization", "of the memorization rankings"),
                           ("rgn", "Auto-RGN")):  # fmt: skip
-            if key in b and all(b[key] is not x for x in shown):
-                parts.append(f"{name} {_said(b[key])}")
+            if key in b and all(b[key] != x for x in shown):  # read back from JSON: ==
+                parts.append(f"{name}: {_said(b[key])}")
                 shown.append(b[key])
         out.append("; ".join(parts) + ".")
     rec = s.recommendation
     if rec.get("any"):
         pick = rec.get("k_layers") or rec["any"]
-        also = "" if pick is rec["any"] else f"; least regret of all: {_said(rec['any'])}"
+        also = "" if pick == rec["any"] else f"; least regret of all: {_said(rec['any'])}"
         out.append(
             f"Recommendation: your shift is {rec['family']}-level ({rec['how']}): fine-tune by"
             f" {_said(pick)} against the oracle{also}. The feature estimate named the right"
