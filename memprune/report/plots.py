@@ -239,7 +239,7 @@ def plot_regret(rows: list[dict], path: str | os.PathLike, title: str = "") -> P
     shifts = list(dict.fromkeys(r["shift"] for r in rows))
     rules = list(dict.fromkeys((r["rule"], r["k"]) for r in rows))
     width = 0.8 / max(1, len(shifts))
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rules) * len(shifts) + 2), 4))
+    fig, ax = plt.subplots(figsize=(min(16.0, 0.6 * len(rules) + 3), 4.5))
     for j, shift in enumerate(shifts):
         at = {(r["rule"], r["k"]): r for r in rows if r["shift"] == shift}
         xs = [i + (j - (len(shifts) - 1) / 2) * width for i, key in enumerate(rules) if key in at]
