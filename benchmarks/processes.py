@@ -57,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--tolerance", type=float, default=3.0, help="in standard errors")
+    parser.add_argument("--show", type=int, default=15, help="the metrics shown, worst first")
     args = parser.parse_args()
     runs: dict[int, list[dict]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as d:
@@ -78,8 +79,14 @@ def main() -> None:
     print(f"\n{len(rows)} numeric metrics over seeds {args.seeds}: {held} within"
           f" {args.tolerance:g} SE of the 1-process mean ({exact} equal on every seed);"
           f" {len(rows) - held} outside")  # fmt: skip
+    outside: dict[str, int] = {}
+    for z, k, *_ in rows:
+        if z > args.tolerance:
+            stage = k.split(".")[0].split("[")[0]
+            outside[stage] = outside.get(stage, 0) + 1
+    print("outside, by stage: " + (", ".join(f"{k} {v}" for k, v in outside.items()) or "none"))
     print("\n| metric | 1 process | 2 processes | SE | z |\n|---|---|---|---|---|")
-    for z, k, a, b, se in sorted(rows, reverse=True)[:12]:
+    for z, k, a, b, se in sorted(rows, reverse=True)[: args.show]:
         print(f"| {k} | {a:.4f} | {b:.4f} | {se:.4f} | {z:.1f} |")
 
 

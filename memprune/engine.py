@@ -249,6 +249,7 @@ def view_batches(
     representation: str = "flatten",
     reduce: Sequence | None = None,
     desc: str = "scoring",
+    block: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]]:
     """Push this process's shard of ``views`` (a :class:`~memprune.data.MultiView`, or any data
     set of ``(views [K, 3, H, W], label, index)`` items; views made where ``compute.views``
@@ -258,12 +259,19 @@ def view_batches(
     Captured values are what the reducers return for the ``B*K`` images (``reduce[e]``: one
     callable or a dict per site, None for the default unit/layer reducers). Encoders run in
     eval mode under ``inference_mode``, are moved to the device and get their modes back.
+
+    ``block``: points are dealt to the processes in runs of this many consecutive points, so
+    that with ``compute.chunk_size == block`` every chunk holds the same points on any number
+    of processes (minibatch CKA's minibatches).
     """
     rank, world = rank_world()
     device = encoder_device(encoders[0], compute.device)
     views, make_views = loop_views(views, device, compute.views)
+    n = len(views)
+    mine = [i for b in shard(-(-n // block), rank, world)
+            for i in range(b * block, min((b + 1) * block, n))]  # fmt: skip
     loader = DataLoader(
-        Subset(views, shard(len(views), rank, world)),
+        Subset(views, mine),
         batch_size=compute.chunk_size,
         **loader_options(device, compute.num_workers),
     )

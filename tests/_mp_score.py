@@ -19,7 +19,12 @@ results = {
     for rest in ("mean", "median")
 }
 classes = memprune.class_mem(tiny_resnet(), data, chunk_size=4, device="cpu")
+torch.manual_seed(1)
+other = memprune.load_encoder("resnet18", channels=(8, 16, 32, 64))
+# minibatches of 8: 5 whole ones, dealt 3 / 2 to the processes, and a dropped rest of 5
+similarity = memprune.cka(data, tiny_resnet(), other, minibatch=8, device="cpu")
 if torch.distributed.get_rank() == 0:
+    similarity.save(f"{out}/cka")
     for rest, result in results.items():
         result.save(f"{out}/unitmem_{rest}")
     classes.save(f"{out}/classmem")

@@ -222,6 +222,17 @@ def test_two_processes_equal_one(tmp_path, digits):
     classes = class_mem(tiny_resnet(), data, chunk_size=4, device="cpu")
     for name, s in ClassMemResult.load(tmp_path / "classmem").sites.items():
         torch.testing.assert_close(s["score"], classes[name]["score"], atol=1e-5, rtol=1e-4)
+    # minibatch CKA: each minibatch whole on one process, so the same estimate
+    from memprune import cka, load_encoder
+    from memprune.scores.cka import CKAResult
+
+    torch.manual_seed(1)
+    other = load_encoder("resnet18", channels=(8, 16, 32, 64))
+    one = cka(data, tiny_resnet(), other, minibatch=8, device="cpu")
+    two = CKAResult.load(tmp_path / "cka")
+    for field in ("matrix", "labels_a", "labels_b", "invariance_a", "invariance_b"):
+        torch.testing.assert_close(getattr(two, field), getattr(one, field), atol=1e-6,
+                                   rtol=1e-5)  # fmt: skip
 
 
 def test_unitmem_metric_from_your_own_loop_equals_the_function(digits):

@@ -10,8 +10,10 @@ unbiased HSIC of Song et al. accumulated over batches (Nguyen, Raghu & Kornblith
 Minibatches have one size (``minibatch``, an estimator parameter: it changes the estimate); a
 last, smaller minibatch is dropped (the estimate averages equal-size
 batches). CKA against labels uses the one-hot Gram; augmentation invariance is the CKA of a
-layer with itself between two augmented views of the same images. Under ``torchrun`` each
-process sums its minibatches and the sums are merged across processes (:class:`CKA`).
+layer with itself between two augmented views of the same images. Under ``torchrun`` the
+minibatches (runs of ``minibatch`` consecutive points) are dealt whole to the processes, each
+sums its own and the sums are merged (:class:`CKA`): the same minibatches as on one process,
+so the same estimate up to float summation order.
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def _scan(models, sites, views: MultiView, minibatch: int, compute: Compute, rep
     against b; with two views, ``metrics[i]`` gets model i's view 1 against its view 2."""
     compute = replace(compute, chunk_size=minibatch)
     for _, labels, acts in view_batches(models, views, sites, compute, normalize=normalize,
-                                        representation=representation, desc=desc):  # fmt: skip
+                                        representation=representation, desc=desc,
+                                        block=minibatch):  # fmt: skip
         if len(labels) < minibatch:
             continue  # equal-size minibatches only
         if views.n_views == 1:
