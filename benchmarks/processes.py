@@ -13,7 +13,12 @@ seeds. The stated tolerance (docs/scale.md) is ``|mean_2 - mean_1| <= 3 SE``, wi
 at 1e-6 so that metrics fixed by the data (a data set's size) must be equal. It prints how many
 metrics the tolerance covers, how many it holds for, and the worst ones.
 
-    python benchmarks/processes.py --seeds 0 1 2 3     # about 12 minutes on 2 cores
+    python benchmarks/processes.py --seeds 0 1 2 3     # about 5 minutes on 2 cores
+
+Measured (2 cores, seeds 0-3): 253 numeric metrics, 253 within 3 SE of the 1-process mean
+(the largest 2.4 SE, a canary-ablation accuracy), 88 equal on every seed. Before minibatch CKA
+dealt its minibatches whole to the processes, 45 were outside: every fold of the CKA-by-depth
+claim read 0 on 2 processes (a fold of 64 points left each process 32, under one minibatch).
 """
 
 from __future__ import annotations
