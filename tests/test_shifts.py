@@ -241,3 +241,12 @@ def test_the_permutation_distances_equal_the_direct_formula():
         a, b = x[row.bool()], x[~row.bool()]
         spread = 0.5 * (a.var(0).sum() + b.var(0).sum())
         assert float(d) == pytest.approx(float((a.mean(0) - b.mean(0)).pow(2).sum() / spread))
+
+
+def test_a_shift_task_is_made_of_the_data_sets_own_points_not_its_canaries(digits):
+    from memprune.data import WithCanaries, make_canaries
+    from memprune.recipes.stages.shifts import _own
+
+    small = torch.utils.data.Subset(digits, range(20))
+    with_canaries = WithCanaries(small, make_canaries(small, 4, "noise"))
+    assert _own(with_canaries) is small and _own(small) is small

@@ -29,16 +29,18 @@ class ShiftsTable(StageResult):
     recommendation: dict = field(default_factory=dict)
 
 
+def _own(data):
+    """The data set's own points: a task is not made of its canaries."""
+    return data.base if hasattr(data, "canaries") else data
+
+
 def _data(ctx, spec: str, split: str):
     from memprune.data import Shift, seeded_subset, shifted
 
     r, c = ctx.recipe, ctx.recipe.actions.shifts
     shift = Shift.parse(spec, seed=r.seed)
-    base = ctx.dataset(r.data.name, split)
-    train = ctx.dataset(r.data.name, "train") if split != "train" else None
-    if hasattr(base, "canaries"):  # the task is made of the data set's own points
-        base = base.base
-        train = train.base if train is not None else None
+    base = _own(ctx.dataset(r.data.name, split))
+    train = _own(ctx.dataset(r.data.name, "train")) if split != "train" else None
     data = shifted(base, shift, split, train)
     return seeded_subset(data, c.n_points, r.seed) if split == "train" else data
 
@@ -105,7 +107,7 @@ def run(ctx, out: Path) -> ShiftsTable:
     r, c = ctx.recipe, ctx.recipe.actions.shifts
     f = ctx.encoder("f")
     budget = dict(epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, augment=c.augment)
-    source = ctx.dataset(r.data.name, "train")
+    source = _own(ctx.dataset(r.data.name, "train"))
     rows, oracle, records, estimates = [], [], {}, {}
     for spec in c.shifts:
         shift = Shift.parse(spec, seed=r.seed)
@@ -125,8 +127,7 @@ def run(ctx, out: Path) -> ShiftsTable:
                     "accuracies": " ".join(f"{a:.4f}" for a in b["accuracies"])}
                    for b in blocks]  # fmt: skip
         records[shift.name] = runs
-        est = estimate_shift(f, source.base if hasattr(source, "canaries") else source,
-                             train, test, seed=r.seed)  # fmt: skip
+        est = estimate_shift(f, source, train, test, seed=r.seed)
         estimates[shift.name] = {"family": est["family"], "layer": est["layer"],
                                  "true": shift.family, "p_input": est["p_input"],
                                  "p_feature": est["p_feature"]}  # fmt: skip
