@@ -227,9 +227,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return _run(args, _recipe(args, enable), "prune")
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune the layers each rule chooses, at each k and seed; one comparison table
-    (LayerMem of --f against --g first, into --out/layermem/, when --g is given)."""
+def _tuning(args: argparse.Namespace, stage: str) -> dict:
+    """The recipe keys of a verb that fine-tunes --f by layer rankings: the encoder, LayerMem
+    of --f against --g (on f's candidates when its splits.json is there) and saved scores
+    (--layer-scores, --unit-scores) in ``actions.finetune.scores``, with ``stage`` enabled."""
     layermem: dict = {"enabled": bool(args.g)}
     if args.g and (Path(args.f).parent / "splits.json").is_file():  # f's candidates
         layermem["points"] = {"indices": str(Path(args.f).parent / "splits.json"),
@@ -238,31 +239,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                        ("--unit-scores", args.unit_scores)) if s]  # fmt: skip
     # a message about actions.finetune.scores[i] names the flag that gave it
     args.flags = {f"actions.finetune.scores[{i}]": flag for i, (flag, _) in enumerate(given)}
-    enable = {
-        "encoder": _encoder(args.f, args, args.g),
-        "scores": {"layermem": layermem},
-        "actions": {"finetune": {"enabled": True, "scores": [s for _, s in given]}},
-    }
-    return _run(args, _recipe(args, enable), "finetune")
+    actions = {"finetune": {"enabled": stage == "finetune", "scores": [s for _, s in given]}}
+    if stage != "finetune":
+        actions[stage] = {"enabled": True}
+    return {"encoder": _encoder(args.f, args, args.g), "scores": {"layermem": layermem},
+            "actions": actions}  # fmt: skip
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune the layers each rule chooses, at each k and seed; one comparison table
+    (LayerMem of --f against --g first, into --out/layermem/, when --g is given)."""
+    return _run(args, _recipe(args, _tuning(args, "finetune")), "finetune")
 
 
 def cmd_shifts(args: argparse.Namespace) -> int:
     """Fine-tune f on each shift of the data set: every block (the oracle) and every rule, with
     its regret; the recommendation for --shift (LayerMem of --f against --g first, when given)."""
-    layermem: dict = {"enabled": bool(args.g)}
-    if args.g and (Path(args.f).parent / "splits.json").is_file():  # f's candidates
-        layermem["points"] = {"indices": str(Path(args.f).parent / "splits.json"),
-                              "part": "candidate"}  # fmt: skip
-    given = [(flag, s) for flag, s in (("--layer-scores", args.layer_scores),
-                                       ("--unit-scores", args.unit_scores)) if s]  # fmt: skip
-    args.flags = {f"actions.finetune.scores[{i}]": flag for i, (flag, _) in enumerate(given)}
-    enable = {
-        "encoder": _encoder(args.f, args, args.g),
-        "data": {"downstream": None},
-        "scores": {"layermem": layermem},
-        "actions": {"finetune": {"enabled": False, "scores": [s for _, s in given]},
-                    "shifts": {"enabled": True}},
-    }  # fmt: skip
+    enable = {**_tuning(args, "shifts"), "data": {"downstream": None}}
     return _run(args, _recipe(args, enable), "shifts")
 
 
