@@ -28,6 +28,44 @@ def test_nt_xent_equals_the_formula():
     assert nt_xent(far, far, 0.1) < 1e-3
 
 
+def test_nt_xent_leaves_other_copies_out_of_the_negatives():
+    torch.manual_seed(0)
+    z1, z2, t = torch.randn(4, 8), torch.randn(4, 8), 0.3
+    # distinct ids change nothing
+    torch.testing.assert_close(nt_xent(z1, z2, t, ids=torch.arange(4)), nt_xent(z1, z2, t))
+    ids = torch.tensor([7, 3, 7, 5])  # points 0 and 2 are copies of one data point
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n, point = len(z), torch.cat([ids, ids])
+    losses = []
+    for i in range(n):
+        pos = (i + n // 2) % n
+        keep = [k for k in range(n) if k != i and (k == pos or point[k] != point[i])]
+        sims = torch.stack([z[i] @ z[k] / t for k in keep])
+        losses.append(-(z[i] @ z[pos] / t) + torch.logsumexp(sims, 0))
+    torch.testing.assert_close(nt_xent(z1, z2, t, ids=ids), torch.stack(losses).mean())
+    # two copies with identical views no longer cost anything as each other's negatives
+    far = torch.eye(4) * 10
+    far[2] = far[0]
+    assert nt_xent(far, far, 0.1, ids=torch.tensor([0, 1, 0, 3])) < 1e-3
+    assert nt_xent(far, far, 0.1) > 0.1
+
+
+def test_repeated_points_get_new_views_and_the_others_keep_theirs(digits):
+    from memprune.data import MultiView
+    from memprune.train.simclr import _Copies
+
+    indices = [5, 9, 5, 2, 5]
+    copies = MultiView(_Copies(digits, indices), 2, "simclr", seed=3)
+    plain = MultiView(Subset(digits, indices), 2, "simclr", seed=3)
+    for position in (1, 3):  # named once: the same views as before, the data index as label
+        torch.testing.assert_close(copies[position][0], plain[position][0])
+        assert copies[position][1] == indices[position]
+    torch.testing.assert_close(copies[0][0], plain[0][0])  # the first copy keeps its own
+    assert not torch.equal(copies[2][0], copies[0][0])  # later copies: other views
+    assert not torch.equal(copies[4][0], copies[2][0])
+    assert copies[2][1] == copies[4][1] == 5  # ... of the same point
+
+
 def _weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 

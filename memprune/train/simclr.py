@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from memprune._dist import rank_world
 from memprune.data import (
@@ -38,10 +38,14 @@ from memprune.train._common import (
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
-            gather: bool = False) -> torch.Tensor:  # fmt: skip
+            gather: bool = False, ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """NT-Xent loss of two batches of projections ``[B, D]``: view ``i`` of ``z1`` must pick its
     positive ``i`` of ``z2`` (and back) among the other ``2B - 1`` views, by cosine similarity
     over ``temperature``; the mean over the ``2B`` views.
+
+    ``ids [B]``: the data index of each point. Views of another copy of the same point (a
+    canary repeated in one batch) are then left out of a view's negatives: as negatives they
+    would push a point's views apart, the opposite of training on it more.
 
     ``gather`` (under many processes): the negatives are the views of every process's batch
     (all-gathered, the gradient flowing back to the process that made each view), and the
@@ -59,16 +63,50 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
         from torch.distributed.nn.functional import all_gather
 
         z1, z2 = torch.cat(all_gather(z1.contiguous())), torch.cat(all_gather(z2.contiguous()))
+        if ids is not None:
+            parts = [torch.empty_like(ids) for _ in range(world)]
+            torch.distributed.all_gather(parts, ids.contiguous())
+            ids = torch.cat(parts)
     n = len(z1)  # the whole batch's points
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # [2N, D]
     mine = torch.cat([torch.arange(rank * b, (rank + 1) * b),
                       torch.arange(n + rank * b, n + (rank + 1) * b)]).to(z.device)  # fmt: skip
     sim = (z[mine] @ z.T) / temperature  # [2b, 2N]: this process's views against all
-    sim = sim.masked_fill(
-        torch.arange(2 * n, device=z.device)[None] == mine[:, None], float("-inf")
-    )
+    columns = torch.arange(2 * n, device=z.device)[None]
     targets = torch.cat([mine[b:], mine[:b]])  # view i of z1 <-> view i of z2
-    return F.cross_entropy(sim, targets)
+    left_out = columns == mine[:, None]  # a view is not its own negative
+    if ids is not None:
+        both = torch.cat([ids, ids]).to(z.device)  # [2N]: the point each view is of
+        copies = both[None] == both[mine][:, None]
+        left_out |= copies & (columns != targets[:, None])  # other copies' views
+    return F.cross_entropy(sim.masked_fill(left_out, float("-inf")), targets)
+
+
+class _Copies(Dataset):
+    """The training points ``dataset[indices]`` as items ``(image, index, view key)``.
+    SimCLR needs no labels, so the label's place carries the point's data index (the ``ids``
+    of :func:`nt_xent`). The ``c``-th copy of a point named more than once (a repeated canary)
+    draws its views as data index ``index + c * len(dataset)`` would, so that its copies in
+    one epoch are different views, not the same pair again; a point named once keeps its
+    own index and its views."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, list(indices)
+        seen: dict[int, int] = {}
+        self.copy = []
+        for i in self.indices:
+            self.copy.append(seen.get(i, 0))
+            seen[i] = self.copy[-1] + 1
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        item = self.dataset[self.indices[position]]
+        if not (isinstance(item, (tuple, list)) and len(item) == 3):
+            return item  # MultiView says what items must be
+        image, _, index = item
+        return image, int(index), int(index) + self.copy[position] * len(self.dataset)
 
 
 class SimCLRNet(nn.Module):
@@ -176,14 +214,14 @@ def pretrain_simclr(
     world = rank_world()[1]
     per_process = check_batch(batch_size, world, batch_scope)
     net = SimCLRNet(encoder, proj_dim, hidden_dim)
-    train = Subset(dataset, indices)
+    train = _Copies(dataset, indices)
 
     def epoch_data(epoch: int) -> Dataset:
         return MultiView(train, 2, augment, seed=epoch_seed(seed, epoch))
 
-    def loss_fn(model: nn.Module, x: torch.Tensor, _labels) -> torch.Tensor:
+    def loss_fn(model: nn.Module, x: torch.Tensor, ids) -> torch.Tensor:
         z = model(x).view(len(x) // 2, 2, -1)  # [B, 2, proj_dim]: the two views of each point
-        return nt_xent(z[:, 0], z[:, 1], temperature, gather=True)
+        return nt_xent(z[:, 0], z[:, 1], temperature, gather=True, ids=ids)
 
     history = run_training(
         net=net, encoder=encoder, loss_fn=loss_fn, epoch_data=epoch_data, epochs=epochs,
