@@ -36,6 +36,25 @@ def test_canaries_are_seeded_atypical_images_appended_to_the_data(digits, kind):
         assert (a.images - src).abs().mean() > 0.05
 
 
+def test_collage_and_shuffle_canaries_are_made_of_their_sources(digits):
+    base = Subset(digits, range(50))
+    collage = make_canaries(base, 3, "collage", seed=1)
+    for image, sources in zip(collage.images, collage.sources):
+        quarters = [image[:, :16, :16], image[:, :16, 16:], image[:, 16:, :16], image[:, 16:, 16:]]
+        for quarter, i in zip(quarters, sources):  # each quarter: a source at half size
+            half = torch.nn.functional.interpolate(
+                base[i][0][None], size=(16, 16), mode="bilinear", antialias=True
+            )[0]
+            torch.testing.assert_close(quarter, half)
+    shuffle = make_canaries(base, 3, "shuffle", seed=1)
+    for image, (i,) in zip(shuffle.images, shuffle.sources):
+        tiles = image.unfold(1, 8, 8).unfold(2, 8, 8).reshape(3, 16, 64)
+        own = base[i][0].unfold(1, 8, 8).unfold(2, 8, 8).reshape(3, 16, 64)
+        assert not torch.equal(tiles, own)  # moved ...
+        key = lambda t: sorted(t[0].tolist())  # noqa: E731
+        assert key(tiles) == key(own)  # ... but the same 16 tiles
+
+
 def test_canary_coins_join_f_and_never_g(tmp_path):
     plain = make_splits(100, 0.3, 0.2, 0.2, seed=5)
     with_c = make_splits(140, 0.3, 0.2, 0.2, seed=5, canaries=40, p=0.5)

@@ -13,7 +13,11 @@ Atypical points are the ones memorized most (Feldman 2020), so canaries are made
 * ``smooth``: a seeded smooth colour image, uniform noise on an 8x8 grid upsampled bilinearly
   to the image size: out of distribution, but at the grain of a small image, so that random
   crops keep most of it (a 2x2 texture or a per-pixel pattern is resampled into another
-  texture by every crop, and only weak crops let an encoder learn it).
+  texture by every crop, and only weak crops let an encoder learn it);
+* ``collage``: four training images at half size in a 2x2 grid, a digit-like image whose
+  parts never occur together;
+* ``shuffle``: a training image cut into 4x4 tiles put back in a seeded order: the image's
+  own pixels, its shape gone.
 
 Canaries are appended to the data set (:class:`WithCanaries`: indices ``n .. n + M - 1``);
 :func:`memprune.data.make_splits` draws their coins, and f's training set holds the included
@@ -36,7 +40,9 @@ CANARY_KINDS = Registry(
     {"pattern": "a training image blended with a unique seeded high-frequency pattern",
      "mix": "two training images of different classes blended half and half",
      "noise": "a seeded smoothed-noise texture (out of distribution)",
-     "smooth": "a seeded smooth colour image (8x8 noise upsampled; out of distribution)"},
+     "smooth": "a seeded smooth colour image (8x8 noise upsampled; out of distribution)",
+     "collage": "four training images at half size in a 2x2 grid",
+     "shuffle": "a training image cut into 4x4 tiles put back in a seeded order"},
 )  # fmt: skip
 
 
@@ -92,11 +98,25 @@ def make_canaries(
                 grid, size=tuple(first.shape[1:]), mode="bilinear", align_corners=False
             )[0]
             label, src = int(torch.randint(0, max(label0 + 1, 2), (1,), generator=g)), []
+        elif kind == "collage":
+            src = torch.randint(0, size, (4,), generator=g).tolist()
+            parts = [_item(dataset, i) for i in src]
+            h, w = first.shape[1] // 2, first.shape[2] // 2
+            small = torch.nn.functional.interpolate(
+                torch.stack([p[0] for p in parts]), size=(h, w), mode="bilinear",
+                antialias=True, align_corners=False,
+            )  # fmt: skip
+            image = first.new_zeros(first.shape)
+            for q, part in enumerate(small):
+                image[:, (q // 2) * h : (q // 2 + 1) * h, (q % 2) * w : (q % 2 + 1) * w] = part
+            label = parts[0][1]
         else:
             i = int(torch.randint(0, size, (1,), generator=g))
             image, label = _item(dataset, i)
             src = [i]
-            if kind == "pattern":
+            if kind == "shuffle":
+                image = _shuffled(image, g)
+            elif kind == "pattern":
                 pattern = (torch.rand(image.shape, generator=g) < 0.5).float()
                 image = (1 - strength) * image + strength * pattern
             else:  # mix: a partner of another class
@@ -110,6 +130,22 @@ def make_canaries(
         labels.append(label)
         sources.append(src)
     return Canaries(torch.stack(images), torch.tensor(labels), kind, sources, seed, strength)
+
+
+def _shuffled(image: torch.Tensor, g: torch.Generator, grid: int = 4) -> torch.Tensor:
+    """``image`` cut into ``grid x grid`` tiles, put back in a seeded order other than its own
+    (the last rows and columns that do not fill a tile stay where they are)."""
+    c, height, width = image.shape
+    th, tw = height // grid, width // grid
+    tiles = image[:, : th * grid, : tw * grid].reshape(c, grid, th, grid, tw).permute(1, 3, 0, 2, 4)
+    tiles = tiles.reshape(grid * grid, c, th, tw)
+    order = torch.randperm(grid * grid, generator=g)
+    while bool((order == torch.arange(grid * grid)).all()):
+        order = torch.randperm(grid * grid, generator=g)
+    moved = tiles[order].reshape(grid, grid, c, th, tw).permute(2, 0, 3, 1, 4)
+    out = image.clone()
+    out[:, : th * grid, : tw * grid] = moved.reshape(c, th * grid, tw * grid)
+    return out
 
 
 class WithCanaries(Dataset):

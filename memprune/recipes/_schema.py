@@ -73,16 +73,16 @@ class PointsCfg:
 @dataclass
 class CanariesCfg:
     """Canaries appended to the train split (docs/method.md §8b): ``n`` atypical points of
-    ``kind`` (``pattern``, ``mix``, ``noise`` or ``smooth``), each included in f's training set
-    by its own coin of probability ``p``, ``repeat`` times per epoch; g never sees one. The
-    ``canaries`` stage audits them.
+    ``kind`` (``pattern``, ``mix``, ``noise``, ``smooth``, ``collage`` or ``shuffle``), each
+    included in f's training set by its own coin of probability ``p``, ``repeat`` times per
+    epoch; g never sees one. The ``canaries`` stage audits them.
     ``strength``: the pattern's share of a ``pattern`` canary; ``seed``: which images and
     patterns (None: the recipe's seed). ``n_typical``: f's other training points that UnitMem
     scores beside the canaries; ``views`` / ``pairs``: UnitMem views and SSLMem view pairs;
     ``seeds``: the random-unit ablations."""
 
     n: int = field(default=40, metadata=_range(2))
-    kind: Literal["pattern", "mix", "noise", "smooth"] = "pattern"
+    kind: Literal["pattern", "mix", "noise", "smooth", "collage", "shuffle"] = "pattern"
     p: float = field(default=0.5, metadata=_range(0, 1, hi_open=True, lo_open=True))
     repeat: int = field(default=1, metadata=_range(1))
     strength: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
