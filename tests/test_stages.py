@@ -96,3 +96,13 @@ def test_a_done_json_from_before_a_key_was_renamed_still_reads():
     summary = STAGES["unitmem"].load(old)
     assert summary.frac_above_half == 0.3 and summary.units == 100
     assert "30.0% above 0.5" in STAGES["unitmem"].headlines(summary)[0]
+
+
+def test_a_done_json_without_the_fields_a_result_now_records_is_refused_by_name():
+    """A stage result grown by a field must not be read back from an older ``done.json`` with
+    the field missing (a TypeError deep in the report, or worse a blank): the error says which
+    fields and what to delete."""
+    stage = Stage("count", Counted, lambda ctx, out: None, enabled=lambda recipe: True)
+    assert stage.load({"points": 3, "classes": [0, 1], "seconds": 1.0}) == Counted(3, [0, 1])
+    with pytest.raises(ConfigError, match=r"'count' stage's done.json lacks classes.*delete"):
+        stage.load({"points": 3, "seconds": 1.0})

@@ -43,7 +43,19 @@ class StageResult:
             if isinstance(tp, type) and issubclass(tp, StageResult) and value is not None:
                 value = tp.from_dict(value)
             kwargs[f.name] = value
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                   and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]  # fmt: skip
+        if missing:
+            raise _Missing(", ".join(missing))
         return cls(**kwargs)
+
+
+class _Missing(KeyError):
+    """Required fields absent from a ``done.json`` (their names)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,16 @@ class Stage:
     resumable: bool = False
 
     def load(self, data: dict) -> StageResult:
-        """The typed result of a ``done.json`` (``seconds`` aside)."""
-        return self.result.from_dict({k: v for k, v in data.items() if k != "seconds"})
+        """The typed result of a ``done.json`` (``seconds`` aside). One written by a version
+        whose result lacked fields this one records is refused, naming them, rather than read
+        with blanks."""
+        try:
+            return self.result.from_dict({k: v for k, v in data.items() if k != "seconds"})
+        except _Missing as e:
+            raise ConfigError(
+                f"the {self.name!r} stage's done.json lacks {e} (written by an older memprune):"
+                " delete that stage's directory in the run to run it again"
+            ) from None
 
 
 #: Stage name -> :class:`Stage`, in run order.
