@@ -191,7 +191,8 @@ def test_the_canary_claims_are_judged_on_the_stages_numbers():
 
     def metrics(**kw):
         base = dict(atypical_diff=0.1, atypical_se=0.02, canary_drop=0.05, random_drop=0.01,
-                    random_drop_se=0.01)  # fmt: skip
+                    random_drop_se=0.01, sslmem_diff=0.15, typical_diff=0.05,
+                    raw_atypical_diff=-0.1)  # fmt: skip
         return {"canaries": {**base, **kw}}
 
     assert canaries_atypical(None, metrics()).verdict == HOLDS
@@ -201,3 +202,28 @@ def test_the_canary_claims_are_judged_on_the_stages_numbers():
     assert canaries_ablation(None, metrics(canary_drop=0.0)).verdict == UNSURE
     assert canaries_ablation(None, metrics(canary_drop=-0.05)).verdict == FAILS
     assert canaries_atypical(None, {}).verdict == SKIPPED
+
+
+def test_the_atypical_claim_contrasts_membership_effects_not_raw_scores():
+    """A canary kind that both encoders score low (excluded canaries at -0.2) but whose
+    membership adds more than the typical points' does is memorized more: the contrast is
+    (included - excluded) - (candidates - extras), with the SEs added in quadrature."""
+    import math
+    from types import SimpleNamespace
+
+    from memprune.recipes.stages.canaries import _membership_contrast
+    from memprune.scores.canaries import difference
+
+    g = torch.Generator().manual_seed(0)
+
+    def around(mean, n):
+        return mean + 0.01 * torch.randn(n, generator=g)
+
+    inc, exc, cand, extra = around(-0.05, 30), around(-0.2, 30), around(0.1, 50), around(0.05, 50)
+    audit = SimpleNamespace(sslmem_included=inc, sslmem_difference=lambda: difference(inc, exc))
+    c = _membership_contrast(audit, cand, extra)
+    expected = float((inc.mean() - exc.mean()) - (cand.mean() - extra.mean()))
+    assert abs(c["atypical_diff"] - expected) < 1e-6 and c["atypical_diff"] > 0.09
+    assert c["raw_atypical_diff"] < -0.1  # without the control the canaries look less memorized
+    se = math.hypot(difference(inc, exc)[1], difference(cand, extra)[1])
+    assert abs(c["atypical_se"] - se) < 1e-9

@@ -316,13 +316,19 @@ ABLATION_CLAIM = ("UnitMem's most memorizing units are where ablation removes th
 
 
 def canaries_atypical(run: Path, metrics: dict) -> Finding:
-    """Included canaries' SSLMem against that of f's typical training points (candidates)."""
+    """The canaries' membership effect (included minus excluded SSLMem) against that of typical
+    points (candidates minus extras): memorization is what membership adds, and g never sees a
+    point of the canaries' kind, so the included canaries' SSLMem alone is not compared with the
+    candidates' (it is shown beside the verdict)."""
     c = metrics.get("canaries")
     if not c:
         return Finding(ATYPICAL_CLAIM, SKIPPED, "the run has no canaries")
     d, se = c["atypical_diff"], c["atypical_se"]
     return Finding(ATYPICAL_CLAIM, judge(d, se),
-                   f"SSLMem of included canaries − candidates: {d:+.4f} ± {se:.4f}")  # fmt: skip
+                   f"membership effect on SSLMem, canaries (included − excluded"
+                   f" {c['sslmem_diff']:+.4f}) − typical points (candidates − extras"
+                   f" {c['typical_diff']:+.4f}): {d:+.4f} ± {se:.4f}; without the control,"
+                   f" included canaries − candidates {c['raw_atypical_diff']:+.4f}")  # fmt: skip
 
 
 def canaries_ablation(run: Path, metrics: dict) -> Finding:
