@@ -13,7 +13,8 @@ layer sites (the output read-out excluded, as select_layers excludes it):
 * whether the output's member gap and LayerMem are above 0 (the gap's bootstrap interval).
 
 Every figure is reported as mean and 95% t-interval over the seeds. The pairs are the demo
-recipe's (digits; 30 epochs, a tiny ResNet-18) and the toy pair of the memorization test
+recipe's as it first was (digits; 30 epochs, crops of 30-100%, a tiny ResNet-18; the demo has
+since moved to weaker crops and a longer budget) and the toy pair of the memorization test
 (tests/test_sslmem.py), where memorization is strong.
 
     python benchmarks/reference_free.py --data toy digits --seeds 3 --out runs/study-reference-free
@@ -39,7 +40,7 @@ from memprune.tuning import select_layers, unitmem_profile
 TINY = {"channels": [8, 16, 32, 64]}
 #: name -> (data set options, pair recipe, view pairs per point, augmentation of the scores).
 SETTINGS = {
-    "digits": (  # recipes/digits-resnet.yaml
+    "digits": (  # recipes/digits-resnet.yaml as it first was
         {},
         dict(shared=0.5, candidate=0.1, extra=0.1, epochs=30, lr=3e-3, batch_size=128,
              proj_dim=64, img_size=32, augment={"scale": (0.3, 1.0)}),
